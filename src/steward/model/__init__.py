@@ -1,0 +1,15 @@
+"""The Transformer from the math: config, layers, encoder and decoder stacks, import, generation."""
+
+from .config import ConfigError, TransformerConfig
+from .kv_cache import KVCache
+from .transformer import Decoder, Encoder, InputError, build_model
+
+__all__ = [
+    "ConfigError",
+    "Decoder",
+    "Encoder",
+    "InputError",
+    "KVCache",
+    "TransformerConfig",
+    "build_model",
+]

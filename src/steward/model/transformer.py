@@ -1,0 +1,241 @@
+"""The two stacks: a causal decoder (GPT-style) and a bidirectional encoder (BERT-style).
+
+Decoder: logits = LN_f(Block_L(...Block_1(E(x)))) W_tok^T        (LM head tied to the embeddings)
+Encoder: H = Block_L(...Block_1(LN(E(x))));  pooled = mean_t(H_t over real tokens)
+
+Both take `forward(input_ids, attention_mask=None)`; the decoder returns logits [B, T, V], the encoder
+hidden states [B, T, H]. Padding is described by `attention_mask` (1 = real token, 0 = pad), as in
+Hugging Face, and position ids follow from it, so a left-padded row gets the same positions — and the
+same numbers — as the row alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TransformerConfig
+from .kv_cache import KVCache
+from .layers import Block, Embeddings, init_weights
+
+
+class InputError(ValueError):
+    """Inputs that the model cannot take (too long, wrong shape, ids out of range)."""
+
+
+def _check_ids(cfg: TransformerConfig, input_ids: torch.Tensor) -> None:
+    if input_ids.dim() != 2:
+        raise InputError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise InputError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        if cfg.arch != "decoder":
+            raise ValueError("Decoder needs a config with arch='decoder'")
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.final_norm else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.n_layers)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.token.weight
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def new_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        cfg = self.config
+        w = self.lm_head.weight
+        return KVCache(
+            cfg.n_layers,
+            batch_size,
+            cfg.n_heads,
+            max_len,
+            cfg.d_head,
+            dtype=dtype or w.dtype,
+            device=w.device,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`).
+
+        With a cache, `input_ids` are the new tokens only and `attention_mask` (if any) covers the
+        new tokens only; the cache remembers earlier padding.
+        """
+        x = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # type: ignore[no-any-return]
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        _check_ids(cfg, input_ids)
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > cfg.max_positions:
+            raise InputError(
+                f"sequence of {past + T} tokens exceeds the model's context of {cfg.max_positions}"
+            )
+        device = input_ids.device
+        new_mask = None if attention_mask is None else attention_mask.to(device=device).bool()
+        if new_mask is not None and new_mask.shape != (B, T):
+            raise InputError(
+                f"attention_mask shape {tuple(new_mask.shape)} does not match input_ids {(B, T)}"
+            )
+        if new_mask is not None and bool(new_mask.all()) and (cache is None or not cache.has_padding):
+            new_mask = None  # no padding anywhere: take the fast unmasked kernels
+
+        if position_ids is None:
+            if new_mask is None and (cache is None or not cache.has_padding):
+                position_ids = torch.arange(past, past + T, device=device).expand(B, T)
+            else:
+                m = new_mask if new_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+                base = cache.valid_count[:, None] if cache is not None else 0
+                position_ids = (base + m.long().cumsum(1) - 1).clamp(min=0)
+
+        attn_mask: torch.Tensor | None = None
+        is_causal = False
+        if cache is not None:
+            cache.record(new_mask if new_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device))
+        if cache is not None and cache.has_padding:
+            keys_valid = cache.key_valid[:, : past + T]
+            attn_mask = _causal_mask(T, past, keys_valid)
+        elif new_mask is not None:
+            attn_mask = _causal_mask(T, past, new_mask)
+        elif T > 1 and past == 0:
+            is_causal = True
+        elif T > 1:
+            attn_mask = _causal_mask(T, past, None, device=device)
+        # else: one new token attending to every cached key needs no mask at all.
+
+        x = self.embed(input_ids, position_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, is_causal, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy; targets of -100 are ignored (prompt or padding)."""
+        logits = self(input_ids)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
+        )
+
+
+def _causal_mask(
+    T: int, past: int, keys_valid: torch.Tensor | None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Boolean [B|1, 1, T, past+T] mask: query i sees key j iff j <= past+i and key j is real.
+
+    A query always sees itself, so a padding query (whose earlier keys are all padding) yields a
+    finite, ignored output instead of a NaN that would poison nothing but still trips anomaly checks.
+    """
+    S = past + T
+    dev = keys_valid.device if keys_valid is not None else device
+    q_pos = torch.arange(past, S, device=dev)[:, None]
+    k_pos = torch.arange(S, device=dev)[None, :]
+    causal = k_pos <= q_pos  # [T, S]
+    if keys_valid is None:
+        return causal[None, None]
+    mask = causal[None] & keys_valid[:, None, :]
+    mask |= k_pos == q_pos
+    return mask[:, None]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        if cfg.arch != "encoder":
+            raise ValueError("Encoder needs a config with arch='encoder'")
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.final_norm else None
+        self.classifier = nn.Linear(cfg.d_model, cfg.num_labels) if cfg.num_labels > 0 else None
+        init_weights(self, cfg.n_layers)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H]."""
+        cfg = self.config
+        _check_ids(cfg, input_ids)
+        B, T = input_ids.shape
+        if T > cfg.max_positions:
+            raise InputError(
+                f"sequence of {T} tokens exceeds the model's context of {cfg.max_positions}"
+            )
+        attn_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise InputError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} does not match {(B, T)}"
+                )
+            if not bool(attention_mask.bool().all()):
+                attn_mask = attention_mask.bool()[:, None, None, :]
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids, positions, token_type_ids)
+        for block in self.blocks:
+            x = block(x, attn_mask, False)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden.mean(dim=1)
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+    def embed_pooled(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Sentence embeddings [B, H]: mean of real-token states, L2-normalised by default."""
+        pooled = self.pool(self(input_ids, attention_mask), attention_mask)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def classify(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Class logits [B, num_labels] from the pooled representation."""
+        if self.classifier is None:
+            raise ValueError("this encoder has no classification head (num_labels=0)")
+        return self.classifier(self.pool(self(input_ids, attention_mask), attention_mask))  # type: ignore[no-any-return]
+
+
+def build_model(cfg: TransformerConfig) -> Decoder | Encoder:
+    return Decoder(cfg) if cfg.arch == "decoder" else Encoder(cfg)
