@@ -63,9 +63,7 @@ class TransformerConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
-            raise ConfigError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.activation not in ("gelu", "gelu_tanh", "relu"):
             raise ConfigError(f"unknown activation {self.activation!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -27,9 +27,7 @@ class Embeddings(nn.Module):
         super().__init__()
         self.token = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.position = nn.Embedding(cfg.max_positions, cfg.d_model)
-        self.token_type = (
-            nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size > 0 else None
-        )
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size > 0 else None
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.max_positions = cfg.max_positions

@@ -58,10 +58,10 @@ class Tokenizer:
         return str(self.inner.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
     def token_to_id(self, token: str) -> int | None:
-        return self.inner.token_to_id(token)  # type: ignore[no-any-return]
+        return self.inner.token_to_id(token)
 
     def id_to_token(self, idx: int) -> str | None:
-        return self.inner.id_to_token(idx)  # type: ignore[no-any-return]
+        return self.inner.id_to_token(idx)
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True

@@ -48,9 +48,7 @@ class Decoder(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-    def new_cache(
-        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None
-    ) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.config
         w = self.lm_head.weight
         return KVCache(
@@ -116,7 +114,9 @@ class Decoder(nn.Module):
         attn_mask: torch.Tensor | None = None
         is_causal = False
         if cache is not None:
-            cache.record(new_mask if new_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device))
+            cache.record(
+                new_mask if new_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            )
         if cache is not None and cache.has_padding:
             keys_valid = cache.key_valid[:, : past + T]
             attn_mask = _causal_mask(T, past, keys_valid)
@@ -135,7 +135,7 @@ class Decoder(nn.Module):
             cache.advance(T)
         if self.norm is not None:
             x = self.norm(x)
-        return x
+        return x  # type: ignore[no-any-return]
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; targets of -100 are ignored (prompt or padding)."""
@@ -190,10 +190,8 @@ class Encoder(nn.Module):
         cfg = self.config
         _check_ids(cfg, input_ids)
         B, T = input_ids.shape
-        if T > cfg.max_positions:
-            raise InputError(
-                f"sequence of {T} tokens exceeds the model's context of {cfg.max_positions}"
-            )
+        if cfg.max_positions < T:
+            raise InputError(f"sequence of {T} tokens exceeds the model's context of {cfg.max_positions}")
         attn_mask = None
         if attention_mask is not None:
             if attention_mask.shape != (B, T):
@@ -208,7 +206,7 @@ class Encoder(nn.Module):
             x = block(x, attn_mask, False)
         if self.norm is not None:
             x = self.norm(x)
-        return x
+        return x  # type: ignore[no-any-return]
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.pooling == "cls":
@@ -228,9 +226,7 @@ class Encoder(nn.Module):
         pooled = self.pool(self(input_ids, attention_mask), attention_mask)
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
-    def classify(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits [B, num_labels] from the pooled representation."""
         if self.classifier is None:
             raise ValueError("this encoder has no classification head (num_labels=0)")

@@ -1,0 +1,40 @@
+# One command runs the main job (`make run`), one runs the tests (`make test`).
+# Both create ./.venv on first use; torch is pinned through constraints.txt in every venv.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: run test setup setup-dev lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
+
+$(VENV)/.run-installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.run-installed
+	$(PIP) -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.run-installed
+setup-dev: $(VENV)/.dev-installed
+
+run: setup
+	$(BIN)/steward generate "Write a short poem about the sea." --seed 7 --max-tokens 60
+
+test: setup-dev
+	$(BIN)/pytest -q
+
+lint: setup-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+bench: setup-dev
+	$(BIN)/python benchmarks/bench_generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,178 @@
+"""Training: seeded reproducibility, exact resume, torchrun DDP on gloo, exported model, errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from steward.model.io import load_model
+from steward.model.train import TrainConfig, TrainConfigError, lr_at, run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "t0_tasks").mkdir()
+    rows = []
+    for i in range(120):
+        good = i % 3 != 0
+        rows.append(
+            {
+                "prompt": f"Review number {i}: this blender {'is great' if good else 'broke'} "
+                f"and the {['jar', 'motor', 'lid', 'blade'][i % 4]} {i * 7 % 13}. Positive?",
+                "completion": ("Yes" if good else "No") + "<|endoftext|>",
+            }
+        )
+    (root / "t0_tasks" / "toy_review_positive.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    verse = "\n\n".join(
+        f"Line {i} of the play, where the king speaks of {w} and the sea."
+        for i, w in enumerate(["crowns", "storms", "ships", "bread", "gold"] * 30)
+    )
+    (root / "play.txt").write_text(verse)
+    return root
+
+
+def make_cfg(corpus: Path, out: Path, **optim: object) -> TrainConfig:
+    o = {"max_steps": 12, "warmup_steps": 3, "batch_size": 4, "lr": 3e-3}
+    o.update(optim)
+    return TrainConfig.model_validate(
+        {
+            "name": "toy",
+            "out_dir": str(out),
+            "seed": 5,
+            "precision": "fp32",
+            "threads": 1,
+            "model": {"max_positions": 32, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64},
+            "data": {"corpus_dir": str(corpus), "vocab_size": 320, "heldout_fraction": 0.2},
+            "optim": o,
+            "eval_every": 6,
+            "eval_windows": 8,
+            "ckpt_every": 4,
+            "log_every": 1,
+        }
+    )
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_schedule_warms_up_then_decays() -> None:
+    o = make_cfg(Path("/nonexistent"), Path("/tmp/x")).optim
+    lrs = [lr_at(s, o) for s in range(o.max_steps)]
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(o.lr)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))
+    assert lrs[-1] >= o.min_lr
+
+
+def test_seeded_runs_are_identical_and_resume_is_exact(corpus: Path, tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run(make_cfg(corpus, a), progress=False)
+    run(make_cfg(corpus, b), progress=False)
+    assert losses(a) == losses(b)  # seeded: bit-identical
+    # stop at step 5 (a checkpoint is written at the stop), then resume
+    run(make_cfg(corpus, c), stop_after=5, progress=False)
+    assert [s for s, _ in losses(c)][-1] == 5
+    run(make_cfg(corpus, c), resume=True, progress=False)
+    assert losses(c) == losses(a)  # the resumed curve equals the uninterrupted one
+    wa = load_file(str(a / "model" / "model.safetensors"))
+    wc = load_file(str(c / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    first, last = losses(a)[0][1], losses(a)[-1][1]
+    assert last < first
+
+
+def test_exported_model_card_manifest_and_reload(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run(make_cfg(corpus, out), progress=False)
+    assert result["heldout_perplexity"] > 1
+    cls = result["t0_classification"]
+    assert cls["families"]["toy_review_positive"]["n"] > 0
+    export = out / "model"
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert set(manifest["files"]) >= {
+        "model.safetensors",
+        "tokenizer.json",
+        "steward_config.json",
+        "MODEL_CARD.md",
+        "DATA_CARD.md",
+    }
+    assert manifest["metrics"]["heldout_perplexity"] == pytest.approx(result["heldout_perplexity"])
+    assert "t0_tasks/toy_review_positive.jsonl" in manifest["data_sha256"]
+    assert manifest["dtype"] == "bfloat16"
+    model, tok = load_model(export)
+    assert tok is not None and model.config.vocab_size == tok.vocab_size
+    card = (export / "MODEL_CARD.md").read_text()
+    assert "perplexity" in card and "majority baseline" in card
+
+
+@pytest.mark.ddp
+def test_torchrun_two_processes_match_gradient_accumulation(corpus: Path, tmp_path: Path) -> None:
+    """world=2 × accum=1 sees the windows of world=1 × accum=2; averaged grads must agree."""
+    single = tmp_path / "single"
+    run(make_cfg(corpus, single, grad_accum=2, max_steps=6), progress=False)
+    ddp_out = tmp_path / "ddp"
+    cfg = make_cfg(corpus, ddp_out, grad_accum=1, max_steps=6)
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=0",
+            "-m",
+            "steward.cli",
+            "train",
+            str(cfg_path),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ws = load_file(str(single / "model" / "model.safetensors"))
+    wd = load_file(str(ddp_out / "model" / "model.safetensors"))
+    for k in ws:  # exported as bf16: equal up to bf16 rounding of nearly identical fp32 values
+        assert torch.allclose(ws[k].float(), wd[k].float(), atol=1e-2, rtol=1e-2), k
+    ls, ld = losses(single), losses(ddp_out)
+    assert [s for s, _ in ls] == [s for s, _ in ld]
+    for (_, x), (_, y) in zip(ls, ld, strict=True):
+        assert x == pytest.approx(y, rel=1e-4)
+
+
+def test_bad_configs_are_named(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {corpus_dir: x}\noptim: {lr: -1}\n")
+    with pytest.raises(TrainConfigError, match=r"optim\.lr"):
+        TrainConfig.from_yaml(p)
+    p.write_text("data: {corpus_dir: x}\nbogus: 1\n")
+    with pytest.raises(TrainConfigError, match="bogus"):
+        TrainConfig.from_yaml(p)
+    p.write_text("data: [unclosed\n")
+    with pytest.raises(TrainConfigError, match="invalid YAML"):
+        TrainConfig.from_yaml(p)
+    with pytest.raises(TrainConfigError, match="not found"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_resume_without_checkpoint_fails_clearly(corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainConfigError, match="no checkpoint"):
+        run(make_cfg(corpus, tmp_path / "fresh"), resume=True, progress=False)
