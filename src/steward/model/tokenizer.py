@@ -40,7 +40,8 @@ class Tokenizer:
         self.inner = inner
         self.eos_token = eos_token if eos_token and inner.token_to_id(eos_token) is not None else None
         self.eos_id: int | None = inner.token_to_id(self.eos_token) if self.eos_token else None
-        pad = inner.token_to_id(PAD)
+        pads = [inner.token_to_id(t) for t in (PAD, "[PAD]", "<pad>")]
+        pad = next((p for p in pads if p is not None), None)
         self.pad_id: int = pad if pad is not None else (self.eos_id or 0)
         self.has_chat_template = all(inner.token_to_id(t) is not None for t in (USER, ASSISTANT, END))
 

@@ -300,6 +300,31 @@ T0_FAMILIES = (
 )
 
 
+# Answer choices the T0 (promptsource) templates declare, for families whose sample in the corpus
+# happens to hold a single label: ranking needs the full option set, not just the labels seen.
+DECLARED_CHOICES: dict[str, tuple[str, ...]] = {
+    "imdb": ("negative", "positive"),
+    "rotten_tomatoes": ("negative", "positive"),
+    "ag_news": ("World politics", "Sports", "Business", "Science and technology"),
+    "dbpedia_14": (
+        "Company",
+        "Educational Institution",
+        "Artist",
+        "Athlete",
+        "Office Holder",
+        "Mean Of Transportation",
+        "Building",
+        "Natural Place",
+        "Village",
+        "Animal",
+        "Plant",
+        "Album",
+        "Film",
+        "Written Work",
+    ),
+}
+
+
 def task_family(task: str) -> str:
     matches = [f for f in T0_FAMILIES if task.startswith(f)]
     return max(matches, key=len) if matches else task
@@ -336,8 +361,10 @@ def t0_classification(
 ) -> dict[str, Any]:
     """Accuracy on held-out T0 classification prompts by ranking label likelihoods, per family.
 
-    A task counts as classification when its training completions take 2..10 distinct values;
-    the majority-class baseline is the most frequent training label, scored on the same held-out rows.
+    A task counts as classification when its training completions take at most 10 distinct values
+    and, together with the template's declared answer choices, give at least two options. The
+    majority-class baseline is the most frequent training label, scored on the same held-out rows
+    (for a family whose sample holds one label that baseline is 1.0, and it is reported as such).
     """
     labels: dict[str, list[str]] = defaultdict(list)
     for d in train:
@@ -347,13 +374,14 @@ def t0_classification(
     skipped: dict[str, str] = {}
     model.eval()
     for source, comps in sorted(labels.items()):
-        options = sorted(set(comps))
-        if not 2 <= len(options) <= 10:
-            if len(options) < 2:
-                skipped[source] = "one label in the data"
+        fam = task_family(source.removeprefix("t0/"))
+        if len(set(comps)) > 10:
+            continue  # generation task (QA, summaries), not classification
+        options = sorted(set(comps) | set(DECLARED_CHOICES.get(fam, ())))
+        if len(options) < 2:
+            skipped[source] = "one label in the data and no declared answer choices"
             continue
         majority = max(options, key=comps.count)
-        fam = task_family(source.removeprefix("t0/"))
         for d in heldout:
             if d.source != source or d.completion not in options:
                 continue
@@ -472,6 +500,31 @@ def _prepare_data(
     return tok2, np.load(data_dir / "train.npy"), np.load(data_dir / "heldout.npy"), prepared
 
 
+def model_config(cfg: TrainConfig, tok: Tokenizer) -> TransformerConfig:
+    return TransformerConfig.from_dict(
+        {
+            **cfg.model,
+            "arch": "decoder",
+            "vocab_size": tok.vocab_size,
+            "eos_token_id": tok.eos_id,
+            "pad_token_id": tok.pad_id,
+            "name": cfg.name,
+        }
+    )
+
+
+def build_optimizer(model: Decoder, o: OptimSection) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases, LayerNorm gains or positions' rows)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        foreach=True,
+    )
+
+
 def render_plain(doc: Document) -> str:
     return f"{doc.prompt}\n{doc.completion}" if doc.prompt else doc.completion
 
@@ -510,16 +563,7 @@ def _run(
         (out / "train_config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     d.barrier()
     tok, train_stream, heldout_stream, _ = _prepare_data(cfg, out, d)
-    mcfg = TransformerConfig.from_dict(
-        {
-            **cfg.model,
-            "arch": "decoder",
-            "vocab_size": tok.vocab_size,
-            "eos_token_id": tok.eos_id,
-            "pad_token_id": tok.pad_id,
-            "name": cfg.name,
-        }
-    )
+    mcfg = model_config(cfg, tok)
     context = mcfg.max_positions
     if len(train_stream) <= context + 1:
         raise TrainConfigError(
@@ -529,18 +573,8 @@ def _run(
     torch.manual_seed(cfg.seed)
     model = Decoder(mcfg)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = build_optimizer(model, cfg.optim)
     o = cfg.optim
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": o.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        foreach=True,
-    )
     ck_dir = out / "checkpoints"
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -634,6 +668,27 @@ def _run(
     if d.main and (stop_after is None or last_step >= o.max_steps - 1):
         result.update(finalize(cfg, model, tok, heldout_stream, out))
     return result
+
+
+def evaluate_latest(cfg: TrainConfig) -> dict[str, Any]:
+    """Re-run the final evaluation and export from the latest checkpoint of an existing run.
+
+    For a run whose evaluation code changed after it trained, or whose export was lost: the
+    weights come from the checkpoint, the data from the run's own prepared split.
+    """
+    out = Path(cfg.out_dir)
+    ck = latest_checkpoint(out / "checkpoints")
+    if ck is None or not (out / "data" / "ready.json").is_file():
+        raise TrainConfigError(f"no prepared data and checkpoint under {out}: train first")
+    tok = Tokenizer.from_file(out / "data" / "tokenizer.json")
+    mcfg = model_config(cfg, tok)
+    model = Decoder(mcfg)
+    opt = build_optimizer(model, cfg.optim)
+    step = load_checkpoint(ck, model, opt)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    metrics = finalize(cfg, model, tok, np.load(out / "data" / "heldout.npy"), out)
+    return {"checkpoint_step": step, **metrics}
 
 
 def finalize(

@@ -5,8 +5,10 @@ Encoder: H = Block_L(...Block_1(LN(E(x))));  pooled = mean_t(H_t over real token
 
 Both take `forward(input_ids, attention_mask=None)`; the decoder returns logits [B, T, V], the encoder
 hidden states [B, T, H]. Padding is described by `attention_mask` (1 = real token, 0 = pad), as in
-Hugging Face, and position ids follow from it, so a left-padded row gets the same positions — and the
-same numbers — as the row alone.
+Hugging Face. In the decoder, position ids follow from the mask, so a left-padded row (the layout
+generation needs) gets the same positions — and the same numbers — as the row alone. The encoder
+numbers positions 0..T-1 like BERT and expects right padding, which is what batching for embeddings
+and classification uses.
 """
 
 from __future__ import annotations
