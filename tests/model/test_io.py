@@ -75,11 +75,11 @@ def test_tampered_weights_are_refused(tmp_path: Path) -> None:
 def test_load_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="not found"):
         load_model(tmp_path / "nope")
-    with pytest.raises(ModelLoadError, match="steward_config.json"):
+    with pytest.raises(ModelLoadError, match=r"steward_config\.json"):
         load_model(tmp_path)
     save_model(tiny_decoder(), tmp_path)
     (tmp_path / "manifest.json").unlink()
-    with pytest.raises(ModelLoadError, match="no manifest.json"):
+    with pytest.raises(ModelLoadError, match=r"no manifest\.json"):
         verify_manifest(tmp_path)
     # a config that disagrees with the weights: a shape mismatch named as such
     save_model(tiny_decoder(), tmp_path)
