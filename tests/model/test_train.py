@@ -133,8 +133,8 @@ def test_torchrun_two_processes_match_gradient_accumulation(corpus: Path, tmp_pa
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",
             "--nproc_per_node=2",
-            "--master_port=0",
             "-m",
             "steward.cli",
             "train",
@@ -176,3 +176,28 @@ def test_bad_configs_are_named(tmp_path: Path) -> None:
 def test_resume_without_checkpoint_fails_clearly(corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainConfigError, match="no checkpoint"):
         run(make_cfg(corpus, tmp_path / "fresh"), resume=True, progress=False)
+
+
+def test_answer_flags_mark_exactly_the_completion(corpus: Path, tmp_path: Path) -> None:
+    from steward.model.data import Document
+    from steward.model.tokenizer import train_bpe
+    from steward.model.train import batch_at, encode_documents
+
+    tok = train_bpe(["Is this good? Yes it is. The end, no more."] * 20, 300, min_frequency=1)
+    docs = [Document("t0/x", "Is this good?", "Yes it is."), Document("text/y", "", "The end.")]
+    stream, flags = encode_documents(docs, tok)
+    assert stream.shape == flags.shape
+    answer = [int(t) for t, f in zip(stream, flags, strict=True) if f]
+    assert tok.decode(answer, skip_special_tokens=False) == "Yes it is.<|endoftext|>"
+    x, _, w = batch_at(stream, 0, 0, 2, 4, 1, flags, 3.0)
+    assert w is not None and set(w.unique().tolist()) <= {1.0, 3.0}
+    assert batch_at(stream, 0, 0, 2, 4, 1, flags, 1.0)[2] is None  # uniform: no weights at all
+    assert torch.equal(x, batch_at(stream, 0, 0, 2, 4, 1)[0])
+
+
+def test_answer_weighting_trains(corpus: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(corpus, tmp_path / "w")
+    cfg.answer_loss_weight = 4.0
+    result = run(cfg, progress=False)
+    assert result["heldout_perplexity"] > 1
+    assert (tmp_path / "w" / "data" / "train_answer_flags.npy").is_file()

@@ -78,6 +78,9 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     time_limit_minutes: float | None = Field(None, gt=0)
     save_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # Weight of answer tokens (T0/self-instruct completions) in the training loss relative to the
+    # rest; above 1 it teaches the prompt→answer mapping faster than plain language modelling.
+    answer_loss_weight: float = Field(1.0, gt=0, le=100)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -145,22 +148,33 @@ class Dist:
 # Tokenised data
 
 
-def render(doc: Document, tok: Tokenizer) -> str:
+def render(doc: Document, tok: Tokenizer) -> tuple[str, str]:
+    """(context, answer): the chat-formatted prompt and the completion the model must produce."""
     if doc.is_pair:
-        return tok.apply_chat_template([{"role": "user", "content": doc.prompt}]) + doc.completion + EOS
-    return doc.completion + EOS
+        return tok.apply_chat_template([{"role": "user", "content": doc.prompt}]), doc.completion + EOS
+    return "", doc.completion + EOS
 
 
-def encode_documents(docs: list[Document], tok: Tokenizer) -> np.ndarray:
-    """One token stream of every document, whole.
+def encode_documents(docs: list[Document], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """One token stream of every document, whole, and a parallel flag stream marking answer tokens.
 
     Long documents are kept whole rather than truncated: training windows are drawn at random
     offsets, so a long T0 article contributes language-modelling signal along its length and the
-    windows that reach its end still see the question and the answer together.
+    windows that reach its end still see the question and the answer together. Context and answer
+    are encoded separately (the template ends in a special token and a newline, a pre-token boundary
+    for byte-level BPE), so the flags mark exactly the answer's tokens.
     """
-    texts = [render(d, tok) for d in docs]
-    out = [np.asarray(ids, dtype=np.uint16) for ids in tok.encode_batch(texts)]
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint16)
+    pairs = [render(d, tok) for d in docs]
+    ctx_ids = tok.encode_batch([c for c, _ in pairs])
+    ans_ids = tok.encode_batch([a for _, a in pairs])
+    ids = [np.asarray(c + a, dtype=np.uint16) for c, a in zip(ctx_ids, ans_ids, strict=True)]
+    flags = [
+        np.concatenate([np.zeros(len(c), np.uint8), np.full(len(a), int(d.is_pair), np.uint8)])
+        for d, c, a in zip(docs, ctx_ids, ans_ids, strict=True)
+    ]
+    if not ids:
+        return np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.uint8)
+    return np.concatenate(ids), np.concatenate(flags)
 
 
 def lr_at(step: int, o: OptimSection) -> float:
@@ -173,13 +187,25 @@ def lr_at(step: int, o: OptimSection) -> float:
 
 
 def batch_at(
-    stream: np.ndarray, step: int, index: int, batch_size: int, context: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stream: np.ndarray,
+    step: int,
+    index: int,
+    batch_size: int,
+    context: int,
+    seed: int,
+    answer_flags: np.ndarray | None = None,
+    answer_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inputs, targets and (when answers are up-weighted) per-target loss weights."""
     rng = np.random.default_rng([seed, step, index])
     starts = rng.integers(0, len(stream) - context - 1, size=batch_size)
     win = np.stack([stream[s : s + context + 1] for s in starts]).astype(np.int64)
     t = torch.from_numpy(win)
-    return t[:, :-1], t[:, 1:]
+    weights = None
+    if answer_flags is not None and answer_weight != 1.0:
+        f = np.stack([answer_flags[s + 1 : s + context + 1] for s in starts]).astype(np.float32)
+        weights = torch.from_numpy(1.0 + (answer_weight - 1.0) * f)
+    return t[:, :-1], t[:, 1:], weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +479,7 @@ class _Progress:
 
 def _prepare_data(
     cfg: TrainConfig, out: Path, d: Dist
-) -> tuple[Tokenizer, np.ndarray, np.ndarray, PreparedData | None]:
+) -> tuple[Tokenizer, np.ndarray, np.ndarray, np.ndarray | None, PreparedData | None]:
     data_dir = out / "data"
     ready = data_dir / "ready.json"
     prepared: PreparedData | None = None
@@ -467,9 +493,10 @@ def _prepare_data(
         tok = train_bpe((render_plain(x) for x in prepared.train), cfg.data.vocab_size)
         data_dir.mkdir(parents=True, exist_ok=True)
         tok.save(data_dir)
-        train_stream = encode_documents(prepared.train, tok)
-        heldout_stream = encode_documents(prepared.heldout, tok)
+        train_stream, train_flags = encode_documents(prepared.train, tok)
+        heldout_stream, _ = encode_documents(prepared.heldout, tok)
         np.save(data_dir / "train.npy", train_stream)
+        np.save(data_dir / "train_answer_flags.npy", train_flags)
         np.save(data_dir / "heldout.npy", heldout_stream)
         with (data_dir / "documents.jsonl").open("w") as f:
             for split, docs in (("train", prepared.train), ("heldout", prepared.heldout)):
@@ -497,7 +524,15 @@ def _prepare_data(
         ready.write_text(json.dumps({"train_tokens": len(train_stream)}) + "\n")
     d.barrier()
     tok2 = Tokenizer.from_file(data_dir / "tokenizer.json")
-    return tok2, np.load(data_dir / "train.npy"), np.load(data_dir / "heldout.npy"), prepared
+    flags_path = data_dir / "train_answer_flags.npy"
+    flags = np.load(flags_path) if flags_path.is_file() else None
+    return (
+        tok2,
+        np.load(data_dir / "train.npy"),
+        np.load(data_dir / "heldout.npy"),
+        flags,
+        prepared,
+    )
 
 
 def model_config(cfg: TrainConfig, tok: Tokenizer) -> TransformerConfig:
@@ -562,7 +597,7 @@ def _run(
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     d.barrier()
-    tok, train_stream, heldout_stream, _ = _prepare_data(cfg, out, d)
+    tok, train_stream, heldout_stream, answer_flags, _ = _prepare_data(cfg, out, d)
     mcfg = model_config(cfg, tok)
     context = mcfg.max_positions
     if len(train_stream) <= context + 1:
@@ -609,12 +644,24 @@ def _run(
                 g["lr"] = lr
             loss_sum = 0.0
             for micro in range(o.grad_accum):
-                x, y = batch_at(train_stream, step, micro * d.world + d.rank, o.batch_size, context, cfg.seed)
+                x, y, w = batch_at(
+                    train_stream,
+                    step,
+                    micro * d.world + d.rank,
+                    o.batch_size,
+                    context,
+                    cfg.seed,
+                    answer_flags,
+                    cfg.answer_loss_weight,
+                )
                 sync = nullcontext() if (not d.enabled or micro == o.grad_accum - 1) else ddp.no_sync()
                 with sync:
                     with autocast:
                         logits = ddp(x)
-                    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+                    ce = F.cross_entropy(
+                        logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="none"
+                    )
+                    loss = ce.mean() if w is None else (ce * w.reshape(-1)).sum() / w.sum()
                     (loss / o.grad_accum).backward()
                 loss_sum += float(loss.detach())
             grad_norm = float(
