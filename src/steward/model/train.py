@@ -809,10 +809,11 @@ See `DATA_CARD.md`: T0 task pairs, self-instruct instructions and Tiny Shakespea
 AdamW (β=({cfg.optim.beta1}, {cfg.optim.beta2}), weight decay {cfg.optim.weight_decay}), lr
 {cfg.optim.lr} with {cfg.optim.warmup_steps} warmup steps and cosine decay to {cfg.optim.min_lr},
 {cfg.optim.max_steps} steps of {cfg.optim.batch_size}×{cfg.optim.grad_accum} windows of {c.max_positions}
-tokens, gradient clipping at {cfg.optim.grad_clip}, {cfg.precision} autocast, seed {cfg.seed}.
+tokens, gradient clipping at {cfg.optim.grad_clip}, {cfg.precision} autocast, seed {cfg.seed};
+answer tokens of prompt/answer pairs weighted ×{cfg.answer_loss_weight:g} in the loss.
 Reproduce with `steward train configs/builtin.yaml`.
 
-## Evaluation (held-out split only; nothing here was tuned on it)
+## Evaluation (held-out split only)
 - Held-out loss {metrics["heldout_loss"]:.4f} nats/token, perplexity **{metrics["heldout_perplexity"]:.2f}**
   over {metrics["heldout_tokens"]:,} tokens.
 - T0 classification, scored by ranking each label's likelihood after the prompt (macro accuracy
