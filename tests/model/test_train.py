@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_torchrun_two_processes_match_gradient_accumulation(corpus: Path, tmp_pa
     cfg_path = tmp_path / "ddp.yaml"
     cfg_path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -141,13 +142,20 @@ def test_torchrun_two_processes_match_gradient_accumulation(corpus: Path, tmp_pa
             str(cfg_path),
             "--quiet",
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=300,
         cwd=REPO,
+        start_new_session=True,  # so a hang can be killed with its worker processes
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("torchrun did not finish within 300 s")
+    assert proc.returncode == 0, stderr[-3000:]
     ws = load_file(str(single / "model" / "model.safetensors"))
     wd = load_file(str(ddp_out / "model" / "model.safetensors"))
     for k in ws:  # exported as bf16: equal up to bf16 rounding of nearly identical fp32 values
