@@ -52,6 +52,15 @@ class KVCache:
         if not bool(mask.all()):
             self.has_padding = True
 
+    def record_real(self, n: int) -> None:
+        """`record` for `n` positions that are all real tokens: the common decoding step, which then
+        needs no mask tensor, no reduction and no host sync."""
+        start, end = self.length, self.length + n
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
+        self.key_valid[:, start:end] = True
+        self.valid_count += n
+
     def advance(self, n: int) -> None:
         self.length += n
 

@@ -51,8 +51,12 @@ class Decoder(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for incremental decoding; switches the weights to the decoding layout first."""
+        self.use_decoding_layout()
         cfg = self.config
-        w = self.lm_head.weight
+        # Keys and values have the activations' dtype, i.e. the embeddings' — not the LM head's,
+        # which a quantised copy (steward.model.quantize) stores as int8.
+        w = self.embed.token.weight
         return KVCache(
             cfg.n_layers,
             batch_size,
@@ -62,6 +66,23 @@ class Decoder(nn.Module):
             dtype=dtype or w.dtype,
             device=w.device,
         )
+
+    def use_decoding_layout(self) -> None:
+        """Store every fp32 Linear weight (the tied embedding included) transposed in memory, once.
+
+        Values, shapes and the state dict stay the same; only the strides change, so that
+        `F.linear(x, W)` multiplies by a contiguous [in, out] matrix — the layout GPT-2's Conv1D
+        keeps. With few rows (a decoding step), oneMKL streams that layout markedly faster: on
+        AVX-512 with 2 threads, 8 rows x GPT-2's weights ran at ~13 GB/s against ~8.5 GB/s for the
+        [out, in] layout (the 50257-row LM head: 12 ms instead of 25 ms), and a single row no
+        slower. It happens on the first `new_cache`, i.e. only in models that generate; training
+        never calls it, so its optimizer state keeps matching its parameters' layout.
+        """
+        with torch.inference_mode(False), torch.no_grad():
+            for module in self.modules():
+                w = module.weight if isinstance(module, nn.Linear) else None
+                if w is not None and w.dtype == torch.float32 and w.stride() != (1, w.shape[0]):
+                    w.data = w.data.t().contiguous().t()
 
     def forward(
         self,
@@ -116,9 +137,10 @@ class Decoder(nn.Module):
         attn_mask: torch.Tensor | None = None
         is_causal = False
         if cache is not None:
-            cache.record(
-                new_mask if new_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-            )
+            if new_mask is None:
+                cache.record_real(T)
+            else:
+                cache.record(new_mask)
         if cache is not None and cache.has_padding:
             keys_valid = cache.key_valid[:, : past + T]
             attn_mask = _causal_mask(T, past, keys_valid)
