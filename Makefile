@@ -23,7 +23,7 @@ setup: $(VENV)/.run-installed
 setup-dev: $(VENV)/.dev-installed
 
 run: setup
-	$(BIN)/steward generate "Write a short poem about the sea." --seed 7 --max-tokens 60
+	$(BIN)/steward serve
 
 test: setup-dev
 	$(BIN)/pytest -q

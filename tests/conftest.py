@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Throwaway PostgreSQL and Redis servers (tests/servers.py) are fixtures for every test directory.
+sys.path.insert(0, str(Path(__file__).parent))
+from servers import fresh_pg_url, fresh_redis_url, pg_server, pg_url, redis_server, redis_url  # noqa: E402, F401
 
 
 def _shared_data() -> Path | None:

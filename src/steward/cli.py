@@ -23,10 +23,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from steward.commands import generate, train
+    from steward.commands import generate, keys, serve, train
 
     generate.register(app)
     train.register(app)
+    serve.register(app)
+    keys.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

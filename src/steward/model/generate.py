@@ -585,3 +585,27 @@ def _deltas(steps: Generator[list[_Row], None, None], row: _Row) -> Iterator[Del
                 yield delta
     finally:
         steps.close()
+
+
+# --- for schedulers that batch requests themselves (the gateway's batching worker) ------------------
+
+Row = _Row
+
+
+def make_row(model: Decoder, tokenizer: Tokenizer, prompt_tokens: int, cfg: GenerationConfig) -> Row:
+    """Bookkeeping for one sequence with its own budget and stop strings (`cfg` already validated)."""
+    budget = min(cfg.max_new_tokens, model.config.max_positions - prompt_tokens)
+    return _Row(tokenizer, prompt_tokens, budget, cfg.stop, stop_token_ids(tokenizer), cfg.logprobs)
+
+
+def run_rows(
+    model: Decoder,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    rows: list[Row],
+    cfg: GenerationConfig,
+    seeds: Sequence[int],
+) -> Generator[list[Row], None, None]:
+    """Decode rows that share sampling parameters (`cfg`; its `max_new_tokens` must cover the largest
+    row budget); yields after every step. Ending a row (`row.end(...)`) from outside drops it."""
+    return _run(model, tokenizer, prompts, rows, cfg, seeds)

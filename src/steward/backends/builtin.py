@@ -1,0 +1,726 @@
+"""In-process backends: the built-in decoder (chat, completions) and the MiniLM encoder (embeddings).
+
+Concurrent requests share forward passes. One worker thread owns the decoder: it takes every request
+that arrived within `batch_wait_ms` (up to `max_batch` rows), groups them by sampling parameters and
+decodes each group as one batch. Every row samples from its own seeded stream (see
+`steward.model.generate`), so a seeded request gets the same tokens alone or beside others. Results
+flow back to the event loop through `call_soon_threadsafe`; the event loop never runs torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from steward.backends.base import JSON, BackendError, Call, ModelInfo
+
+if TYPE_CHECKING:
+    from steward.model.embedding import SentenceEncoder
+    from steward.model.generate import Delta, GenerationConfig, Row
+    from steward.model.tokenizer import Tokenizer
+    from steward.model.transformer import Decoder
+
+# Fields the built-in model reads; fields it can safely ignore; anything else is refused by name.
+_CHAT_FIELDS = {
+    "model",
+    "messages",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+}
+_COMPLETION_FIELDS = {
+    "model",
+    "prompt",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "logprobs",
+}
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+_ZERO_OK = {"frequency_penalty", "presence_penalty"}  # accepted when 0 (the model applies none)
+MAX_N = 16
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def unsupported(name: str, why: str = "") -> BackendError:
+    return BackendError(
+        f"parameter {name!r} is not supported by the built-in model{': ' + why if why else ''}",
+        status=400,
+        type="invalid_request_error",
+        code="unsupported_parameter",
+        param=name,
+    )
+
+
+def _check_fields(body: JSON, allowed: set[str]) -> None:
+    for name, value in body.items():
+        if name in allowed or name in _IGNORED or value is None:
+            continue
+        if name in _ZERO_OK and value == 0:
+            continue
+        if name == "logit_bias" and not value:
+            continue
+        raise unsupported(name)
+
+
+def choice_seeds(seed: int | None, n: int) -> list[int]:
+    """Choice 0 uses the request's seed itself, so n=1 and the first of n agree."""
+    if seed is None:
+        return [secrets.randbits(63) for _ in range(n)]
+    return [(seed + i * _SEED_STRIDE) % (2**63) for i in range(n)]
+
+
+@dataclass
+class _Job:
+    prompt: list[int]
+    cfg: GenerationConfig
+    seeds: list[int]
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[tuple[str, int, Any]]
+    rows: list[Row] = field(default_factory=list)
+    cancelled: bool = False
+
+    def post(self, kind: str, index: int, payload: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+            self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, index, payload))
+
+    def group_key(self) -> tuple[Any, ...]:
+        c = self.cfg
+        if c.greedy:
+            return ("greedy", c.top_logprobs)
+        return ("sample", c.temperature, c.top_k, c.top_p, c.top_logprobs)
+
+
+class BuiltinBackend:
+    """The built-in decoder behind the `Backend` protocol."""
+
+    name = "builtin"
+
+    def __init__(
+        self,
+        model_name: str = "builtin",
+        model_dir: Path | None = None,
+        *,
+        max_batch: int = 8,
+        batch_wait_ms: float = 2.0,
+        default_max_tokens: int = 256,
+        threads: int | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.model_dir = model_dir
+        self.max_batch = max_batch
+        self.batch_wait = batch_wait_ms / 1000.0
+        self.default_max_tokens = default_max_tokens
+        self.threads = threads
+        self.model: Decoder | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.weights_sha256: str | None = None
+        self.fingerprint = ""
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # decoded batches, for tests and metrics
+        self.rows_decoded = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._worker, name=f"steward-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        import torch
+
+        from steward.model.io import default_model_dir, load_model, verify_manifest
+        from steward.model.transformer import Decoder
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        directory = self.model_dir or default_model_dir()
+        model, tokenizer = load_model(directory)
+        if not isinstance(model, Decoder) or tokenizer is None:
+            raise BackendError(f"{directory}: not a decoder with a tokenizer", status=500)
+        model.eval()
+        manifest = verify_manifest(directory)
+        files = manifest.get("files", {})
+        weights = sorted(
+            (v["sha256"] if isinstance(v, dict) else v)
+            for k, v in files.items()
+            if str(k).endswith(".safetensors")
+        )
+        import hashlib
+
+        self.weights_sha256 = (
+            weights[0] if len(weights) == 1 else hashlib.sha256("".join(weights).encode()).hexdigest()
+        )
+        self.fingerprint = "fp_" + (self.weights_sha256 or "0" * 12)[:12]
+        self.model, self.tokenizer = model, tokenizer
+
+    async def aclose(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    def models(self) -> list[ModelInfo]:
+        ctx = self.model.config.max_positions if self.model is not None else None
+        return [
+            ModelInfo(
+                id=self.model_name,
+                backend="builtin",
+                context_length=ctx,
+                weights_sha256=self.weights_sha256,
+            )
+        ]
+
+    # -- request preparation --------------------------------------------------------------------------
+    def _tok(self) -> tuple[Decoder, Tokenizer]:
+        if self.model is None or self.tokenizer is None:
+            raise BackendError("the built-in model is not loaded", status=503, type="server_error")
+        return self.model, self.tokenizer
+
+    def _prompt_ids(self, route: Literal["chat", "completions"], call: Call) -> list[list[int]]:
+        cached = call.metadata.get("_builtin_prompt_ids")
+        if cached is not None:
+            return list(cached)
+        _, tok = self._tok()
+        body = call.body
+        if route == "chat":
+            _check_fields(body, _CHAT_FIELDS)
+            msgs = []
+            for i, m in enumerate(body["messages"]):
+                role = m.get("role")
+                if role == "developer":
+                    role = "system"
+                if role not in ("system", "user", "assistant"):
+                    raise unsupported(f"messages[{i}].role", f"role {role!r} (tools are not supported)")
+                content = m.get("content")
+                if isinstance(content, list):
+                    texts = []
+                    for j, part in enumerate(content):
+                        if part.get("type") != "text":
+                            raise unsupported(f"messages[{i}].content[{j}]", "only text parts")
+                        texts.append(part.get("text") or "")
+                    content = "".join(texts)
+                if content is None:
+                    content = ""
+                msgs.append({"role": role, "content": content})
+            ids = [tok.encode(tok.apply_chat_template(msgs))]
+        else:
+            _check_fields(body, _COMPLETION_FIELDS)
+            prompts = body["prompt"]
+            prompts = [prompts] if isinstance(prompts, str) else prompts
+            ids = [tok.encode(p) for p in prompts]
+            for i, p in enumerate(ids):
+                if not p:
+                    raise BackendError(
+                        f"prompt {i} is empty", status=400, type="invalid_request_error", param="prompt"
+                    )
+        call.metadata["_builtin_prompt_ids"] = ids
+        return ids
+
+    def count_prompt_tokens(self, route: Literal["chat", "completions"], call: Call) -> int:
+        return sum(len(p) for p in self._prompt_ids(route, call)) * int(call.body.get("n") or 1)
+
+    def max_new_tokens(self, route: Literal["chat", "completions"], call: Call) -> int:
+        """The completion budget the request will use: its own, else what the context leaves."""
+        model, _ = self._tok()
+        ctx = model.config.max_positions
+        longest = max(len(p) for p in self._prompt_ids(route, call))
+        asked = call.body.get("max_completion_tokens") or call.body.get("max_tokens")
+        room = ctx - longest
+        if room < 1:
+            raise BackendError(
+                f"this model's maximum context length is {ctx} tokens; the prompt has {longest}",
+                status=400,
+                type="invalid_request_error",
+                code="context_length_exceeded",
+                param="messages" if route == "chat" else "prompt",
+            )
+        if asked is None:
+            return min(self.default_max_tokens, room)
+        if asked > room:
+            raise BackendError(
+                f"this model's maximum context length is {ctx} tokens; you requested {longest + asked} "
+                f"({longest} in the prompt, {asked} for the completion)",
+                status=400,
+                type="invalid_request_error",
+                code="context_length_exceeded",
+                param="max_completion_tokens" if call.body.get("max_completion_tokens") else "max_tokens",
+            )
+        return int(asked)
+
+    def _config(self, route: Literal["chat", "completions"], call: Call) -> tuple[GenerationConfig, int]:
+        from steward.model.generate import GenerationConfig, GenerationError
+
+        b = call.body
+        n = int(b.get("n") or 1)
+        if n > MAX_N:
+            raise BackendError(
+                f"n must be at most {MAX_N} for the built-in model",
+                status=400,
+                param="n",
+                code="invalid_value",
+            )
+        stop = b.get("stop")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if route == "chat":
+            want_lp = bool(b.get("logprobs"))
+            top = int(b.get("top_logprobs") or 0)
+            if top and not want_lp:
+                raise BackendError(
+                    "top_logprobs requires logprobs to be true",
+                    status=400,
+                    type="invalid_request_error",
+                    param="top_logprobs",
+                )
+        else:
+            lp = b.get("logprobs")
+            want_lp = lp is not None
+            top = int(lp or 0)
+        temperature = b.get("temperature")
+        seed = b.get("seed")
+        cfg = GenerationConfig(
+            max_new_tokens=self.max_new_tokens(route, call),
+            temperature=1.0 if temperature is None else float(temperature),
+            top_p=1.0 if b.get("top_p") is None else float(b["top_p"]),
+            stop=stops,
+            seed=seed % (2**63) if isinstance(seed, int) else None,
+            logprobs=want_lp,
+            top_logprobs=top,
+        )
+        try:
+            cfg.validate()
+        except GenerationError as exc:
+            raise BackendError(str(exc), status=400, type="invalid_request_error") from None
+        return cfg, n
+
+    # -- scheduling -----------------------------------------------------------------------------------
+    def _submit(self, route: Literal["chat", "completions"], call: Call, stream: bool) -> list[_Job]:
+        prompts = self._prompt_ids(route, call)
+        cfg, n = self._config(route, call)
+        if self._thread is None:
+            raise BackendError("the built-in model is not running", status=503, type="server_error")
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for p in prompts:
+            job = _Job(p, cfg, choice_seeds(cfg.seed, n), stream, loop, asyncio.Queue())
+            jobs.append(job)
+            self._jobs.put(job)
+        return jobs
+
+    def _worker(self) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)
+        pending: list[_Job] = []
+        while True:
+            if not pending:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                pending.append(first)
+            # Let a burst of concurrent requests arrive before deciding the batch.
+            deadline = time.monotonic() + self.batch_wait
+            rows = sum(len(j.seeds) for j in pending)
+            stop = False
+            while rows < self.max_batch:
+                left = deadline - time.monotonic()
+                try:
+                    job = self._jobs.get(timeout=max(left, 0.0)) if left > 0 else self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                pending.append(job)
+                rows += len(job.seeds)
+            key = pending[0].group_key()
+            group: list[_Job] = []
+            rest: list[_Job] = []
+            used = 0
+            for j in pending:
+                if j.group_key() == key and (not group or used + len(j.seeds) <= self.max_batch):
+                    group.append(j)
+                    used += len(j.seeds)
+                else:
+                    rest.append(j)
+            pending = rest
+            self._decode(group)
+            if stop:
+                for j in pending:
+                    j.post("error", 0, BackendError("server shutting down", status=503, type="server_error"))
+                return
+
+    def _decode(self, jobs: list[_Job]) -> None:
+        from steward.model.generate import make_row, run_rows
+
+        model, tok = self._tok()
+        live = [j for j in jobs if not j.cancelled]
+        if not live:
+            return
+        prompts: list[list[int]] = []
+        rows: list[Row] = []
+        seeds: list[int] = []
+        owner: list[tuple[_Job, int]] = []
+        for j in live:
+            j.rows = []
+            for i, s in enumerate(j.seeds):
+                r = make_row(model, tok, len(j.prompt), j.cfg)
+                j.rows.append(r)
+                rows.append(r)
+                prompts.append(j.prompt)
+                seeds.append(s)
+                owner.append((j, i))
+        cfg = live[0].cfg
+        from dataclasses import replace
+
+        group_cfg = replace(
+            cfg,
+            max_new_tokens=max(j.cfg.max_new_tokens for j in live),
+            logprobs=any(j.cfg.logprobs for j in live),
+            stop=[],
+        )
+        self.batches += 1
+        self.rows_decoded += len(rows)
+        try:
+            for _ in run_rows(model, tok, prompts, rows, group_cfg, seeds):
+                for j, i in owner:
+                    r = j.rows[i]
+                    if j.cancelled and r.finish is None:
+                        r.end("stop")
+                    if j.stream and not j.cancelled:
+                        d = r.take_delta()
+                        if d is not None:
+                            j.post("delta", i, d)
+            for j in live:
+                if not j.stream and not j.cancelled:
+                    j.post("done", 0, [r.completion() for r in j.rows])
+                elif j.stream:
+                    for i, r in enumerate(j.rows):
+                        d = r.take_delta()
+                        if d is not None and not j.cancelled:
+                            j.post("delta", i, d)
+                    j.post("end", 0, None)
+        except Exception as exc:  # a model failure must reach every waiting request
+            err = BackendError(f"generation failed: {type(exc).__name__}", status=500, type="server_error")
+            for j in live:
+                j.post("error", 0, err)
+
+    # -- protocol -------------------------------------------------------------------------------------
+    def _ids(self, kind: str, request_id: str) -> str:
+        return f"{kind}-{request_id or uuid.uuid4().hex}"
+
+    async def _wait(self, job: _Job) -> list[Any]:
+        try:
+            kind, _, payload = await job.out.get()
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+        if kind == "error":
+            raise payload
+        return list(payload)
+
+    async def chat(self, call: Call) -> JSON:
+        jobs = self._submit("chat", call, stream=False)
+        comps = await self._wait(jobs[0])
+        choices = []
+        for i, c in enumerate(comps):
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": self._chat_logprobs(c.logprobs) if jobs[0].cfg.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        prompt = comps[0].prompt_tokens
+        completion = sum(c.completion_tokens for c in comps)
+        return {
+            "id": self._ids("chatcmpl", call.request_id),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+            "usage": _usage(prompt, completion),
+        }
+
+    async def completion(self, call: Call) -> JSON:
+        jobs = self._submit("completions", call, stream=False)
+        choices = []
+        prompt = completion = 0
+        try:
+            results = [await self._wait(j) for j in jobs]
+        except BaseException:
+            for j in jobs:
+                j.cancelled = True
+            raise
+        for p, (job, comps) in enumerate(zip(jobs, results, strict=True)):
+            prompt += comps[0].prompt_tokens
+            for k, c in enumerate(comps):
+                choices.append(
+                    {
+                        "index": p * len(comps) + k,
+                        "text": c.text,
+                        "logprobs": self._completion_logprobs(c.logprobs) if job.cfg.logprobs else None,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+                completion += c.completion_tokens
+        return {
+            "id": self._ids("cmpl", call.request_id),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+            "usage": _usage(prompt, completion),
+        }
+
+    def chat_stream(self, call: Call) -> AsyncIterator[JSON]:
+        jobs = self._submit("chat", call, stream=True)  # errors surface here, before any byte is sent
+        return self._stream("chat", call, jobs)
+
+    def completion_stream(self, call: Call) -> AsyncIterator[JSON]:
+        jobs = self._submit("completions", call, stream=True)
+        return self._stream("completions", call, jobs)
+
+    async def _stream(self, route: str, call: Call, jobs: list[_Job]) -> AsyncIterator[JSON]:
+        chat = route == "chat"
+        rid = self._ids("chatcmpl" if chat else "cmpl", call.request_id)
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        n = len(jobs[0].seeds)
+        completion: dict[tuple[int, int], int] = {}
+        prompt = 0
+
+        def chunk(choices: list[JSON]) -> JSON:
+            return {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": self.model_name,
+                "system_fingerprint": self.fingerprint,
+                "choices": choices,
+            }
+
+        try:
+            if chat:
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for i in range(n)
+                    ]
+                )
+            for p, job in enumerate(jobs):
+                prompt += len(job.prompt)
+                while True:
+                    kind, i, payload = await job.out.get()
+                    if kind == "error":
+                        raise payload
+                    if kind == "end":
+                        break
+                    d: Delta = payload
+                    completion[(p, i)] = d.completion_tokens
+                    index = p * n + i
+                    if chat:
+                        choice: JSON = {
+                            "index": index,
+                            "delta": {"content": d.text} if d.text or not d.finish_reason else {},
+                            "logprobs": self._chat_logprobs(d.logprobs) if job.cfg.logprobs else None,
+                            "finish_reason": d.finish_reason,
+                        }
+                    else:
+                        choice = {
+                            "index": index,
+                            "text": d.text,
+                            "logprobs": self._completion_logprobs(d.logprobs) if job.cfg.logprobs else None,
+                            "finish_reason": d.finish_reason,
+                        }
+                    yield chunk([choice])
+            final = chunk([])
+            final["usage"] = _usage(prompt, sum(completion.values()))
+            yield final
+        finally:
+            for j in jobs:
+                j.cancelled = True
+
+    async def embeddings(self, call: Call) -> JSON:
+        raise BackendError(
+            f"model {self.model_name!r} does not serve embeddings",
+            status=400,
+            param="model",
+            code="model_not_found",
+        )
+
+    # -- logprob views --------------------------------------------------------------------------------
+    @staticmethod
+    def _chat_logprobs(lps: list[Any] | None) -> JSON:
+        def entry(token: str, logprob: float) -> JSON:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        return {
+            "content": [
+                {
+                    **entry(t.token, t.logprob),
+                    "top_logprobs": [entry(a.token, a.logprob) for a in t.top_logprobs],
+                }
+                for t in (lps or [])
+            ],
+            "refusal": None,
+        }
+
+    @staticmethod
+    def _completion_logprobs(lps: list[Any] | None) -> JSON:
+        tokens, values, tops, offsets = [], [], [], []
+        pos = 0
+        for t in lps or []:
+            tokens.append(t.token)
+            values.append(t.logprob)
+            tops.append({a.token: a.logprob for a in t.top_logprobs})
+            offsets.append(pos)
+            pos += len(t.token)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _usage(prompt: int, completion: int) -> JSON:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class EncoderBackend:
+    """Sentence embeddings from the MiniLM encoder (`/v1/embeddings`)."""
+
+    name = "builtin"
+
+    def __init__(self, model_name: str = "all-minilm-l6-v2", model_dir: Path | None = None) -> None:
+        self.model_name = model_name
+        self.model_dir = model_dir
+        self.encoder: SentenceEncoder | None = None
+        self.weights_sha256: str | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="steward-encoder")
+
+    async def start(self) -> None:
+        if self.encoder is None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pool, self._load)
+
+    def _load(self) -> None:
+        from steward.model.embedding import SentenceEncoder
+        from steward.model.io import sha256_file
+
+        enc = SentenceEncoder(self.model_dir)
+        files = sorted(enc.directory.glob("*.safetensors"))
+        self.weights_sha256 = sha256_file(files[0]) if files else None
+        self.encoder = enc
+
+    async def aclose(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                id=self.model_name,
+                backend="builtin",
+                context_length=self.encoder.max_seq_length if self.encoder else None,
+                weights_sha256=self.weights_sha256,
+                capabilities=frozenset({"embeddings"}),
+            )
+        ]
+
+    def count_prompt_tokens(self, route: Literal["chat", "completions"], call: Call) -> int:
+        inputs = call.body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        if self.encoder is None:
+            return sum(len(t.encode()) for t in texts)
+        return sum(len(r) for r in self.encoder._token_ids(texts))
+
+    async def chat(self, call: Call) -> JSON:
+        raise self._not_chat()
+
+    async def completion(self, call: Call) -> JSON:
+        raise self._not_chat()
+
+    def chat_stream(self, call: Call) -> AsyncIterator[JSON]:
+        raise self._not_chat()
+
+    def completion_stream(self, call: Call) -> AsyncIterator[JSON]:
+        raise self._not_chat()
+
+    def _not_chat(self) -> BackendError:
+        return BackendError(
+            f"model {self.model_name!r} is an embedding model; it does not generate text",
+            status=400,
+            param="model",
+            type="invalid_request_error",
+            code="model_not_supported",
+        )
+
+    async def embeddings(self, call: Call) -> JSON:
+        import base64
+
+        import numpy as np
+
+        enc = self.encoder
+        if enc is None:
+            raise BackendError("the encoder is not loaded", status=503, type="server_error")
+        b = call.body
+        for name in b:
+            if (
+                name not in ("model", "input", "encoding_format", "dimensions", "user")
+                and b[name] is not None
+            ):
+                raise unsupported(name)
+        inputs = b["input"]
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        dims = b.get("dimensions")
+        if dims is not None and dims != enc.dim:
+            raise BackendError(
+                f"dimensions must be {enc.dim} for {self.model_name}", status=400, param="dimensions"
+            )
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._pool, enc.encode, texts)
+        tokens = self.count_prompt_tokens("chat", call)
+        data = []
+        for i, v in enumerate(vectors):
+            if b.get("encoding_format") == "base64":
+                emb: Any = base64.b64encode(v.numpy().astype(np.float32).tobytes()).decode()
+            else:
+                emb = v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }

@@ -1,0 +1,58 @@
+"""`steward keys create|list|revoke`: manage API keys on the store directly (server running or not)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def _store() -> object:
+    from steward.gateway.keys import KeyStore
+    from steward.store import upgrade
+
+    return KeyStore(upgrade())
+
+
+def register(app: typer.Typer) -> None:
+    keys = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+    app.add_typer(keys, name="keys")
+
+    @keys.command("create")
+    def create(
+        tenant: str = typer.Option(..., "--tenant", help="tenant id (created if absent)"),
+        role: str = typer.Option("user", "--role", help="admin, user or auditor"),
+        name: str | None = typer.Option(None, "--name", help="a label for people"),
+        model: list[str] | None = typer.Option(None, "--model", help="allow only this model (repeatable)"),
+        expires_in: int | None = typer.Option(None, "--expires-in", help="seconds until the key expires"),
+    ) -> None:
+        """Create a key and print it once on stdout (only its hash is stored)."""
+        from steward.gateway.keys import KeyStore
+
+        if expires_in is not None and expires_in < 1:
+            raise ValueError("--expires-in must be a positive number of seconds")
+        store = _store()
+        assert isinstance(store, KeyStore)
+        key, rec = store.create(tenant, role, name=name, models=model, expires_in_s=expires_in)
+        typer.echo(key)
+        typer.echo(f"created {rec.id} ({rec.prefix}…) for tenant {rec.tenant}, role {rec.role}", err=True)
+
+    @keys.command("list")
+    def list_(tenant: str | None = typer.Option(None, "--tenant", help="only this tenant's keys")) -> None:
+        """List keys as JSON lines (prefixes only, never the keys)."""
+        from steward.gateway.keys import KeyStore
+
+        store = _store()
+        assert isinstance(store, KeyStore)
+        for rec in store.list(tenant):
+            typer.echo(json.dumps(rec.public()))
+
+    @keys.command("revoke")
+    def revoke(key_id: str = typer.Argument(..., metavar="ID", help="the key's id (key_…)")) -> None:
+        """Revoke a key; every replica refuses it within a second."""
+        from steward.gateway.keys import KeyStore
+
+        store = _store()
+        assert isinstance(store, KeyStore)
+        rec = store.revoke(key_id)
+        typer.echo(f"revoked {rec.id} ({rec.prefix}…)", err=True)

@@ -1,0 +1,194 @@
+"""The FastAPI application: `create_app(settings)` wires store, keys, limiter, backends and routes.
+
+Models load in the lifespan, before uvicorn starts accepting connections, so a listening gateway
+is a ready one; `/readyz` says so for load balancers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from steward.backends.base import Backend
+from steward.gateway.errors import install_error_handlers
+from steward.gateway.keys import KeyStore
+from steward.gateway.metrics import Metrics
+from steward.gateway.middleware import GatewayMiddleware
+from steward.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    KeyCreate,
+    TenantUpdate,
+)
+from steward.gateway.service import Gateway, ModelEntry
+from steward.gateway.settings import ModelRoute, Settings
+
+log = logging.getLogger("steward.gateway")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; only whitelisted fields, so no prompt or key can slip into a log."""
+
+    FIELDS = ("request_id", "status", "route", "model", "tenant", "key_prefix", "latency_ms", "outcome")
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for f in self.FIELDS:
+            v = record.__dict__.get(f)
+            if v is not None:
+                out[f] = v
+        if record.exc_info and record.exc_info[0] is not None:
+            out["exc"] = record.exc_info[0].__name__
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("steward")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def build_backend(route: ModelRoute, settings: Settings) -> Backend:
+    if route.backend == "builtin":
+        from steward.backends.builtin import BuiltinBackend
+
+        return BuiltinBackend(
+            route.name,
+            route.path,
+            max_batch=settings.max_batch,
+            batch_wait_ms=settings.batch_wait_ms,
+            default_max_tokens=settings.default_max_tokens,
+            threads=settings.torch_threads,
+        )
+    if route.backend == "hf":
+        from steward.backends.hf import HFBackend
+
+        assert route.path is not None
+        return HFBackend(route.name, route.path, default_max_tokens=settings.default_max_tokens)
+    import os
+
+    from pydantic import SecretStr
+
+    from steward.backends.openai import OpenAIBackend, OpenAIBackendConfig
+
+    assert route.base_url is not None
+    key = os.environ.get(route.api_key_env) if route.api_key_env else None
+    if route.api_key_env and not key:
+        raise ValueError(f"model {route.name!r}: environment variable {route.api_key_env} is not set")
+    return OpenAIBackend(
+        OpenAIBackendConfig(
+            name=route.name,
+            base_url=route.base_url,
+            api_key=SecretStr(key) if key else None,
+            models={route.name: route.upstream_model or route.name},
+            max_retries=route.max_retries,
+            total_timeout_s=route.timeout_s,
+            read_timeout_s=route.timeout_s,
+        )
+    )
+
+
+async def build_models(settings: Settings) -> dict[str, ModelEntry]:
+    from steward.backends.builtin import EncoderBackend
+
+    backends: dict[str, Backend] = {}
+    for route in settings.models:
+        backends[route.name] = build_backend(route, settings)
+    if settings.embedding_model:
+        backends[settings.embedding_model] = EncoderBackend(settings.embedding_model)
+    started: list[Backend] = []
+    try:
+        for b in backends.values():
+            await b.start()
+            started.append(b)
+    except BaseException:
+        for b in started:
+            await b.aclose()
+        raise
+    routes = {r.name: r for r in settings.models}
+    entries: dict[str, ModelEntry] = {}
+    for name, backend in backends.items():
+        route = routes.get(name) or ModelRoute(name=name, backend="builtin")
+        if route.fallbacks:
+            from steward.backends.resilience import FallbackChain
+
+            backend = FallbackChain(name, [backend, *(backends[f] for f in route.fallbacks)])
+        infos = {i.id: i for i in backends[name].models()}
+        info = infos.get(name) or next(iter(infos.values()))
+        entries[name] = ModelEntry(route, backend, info)
+    return entries
+
+
+def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = None) -> FastAPI:
+    """The ASGI app. `models` lets tests pass ready-made backends instead of building them."""
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from steward.gateway.limits import make_limiter
+        from steward.store import upgrade
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = upgrade(settings.resolved_database_url())
+        keys = KeyStore(engine, ttl_s=settings.key_cache_ttl_s)
+        limiter = make_limiter(settings.redis_url, engine, settings.workers)
+        entries = models if models is not None else await build_models(settings)
+        gw = Gateway(settings, keys, limiter, entries, Metrics())
+        app.state.gateway = gw
+        gw.ready = True
+        log.info("gateway ready", extra={"model": ",".join(sorted(entries))})
+        try:
+            yield
+        finally:
+            gw.ready = False
+            if models is None:
+                for e in entries.values():
+                    await e.backend.aclose()
+            await limiter.aclose()
+            engine.dispose()
+
+    app = FastAPI(
+        title="Steward gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    from steward.gateway.routes import admin, health, openai
+
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    app.include_router(health.router)
+
+    def custom_openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, KeyCreate, TenantUpdate):
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(js.pop("$defs", {}))
+            comps[model.__name__] = js
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = custom_openapi  # type: ignore[method-assign]
+    app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,1 @@
+"""Thin route functions; the work is in `steward.gateway.service`."""

@@ -1,0 +1,129 @@
+"""Admin API: keys and tenants. Admin keys only; every act is traced (and audited, issue 5)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from steward.gateway.errors import APIError, json_response
+from steward.gateway.keys import Principal, UnknownKeyError
+from steward.gateway.schemas import KeyCreate, TenantUpdate
+from steward.gateway.service import Gateway
+from steward.gateway.trace import Trace
+from steward.store import StoreError
+
+router = APIRouter(prefix="/admin")
+
+
+async def _admin(request: Request, trace: Trace) -> tuple[Gateway, Principal]:
+    gw: Gateway = request.app.state.gateway
+    p = await gw.principal(request, trace)
+    if p.role != "admin":
+        raise APIError(403, "this route needs an admin key", code="role_not_allowed")
+    return gw, p
+
+
+async def _act(request: Request, action: str, fn: Any) -> Response:
+    gw: Gateway = request.app.state.gateway
+    state = request.scope.get("state", {})
+    trace = Trace(request_id=state.get("request_id", ""), route=f"{request.method} {request.url.path}")
+    try:
+        gw_, p = await _admin(request, trace)
+        status, body = await fn(gw_, p)
+    except APIError as exc:
+        outcome = "refused" if exc.status in (401, 403) else "error"
+        await gw.finish(trace, exc.status, outcome, exc.body()["error"])
+        return json_response(exc.status, exc.body(), exc.headers)
+    except StoreError:
+        err = APIError(503, "the store is unavailable", type="service_unavailable", code="store_error")
+        await gw.finish(trace, 503, "error", err.body()["error"])
+        return json_response(503, err.body())
+    trace.usage = {"admin_action": action}
+    await gw.finish(trace, status, "ok")
+    return json_response(status, body)
+
+
+@router.post(
+    "/keys",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/KeyCreate"}}},
+        }
+    },
+)
+async def create_key(request: Request) -> Response:
+    async def go(gw: Gateway, _p: Principal) -> tuple[int, Any]:
+        spec: KeyCreate = gw.parse(KeyCreate, await request.body())
+        key, rec = await asyncio.to_thread(
+            gw.keys.create,
+            spec.tenant,
+            spec.role,
+            name=spec.name,
+            models=spec.models,
+            expires_in_s=spec.expires_in_s,
+            limits=[lim.model_dump(exclude_none=True) for lim in spec.limits],
+        )
+        return 201, {**rec.public(), "key": key}
+
+    return await _act(request, "key.create", go)
+
+
+@router.get("/keys")
+async def list_keys(request: Request, tenant: str | None = None) -> Response:
+    async def go(gw: Gateway, _p: Principal) -> tuple[int, Any]:
+        recs = await asyncio.to_thread(gw.keys.list, tenant)
+        return 200, {"object": "list", "data": [r.public() for r in recs]}
+
+    return await _act(request, "key.list", go)
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(key_id: str, request: Request) -> Response:
+    async def go(gw: Gateway, _p: Principal) -> tuple[int, Any]:
+        try:
+            rec = await asyncio.to_thread(gw.keys.revoke, key_id)
+        except UnknownKeyError as exc:
+            raise APIError(404, str(exc), code="key_not_found") from None
+        return 200, rec.public()
+
+    return await _act(request, "key.revoke", go)
+
+
+@router.get("/tenants")
+async def list_tenants(request: Request) -> Response:
+    async def go(gw: Gateway, _p: Principal) -> tuple[int, Any]:
+        return 200, {"object": "list", "data": await asyncio.to_thread(gw.keys.list_tenants)}
+
+    return await _act(request, "tenant.list", go)
+
+
+@router.put(
+    "/tenants/{tenant_id}",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TenantUpdate"}}},
+        }
+    },
+)
+async def update_tenant(tenant_id: str, request: Request) -> Response:
+    async def go(gw: Gateway, _p: Principal) -> tuple[int, Any]:
+        spec: TenantUpdate = gw.parse(TenantUpdate, await request.body())
+        try:
+            out = await asyncio.to_thread(
+                gw.keys.set_tenant,
+                tenant_id,
+                limits=[lim.model_dump(exclude_none=True) for lim in spec.limits]
+                if spec.limits is not None
+                else None,
+                policy=spec.policy,
+            )
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tenant", code="invalid_value") from None
+        return 200, out
+
+    return await _act(request, "tenant.update", go)

@@ -1,0 +1,33 @@
+"""Liveness, readiness (no key needed) and Prometheus metrics (admin or auditor key)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from steward.gateway.errors import APIError, json_response
+from steward.gateway.service import Gateway
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return json_response(200, {"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    gw: Gateway | None = getattr(request.app.state, "gateway", None)
+    if gw is None or not gw.ready:
+        return json_response(503, {"status": "starting"})
+    return json_response(200, {"status": "ready", "models": sorted(gw.models)})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    p = await gw.principal(request)
+    if p.role not in ("admin", "auditor"):
+        raise APIError(403, "metrics need an admin or auditor key", code="role_not_allowed")
+    return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,408 @@
+"""The request pipeline shared by the OpenAI routes: auth → model → limits → backend → settle.
+
+Route functions stay thin; everything a request goes through, and the trace it leaves, is here.
+Guards (input and output) and the audit log attach at the marked points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from steward.backends.base import JSON, Backend, BackendError, Call, ModelInfo
+from steward.gateway.errors import APIError, json_response, validation_message
+from steward.gateway.keys import KeyStore, Principal
+from steward.gateway.limits.base import Limit, Limiter, LimiterUnavailable, LimitExceeded, Reservation
+from steward.gateway.settings import ModelRoute, Settings
+from steward.gateway.trace import Trace
+from steward.store import StoreError
+
+log = logging.getLogger("steward.gateway")
+
+Route = Literal["chat", "completions", "embeddings"]
+STREAM_CHUNK_TOKENS = 256  # a stream without max_tokens reserves its tokens in chunks of this size
+
+
+@dataclass
+class ModelEntry:
+    route: ModelRoute
+    backend: Backend
+    info: ModelInfo
+
+
+class Gateway:
+    """Everything a request needs: settings, keys, limiter, the routing table, metrics."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keys: KeyStore,
+        limiter: Limiter,
+        models: dict[str, ModelEntry],
+        metrics: Any = None,
+        on_finish: Callable[[Trace], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.limiter = limiter
+        self.models = models
+        self.metrics = metrics
+        self.on_finish = on_finish
+        self.ready = False
+
+    # -- identity -------------------------------------------------------------------------------------
+    async def principal(self, request: Request, trace: Trace | None = None) -> Principal:
+        header = request.headers.get("authorization")
+        if not header:
+            raise APIError(
+                401,
+                "missing API key: send it as 'Authorization: Bearer sk-stw-...'",
+                code="missing_api_key",
+            )
+        scheme, _, key = header.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(401, "the Authorization header must be 'Bearer <key>'", code="invalid_api_key")
+        try:
+            p = self.keys.authenticate_cached(key)
+            if p is False:
+                p = await asyncio.to_thread(self.keys.authenticate, key)
+        except StoreError:
+            raise APIError(
+                503, "the key store is unavailable; try again", type="service_unavailable", code="store_error"
+            ) from None
+        if trace is not None and key.startswith("sk-stw-"):
+            trace.key_prefix = key[:11]
+        if p is None:
+            # Never echo the key; the prefix alone is what refusal events may name.
+            raise APIError(401, "invalid, expired or revoked API key", code="invalid_api_key")
+        assert p is not False
+        if trace is not None:
+            trace.key_id, trace.key_prefix, trace.tenant, trace.role = (
+                p.key_id,
+                p.key_prefix,
+                p.tenant,
+                p.role,
+            )
+        return p
+
+    # -- models ---------------------------------------------------------------------------------------
+    def model(self, name: str, principal: Principal, route: Route) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+        if not principal.may_use(name):
+            raise APIError(
+                403, f"this key may not use the model {name!r}", param="model", code="model_not_allowed"
+            )
+        caps = entry.info.capabilities
+        need = "embeddings" if route == "embeddings" else "chat"
+        if need not in caps and not (need == "chat" and "completions" in caps):
+            what = "embeddings" if route == "embeddings" else "text generation"
+            raise APIError(
+                400, f"the model {name!r} does not support {what}", param="model", code="model_not_supported"
+            )
+        return entry
+
+    # -- limits ---------------------------------------------------------------------------------------
+    @staticmethod
+    def limits_for(p: Principal) -> list[Limit]:
+        out = []
+        for scope, specs in ((f"key:{p.key_id}", p.key_limits), (f"tenant:{p.tenant}", p.tenant_limits)):
+            for s in specs:
+                out.append(Limit(scope, s["kind"], s.get("window"), float(s["limit"])))
+        return out
+
+    async def reserve(self, limits: list[Limit], amounts: Mapping[str, float]) -> Reservation | None:
+        if not limits:
+            return None
+        try:
+            return await self.limiter.reserve(limits, amounts)  # type: ignore[arg-type]
+        except LimitExceeded as exc:
+            from steward.gateway.limits.base import ratelimit_headers
+
+            headers = ratelimit_headers(exc.statuses)
+            headers["retry-after"] = str(exc.retry_after)
+            kind = exc.limit.kind
+            code = "insufficient_quota" if kind == "spend" else "rate_limit_exceeded"
+            raise APIError(429, str(exc), type="rate_limit_error", code=code, headers=headers) from None
+        except LimiterUnavailable:
+            raise APIError(
+                503,
+                "the rate limiter is unavailable; requests are refused until it is back",
+                type="service_unavailable",
+                code="limiter_unavailable",
+            ) from None
+
+    async def settle(self, res: Reservation | None, actual: Mapping[str, float]) -> None:
+        if res is None:
+            return
+        try:
+            await self.limiter.settle(res, actual)  # type: ignore[arg-type]
+        except Exception:  # settling must never turn a served answer into an error
+            log.exception("limit settlement failed", extra={"reservation": res.id})
+
+    # -- helpers --------------------------------------------------------------------------------------
+    @staticmethod
+    def parse(model: type[BaseModel], raw: bytes) -> Any:
+        if not raw:
+            raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            errors = exc.errors()
+            if errors and errors[0].get("type") == "json_invalid":
+                raise APIError(
+                    400,
+                    f"the request body is not valid JSON ({errors[0].get('msg', 'invalid JSON')})",
+                    code="invalid_json",
+                ) from None
+            if errors and errors[0].get("type") == "model_type":
+                raise APIError(400, "the request body must be a JSON object", code="invalid_json") from None
+            msg, param = validation_message(list(errors))
+            raise APIError(400, msg, param=param, code="invalid_value") from None
+
+    def spend(self, entry: ModelEntry, prompt: float, completion: float) -> float:
+        r = entry.route
+        return prompt / 1000 * r.price_per_1k_prompt + completion / 1000 * r.price_per_1k_completion
+
+    async def finish(
+        self, trace: Trace, status: int, outcome: str, error: dict[str, Any] | None = None
+    ) -> None:
+        trace.finish(status, outcome, error)
+        if self.metrics is not None:
+            self.metrics.observe(trace)
+        if self.on_finish is not None:
+            r = self.on_finish(trace)
+            if asyncio.iscoroutine(r):
+                await r
+
+    # -- the inference pipeline -----------------------------------------------------------------------
+    async def handle(self, request: Request, route: Route, schema: type[BaseModel]) -> Response:
+        state = request.scope.get("state", {})
+        trace = Trace(request_id=state.get("request_id", ""), route=request.url.path)
+        trace.t0 = state.get("t0", trace.t0)
+        try:
+            resp = await self._handle(request, route, schema, trace, state)
+        except APIError as exc:
+            state["backend_s"] = trace.backend_s
+            outcome = "refused" if exc.status in (401, 403, 429) else "error"
+            await self.finish(trace, exc.status, outcome, exc.body()["error"])
+            return json_response(exc.status, exc.body(), exc.headers)
+        return resp
+
+    async def _handle(
+        self, request: Request, route: Route, schema: type[BaseModel], trace: Trace, state: dict[str, Any]
+    ) -> Response:
+        t = time.perf_counter()
+        principal = await self.principal(request, trace)
+        if principal.role == "auditor":
+            raise APIError(403, "auditor keys may not call inference routes", code="role_not_allowed")
+        raw = await request.body()
+        req = self.parse(schema, raw)
+        entry = self.model(req.model, principal, route)
+        trace.model, trace.backend = entry.info.id, entry.info.backend
+        trace.weights_sha256 = entry.info.weights_sha256
+        trace.policy_version = principal.tenant_policy or "default"
+        trace.user = getattr(req, "user", None)
+        stream = bool(getattr(req, "stream", False))
+        trace.stream = stream
+        body = req.model_dump(exclude_none=True)
+        resolve = getattr(entry.backend, "upstream_model", None)
+        body["model"] = str(resolve(entry.route.name)) if callable(resolve) else entry.route.name
+        client_usage = bool(body.get("stream_options", {}).get("include_usage"))
+        if stream:
+            body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
+        call = Call(body=body, upstream_model=body["model"], request_id=trace.request_id)
+        call.timeout_s = entry.route.timeout_s
+        t = trace.mark("auth", t)
+
+        backend = entry.backend
+        prompt_est = self._backend_call(
+            lambda: backend.count_prompt_tokens("chat" if route == "chat" else "completions", call)
+        )
+        n = int(body.get("n") or 1)
+        budget = getattr(req, "token_budget", lambda: None)()
+        if route == "embeddings":
+            max_new = 0
+        elif budget is not None:
+            max_new = budget
+        elif hasattr(backend, "max_new_tokens"):
+            max_new = self._backend_call(lambda: backend.max_new_tokens(route, call))
+        else:
+            max_new = STREAM_CHUNK_TOKENS if stream else self.settings.default_max_tokens
+        limits = self.limits_for(principal)
+        tokens = prompt_est + max_new * n
+        amounts = {
+            "requests": 1.0,
+            "tokens": float(tokens),
+            "spend": self.spend(entry, prompt_est, max_new * n),
+            "concurrent": 1.0,
+        }
+        res = await self.reserve(limits, amounts)
+        t = trace.mark("limits", t)
+        trace.limits = {"reserved_tokens": tokens} if res is not None else {}
+        # guard.input attaches here (issue 4)
+        headers = {}
+        if res is not None:
+            from steward.gateway.limits.base import ratelimit_headers
+
+            headers = ratelimit_headers(res.statuses)
+        try:
+            if stream:
+                return await self._stream(
+                    route,
+                    entry,
+                    call,
+                    trace,
+                    res,
+                    state,
+                    headers,
+                    client_usage,
+                    unbounded=budget is None and not hasattr(backend, "max_new_tokens"),
+                )
+            b0 = time.perf_counter()
+            try:
+                if route == "chat":
+                    out = await backend.chat(call)
+                elif route == "completions":
+                    out = await backend.completion(call)
+                else:
+                    out = await backend.embeddings(call)
+            finally:
+                trace.backend_s += time.perf_counter() - b0
+                state["backend_s"] = trace.backend_s
+        except BackendError as exc:
+            await self.settle(res, {"tokens": 0, "spend": 0})
+            raise APIError(
+                exc.status,
+                exc.message,
+                type=exc.type,
+                param=exc.param,
+                code=exc.code,
+                headers={"retry-after": str(int(exc.retry_after))} if exc.retry_after else None,
+            ) from None
+        except BaseException:
+            await self.settle(res, {"tokens": 0, "spend": 0})
+            raise
+        usage = out.get("usage") or {}
+        out["model"] = entry.route.name
+        pt, ct = float(usage.get("prompt_tokens", 0)), float(usage.get("completion_tokens", 0))
+        trace.usage = dict(usage)
+        await self.settle(res, {"tokens": pt + ct, "spend": self.spend(entry, pt, ct)})
+        # guard.output attaches here (issue 4); audit commit before the response (issue 5)
+        await self.finish(trace, 200, "ok")
+        return json_response(200, out, headers)
+
+    def _backend_call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except BackendError as exc:
+            raise APIError(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code) from None
+
+    async def _stream(
+        self,
+        route: Route,
+        entry: ModelEntry,
+        call: Call,
+        trace: Trace,
+        res: Reservation | None,
+        state: dict[str, Any],
+        headers: dict[str, str],
+        client_usage: bool,
+        unbounded: bool,
+    ) -> Response:
+        backend = entry.backend
+        b0 = time.perf_counter()
+        try:
+            it = backend.chat_stream(call) if route == "chat" else backend.completion_stream(call)
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+            it = _empty()
+        except BackendError as exc:
+            await self.settle(res, {"tokens": 0, "spend": 0})
+            raise APIError(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code) from None
+        finally:
+            trace.backend_s += time.perf_counter() - b0
+            state["backend_s"] = trace.backend_s
+
+        async def events() -> AsyncIterator[bytes]:
+            usage: dict[str, Any] = {}
+            counted = 0  # completion tokens seen so far (approximate when the backend sends no usage)
+            reserved = STREAM_CHUNK_TOKENS
+            status, outcome, error = 200, "ok", None
+            try:
+                chunk = first
+                while chunk is not None:
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    has_choices = bool(chunk.get("choices"))
+                    if has_choices:
+                        chunk["model"] = entry.route.name
+                        counted += len(chunk["choices"])
+                        if unbounded and res is not None and counted >= reserved:
+                            if not await self.limiter.extend(res, {"tokens": STREAM_CHUNK_TOKENS}):
+                                # A hard cap: stop here rather than let the stream run past it.
+                                stop = {
+                                    **chunk,
+                                    "choices": [
+                                        {"index": c.get("index", 0), "delta": {}, "finish_reason": "length"}
+                                        for c in chunk["choices"]
+                                    ],
+                                }
+                                yield b"data: " + orjson.dumps(stop) + b"\n\n"
+                                outcome = "cut"
+                                break
+                            reserved += STREAM_CHUNK_TOKENS
+                        yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                    elif chunk.get("usage") and client_usage:
+                        chunk["model"] = entry.route.name
+                        yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                    try:
+                        chunk = await it.__anext__()
+                    except StopAsyncIteration:
+                        chunk = None
+                yield b"data: [DONE]\n\n"
+            except BackendError as exc:
+                status, outcome = exc.status, "error"
+                error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+                yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                raise
+            finally:
+                aclose = getattr(it, "aclose", None)
+                if aclose is not None:
+                    try:
+                        await aclose()
+                    except Exception:
+                        log.debug("closing a backend stream failed", exc_info=True)
+                pt = float(usage.get("prompt_tokens", 0))
+                ct = float(usage.get("completion_tokens", counted))
+                trace.usage = dict(usage) or {"completion_tokens": counted, "estimated": True}
+                await self.settle(res, {"tokens": pt + ct, "spend": self.spend(entry, pt, ct)})
+                await self.finish(trace, status, outcome, error)
+
+        hdrs = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=hdrs)
+
+
+async def _empty() -> AsyncIterator[JSON]:
+    return
+    yield  # pragma: no cover

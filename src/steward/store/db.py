@@ -1,0 +1,98 @@
+"""Engines for SQLite and PostgreSQL, configured the same way wherever they are made.
+
+SQLite gets WAL (readers never block the writer), a busy timeout (several workers share one file) and
+foreign keys; PostgreSQL goes through psycopg 3. URLs name the driver so a bare `postgresql://` works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import MetaData, event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.pool import NullPool
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class StoreError(RuntimeError):
+    """The store cannot be reached, opened or migrated."""
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("STEWARD_DATA_DIR") or "steward-data")
+
+
+def database_url(url: str | None = None) -> str:
+    """`url`, else `STEWARD_DATABASE_URL`, else SQLite at `$STEWARD_DATA_DIR/steward.db`."""
+    url = url or os.environ.get("STEWARD_DATABASE_URL")
+    if url:
+        return url
+    return f"sqlite:///{(data_dir() / 'steward.db').resolve()}"
+
+
+def _normalise(url: str) -> URL:
+    try:
+        u = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"invalid database URL ({exc})") from None
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    if u.get_backend_name() not in ("sqlite", "postgresql"):
+        raise StoreError(f"unsupported database {u.get_backend_name()!r}; use sqlite:/// or postgresql://")
+    return u
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
+    from sqlalchemy import create_engine
+
+    u = _normalise(database_url(url))
+    if u.get_backend_name() == "sqlite":
+        db = u.database
+        if db and db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        # One connection per checkout: SQLite connections are cheap and pooling them across threads
+        # buys nothing but "database is locked" surprises.
+        kwargs.setdefault("poolclass", NullPool)
+        kwargs.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+        engine = create_engine(u, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Python's sqlite3 opens transactions lazily; take control so BEGIN IMMEDIATE works.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            # Writers take the lock up front: a deferred transaction that later upgrades to a write
+            # lock can fail with SQLITE_BUSY instead of waiting.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", 10)
+    return create_engine(u, **kwargs)
