@@ -1,0 +1,150 @@
+"""`steward serve` and `steward keys` as a user runs them: real processes, real ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from gateway_harness import free_port
+
+STEWARD = [sys.executable, "-m", "steward.cli"]
+
+
+def env_for(data: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "STEWARD_DATA_DIR": str(data), "OMP_NUM_THREADS": "1", "STEWARD_TORCH_THREADS": "1"}
+    env.pop("STEWARD_DATABASE_URL", None)
+    env.pop("STEWARD_REDIS_URL", None)
+    env.pop("STEWARD_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def steward(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*STEWARD, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_keys_cli_creates_the_store_and_prints_the_key_once(tmp_path: Path) -> None:
+    env = env_for(tmp_path / "fresh")
+    r = steward("keys", "create", "--tenant", "acme", "--role", "admin", env=env)
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip()
+    assert re.fullmatch(r"sk-stw-[A-Za-z0-9_-]{43,}", key)
+    assert (tmp_path / "fresh" / "steward.db").is_file()
+    listed = steward("keys", "list", env=env)
+    assert listed.returncode == 0 and key not in listed.stdout and key[:11] in listed.stdout
+    db = (tmp_path / "fresh" / "steward.db").read_bytes()
+    assert key.encode() not in db  # only the hash is stored
+    key_id = re.search(r'"id": "(key_[0-9a-f]+)"', listed.stdout).group(1)  # type: ignore[union-attr]
+    assert steward("keys", "revoke", key_id, env=env).returncode == 0
+    assert '"revoked_at": null' not in steward("keys", "list", env=env).stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["keys", "create", "--tenant", "a b"], "invalid tenant"),
+        (["keys", "create", "--tenant", "t", "--role", "root"], "invalid role"),
+        (["keys", "revoke", "key_missing"], "no key"),
+    ],
+)
+def test_keys_cli_errors_are_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    r = steward(*args, env=env_for(tmp_path))
+    assert r.returncode != 0 and r.stdout == ""
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ("port: eighty\n", "port"),
+        ("models:\n  - name: x\n    backend: openai\n", "base_url"),
+        ("nonsense_key: 1\n", "nonsense_key"),
+        ("models: [\n", "cannot read config"),
+    ],
+)
+def test_bad_config_stops_serve_with_one_line(tmp_path: Path, config: str, needle: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config)
+    r = steward("serve", "--config", str(cfg), env=env_for(tmp_path))
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@contextmanager
+def serving(env: dict[str, str], *args: str) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*STEWARD, "serve", "--port", str(port), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                out, errs = proc.communicate(timeout=5)
+                raise AssertionError(f"serve did not start: {errs[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+BODY = {"model": "builtin", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+def _fire(urls: list[str], key: str, n: int) -> list[int]:
+    def one(i: int) -> int:
+        r = httpx.post(urls[i % len(urls)] + "/v1/chat/completions", json=BODY,
+                       headers={"authorization": f"Bearer {key}"}, timeout=60)
+        return r.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def _limited_key(env: dict[str, str], limit: int) -> str:
+    from steward.gateway.keys import KeyStore
+    from steward.store import upgrade
+
+    url = env.get("STEWARD_DATABASE_URL") or f"sqlite:///{Path(env['STEWARD_DATA_DIR']) / 'steward.db'}"
+    store = KeyStore(upgrade(url))
+    key, _ = store.create("acme", "user", limits=[{"kind": "requests", "window": "minute", "limit": limit}])
+    store.engine.dispose()
+    return key
+
+
+@pytest.mark.slow
+def test_two_workers_without_redis_share_exact_limits(tmp_path: Path) -> None:
+    env = env_for(tmp_path, STEWARD_EMBEDDING_MODEL="")
+    key = _limited_key(env, 5)
+    with serving(env, "--workers", "2") as url:
+        codes = _fire([url], key, 14)
+    assert codes.count(200) == 5 and codes.count(429) == 9
+
+
+@pytest.mark.slow
+def test_two_gateways_on_one_redis_admit_exactly_n(tmp_path: Path, redis_url: str) -> None:
+    env = env_for(tmp_path, STEWARD_EMBEDDING_MODEL="", STEWARD_REDIS_URL=redis_url)
+    key = _limited_key(env, 6)
+    with serving(env) as a, serving(env) as b:
+        codes = _fire([a, b], key, 16)
+    assert codes.count(200) == 6 and codes.count(429) == 10
