@@ -8,9 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import Running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from gateway_harness import Running
 
 CHAT = "/v1/chat/completions"
 
@@ -19,7 +20,9 @@ def post(gw: Running, key: str | None, body: Any, path: str = CHAT, **kw: Any) -
     headers = {"authorization": f"Bearer {key}"} if key else {}
     headers.update(kw.pop("headers", {}))
     if isinstance(body, bytes):
-        return httpx.post(gw.url + path, content=body, headers={**headers, "content-type": "application/json"}, timeout=60)
+        return httpx.post(
+            gw.url + path, content=body, headers={**headers, "content-type": "application/json"}, timeout=60
+        )
     return httpx.post(gw.url + path, json=body, headers=headers, timeout=60)
 
 
@@ -81,7 +84,9 @@ def test_builtin_refuses_unsupported_parameters(gateway: Running, user_key: str,
         "frequency_penalty": 0.5,
         "functions": [{"name": "f"}],
     }[name]
-    e = err(post(gateway, user_key, {**OK, name: value}), 400, "invalid_request_error", "unsupported_parameter")
+    e = err(
+        post(gateway, user_key, {**OK, name: value}), 400, "invalid_request_error", "unsupported_parameter"
+    )
     assert e["param"] == name
 
 
@@ -131,7 +136,7 @@ def test_unknown_model_404_and_route_404_405(gateway: Running, user_key: str) ->
 def test_bad_keys_are_401(gateway: Running, header: str | None) -> None:
     headers = {"authorization": header.encode("utf-8")} if header else {}
     r = httpx.post(gateway.url + CHAT, json=OK, headers=headers)
-    e = err(r, 401, "authentication_error")
+    err(r, 401, "authentication_error")
     if header:
         secret = header.split(" ", 1)[-1]
         assert secret not in r.text or len(secret) < 8  # the presented key is never echoed
@@ -167,7 +172,9 @@ def test_admin_api(gateway: Running, admin_key: str, user_key: str) -> None:
     made = r.json()
     assert made["key"].startswith("sk-stw-") and made["prefix"] == made["key"][:11]
     listed = httpx.get(gateway.url + "/admin/keys?tenant=newco", headers=h).json()["data"]
-    assert [k["id"] for k in listed] == [made["id"]] and all("key" not in k and "hash" not in k for k in listed)
+    assert [k["id"] for k in listed] == [made["id"]] and all(
+        "key" not in k and "hash" not in k for k in listed
+    )
     assert post(gateway, made["key"], OK).status_code == 200
     assert httpx.delete(gateway.url + f"/admin/keys/{made['id']}", headers=h).json()["revoked_at"]
     err(httpx.delete(gateway.url + "/admin/keys/key_nope", headers=h), 404)
@@ -205,8 +212,25 @@ JSONV = st.recursive(
     max_leaves=12,
 )
 FIELDS = st.sampled_from(
-    ["model", "messages", "temperature", "top_p", "n", "stop", "seed", "stream", "max_tokens", "logprobs",
-     "top_logprobs", "user", "stream_options", "prompt", "input", "tools", "max_completion_tokens"]
+    [
+        "model",
+        "messages",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "stream",
+        "max_tokens",
+        "logprobs",
+        "top_logprobs",
+        "user",
+        "stream_options",
+        "prompt",
+        "input",
+        "tools",
+        "max_completion_tokens",
+    ]
 )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from gateway_harness import free_port
 
 STEWARD = [sys.executable, "-m", "steward.cli"]
@@ -83,7 +84,10 @@ def test_bad_config_stops_serve_with_one_line(tmp_path: Path, config: str, needl
 def serving(env: dict[str, str], *args: str) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [*STEWARD, "serve", "--port", str(port), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [*STEWARD, "serve", "--port", str(port), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -96,7 +100,7 @@ def serving(env: dict[str, str], *args: str) -> Iterator[str]:
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                out, errs = proc.communicate(timeout=5)
+                _out, errs = proc.communicate(timeout=5)
                 raise AssertionError(f"serve did not start: {errs[-2000:]}")
             time.sleep(0.2)
         yield url
@@ -113,8 +117,12 @@ BODY = {"model": "builtin", "messages": [{"role": "user", "content": "hi"}], "ma
 
 def _fire(urls: list[str], key: str, n: int) -> list[int]:
     def one(i: int) -> int:
-        r = httpx.post(urls[i % len(urls)] + "/v1/chat/completions", json=BODY,
-                       headers={"authorization": f"Bearer {key}"}, timeout=60)
+        r = httpx.post(
+            urls[i % len(urls)] + "/v1/chat/completions",
+            json=BODY,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=60,
+        )
         return r.status_code
 
     with ThreadPoolExecutor(8) as pool:

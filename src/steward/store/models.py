@@ -21,7 +21,7 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     policy: Mapped[str | None] = mapped_column(String(128), nullable=True)  # None = default policy
-    limits: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    limits: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
 
 
 class ApiKey(Base):
@@ -34,7 +34,7 @@ class ApiKey(Base):
     role: Mapped[str] = mapped_column(String(16))
     name: Mapped[str | None] = mapped_column(String(128), nullable=True)
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None = every model
-    limits: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    limits: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
