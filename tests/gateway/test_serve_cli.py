@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -81,13 +82,16 @@ def test_bad_config_stops_serve_with_one_line(tmp_path: Path, config: str, needl
 
 
 @contextmanager
-def serving(env: dict[str, str], *args: str) -> Iterator[str]:
+def serving(env: dict[str, str], *args: str, log: Path | None = None) -> Iterator[str]:
     port = free_port()
+    log = log or Path(env["STEWARD_DATA_DIR"]) / f"serve-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sink = log.open("w")
     proc = subprocess.Popen(
         [*STEWARD, "serve", "--port", str(port), *args],
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=sink,
+        stderr=sink,
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -100,8 +104,7 @@ def serving(env: dict[str, str], *args: str) -> Iterator[str]:
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                _out, errs = proc.communicate(timeout=5)
-                raise AssertionError(f"serve did not start: {errs[-2000:]}")
+                raise AssertionError(f"serve did not start: {log.read_text()[-2000:]}")
             time.sleep(0.2)
         yield url
     finally:
@@ -110,6 +113,7 @@ def serving(env: dict[str, str], *args: str) -> Iterator[str]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        sink.close()
 
 
 BODY = {"model": "builtin", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -156,3 +160,25 @@ def test_two_gateways_on_one_redis_admit_exactly_n(tmp_path: Path, redis_url: st
     with serving(env) as a, serving(env) as b:
         codes = _fire([a, b], key, 16)
     assert codes.count(200) == 6 and codes.count(429) == 10
+
+
+@pytest.mark.slow
+def test_logs_are_json_without_keys_or_prompts(tmp_path: Path) -> None:
+    env = env_for(tmp_path, STEWARD_EMBEDDING_MODEL="")
+    key = _limited_key(env, 100)
+    log = tmp_path / "serve.log"
+    secret_prompt = "my password is hunter2-PLEASE-NOT-IN-LOGS"
+    with serving(env, log=log) as url:
+        h = {"authorization": f"Bearer {key}"}
+        body = {"model": "builtin", "messages": [{"role": "user", "content": secret_prompt}], "max_tokens": 2}
+        assert httpx.post(url + "/v1/chat/completions", json=body, headers=h, timeout=60).status_code == 200
+        httpx.post(url + "/v1/chat/completions", json=body, headers={"authorization": "Bearer " + key[:-2] + "xx"})
+        httpx.post(url + "/v1/chat/completions", content=b"{oops", headers=h)
+    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+    records = [json.loads(ln) for ln in lines]  # every line is one JSON object
+    reqs = [r for r in records if r.get("msg") == "request"]
+    assert [r["status"] for r in reqs] == [200, 401, 400]
+    assert reqs[0]["key_prefix"] == key[:11] and reqs[0]["tenant"] == "acme"
+    text = log.read_text()
+    assert secret_prompt not in text and "hunter2" not in text
+    assert key not in text and key[:-2] not in text

@@ -6,6 +6,7 @@ are handed to workers through the environment (`STEWARD_*`), the same way a depl
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -36,8 +37,9 @@ def register(app: typer.Typer) -> None:
         os.environ["STEWARD_DATA_DIR"] = str(settings.data_dir.resolve())
         configure_logging(settings.log_level)
         for name in ("uvicorn", "uvicorn.error"):
-            lg = __import__("logging").getLogger(name)
-            lg.handlers[:] = __import__("logging").getLogger("steward").handlers
+            lg = logging.getLogger(name)
+            lg.handlers[:] = logging.getLogger("steward").handlers
+            lg.setLevel(settings.log_level.upper())
             lg.propagate = False
         uvicorn.run(
             "steward.gateway.asgi:app_factory",

@@ -152,7 +152,10 @@ def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = Non
         gw = Gateway(settings, keys, limiter, entries, Metrics())
         app.state.gateway = gw
         gw.ready = True
-        log.info("gateway ready", extra={"model": ",".join(sorted(entries))})
+        log.info(
+            f"gateway ready on http://{settings.host}:{settings.port} (models: {', '.join(sorted(entries))}); "
+            "create a key with: steward keys create --tenant NAME --role user",
+        )
         try:
             yield
         finally:

@@ -185,6 +185,19 @@ class Gateway:
         self, trace: Trace, status: int, outcome: str, error: dict[str, Any] | None = None
     ) -> None:
         trace.finish(status, outcome, error)
+        log.info(
+            "request",
+            extra={
+                "request_id": trace.request_id,
+                "status": status,
+                "route": trace.route,
+                "model": trace.model,
+                "tenant": trace.tenant,
+                "key_prefix": trace.key_prefix,
+                "latency_ms": trace.latency_ms.get("total"),
+                "outcome": outcome,
+            },
+        )
         if self.metrics is not None:
             self.metrics.observe(trace)
         if self.on_finish is not None:
