@@ -59,3 +59,21 @@ def test_concurrency_limit(gateway: Running) -> None:
     codes = asyncio.run(go())
     assert codes[:3].count(200) >= 1 and 429 in codes[:3]
     assert codes[3] == 200  # the slot was released when the requests finished
+
+
+def test_limiter_failure_fails_closed(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from gateway_harness import free_port, start_gateway
+
+    from steward.gateway.settings import Settings
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = Settings(
+        data_dir=Path(str(tmp_path)), port=free_port(), redis_url=dead, embedding_model="", max_batch=2
+    )
+    for gw in start_gateway(settings):
+        key = gw.key("acme", "user", limits=[{"kind": "requests", "window": "minute", "limit": 100}])
+        body = {"model": "builtin", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        r = httpx.post(gw.url + CHAT, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "limiter_unavailable"
