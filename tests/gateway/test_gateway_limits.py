@@ -65,7 +65,6 @@ def test_limiter_failure_fails_closed(tmp_path: object) -> None:
     from pathlib import Path
 
     from gateway_harness import free_port, start_gateway
-
     from steward.gateway.settings import Settings
 
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there

@@ -172,7 +172,9 @@ def test_logs_are_json_without_keys_or_prompts(tmp_path: Path) -> None:
         h = {"authorization": f"Bearer {key}"}
         body = {"model": "builtin", "messages": [{"role": "user", "content": secret_prompt}], "max_tokens": 2}
         assert httpx.post(url + "/v1/chat/completions", json=body, headers=h, timeout=60).status_code == 200
-        httpx.post(url + "/v1/chat/completions", json=body, headers={"authorization": "Bearer " + key[:-2] + "xx"})
+        httpx.post(
+            url + "/v1/chat/completions", json=body, headers={"authorization": "Bearer " + key[:-2] + "xx"}
+        )
         httpx.post(url + "/v1/chat/completions", content=b"{oops", headers=h)
     lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
     records = [json.loads(ln) for ln in lines]  # every line is one JSON object

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from steward.backends.base import Backend
+from steward.backends.base import Backend, ModelInfo
 from steward.gateway.errors import install_error_handlers
 from steward.gateway.keys import KeyStore
 from steward.gateway.metrics import Metrics
@@ -64,7 +64,9 @@ def configure_logging(level: str) -> None:
     root.propagate = False
 
 
-def build_backend(route: ModelRoute, settings: Settings) -> Backend:
+def build_backend(route: ModelRoute, settings: Settings, serve_as: str | None = None) -> Backend:
+    """The backend for one routing-table entry. `serve_as` builds an upstream member of another
+    model's fallback chain: it maps that model's name to this route's upstream model."""
     if route.backend == "builtin":
         from steward.backends.builtin import BuiltinBackend
 
@@ -91,12 +93,13 @@ def build_backend(route: ModelRoute, settings: Settings) -> Backend:
     key = os.environ.get(route.api_key_env) if route.api_key_env else None
     if route.api_key_env and not key:
         raise ValueError(f"model {route.name!r}: environment variable {route.api_key_env} is not set")
+    upstream = route.upstream_model or route.name
     return OpenAIBackend(
         OpenAIBackendConfig(
             name=route.name,
             base_url=route.base_url,
             api_key=SecretStr(key) if key else None,
-            models={route.name: route.upstream_model or route.name},
+            models={serve_as or route.name: upstream},
             max_retries=route.max_retries,
             total_timeout_s=route.timeout_s,
             read_timeout_s=route.timeout_s,
@@ -105,32 +108,53 @@ def build_backend(route: ModelRoute, settings: Settings) -> Backend:
 
 
 async def build_models(settings: Settings) -> dict[str, ModelEntry]:
+    """Build and start every backend; a model with fallbacks becomes a chain of backends.
+
+    In-process backends (builtin, hf) are shared by every chain they appear in (they ignore the
+    model name); an upstream member gets its own small client mapping the chain's model name to its
+    own upstream model.
+    """
     from steward.backends.builtin import EncoderBackend
 
-    backends: dict[str, Backend] = {}
-    for route in settings.models:
-        backends[route.name] = build_backend(route, settings)
+    routes = {r.name: r for r in settings.models}
+    own: dict[str, Backend] = {r.name: build_backend(r, settings) for r in settings.models}
+    extra: list[Backend] = []
     if settings.embedding_model:
-        backends[settings.embedding_model] = EncoderBackend(settings.embedding_model)
+        own[settings.embedding_model] = EncoderBackend(settings.embedding_model)
+    served: dict[str, Backend] = {}
+    for name, backend in own.items():
+        route = routes.get(name)
+        if route is None or not route.fallbacks:
+            served[name] = backend
+            continue
+        from steward.backends.resilience import FallbackChain
+
+        members = [backend]
+        for f in route.fallbacks:
+            fr = routes[f]
+            if fr.backend == "openai":
+                m = build_backend(fr, settings, serve_as=name)
+                extra.append(m)
+                members.append(m)
+            else:
+                members.append(own[f])
+        served[name] = FallbackChain(name, members)
     started: list[Backend] = []
     try:
-        for b in backends.values():
+        for b in [*own.values(), *extra]:
             await b.start()
             started.append(b)
     except BaseException:
         for b in started:
             await b.aclose()
         raise
-    routes = {r.name: r for r in settings.models}
     entries: dict[str, ModelEntry] = {}
-    for name, backend in backends.items():
+    for name, backend in served.items():
         route = routes.get(name) or ModelRoute(name=name, backend="builtin")
-        if route.fallbacks:
-            from steward.backends.resilience import FallbackChain
-
-            backend = FallbackChain(name, [backend, *(backends[f] for f in route.fallbacks)])
-        infos = {i.id: i for i in backends[name].models()}
-        info = infos.get(name) or next(iter(infos.values()))
+        infos = {i.id: i for i in own[name].models()}
+        info = (
+            infos.get(name) or next(iter(infos.values()), None) or ModelInfo(id=name, backend=route.backend)
+        )
         entries[name] = ModelEntry(route, backend, info)
     return entries
 
@@ -153,7 +177,8 @@ def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = Non
         app.state.gateway = gw
         gw.ready = True
         log.info(
-            f"gateway ready on http://{settings.host}:{settings.port} (models: {', '.join(sorted(entries))}); "
+            f"gateway ready on http://{settings.host}:{settings.port} "
+            f"(models: {', '.join(sorted(entries))}); "
             "create a key with: steward keys create --tenant NAME --role user",
         )
         try:
@@ -161,8 +186,13 @@ def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = Non
         finally:
             gw.ready = False
             if models is None:
+                closed: set[int] = set()
                 for e in entries.values():
-                    await e.backend.aclose()
+                    members = getattr(e.backend, "members", [e.backend])
+                    for b in members:
+                        if id(b) not in closed:
+                            closed.add(id(b))
+                            await b.aclose()
             await limiter.aclose()
             engine.dispose()
 

@@ -317,6 +317,7 @@ class Gateway:
         out["model"] = entry.route.name
         pt, ct = float(usage.get("prompt_tokens", 0)), float(usage.get("completion_tokens", 0))
         trace.usage = dict(usage)
+        trace.payload = {"request": call.body, "response": out.get("choices")}
         await self.settle(res, {"tokens": pt + ct, "spend": self.spend(entry, pt, ct)})
         # guard.output attaches here (issue 4); audit commit before the response (issue 5)
         await self.finish(trace, 200, "ok")
@@ -359,16 +360,44 @@ class Gateway:
             usage: dict[str, Any] = {}
             counted = 0  # completion tokens seen so far (approximate when the backend sends no usage)
             reserved = STREAM_CHUNK_TOKENS
+            texts: dict[int, list[str]] = {}
             status, outcome, error = 200, "ok", None
+            finished = False
+
+            async def close_out() -> None:
+                # Settle and finish (the audit commit) BEFORE the final event reaches the client.
+                nonlocal finished
+                if finished:
+                    return
+                finished = True
+                aclose = getattr(it, "aclose", None)
+                if aclose is not None:
+                    try:
+                        await aclose()
+                    except Exception:
+                        log.debug("closing a backend stream failed", exc_info=True)
+                pt = float(usage.get("prompt_tokens", 0))
+                ct = float(usage.get("completion_tokens", counted))
+                trace.usage = dict(usage) or {"completion_tokens": counted, "estimated": True}
+                trace.payload = {
+                    "request": call.body,
+                    "response": {str(i): "".join(parts) for i, parts in sorted(texts.items())},
+                }
+                await self.settle(res, {"tokens": pt + ct, "spend": self.spend(entry, pt, ct)})
+                await self.finish(trace, status, outcome, error)
+
             try:
                 chunk = first
                 while chunk is not None:
                     if chunk.get("usage"):
                         usage = chunk["usage"]
-                    has_choices = bool(chunk.get("choices"))
-                    if has_choices:
+                    if chunk.get("choices"):
                         chunk["model"] = entry.route.name
                         counted += len(chunk["choices"])
+                        for c in chunk["choices"]:
+                            piece = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
+                            if piece:
+                                texts.setdefault(int(c.get("index", 0)), []).append(piece)
                         if unbounded and res is not None and counted >= reserved:
                             if not await self.limiter.extend(res, {"tokens": STREAM_CHUNK_TOKENS}):
                                 # A hard cap: stop here rather than let the stream run past it.
@@ -379,38 +408,43 @@ class Gateway:
                                         for c in chunk["choices"]
                                     ],
                                 }
-                                yield b"data: " + orjson.dumps(stop) + b"\n\n"
                                 outcome = "cut"
-                                break
+                                await close_out()
+                                yield b"data: " + orjson.dumps(stop) + b"\n\n"
+                                yield b"data: [DONE]\n\n"
+                                return
                             reserved += STREAM_CHUNK_TOKENS
                         yield b"data: " + orjson.dumps(chunk) + b"\n\n"
                     elif chunk.get("usage") and client_usage:
                         chunk["model"] = entry.route.name
-                        yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                        usage_event = b"data: " + orjson.dumps(chunk) + b"\n\n"
+                        try:
+                            chunk = await it.__anext__()
+                        except StopAsyncIteration:
+                            chunk = None
+                        if chunk is None:
+                            await close_out()
+                        yield usage_event
+                        continue
                     try:
                         chunk = await it.__anext__()
                     except StopAsyncIteration:
                         chunk = None
+                await close_out()
                 yield b"data: [DONE]\n\n"
             except BackendError as exc:
                 status, outcome = exc.status, "error"
                 error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+                await close_out()
                 yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
             except asyncio.CancelledError:
                 outcome = "cancelled"
                 raise
             finally:
-                aclose = getattr(it, "aclose", None)
-                if aclose is not None:
-                    try:
-                        await aclose()
-                    except Exception:
-                        log.debug("closing a backend stream failed", exc_info=True)
-                pt = float(usage.get("prompt_tokens", 0))
-                ct = float(usage.get("completion_tokens", counted))
-                trace.usage = dict(usage) or {"completion_tokens": counted, "estimated": True}
-                await self.settle(res, {"tokens": pt + ct, "spend": self.spend(entry, pt, ct)})
-                await self.finish(trace, status, outcome, error)
+                if not finished:
+                    if outcome == "ok":
+                        outcome = "cancelled"  # the client went away mid-stream
+                    await close_out()
 
         hdrs = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=hdrs)

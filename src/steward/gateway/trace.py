@@ -35,6 +35,8 @@ class Trace:
     outcome: str = "pending"  # ok | blocked | refused | error | cancelled
     error: dict[str, Any] | None = None
     backend_s: float = 0.0  # time inside backends, excluded from the overhead figure
+    # Prompt and answer: only ever stored encrypted (audit); never in `to_dict`, logs or metrics.
+    payload: dict[str, Any] | None = field(default=None, repr=False)
 
     def mark(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -55,4 +57,5 @@ class Trace:
         d = asdict(self)
         d.pop("t0", None)
         d.pop("backend_s", None)
+        d.pop("payload", None)
         return d

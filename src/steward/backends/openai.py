@@ -1,0 +1,773 @@
+"""The `openai` backend: any OpenAI-compatible upstream (vLLM, Ollama, llama.cpp server, OpenAI).
+
+Why each piece is here:
+
+* **HTTP client: aiohttp** with one pooled `TCPConnector` per backend. Chosen by measurement
+  (`benchmarks/bench_upstream_client.py`, one in-process loop against the fake upstream on this
+  2-core machine): aiohttp did ~2,600 req/s sequential / ~4,000 at 32 concurrent, httpx ~800 / ~400
+  (its p99 at 32 concurrent was ~350 ms); streaming 1,600 vs 540 sequential. The client's CPU lands
+  on the gateway's event loop, so this is the gateway's throughput ceiling.
+* **Timeouts**: `connect_timeout_s` (TCP connect), `read_timeout_s` (longest silence between bytes —
+  a stalled upstream), `total_timeout_s` (whole call, stream included; `Call.timeout_s` overrides).
+* **Retries** with full-jitter exponential backoff (`uniform(0, min(cap, base·2^attempt))`) on 429,
+  5xx, connect errors and timeouts; a `retry-after` / `retry-after-ms` header is honoured (the wait is
+  at least that long; a value above `max_retry_after_s` ends retrying at once, reporting it to the
+  client). Never on other 4xx (the request is wrong) and **never after the first streamed chunk
+  reached the caller** (the caller would see two answers spliced). No retry sleeps past the deadline.
+* **Circuit breaker** (`resilience.CircuitBreaker`) per upstream, counted per HTTP attempt.
+* **Errors** in the gateway's terms (`BackendError`): an upstream 4xx keeps its status and the
+  upstream's message/type/param/code (422 becomes 400, since a client must never see a 422;
+  401/403 become 502 — the *gateway's* upstream credentials were refused, not the client's); after
+  retries a 429 or 503 becomes 503, 500/502/other 5xx become 502 `upstream_error`, a 504 or a timeout
+  becomes 504 `timeout_error`; an unreachable upstream 502. All of these are `retryable`, so a
+  `FallbackChain` moves on. A malformed body (not JSON, a truncated stream) is a clean 502, never an
+  unhandled exception. Messages name the backend, never the upstream's address or key.
+* **Usage**: streams are sent upstream with `stream_options.include_usage=true`, and the last chunk
+  handed to the caller always carries `usage`. When the upstream sends none (old servers), the
+  backend estimates it and sets `call.metadata["usage_estimated"] = True` — a side channel, not a
+  field in the chunk, so the wire stays exactly OpenAI's; the limiter and the audit log read it from
+  the `Call` they hold. Estimate: prompt = `count_prompt_tokens` (an upper bound), completion =
+  max(number of content-bearing deltas, ⌈UTF-8 bytes / 4⌉): streaming servers send about one token
+  per delta, and the byte count covers servers that batch several tokens into one delta.
+* **Pass-through**: the request body goes upstream unchanged except `model` (the upstream's name)
+  and, for streams, `stream`/`stream_options.include_usage`; `tools`, `response_format` and fields
+  Steward does not know pass as they are, and so does the upstream's answer.
+
+Building one from a routing-table entry: `OpenAIBackend.from_config({"name": "vllm-a",
+"base_url": "http://10.0.0.5:8000/v1", "api_key": "...", "models": {"llama": "meta-llama/..."}})`;
+with no `models` the upstream's `GET /v1/models` is read at `start()` (ids, optionally prefixed).
+A list of entries (primary first) becomes a `FallbackChain` through `build_openai_backend`.
+The gateway builds each `Call` with `upstream_model=backend.upstream_model(client_model_id)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal, cast, get_args
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from steward.backends.base import JSON, BackendError, Call, ErrorType, ModelInfo
+from steward.backends.resilience import CircuitBreaker, FallbackChain
+
+log = logging.getLogger("steward.backends.openai")
+
+Route = Literal["chat", "completions"]
+_ERROR_TYPES: frozenset[str] = frozenset(get_args(ErrorType))
+_MEDIA_KEYS = frozenset({"image_url", "input_audio", "file", "image", "audio"})
+_MAX_ERROR_BODY = 64 * 1024
+
+
+class OpenAIBackendConfig(BaseModel):
+    """One upstream, as written in the routing table (YAML/env); validated when the gateway starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "openai"
+    base_url: str = Field(description="like the openai SDK's: http://host:8000/v1 (a bare host gets /v1)")
+    api_key: SecretStr | None = Field(
+        default=None, description="sent as `Authorization: Bearer`; never logged"
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict, description="client model id → upstream model id; empty = discover at start"
+    )
+    model_prefix: str = Field(default="", description="with discovery: client id = prefix + upstream id")
+    context_length: dict[str, int] = Field(default_factory=dict, description="client id → context window")
+    capabilities: frozenset[str] = frozenset({"chat", "completions", "embeddings"})
+    owned_by: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict, description="extra headers on every request")
+
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=120.0, gt=0)
+    total_timeout_s: float = Field(default=600.0, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+    backoff_base_s: float = Field(default=0.25, ge=0)
+    backoff_cap_s: float = Field(default=8.0, ge=0)
+    max_retry_after_s: float = Field(default=30.0, ge=0)
+    max_connections: int = Field(default=256, ge=1)
+    # Idle pooled connections are dropped after this; below uvicorn's 5 s keep-alive (vLLM serves
+    # with uvicorn) so the pool does not reuse a connection the upstream is about to close.
+    keepalive_s: float = Field(default=4.0, ge=0)
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=30.0, ge=0)
+
+    prompt_bytes_per_token: float = Field(default=3.0, gt=0)
+    message_overhead_tokens: int = Field(default=4, ge=0)
+    media_part_tokens: int = Field(default=1024, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _normalise_base_url(cls, v: str) -> str:
+        v = v.rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        if v.count("/") == 2:  # scheme://host[:port] with no path: the OpenAI API lives under /v1
+            v += "/v1"
+        return v
+
+
+class UpstreamError(BackendError):
+    """A `BackendError` that also tells the retry loop and the breaker what happened.
+
+    `retry_same`: another attempt at the same upstream may succeed (429, 5xx, timeout, connect error).
+    `health`: what the answer says about the upstream, for its circuit breaker — "failed" (5xx,
+    timeout, unreachable, malformed, dropped), "alive" (it answered coherently: a 4xx, a 429) or
+    "unknown" (nothing was learnt, e.g. the deadline ran out before the attempt).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 502,
+        type: ErrorType = "upstream_error",
+        code: str | None = None,
+        param: str | None = None,
+        retryable: bool = True,
+        retry_after: float | None = None,
+        retry_same: bool = True,
+        health: Literal["failed", "alive", "unknown"] = "failed",
+    ) -> None:
+        super().__init__(
+            message,
+            status=status,
+            type=type,
+            code=code,
+            param=param,
+            retryable=retryable,
+            retry_after=retry_after,
+        )
+        self.retry_same = retry_same
+        self.health = health
+
+
+class OpenAIBackend:
+    """A `Backend` forwarding to one OpenAI-compatible upstream (see the module docstring).
+
+    `sleep`, `rng` and `clock` are injectable so tests can record backoff delays, seed the jitter and
+    move the breaker's time without sleeping.
+    """
+
+    def __init__(
+        self,
+        config: OpenAIBackendConfig,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.breaker = CircuitBreaker(
+            config.name,
+            failure_threshold=config.breaker_failures,
+            cooldown_s=config.breaker_cooldown_s,
+            clock=clock,
+        )
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._map: dict[str, str] = dict(config.models)
+        self._context: dict[str, int] = dict(config.context_length)
+        self._headers = {"content-type": "application/json", **config.headers}
+        if config.api_key is not None:
+            self._headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+
+    @classmethod
+    def from_config(cls, entry: dict[str, Any] | OpenAIBackendConfig, **kwargs: Any) -> OpenAIBackend:
+        """Build from a routing-table entry (a mapping validated as `OpenAIBackendConfig`)."""
+        cfg = entry if isinstance(entry, OpenAIBackendConfig) else OpenAIBackendConfig.model_validate(entry)
+        return cls(cfg, **kwargs)
+
+    def __repr__(self) -> str:  # no key, no address: this ends up in logs
+        return f"OpenAIBackend(name={self.name!r}, models={sorted(self._map)!r})"
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self.config.max_connections,
+                keepalive_timeout=self.config.keepalive_s,
+                ttl_dns_cache=300,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers={"user-agent": "steward-gateway"}, trust_env=False
+            )
+        return self._session
+
+    async def start(self) -> None:
+        """Open the connection pool; with no `models` configured, read the upstream's model list."""
+        self._get_session()
+        if not self._map:
+            await self._discover()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _discover(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=self.config.connect_timeout_s + self.config.read_timeout_s,
+            sock_connect=self.config.connect_timeout_s,
+        )
+        try:
+            async with self._get_session().get(
+                f"{self.config.base_url}/models", headers=self._headers, timeout=timeout
+            ) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise _error_from_status(self.name, resp.status, raw, resp.headers)
+        except BackendError as e:
+            raise BackendError(
+                f"cannot list the models of upstream {self.name!r}: {e.message}", status=502
+            ) from e
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise BackendError(
+                f"cannot list the models of upstream {self.name!r}: {_transport_error(self.name, e).message}",
+                status=502,
+            ) from e
+        data = _loads_object(raw)
+        entries = data.get("data") if data is not None else None
+        if not isinstance(entries, list):
+            raise BackendError(f"upstream {self.name!r} answered GET /models with no model list", status=502)
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+                continue
+            client_id = self.config.model_prefix + entry["id"]
+            self._map[client_id] = entry["id"]
+            for key in ("max_model_len", "context_length", "context_window"):
+                if isinstance(entry.get(key), int) and client_id not in self._context:
+                    self._context[client_id] = entry[key]
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                id=client_id,
+                backend="openai",
+                context_length=self._context.get(client_id),
+                owned_by=self.config.owned_by or self.name,
+                capabilities=self.config.capabilities,
+            )
+            for client_id in self._map
+        ]
+
+    def upstream_model(self, model_id: str) -> str:
+        """The upstream's name for the client-facing `model_id` (unknown ids pass as they are)."""
+        return self._map.get(model_id, model_id)
+
+    # ---- token estimate --------------------------------------------------------------------------
+
+    def count_prompt_tokens(self, route: Route, call: Call) -> int:
+        """An upper-bound estimate of prompt tokens, cheap enough to run on every request.
+
+        Text costs ⌈UTF-8 bytes / `prompt_bytes_per_token`⌉ (default 3: English BPE averages ~4
+        bytes per token, code ~3; lower it for scripts that tokenise worse). Chat adds
+        `message_overhead_tokens` per message (role, separators) plus 3 for the reply's priming;
+        `tools`/`functions`/`response_format` count as their JSON text (the upstream renders them
+        into the prompt); a media part (image, audio, file) counts `media_part_tokens` whatever its
+        size, since a base64 data URL's bytes say nothing about its tokens. Token-id prompts count
+        one per id. The gateway reserves this plus `max_tokens`, and settles to the real usage.
+        """
+        body = call.body
+        bpt = self.config.prompt_bytes_per_token
+        n_bytes = 0
+        tokens = 0
+        if route == "chat":
+            messages = body.get("messages")
+            if isinstance(messages, list):
+                tokens += 3
+                for m in messages:
+                    tokens += self.config.message_overhead_tokens
+                    b, t = self._measure(m)
+                    n_bytes += b
+                    tokens += t
+            for key in ("tools", "functions", "response_format"):
+                if body.get(key) is not None:
+                    n_bytes += len(json.dumps(body[key], ensure_ascii=False).encode())
+        else:
+            for key in ("prompt", "suffix"):
+                b, t = self._measure(body.get(key))
+                n_bytes += b
+                tokens += t
+        return tokens + math.ceil(n_bytes / bpt)
+
+    def _measure(self, value: Any) -> tuple[int, int]:
+        """(UTF-8 bytes of text, tokens counted directly) inside a message/prompt value."""
+        if isinstance(value, str):
+            return (len(value) if value.isascii() else len(value.encode("utf-8", "replace"))), 0
+        if isinstance(value, bool) or value is None:
+            return 0, 0
+        if isinstance(value, int):  # a token id
+            return 0, 1
+        n_bytes = tokens = 0
+        if isinstance(value, list):
+            for v in value:
+                b, t = self._measure(v)
+                n_bytes += b
+                tokens += t
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if k in _MEDIA_KEYS:
+                    tokens += self.config.media_part_tokens
+                elif k != "role" and k != "type":
+                    b, t = self._measure(v)
+                    n_bytes += b
+                    tokens += t
+        return n_bytes, tokens
+
+    # ---- public calls ----------------------------------------------------------------------------
+
+    async def chat(self, call: Call) -> JSON:
+        result = await self._post_json("/chat/completions", call, self._body(call, stream=False))
+        self._ensure_usage(result, "chat", call)
+        return result
+
+    async def completion(self, call: Call) -> JSON:
+        result = await self._post_json("/completions", call, self._body(call, stream=False))
+        self._ensure_usage(result, "completions", call)
+        return result
+
+    async def embeddings(self, call: Call) -> JSON:
+        result = await self._post_json("/embeddings", call, self._body(call, stream=None))
+        if not isinstance(result.get("usage"), dict):
+            n = self.count_prompt_tokens("completions", Call({"prompt": call.body.get("input")}, "", ""))
+            result["usage"] = {"prompt_tokens": n, "total_tokens": n}
+            call.metadata["usage_estimated"] = True
+        return result
+
+    def chat_stream(self, call: Call) -> AsyncIterator[JSON]:
+        return self._stream("/chat/completions", "chat", call)
+
+    def completion_stream(self, call: Call) -> AsyncIterator[JSON]:
+        return self._stream("/completions", "completions", call)
+
+    # ---- request plumbing ------------------------------------------------------------------------
+
+    def _body(self, call: Call, *, stream: bool | None) -> JSON:
+        """The upstream request: the client's body with the upstream model name and stream flags."""
+        body = dict(call.body)
+        body["model"] = call.upstream_model
+        if stream is True:
+            body["stream"] = True
+            opts = body.get("stream_options")
+            body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        elif stream is False:
+            if "stream" in body:
+                body["stream"] = False
+            body.pop("stream_options", None)  # upstreams reject it on non-streaming requests
+        return body
+
+    def _timeout(self, deadline: float) -> aiohttp.ClientTimeout:
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            raise UpstreamError(
+                f"upstream {self.name!r} timed out",
+                status=504,
+                type="timeout_error",
+                retry_same=False,
+                health="unknown",
+            )
+        return aiohttp.ClientTimeout(
+            total=remaining, sock_connect=self.config.connect_timeout_s, sock_read=self.config.read_timeout_s
+        )
+
+    def _deadline(self, call: Call) -> float:
+        return self._clock() + (call.timeout_s or self.config.total_timeout_s)
+
+    def _retry_delay(self, err: UpstreamError, attempt: int, deadline: float) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to give up with `err`."""
+        if not err.retry_same or attempt >= self.config.max_retries:
+            return None
+        delay = self._rng.uniform(
+            0.0, min(self.config.backoff_cap_s, self.config.backoff_base_s * 2**attempt)
+        )
+        if err.retry_after is not None:
+            if err.retry_after > self.config.max_retry_after_s:
+                return None
+            delay = max(delay, err.retry_after)
+        if self._clock() + delay >= deadline:
+            return None
+        return delay
+
+    def _settle(self, err: UpstreamError) -> None:
+        if err.health == "failed":
+            self.breaker.on_failure()
+        elif err.health == "alive":
+            self.breaker.on_success()  # it answered coherently (a 4xx, a 429): it is alive
+        else:
+            self.breaker.on_abandon()
+
+    async def _post_json(self, path: str, call: Call, body: JSON) -> JSON:
+        data = json.dumps(body).encode()
+        url = self.config.base_url + path
+        deadline = self._deadline(call)
+        attempt = 0
+        while True:
+            self.breaker.before_call()
+            settled = False
+            try:
+                async with self._get_session().post(
+                    url, data=data, headers=self._headers, timeout=self._timeout(deadline)
+                ) as resp:
+                    raw = await resp.read()
+                    if not 200 <= resp.status < 300:
+                        raise _error_from_status(self.name, resp.status, raw, resp.headers)
+                result = _loads_object(raw)
+                if result is None:
+                    raise _malformed(self.name, "a response body that is not a JSON object")
+                self.breaker.on_success()
+                settled = True
+                call.metadata["upstream_attempts"] = attempt + 1
+                return result
+            except (UpstreamError, aiohttp.ClientError, TimeoutError) as e:
+                err = e if isinstance(e, UpstreamError) else _transport_error(self.name, e)
+                self._settle(err)
+                settled = True
+                delay = self._retry_delay(err, attempt, deadline)
+                call.metadata["upstream_attempts"] = attempt + 1
+                if delay is None:
+                    raise err from (None if e is err else e)
+                log.info(
+                    "upstream retry",
+                    extra={
+                        "backend": self.name,
+                        "status": err.status,
+                        "attempt": attempt + 1,
+                        "delay_s": delay,
+                    },
+                )
+            finally:
+                if not settled:
+                    self.breaker.on_abandon()
+            attempt += 1
+            await self._sleep(delay)
+
+    async def _stream(self, path: str, route: Route, call: Call) -> AsyncIterator[JSON]:
+        """POST with `stream: true`, parse SSE as it arrives, yield chunk dicts; usage comes last.
+
+        Retries only while nothing has been yielded; after the first chunk any failure is raised
+        from the iterator as a `BackendError` (the caller has already forwarded part of an answer).
+        """
+        data = json.dumps(self._body(call, stream=True)).encode()
+        url = self.config.base_url + path
+        deadline = self._deadline(call)
+        attempt = 0
+        sent = False
+        while True:
+            self.breaker.before_call()
+            settled = False
+            try:
+                async with self._get_session().post(
+                    url, data=data, headers=self._headers, timeout=self._timeout(deadline)
+                ) as resp:
+                    if resp.status != 200:
+                        raw = await resp.read()
+                        raise _error_from_status(self.name, resp.status, raw, resp.headers)
+                    async for chunk in self._chunks(resp, route, call):
+                        sent = True
+                        yield chunk
+                self.breaker.on_success()
+                settled = True
+                call.metadata["upstream_attempts"] = attempt + 1
+                return
+            except (UpstreamError, aiohttp.ClientError, TimeoutError) as e:
+                err = e if isinstance(e, UpstreamError) else _transport_error(self.name, e)
+                self._settle(err)
+                settled = True
+                call.metadata["upstream_attempts"] = attempt + 1
+                delay = None if sent else self._retry_delay(err, attempt, deadline)
+                if delay is None:
+                    if sent:  # mid-stream: no other backend can take over a half-sent answer
+                        err.retryable = False
+                    raise err from (None if e is err else e)
+                log.info(
+                    "upstream retry",
+                    extra={
+                        "backend": self.name,
+                        "status": err.status,
+                        "attempt": attempt + 1,
+                        "delay_s": delay,
+                    },
+                )
+            finally:
+                if not settled:  # the caller stopped reading (or was cancelled): no verdict
+                    self.breaker.on_abandon()
+            attempt += 1
+            await self._sleep(delay)
+
+    async def _chunks(self, resp: aiohttp.ClientResponse, route: Route, call: Call) -> AsyncIterator[JSON]:
+        """SSE → chunk dicts, incrementally; ensures the last chunk yielded carries `usage`."""
+        buf = bytearray()
+        data_lines: list[bytes] = []
+        done = finished = False
+        last: JSON | None = None
+        last_usage: JSON | None = None
+        deltas = text_bytes = 0
+        async for piece in resp.content.iter_any():
+            buf += piece
+            start = 0
+            while not done:
+                nl = buf.find(b"\n", start)
+                if nl < 0:
+                    break
+                line = bytes(buf[start:nl]).rstrip(b"\r")
+                start = nl + 1
+                if line:
+                    if line.startswith(b"data:"):
+                        data_lines.append(line[6:] if line.startswith(b"data: ") else line[5:])
+                    continue  # comments (":"), `event:`, `id:`, `retry:` carry nothing for us
+                if not data_lines:
+                    continue
+                payload = b"\n".join(data_lines)
+                data_lines.clear()
+                if payload.strip() == b"[DONE]":
+                    done = True
+                    break
+                chunk = _loads_object(payload)
+                if chunk is None:
+                    raise _malformed(self.name, "a stream event that is not a JSON object")
+                if "error" in chunk and not chunk.get("choices"):
+                    raise _stream_error(self.name, chunk["error"])
+                if isinstance(chunk.get("usage"), dict):
+                    last_usage = chunk["usage"]
+                for choice in chunk.get("choices") or ():
+                    if not isinstance(choice, dict):
+                        continue
+                    n = _choice_text_bytes(choice, route)
+                    if n:
+                        deltas += 1
+                        text_bytes += n
+                    if choice.get("finish_reason"):
+                        finished = True
+                last = chunk
+                yield chunk
+            del buf[:start]
+            if done:
+                break
+        if not done:  # a last event cut short of its blank line (or newline) still counts if it is [DONE]
+            tail_line = bytes(buf).strip()
+            pending = [*data_lines, tail_line[5:].strip()] if tail_line.startswith(b"data:") else data_lines
+            done = b"\n".join(pending).strip() == b"[DONE]"
+        if not done and not finished:
+            raise _malformed(self.name, "a stream that ended before its last event")
+        if last is not None and isinstance(last.get("usage"), dict):
+            return
+        usage = last_usage
+        if usage is None:
+            prompt = self.count_prompt_tokens(route, call)
+            completion = max(deltas, math.ceil(text_bytes / 4))
+            usage = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+            call.metadata["usage_estimated"] = True
+        tail: JSON = {k: last[k] for k in ("id", "object", "created", "model") if k in last} if last else {}
+        if not tail:
+            tail = {
+                "id": f"{'chatcmpl' if route == 'chat' else 'cmpl'}-{call.request_id}",
+                "object": "chat.completion.chunk" if route == "chat" else "text_completion",
+                "created": int(time.time()),
+                "model": call.upstream_model,
+            }
+        yield {**tail, "choices": [], "usage": usage}
+
+    def _ensure_usage(self, result: JSON, route: Route, call: Call) -> None:
+        """Give a non-streaming answer without `usage` an estimated one (see the module docstring)."""
+        if isinstance(result.get("usage"), dict):
+            return
+        prompt = self.count_prompt_tokens(route, call)
+        n_bytes = n_choices = 0
+        for choice in result.get("choices") or ():
+            if isinstance(choice, dict):
+                n_choices += 1
+                msg = choice.get("message")
+                src = msg if isinstance(msg, dict) else {"text": choice.get("text")}
+                n_bytes += self._measure({k: v for k, v in src.items() if k != "role"})[0]
+        completion = max(n_choices, math.ceil(n_bytes / 4))
+        result["usage"] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        call.metadata["usage_estimated"] = True
+
+
+def build_openai_backend(
+    name: str, entries: Mapping[str, Any] | Sequence[Mapping[str, Any] | OpenAIBackendConfig], **kwargs: Any
+) -> OpenAIBackend | FallbackChain:
+    """One upstream, or several tried in order: what a routing-table entry of kind `openai` becomes.
+
+    `entries` is one config mapping or a list of them (primary first); a list of more than one
+    gives a `FallbackChain` named `name`. Keyword arguments (`sleep`, `rng`, `clock`) go to every
+    `OpenAIBackend`. Raises pydantic's `ValidationError` on a bad entry, for the settings loader
+    to turn into its one clear line.
+    """
+    items = [entries] if isinstance(entries, Mapping) else list(entries)
+    members = [OpenAIBackend.from_config(dict(e) if isinstance(e, Mapping) else e, **kwargs) for e in items]
+    if len(members) == 1:
+        return members[0]
+    return FallbackChain(name, members)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def _loads_object(raw: bytes | bytearray) -> JSON | None:
+    """Parse a JSON object; None for anything else (not JSON, not an object, not UTF-8)."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _choice_text_bytes(choice: JSON, route: Route) -> int:
+    """Bytes of generated text in one streamed choice (content, reasoning, refusal, tool calls)."""
+    if route == "completions":
+        text = choice.get("text")
+        return len(text.encode()) if isinstance(text, str) else 0
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return 0
+    n = 0
+    for key in ("content", "reasoning_content", "reasoning", "refusal"):
+        v = delta.get(key)
+        if isinstance(v, str):
+            n += len(v.encode())
+    for tc in delta.get("tool_calls") or ():
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if isinstance(fn, dict):
+            for key in ("name", "arguments"):
+                v = fn.get(key)
+                if isinstance(v, str):
+                    n += len(v.encode())
+    return n
+
+
+def _parse_retry_after(headers: Any) -> float | None:
+    """`retry-after-ms` (OpenAI's), or `retry-after` as seconds or an HTTP date."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _upstream_error_fields(raw: bytes) -> tuple[str | None, str | None, str | None, str | None]:
+    """(message, type, code, param) from OpenAI's, vLLM's or Ollama's error bodies."""
+    body = _loads_object(raw[:_MAX_ERROR_BODY])
+    if body is None:
+        return None, None, None, None
+    err: Any = body.get("error", body)
+    if isinstance(err, str):  # Ollama: {"error": "model not found"}
+        return err, None, None, None
+    if not isinstance(err, dict):
+        return None, None, None, None
+
+    def s(v: Any) -> str | None:
+        return v if isinstance(v, str) else None
+
+    return s(err.get("message")), s(err.get("type")), s(err.get("code")), s(err.get("param"))
+
+
+_DEFAULT_TYPE: dict[int, ErrorType] = {404: "not_found_error"}
+
+
+def _error_from_status(name: str, status: int, raw: bytes, headers: Any) -> UpstreamError:
+    """Map an upstream non-2xx answer to the error the gateway reports (module docstring)."""
+    message, etype, code, param = _upstream_error_fields(raw)
+    retry_after = _parse_retry_after(headers)
+    if status == 429:
+        return UpstreamError(
+            f"upstream {name!r} is rate limiting" + (f": {message}" if message else ""),
+            status=503,
+            code="upstream_rate_limited",
+            retry_after=retry_after,
+            health="alive",
+        )
+    if status in (401, 403):
+        return UpstreamError(
+            f"upstream {name!r} refused the gateway's credentials ({status})",
+            status=502,
+            code="upstream_auth_failed",
+            retry_same=False,
+            health="alive",
+        )
+    if status in (408, 504):
+        return UpstreamError(f"upstream {name!r} timed out ({status})", status=504, type="timeout_error")
+    if status >= 500:
+        return UpstreamError(
+            f"upstream {name!r} failed ({status})" + (f": {message}" if message else ""),
+            status=503 if status == 503 else 502,
+            retry_after=retry_after,
+            retry_same=status not in (501, 505),
+        )
+    if 400 <= status < 500:
+        client_status = 400 if status == 422 else status
+        if etype not in _ERROR_TYPES:
+            etype = _DEFAULT_TYPE.get(client_status, "invalid_request_error")
+        return UpstreamError(
+            message or f"upstream {name!r} rejected the request ({status})",
+            status=client_status,
+            type=cast(ErrorType, etype),  # checked against ErrorType's values just above
+            code=code,
+            param=param,
+            retryable=False,
+            retry_same=False,
+            health="alive",
+        )
+    return _malformed(name, f"an unexpected HTTP status {status}")
+
+
+def _malformed(name: str, what: str) -> UpstreamError:
+    return UpstreamError(
+        f"upstream {name!r} sent {what}", status=502, code="upstream_malformed", retry_same=False
+    )
+
+
+def _stream_error(name: str, err: Any) -> UpstreamError:
+    message = err.get("message") if isinstance(err, dict) else err
+    text = message if isinstance(message, str) else "an error"
+    return UpstreamError(f"upstream {name!r} failed mid-stream: {text}", status=502, retry_same=False)
+
+
+def _transport_error(name: str, e: BaseException) -> UpstreamError:
+    """A connection-level failure as a retryable `UpstreamError` (details go to the debug log only)."""
+    log.debug("upstream transport error", extra={"backend": name, "error": repr(e)})
+    if isinstance(e, TimeoutError):  # aiohttp's connect/read timeouts subclass it
+        return UpstreamError(f"upstream {name!r} timed out", status=504, type="timeout_error")
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return UpstreamError(f"upstream {name!r} is unreachable", status=502, code="upstream_unreachable")
+    return UpstreamError(
+        f"upstream {name!r} connection failed ({type(e).__name__})",
+        status=502,
+        code="upstream_connection_error",
+    )
