@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import uvicorn
 
 from steward.gateway.app import create_app
@@ -70,3 +76,54 @@ def start_gateway(settings: Settings) -> Iterator[Running]:
 
 def run(coro: object) -> object:
     return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+STEWARD = [sys.executable, "-m", "steward.cli"]
+
+
+def env_for(data: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "STEWARD_DATA_DIR": str(data), "OMP_NUM_THREADS": "1", "STEWARD_TORCH_THREADS": "1"}
+    env.pop("STEWARD_DATABASE_URL", None)
+    env.pop("STEWARD_REDIS_URL", None)
+    env.pop("STEWARD_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def steward(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*STEWARD, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+@contextmanager
+def serving(env: dict[str, str], *args: str, log: Path | None = None) -> Iterator[str]:
+    port = free_port()
+    log = log or Path(env["STEWARD_DATA_DIR"]) / f"serve-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sink = log.open("w")
+    proc = subprocess.Popen(
+        [*STEWARD, "serve", "--port", str(port), *args],
+        env=env,
+        stdout=sink,
+        stderr=sink,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"serve did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        sink.close()

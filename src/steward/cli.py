@@ -23,12 +23,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from steward.commands import generate, keys, serve, train
+    from steward.commands import audit, generate, keys, serve, train
 
     generate.register(app)
     train.register(app)
     serve.register(app)
     keys.register(app)
+    audit.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

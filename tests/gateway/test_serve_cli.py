@@ -3,35 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from gateway_harness import free_port
-
-STEWARD = [sys.executable, "-m", "steward.cli"]
-
-
-def env_for(data: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "STEWARD_DATA_DIR": str(data), "OMP_NUM_THREADS": "1", "STEWARD_TORCH_THREADS": "1"}
-    env.pop("STEWARD_DATABASE_URL", None)
-    env.pop("STEWARD_REDIS_URL", None)
-    env.pop("STEWARD_CONFIG", None)
-    env.update(extra)
-    return env
-
-
-def steward(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*STEWARD, *args], env=env, capture_output=True, text=True, timeout=120)
+from gateway_harness import env_for, serving, steward
 
 
 def test_keys_cli_creates_the_store_and_prints_the_key_once(tmp_path: Path) -> None:
@@ -79,41 +58,6 @@ def test_bad_config_stops_serve_with_one_line(tmp_path: Path, config: str, needl
     r = steward("serve", "--config", str(cfg), env=env_for(tmp_path))
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-
-
-@contextmanager
-def serving(env: dict[str, str], *args: str, log: Path | None = None) -> Iterator[str]:
-    port = free_port()
-    log = log or Path(env["STEWARD_DATA_DIR"]) / f"serve-{port}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    sink = log.open("w")
-    proc = subprocess.Popen(
-        [*STEWARD, "serve", "--port", str(port), *args],
-        env=env,
-        stdout=sink,
-        stderr=sink,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"serve did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        sink.close()
 
 
 BODY = {"model": "builtin", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}

@@ -14,6 +14,30 @@ def _store() -> object:
     return KeyStore(upgrade())
 
 
+def _audit(store: object, action: str, tenant: str, target: str) -> None:
+    """Key management from the CLI is an admin act like any other: it goes into the audit log."""
+    import getpass
+
+    from steward.audit import AuditEvent, AuditLog, Principal
+    from steward.gateway.keys import KeyStore
+    from steward.store.db import data_dir
+
+    assert isinstance(store, KeyStore)
+    log = AuditLog.open(store.engine, data_dir() / "keys")
+    try:
+        log.append(
+            AuditEvent(
+                kind="admin",
+                principal=Principal(tenant=tenant, key_id=None, key_prefix=None, role="cli"),
+                outcome="ok",
+                route=f"cli keys {action.split('.')[-1]}",
+                detail={"action": action, "target": target, "os_user": getpass.getuser()},
+            )
+        )
+    finally:
+        log.close()
+
+
 def register(app: typer.Typer) -> None:
     keys = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
     app.add_typer(keys, name="keys")
@@ -34,6 +58,7 @@ def register(app: typer.Typer) -> None:
         store = _store()
         assert isinstance(store, KeyStore)
         key, rec = store.create(tenant, role, name=name, models=model, expires_in_s=expires_in)
+        _audit(store, "key.create", rec.tenant, rec.id)
         typer.echo(key)
         typer.echo(f"created {rec.id} ({rec.prefix}…) for tenant {rec.tenant}, role {rec.role}", err=True)
 
@@ -55,4 +80,5 @@ def register(app: typer.Typer) -> None:
         store = _store()
         assert isinstance(store, KeyStore)
         rec = store.revoke(key_id)
+        _audit(store, "key.revoke", rec.tenant, rec.id)
         typer.echo(f"revoked {rec.id} ({rec.prefix}…)", err=True)

@@ -172,8 +172,19 @@ def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = Non
         engine = upgrade(settings.resolved_database_url())
         keys = KeyStore(engine, ttl_s=settings.key_cache_ttl_s)
         limiter = make_limiter(settings.redis_url, engine, settings.workers)
+        sink = None
+        if settings.audit:
+            from steward.gateway.audit_sink import AuditSink
+
+            sink = AuditSink(
+                engine,
+                settings.data_dir,
+                checkpoint_every=settings.audit_checkpoint_every,
+                checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+            )
         entries = models if models is not None else await build_models(settings)
-        gw = Gateway(settings, keys, limiter, entries, Metrics())
+        gw = Gateway(settings, keys, limiter, entries, Metrics(), on_finish=sink.record if sink else None)
+        gw.audit = sink
         app.state.gateway = gw
         gw.ready = True
         log.info(
@@ -194,6 +205,8 @@ def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = Non
                             closed.add(id(b))
                             await b.aclose()
             await limiter.aclose()
+            if sink is not None:
+                sink.close()
             engine.dispose()
 
     app = FastAPI(
@@ -204,11 +217,12 @@ def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = Non
         redoc_url=None,
     )
     install_error_handlers(app)
-    from steward.gateway.routes import admin, health, openai
+    from steward.gateway.routes import admin, audit, health, openai
 
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(audit.router)
 
     def custom_openapi() -> dict[str, Any]:
         if app.openapi_schema:

@@ -26,6 +26,7 @@ _STATUS_TYPES = {
     405: "invalid_request_error",
     408: "timeout_error",
     409: "conflict_error",
+    410: "not_found_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",

@@ -32,6 +32,18 @@ Route = Literal["chat", "completions", "embeddings"]
 STREAM_CHUNK_TOKENS = 256  # a stream without max_tokens reserves its tokens in chunks of this size
 
 
+class AuditUnavailable(APIError):
+    """The audit log could not commit the request's event: no answer goes out without its record."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "the audit log is unavailable; the request was not served",
+            type="service_unavailable",
+            code="audit_unavailable",
+        )
+
+
 @dataclass
 class ModelEntry:
     route: ModelRoute
@@ -58,6 +70,7 @@ class Gateway:
         self.metrics = metrics
         self.on_finish = on_finish
         self.ready = False
+        self.audit: Any = None  # steward.gateway.audit_sink.AuditSink when the audit log is on
 
     # -- identity -------------------------------------------------------------------------------------
     async def principal(self, request: Request, trace: Trace | None = None) -> Principal:
@@ -201,9 +214,13 @@ class Gateway:
         if self.metrics is not None:
             self.metrics.observe(trace)
         if self.on_finish is not None:
-            r = self.on_finish(trace)
-            if asyncio.iscoroutine(r):
-                await r
+            try:
+                r = self.on_finish(trace)
+                if asyncio.iscoroutine(r):
+                    await r
+            except Exception:
+                log.exception("audit commit failed", extra={"request_id": trace.request_id})
+                raise AuditUnavailable() from None
 
     # -- the inference pipeline -----------------------------------------------------------------------
     async def handle(self, request: Request, route: Route, schema: type[BaseModel]) -> Response:
@@ -212,10 +229,16 @@ class Gateway:
         trace.t0 = state.get("t0", trace.t0)
         try:
             resp = await self._handle(request, route, schema, trace, state)
+        except AuditUnavailable as exc:
+            return json_response(exc.status, exc.body())
         except APIError as exc:
             state["backend_s"] = trace.backend_s
             outcome = "refused" if exc.status in (401, 403, 429) else "error"
-            await self.finish(trace, exc.status, outcome, exc.body()["error"])
+            trace.payload = None
+            try:
+                await self.finish(trace, exc.status, outcome, exc.body()["error"])
+            except AuditUnavailable as audit_exc:
+                return json_response(audit_exc.status, audit_exc.body())
             return json_response(exc.status, exc.body(), exc.headers)
         return resp
 
@@ -384,7 +407,18 @@ class Gateway:
                     "response": {str(i): "".join(parts) for i, parts in sorted(texts.items())},
                 }
                 await self.settle(res, {"tokens": pt + ct, "spend": self.spend(entry, pt, ct)})
-                await self.finish(trace, status, outcome, error)
+                try:
+                    await self.finish(trace, status, outcome, error)
+                except AuditUnavailable as exc:
+                    audit_error.append(exc.body())
+
+            audit_error: list[dict[str, Any]] = []
+
+            def done() -> bytes:
+                # The final event: [DONE] only once the request's audit record is committed.
+                if audit_error:
+                    return b"data: " + orjson.dumps(audit_error[0]) + b"\n\n"
+                return b"data: [DONE]\n\n"
 
             try:
                 chunk = first
@@ -411,7 +445,7 @@ class Gateway:
                                 outcome = "cut"
                                 await close_out()
                                 yield b"data: " + orjson.dumps(stop) + b"\n\n"
-                                yield b"data: [DONE]\n\n"
+                                yield done()
                                 return
                             reserved += STREAM_CHUNK_TOKENS
                         yield b"data: " + orjson.dumps(chunk) + b"\n\n"
@@ -424,6 +458,9 @@ class Gateway:
                             chunk = None
                         if chunk is None:
                             await close_out()
+                            if audit_error:
+                                yield done()
+                                return
                         yield usage_event
                         continue
                     try:
@@ -431,7 +468,7 @@ class Gateway:
                     except StopAsyncIteration:
                         chunk = None
                 await close_out()
-                yield b"data: [DONE]\n\n"
+                yield done()
             except BackendError as exc:
                 status, outcome = exc.status, "error"
                 error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}

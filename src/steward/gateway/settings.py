@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1, le=256)
     models: list[ModelRoute] = Field(default_factory=_default_models)
     embedding_model: str = "all-minilm-l6-v2"  # served by the built-in MiniLM encoder; "" = none
+    audit: bool = True  # every request and admin act in the Merkle log (steward.audit)
+    audit_checkpoint_every: int = Field(default=1000, ge=1)
+    audit_checkpoint_interval_s: float = Field(default=10.0, gt=0)
+    payload_retention_days: float = Field(default=30.0, gt=0)  # prompts/answers; metadata is kept
 
     @field_validator("models")
     @classmethod

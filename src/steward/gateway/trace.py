@@ -37,6 +37,8 @@ class Trace:
     backend_s: float = 0.0  # time inside backends, excluded from the overhead figure
     # Prompt and answer: only ever stored encrypted (audit); never in `to_dict`, logs or metrics.
     payload: dict[str, Any] | None = field(default=None, repr=False)
+    audit: dict[str, Any] | None = None  # the committed event's index and id
+    extra: dict[str, Any] = field(default_factory=dict)  # route-specific facts (admin targets, ...)
 
     def mark(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -58,4 +60,5 @@ class Trace:
         d.pop("t0", None)
         d.pop("backend_s", None)
         d.pop("payload", None)
+        d.pop("extra", None)
         return d

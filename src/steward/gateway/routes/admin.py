@@ -11,7 +11,7 @@ from starlette.responses import Response
 from steward.gateway.errors import APIError, json_response
 from steward.gateway.keys import Principal, UnknownKeyError
 from steward.gateway.schemas import KeyCreate, TenantUpdate
-from steward.gateway.service import Gateway
+from steward.gateway.service import AuditUnavailable, Gateway
 from steward.gateway.trace import Trace
 from steward.store import StoreError
 
@@ -30,19 +30,24 @@ async def _act(request: Request, action: str, fn: Any) -> Response:
     gw: Gateway = request.app.state.gateway
     state = request.scope.get("state", {})
     trace = Trace(request_id=state.get("request_id", ""), route=f"{request.method} {request.url.path}")
-    try:
-        gw_, p = await _admin(request, trace)
-        status, body = await fn(gw_, p)
-    except APIError as exc:
-        outcome = "refused" if exc.status in (401, 403) else "error"
-        await gw.finish(trace, exc.status, outcome, exc.body()["error"])
-        return json_response(exc.status, exc.body(), exc.headers)
-    except StoreError:
-        err = APIError(503, "the store is unavailable", type="service_unavailable", code="store_error")
-        await gw.finish(trace, 503, "error", err.body()["error"])
-        return json_response(503, err.body())
     trace.usage = {"admin_action": action}
-    await gw.finish(trace, status, "ok")
+    try:
+        try:
+            gw_, p = await _admin(request, trace)
+            status, body = await fn(gw_, p, trace)
+        except APIError as exc:
+            outcome = "refused" if exc.status in (401, 403) else "error"
+            await gw.finish(trace, exc.status, outcome, exc.body()["error"])
+            return json_response(exc.status, exc.body(), exc.headers)
+        except StoreError:
+            err = APIError(503, "the store is unavailable", type="service_unavailable", code="store_error")
+            await gw.finish(trace, 503, "error", err.body()["error"])
+            return json_response(503, err.body())
+        await gw.finish(trace, status, "ok")
+    except AuditUnavailable as exc:
+        # An admin act that cannot be recorded is reported as failed (it may have happened: the
+        # store commits first); the operator sees the error rather than silence.
+        return json_response(exc.status, exc.body())
     return json_response(status, body)
 
 
@@ -56,7 +61,7 @@ async def _act(request: Request, action: str, fn: Any) -> Response:
     },
 )
 async def create_key(request: Request) -> Response:
-    async def go(gw: Gateway, _p: Principal) -> tuple[int, Any]:
+    async def go(gw: Gateway, _p: Principal, trace: Trace) -> tuple[int, Any]:
         spec: KeyCreate = gw.parse(KeyCreate, await request.body())
         key, rec = await asyncio.to_thread(
             gw.keys.create,
@@ -67,6 +72,7 @@ async def create_key(request: Request) -> Response:
             expires_in_s=spec.expires_in_s,
             limits=[lim.model_dump(exclude_none=True) for lim in spec.limits],
         )
+        trace.extra["target"] = rec.id
         return 201, {**rec.public(), "key": key}
 
     return await _act(request, "key.create", go)
@@ -74,7 +80,7 @@ async def create_key(request: Request) -> Response:
 
 @router.get("/keys")
 async def list_keys(request: Request, tenant: str | None = None) -> Response:
-    async def go(gw: Gateway, _p: Principal) -> tuple[int, Any]:
+    async def go(gw: Gateway, _p: Principal, trace: Trace) -> tuple[int, Any]:
         recs = await asyncio.to_thread(gw.keys.list, tenant)
         return 200, {"object": "list", "data": [r.public() for r in recs]}
 
@@ -83,11 +89,12 @@ async def list_keys(request: Request, tenant: str | None = None) -> Response:
 
 @router.delete("/keys/{key_id}")
 async def revoke_key(key_id: str, request: Request) -> Response:
-    async def go(gw: Gateway, _p: Principal) -> tuple[int, Any]:
+    async def go(gw: Gateway, _p: Principal, trace: Trace) -> tuple[int, Any]:
         try:
             rec = await asyncio.to_thread(gw.keys.revoke, key_id)
         except UnknownKeyError as exc:
             raise APIError(404, str(exc), code="key_not_found") from None
+        trace.extra["target"] = rec.id
         return 200, rec.public()
 
     return await _act(request, "key.revoke", go)
@@ -95,7 +102,7 @@ async def revoke_key(key_id: str, request: Request) -> Response:
 
 @router.get("/tenants")
 async def list_tenants(request: Request) -> Response:
-    async def go(gw: Gateway, _p: Principal) -> tuple[int, Any]:
+    async def go(gw: Gateway, _p: Principal, trace: Trace) -> tuple[int, Any]:
         return 200, {"object": "list", "data": await asyncio.to_thread(gw.keys.list_tenants)}
 
     return await _act(request, "tenant.list", go)
@@ -111,7 +118,7 @@ async def list_tenants(request: Request) -> Response:
     },
 )
 async def update_tenant(tenant_id: str, request: Request) -> Response:
-    async def go(gw: Gateway, _p: Principal) -> tuple[int, Any]:
+    async def go(gw: Gateway, _p: Principal, trace: Trace) -> tuple[int, Any]:
         spec: TenantUpdate = gw.parse(TenantUpdate, await request.body())
         try:
             out = await asyncio.to_thread(
@@ -124,6 +131,7 @@ async def update_tenant(tenant_id: str, request: Request) -> Response:
             )
         except ValueError as exc:
             raise APIError(400, str(exc), param="tenant", code="invalid_value") from None
+        trace.extra["target"] = tenant_id
         return 200, out
 
     return await _act(request, "tenant.update", go)

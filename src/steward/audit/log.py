@@ -1,0 +1,525 @@
+"""The audit log: append events as Merkle leaves, sign checkpoints, serve proofs and payloads.
+
+Sequencing. Every append transaction first locks the single `merkle_state` row (SQLite: the BEGIN
+IMMEDIATE write lock the engine takes; PostgreSQL: `SELECT ... FOR UPDATE`), reads the tree size and
+compact range, assigns the next indexes, inserts leaves and the newly completed cached nodes, and
+writes the new size and frontier back. Whoever holds the row is the log's only writer, so any number
+of workers or replicas share one log without forking it, and `audit_events.idx` as primary key makes
+a fork impossible even if that reasoning were wrong.
+
+Group commit. One transaction per request would cap throughput at the disk's commit rate;
+`GroupCommitter` collects events from many requests on a background thread and commits them
+together, resolving each caller's future only after the commit, so a response is never sent for an
+event that is not durable.
+
+Proofs. Perfect subtrees at level >= CACHE_LEVEL are cached in `merkle_nodes` as they complete
+(about n/8 rows); anything below comes from at most 16 leaf hashes, so one proof reads a few rows
+whatever the tree size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from steward.audit import merkle
+from steward.audit.crypto import KeyProvider, LocalKeyProvider, seal, unseal
+from steward.audit.events import AuditEvent, StoredEvent, canonical_json, encode_leaf, payload_aad, time_us
+from steward.audit.keyring import KeyRing
+from steward.audit.merkle import CompactRange, ProofError, Subtree
+from steward.audit.note import Checkpoint, Signer, load_or_create_signer
+from steward.audit.schema import CHECKPOINTS, DATA_KEYS, EVENTS, NODE_LEVEL_SHIFT, NODES, STATE
+
+CACHE_LEVEL = 4
+KEK_FILE = "audit-kek.json"
+_log = logging.getLogger(__name__)
+
+
+class AuditError(RuntimeError):
+    """The log cannot do what was asked (closed, unsigned, missing state)."""
+
+
+def node_id(level: int, index: int) -> int:
+    return (level << NODE_LEVEL_SHIFT) | index
+
+
+def split_node_id(nid: int) -> Subtree:
+    return nid >> NODE_LEVEL_SHIFT, nid & ((1 << NODE_LEVEL_SHIFT) - 1)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof of durability handed to the caller: the event is committed at `index`."""
+
+    index: int
+    event_id: str
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True)
+class InclusionProof:
+    index: int
+    tree_size: int
+    leaf_hash: bytes
+    proof: list[bytes]
+    checkpoint: str  # the signed note whose root the proof leads to
+
+    def to_json(self) -> dict[str, Any]:
+        import base64
+
+        return {
+            "index": self.index,
+            "tree_size": self.tree_size,
+            "leaf_hash": base64.b64encode(self.leaf_hash).decode(),
+            "proof": [base64.b64encode(p).decode() for p in self.proof],
+            "checkpoint": self.checkpoint,
+        }
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    event: AuditEvent
+    subject_ref: str | None
+    data_key: str | None
+    ciphertext: bytes
+
+
+class StoreNodes:
+    """NodeSource over the store: cached nodes by id, lower levels from leaf hashes, one query each."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def subtree_hashes(self, subtrees: Iterable[Subtree]) -> dict[Subtree, bytes]:
+        subtrees = list(subtrees)
+        cached = [s for s in subtrees if s[0] >= CACHE_LEVEL]
+        low = [s for s in subtrees if s[0] < CACHE_LEVEL]
+        out: dict[Subtree, bytes] = {}
+        if cached:
+            rows = self.conn.execute(
+                select(NODES.c.id, NODES.c.hash).where(NODES.c.id.in_([node_id(*s) for s in cached]))
+            )
+            for nid, h in rows:
+                out[split_node_id(nid)] = bytes(h)
+        if low:
+            wanted = sorted({i for lvl, idx in low for i in range(idx << lvl, (idx + 1) << lvl)})
+            rows = self.conn.execute(select(EVENTS.c.idx, EVENTS.c.leaf_hash).where(EVENTS.c.idx.in_(wanted)))
+            leaves = {i: bytes(h) for i, h in rows}
+            for lvl, idx in low:
+                try:
+                    hs = [leaves[i] for i in range(idx << lvl, (idx + 1) << lvl)]
+                except KeyError as exc:
+                    raise AuditError(f"event #{exc.args[0]} is missing from the store") from None
+                while len(hs) > 1:
+                    hs = [merkle.node_hash(hs[i], hs[i + 1]) for i in range(0, len(hs), 2)]
+                out[(lvl, idx)] = hs[0]
+        missing = [s for s in subtrees if s not in out]
+        if missing:
+            raise AuditError(f"cached Merkle node {missing[0]} is missing; run `steward audit verify`")
+        return out
+
+
+class AuditLog:
+    """The log over one store. Thread-safe; one instance per process is enough."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        signer: Signer | None,
+        keys: KeyRing,
+        checkpoint_every: int = 1000,
+        checkpoint_interval_s: float = 10.0,
+    ) -> None:
+        self.engine = engine
+        self.signer = signer
+        self.keys = keys
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._lock = threading.Lock()
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        engine: Engine,
+        keys_dir: Path,
+        *,
+        provider: KeyProvider | None = None,
+        origin: str | None = None,
+        create_signing_key: bool = True,
+        **kwargs: Any,
+    ) -> AuditLog:
+        """The log with keys from `keys_dir` (`$STEWARD_DATA_DIR/keys`).
+
+        The local KEK file is created only while the store holds no data keys: a missing key file in
+        front of existing wrapped keys means payloads would be unreadable, and we refuse to start
+        rather than quietly begin a second, disjoint key hierarchy.
+        """
+        if provider is None:
+            with engine.connect() as conn:
+                existing = conn.execute(select(func.count()).select_from(DATA_KEYS)).scalar_one()
+            provider = LocalKeyProvider(keys_dir / KEK_FILE, create=existing == 0)
+        signer = load_or_create_signer(keys_dir, origin, create=create_signing_key)
+        key_args = {k: kwargs.pop(k) for k in ("key_period_s", "cache_ttl_s") if k in kwargs}
+        return cls(engine, signer=signer, keys=KeyRing(engine, provider, **key_args), **kwargs)
+
+    @property
+    def origin(self) -> str | None:
+        return self.signer.name if self.signer else None
+
+    # --- appending ----------------------------------------------------------------------------------
+
+    def _prepare(self, event: AuditEvent) -> _Prepared:
+        tenant = event.principal.tenant
+        ref = self.keys.subject_ref(tenant, event.subject) if event.subject is not None else None
+        if event.payload is None:
+            return _Prepared(event, ref, None, b"")
+        key_id, key = self.keys.payload_key(tenant, ref)
+        ct = seal(key, canonical_json(dict(event.payload)), payload_aad(event.event_id, tenant))
+        return _Prepared(event, ref, key_id, ct)
+
+    def append(self, event: AuditEvent) -> Receipt:
+        return self.append_many([event])[0]
+
+    def append_many(self, events: Sequence[AuditEvent]) -> list[Receipt]:
+        """Commit `events` as consecutive leaves in one transaction; returns after the commit."""
+        if self._closed:
+            raise AuditError("audit log is closed")
+        if not events:
+            return []
+        prepared = [self._prepare(e) for e in events]  # encryption and key lookups outside the lock
+        receipts: list[Receipt] = []
+        with self.engine.begin() as conn:
+            size, blob = conn.execute(
+                select(STATE.c.size, STATE.c.frontier).where(STATE.c.id == 1).with_for_update()
+            ).one()
+            compact = CompactRange.unpack(size, bytes(blob))
+            rows: list[dict[str, Any]] = []
+            nodes: list[dict[str, Any]] = []
+
+            def keep(level: int, index: int, h: bytes) -> None:
+                if level >= CACHE_LEVEL:
+                    nodes.append({"id": node_id(level, index), "hash": h})
+
+            for p in prepared:
+                idx = compact.size
+                ev = p.event
+                meta = ev.metadata(idx, p.subject_ref, p.data_key)
+                leaf = encode_leaf(meta, p.ciphertext)
+                h = merkle.leaf_hash(leaf)
+                compact.append(h, keep)
+                rows.append(
+                    {
+                        "idx": idx,
+                        "event_id": ev.event_id,
+                        "time_us": time_us(ev.time),
+                        "tenant": ev.principal.tenant,
+                        "kind": ev.kind,
+                        "request_id": ev.request_id,
+                        "subject_ref": p.subject_ref,
+                        "outcome": ev.outcome,
+                        "status": ev.status,
+                        "leaf": leaf,
+                        "leaf_hash": h,
+                    }
+                )
+                receipts.append(Receipt(idx, ev.event_id, h))
+            conn.execute(insert(EVENTS), rows)
+            if nodes:
+                conn.execute(insert(NODES), nodes)
+            conn.execute(
+                update(STATE).where(STATE.c.id == 1).values(size=compact.size, frontier=compact.pack())
+            )
+        self._after_append(len(events))
+        return receipts
+
+    def _after_append(self, n: int) -> None:
+        with self._lock:
+            self._since_checkpoint += n
+            due = self._since_checkpoint >= self.checkpoint_every
+        if due:
+            self.checkpoint()
+        else:
+            self.maybe_checkpoint()
+
+    # --- checkpoints --------------------------------------------------------------------------------
+
+    def maybe_checkpoint(self) -> Checkpoint | None:
+        """Sign a checkpoint if `checkpoint_interval_s` passed since the last one and events came."""
+        with self._lock:
+            due = self._since_checkpoint > 0 and (
+                time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s
+            )
+        return self.checkpoint() if due else None
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign the current tree head now (no-op when nothing was added since the last checkpoint)."""
+        if self.signer is None:
+            raise AuditError("no checkpoint signing key loaded")
+        with self._lock:
+            self._since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+        with self.engine.begin() as conn:
+            size, blob = conn.execute(
+                select(STATE.c.size, STATE.c.frontier).where(STATE.c.id == 1).with_for_update()
+            ).one()
+            last = conn.execute(select(func.max(CHECKPOINTS.c.size))).scalar()
+            if size == 0 or (last is not None and last >= size):
+                return None
+            cp = Checkpoint(self.signer.name, size, CompactRange.unpack(size, bytes(blob)).root())
+            note = self.signer.sign(cp)
+            conn.execute(
+                insert(CHECKPOINTS).values(
+                    size=size, root_hash=cp.root, created_us=time.time_ns() // 1000, note=note
+                )
+            )
+        return Checkpoint(cp.origin, cp.size, cp.root, note)
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(CHECKPOINTS.c.size, CHECKPOINTS.c.root_hash, CHECKPOINTS.c.note)
+                .order_by(CHECKPOINTS.c.size.desc())
+                .limit(1)
+            ).first()
+        if row is None:
+            return None
+        return Checkpoint(self.origin or "", row[0], bytes(row[1]), row[2])
+
+    def _checkpoint_at(self, conn: Connection, size: int | None) -> tuple[int, str]:
+        stmt = select(CHECKPOINTS.c.size, CHECKPOINTS.c.note)
+        stmt = (
+            stmt.order_by(CHECKPOINTS.c.size.desc()).limit(1)
+            if size is None
+            else stmt.where(CHECKPOINTS.c.size == size)
+        )
+        row = conn.execute(stmt).first()
+        if row is None:
+            raise ProofError("no signed checkpoint yet" if size is None else f"no checkpoint at size {size}")
+        return int(row[0]), str(row[1])
+
+    def size(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(STATE.c.size).where(STATE.c.id == 1)).scalar_one())
+
+    # --- proofs -------------------------------------------------------------------------------------
+
+    def inclusion_proof(self, index: int, tree_size: int | None = None) -> InclusionProof:
+        """Proof that leaf `index` is in the checkpoint of `tree_size` (default: the latest one)."""
+        with self.engine.connect() as conn:
+            size, note = self._checkpoint_at(conn, tree_size)
+            if not 0 <= index < size:
+                raise ProofError(f"event #{index} is not covered by the checkpoint of size {size}")
+            src = StoreNodes(conn)
+            proof = merkle.inclusion_proof(index, size, src)
+            leaf = src.subtree_hashes([(0, index)])[(0, index)]
+        return InclusionProof(index, size, leaf, proof, note)
+
+    def inclusion_proof_for(self, event_id: str, tree_size: int | None = None) -> InclusionProof:
+        return self.inclusion_proof(self._index_of(event_id), tree_size)
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        with self.engine.connect() as conn:
+            n = int(conn.execute(select(STATE.c.size).where(STATE.c.id == 1)).scalar_one())
+            if size2 > n:
+                raise ProofError(f"the log has only {n} events")
+            return merkle.consistency_proof(size1, size2, StoreNodes(conn))
+
+    # --- reading ------------------------------------------------------------------------------------
+
+    def _index_of(self, event_id: str) -> int:
+        with self.engine.connect() as conn:
+            idx = conn.execute(select(EVENTS.c.idx).where(EVENTS.c.event_id == event_id)).scalar()
+        if idx is None:
+            raise LookupError(f"no audit event {event_id}")
+        return int(idx)
+
+    def get_event(self, ref: int | str, *, tenant: str | None = None) -> StoredEvent:
+        """An event by index or event id; with `tenant`, another tenant's event is 'not found'."""
+        cond = EVENTS.c.idx == ref if isinstance(ref, int) else EVENTS.c.event_id == ref
+        with self.engine.connect() as conn:
+            leaf = conn.execute(select(EVENTS.c.leaf).where(cond)).scalar()
+        if leaf is None:
+            raise LookupError(f"no audit event {ref}")
+        ev = StoredEvent.from_leaf(bytes(leaf))
+        if tenant is not None and ev.tenant != tenant:
+            raise LookupError(f"no audit event {ref}")
+        return ev
+
+    def list_events(
+        self, *, tenant: str | None = None, since_us: int | None = None, after: int = -1, limit: int = 100
+    ) -> list[StoredEvent]:
+        stmt = select(EVENTS.c.leaf).where(EVENTS.c.idx > after).order_by(EVENTS.c.idx).limit(limit)
+        if tenant is not None:
+            stmt = stmt.where(EVENTS.c.tenant == tenant)
+        if since_us is not None:
+            stmt = stmt.where(EVENTS.c.time_us >= since_us)
+        with self.engine.connect() as conn:
+            return [StoredEvent.from_leaf(bytes(r[0])) for r in conn.execute(stmt)]
+
+    def read_payload(
+        self, event: StoredEvent | int | str, *, tenant: str | None = None
+    ) -> dict[str, Any] | None:
+        """The decrypted payload, None if the event had none; PayloadUnavailable once its key is gone.
+
+        Access control (auditor role) and logging the read as an event are the caller's job.
+        """
+        ev = event if isinstance(event, StoredEvent) else self.get_event(event, tenant=tenant)
+        if tenant is not None and ev.tenant != tenant:
+            raise LookupError(f"no audit event {ev.event_id}")
+        key_id = ev.data_key
+        if key_id is None:
+            return None
+        key = self.keys.key_by_id(key_id)
+        data: dict[str, Any] = json.loads(unseal(key, ev.ciphertext, payload_aad(ev.event_id, ev.tenant)))
+        return data
+
+    # --- keys ---------------------------------------------------------------------------------------
+
+    def erase_subject(self, subject: str, tenant: str | None = None) -> int:
+        """Crypto-shred a data subject: destroy their payload keys. Leaves (and `verify`) are untouched."""
+        return self.keys.erase_subject(subject, tenant)
+
+    def rotate_data_keys(self, tenant: str | None = None) -> int:
+        return self.keys.rotate(tenant)
+
+    def expire_payloads(self, retention_s: float) -> int:
+        return self.keys.expire(retention_s)
+
+    def rewrap_data_keys(self) -> int:
+        return self.keys.rewrap()
+
+    def close(self) -> None:
+        """Sign a final checkpoint (call on SIGTERM / shutdown)."""
+        if self._closed:
+            return
+        if self.signer is not None:
+            self.checkpoint()
+        self._closed = True
+
+
+class GroupCommitter:
+    """Batches events from many callers into one transaction on a background thread.
+
+    `submit()` returns a future resolved with the Receipt once the batch is committed (or with the
+    exception if it failed); `await committer.append(event)` is the asyncio form. The thread also
+    signs checkpoints when `checkpoint_interval_s` elapses with events pending, so a quiet log still
+    gets its tail signed.
+    """
+
+    def __init__(self, log: AuditLog, *, max_batch: int = 1000, max_wait_s: float = 0.002) -> None:
+        self.log = log
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._q: queue.Queue[tuple[AuditEvent, Future[Receipt]] | None] = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="audit-group-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, event: AuditEvent) -> Future[Receipt]:
+        if self._closed:
+            raise AuditError("audit committer is closed")
+        fut: Future[Receipt] = Future()
+        self._q.put((event, fut))
+        return fut
+
+    async def append(self, event: AuditEvent) -> Receipt:
+        return await asyncio.wrap_future(self.submit(event))
+
+    def _batches(self) -> Iterator[list[tuple[AuditEvent, Future[Receipt]]] | None]:
+        tick = max(0.05, min(1.0, self.log.checkpoint_interval_s / 4))
+        while True:
+            try:
+                first = self._q.get(timeout=tick)
+            except queue.Empty:
+                yield []
+                continue
+            if first is None:
+                yield None
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = (
+                        self._q.get_nowait()
+                        if self._q.qsize()
+                        else self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                    )
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            yield batch
+            if stop:
+                yield None
+                return
+
+    def _run(self) -> None:
+        for batch in self._batches():
+            if batch is None:
+                return
+            if batch:
+                self._commit(batch)
+            try:
+                self.log.maybe_checkpoint()
+            except Exception:  # a failed periodic checkpoint is retried on the next tick
+                _log.exception("periodic audit checkpoint failed")
+
+    def _commit(self, batch: list[tuple[AuditEvent, Future[Receipt]]]) -> None:
+        live = [(e, f) for e, f in batch if f.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            receipts = self.log.append_many([e for e, _ in live])
+        except Exception as exc:
+            if len(live) == 1:
+                live[0][1].set_exception(exc)
+                return
+            # One malformed event must not fail a thousand requests: commit the rest one by one so
+            # exactly the callers whose events cannot be stored hear about it.
+            for e, f in live:
+                try:
+                    f.set_result(self.log.append(e))
+                except Exception as one:
+                    f.set_exception(one)
+            return
+        for (_, f), r in zip(live, receipts, strict=True):
+            f.set_result(r)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Commit everything queued, stop the thread; does not close the log."""
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(None)
+        self._thread.join(timeout)
+
+
+def events_by_time(log: AuditLog, since_us: int) -> Iterator[StoredEvent]:
+    """Every event from `since_us` on, in index order, without loading them all at once."""
+    after = -1
+    while True:
+        page = log.list_events(since_us=since_us, after=after, limit=1000)
+        if not page:
+            return
+        yield from page
+        after = page[-1].index

@@ -1,0 +1,139 @@
+"""`steward audit ...`: verify the log, erase a data subject, export with proofs, sign a checkpoint.
+
+Every command works on the store named by `--db` / `STEWARD_DATABASE_URL` (default: SQLite in
+`$STEWARD_DATA_DIR`) and the keys in `$STEWARD_DATA_DIR/keys`. Failures are raised as ValueError or
+RuntimeError subclasses, which `steward.cli.main` prints as one line with a non-zero exit; a failed
+verification prints its findings and exits 1.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from steward.audit.log import AuditLog
+    from steward.audit.note import Verifier
+
+DB_HELP = "database URL (default: STEWARD_DATABASE_URL, else SQLite in $STEWARD_DATA_DIR)"
+
+
+def _engine(db: str | None) -> Engine:
+    from steward.store.db import make_engine
+    from steward.store.migrate import upgrade
+
+    return upgrade(make_engine(db))
+
+
+def _keys_dir() -> Path:
+    from steward.store.db import data_dir
+
+    return data_dir() / "keys"
+
+
+def _open_log(db: str | None) -> AuditLog:
+    from steward.audit.log import AuditLog
+
+    return AuditLog.open(_engine(db), _keys_dir(), create_signing_key=False)
+
+
+def _verifier(public_key: Path | None) -> Verifier:
+    from steward.audit.note import PUBLIC_NAME, load_verifier
+
+    return load_verifier(public_key if public_key is not None else _keys_dir() / PUBLIC_NAME)
+
+
+def _parse_since(value: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"--since: {value!r} is not an ISO 8601 date or time") from None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def register(app: typer.Typer) -> None:
+    audit = typer.Typer(help="Tamper-evident audit log: verify, erase, export.", no_args_is_help=True)
+    app.add_typer(audit, name="audit")
+
+    @audit.command("verify")
+    def verify_command(
+        allow_unsigned_tail: bool = typer.Option(
+            False, "--allow-unsigned-tail", help="do not fail on events after the last checkpoint"
+        ),
+        public_key: Path | None = typer.Option(None, "--public-key", help="checkpoint public key file"),
+        db: str | None = typer.Option(None, "--db", help=DB_HELP),
+    ) -> None:
+        """Rebuild the Merkle tree from the store and check it against every signed checkpoint."""
+        from steward.audit.verify import verify_store
+
+        report = verify_store(_engine(db), _verifier(public_key), allow_unsigned_tail=allow_unsigned_tail)
+        typer.echo(
+            f"events={report.size} checkpoints={report.checkpoints} signed={report.signed_size} "
+            f"unsigned={report.unsigned}"
+        )
+        if report.ok:
+            typer.echo("audit log verified")
+            return
+        first = report.first_bad
+        typer.echo(f"FAILED: {first}", err=True)
+        for p in report.problems[:20]:
+            if p is not first:
+                typer.echo(f"  also: {p}", err=True)
+        raise typer.Exit(1)
+
+    @audit.command("erase")
+    def erase_command(
+        subject: str = typer.Option(..., "--subject", help="data subject id (the request's `user`)"),
+        tenant: str | None = typer.Option(None, "--tenant", help="only in this tenant (default: all)"),
+        db: str | None = typer.Option(None, "--db", help=DB_HELP),
+    ) -> None:
+        """Crypto-shred a data subject: destroy their data keys; leaves and verification are unaffected."""
+        n = _open_log(db).erase_subject(subject, tenant)
+        typer.echo(f"destroyed {n} data key(s) of subject {subject!r}")
+
+    @audit.command("export")
+    def export_command(
+        since: str = typer.Option(..., "--since", help="ISO 8601 time; events at or after it"),
+        out: Path = typer.Option(..., "--out", help="JSONL file to write"),
+        db: str | None = typer.Option(None, "--db", help=DB_HELP),
+    ) -> None:
+        """Export events with inclusion proofs and the signed checkpoint, for offline verification."""
+        from steward.audit.export import export_events
+
+        t = _parse_since(since)
+        log = _open_log(db)
+        tmp = out.with_name(out.name + ".partial")
+        with tmp.open("w", encoding="utf-8") as f:
+            summary = export_events(log, f, t)
+        tmp.replace(out)  # a crashed export never leaves a plausible-looking file behind
+        typer.echo(f"exported {summary.events} event(s), checkpoint size {summary.tree_size}, to {out}")
+
+    @audit.command("verify-export")
+    def verify_export_command(
+        file: Path = typer.Argument(..., help="an export written by `steward audit export`"),
+        public_key: Path = typer.Option(..., "--public-key", help="checkpoint public key file"),
+    ) -> None:
+        """Verify an export offline with only the export and the public key."""
+        from steward.audit.export import verify_export
+        from steward.audit.note import load_verifier
+
+        summary = verify_export(file, load_verifier(public_key))
+        typer.echo(
+            f"export verified: {summary.events} event(s) in {summary.origin} at size {summary.tree_size}"
+        )
+
+    @audit.command("checkpoint")
+    def checkpoint_command(db: str | None = typer.Option(None, "--db", help=DB_HELP)) -> None:
+        """Sign a checkpoint of the current tree now."""
+        log = _open_log(db)
+        cp = log.checkpoint()
+        if cp is None:
+            latest = log.latest_checkpoint()
+            typer.echo(f"no new events; latest checkpoint size {latest.size if latest else 0}")
+        else:
+            typer.echo(cp.note, nl=False)

@@ -1,0 +1,139 @@
+"""Audit API: signed checkpoints, inclusion and consistency proofs, events and payloads.
+
+Only `auditor` and `admin` keys read the log, each only its own tenant's events. Reading a payload
+in clear needs `auditor`, and is itself recorded as an event before the payload is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from steward.gateway.errors import APIError, json_response
+from steward.gateway.keys import Principal
+from steward.gateway.service import AuditUnavailable, Gateway
+from steward.gateway.trace import Trace
+
+router = APIRouter(prefix="/audit")
+
+
+async def _reader(request: Request, trace: Trace | None = None) -> tuple[Gateway, Principal, Any]:
+    gw: Gateway = request.app.state.gateway
+    p = await gw.principal(request, trace)
+    if p.role not in ("auditor", "admin"):
+        raise APIError(
+            403, "the audit log is readable by auditor and admin keys only", code="role_not_allowed"
+        )
+    if gw.audit is None:
+        raise APIError(404, "the audit log is disabled on this gateway", code="audit_disabled")
+    return gw, p, gw.audit.log
+
+
+def _int(request: Request, name: str, default: int | None = None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 18:
+        raise APIError(400, f"{name} must be a non-negative integer", param=name, code="invalid_value")
+    return int(raw)
+
+
+def _own_event(log: Any, ref: int | str, tenant: str) -> Any:
+    try:
+        ev = log.get_event(ref, tenant=tenant)
+    except (LookupError, ValueError):
+        ev = None
+    if ev is None or ev.tenant != tenant:
+        raise APIError(404, f"no audit event {ref!r} for this tenant", code="event_not_found")
+    return ev
+
+
+@router.get("/checkpoint")
+async def checkpoint(request: Request) -> Response:
+    _gw, _p, log = await _reader(request)
+    cp = await asyncio.to_thread(log.latest_checkpoint)
+    if cp is None:
+        raise APIError(404, "no checkpoint has been signed yet", code="no_checkpoint")
+    return json_response(
+        200,
+        {
+            "origin": cp.origin,
+            "tree_size": cp.size,
+            "root_hash": base64.b64encode(cp.root).decode(),
+            "note": cp.note,
+        },
+    )
+
+
+@router.get("/proof/inclusion")
+async def inclusion(request: Request) -> Response:
+    _gw, p, log = await _reader(request)
+    event_id = request.query_params.get("event_id")
+    index = _int(request, "index")
+    if (event_id is None) == (index is None):
+        raise APIError(400, "give exactly one of index or event_id", param="index", code="invalid_value")
+    ref: int | str = event_id if event_id is not None else (index or 0)
+    ev = await asyncio.to_thread(_own_event, log, ref, p.tenant)
+    size = _int(request, "tree_size")
+    try:
+        proof = await asyncio.to_thread(log.inclusion_proof, ev.index, size)
+    except (ValueError, LookupError) as exc:
+        raise APIError(400, str(exc), param="tree_size", code="invalid_value") from None
+    return json_response(200, {"event_id": ev.event_id, **proof.to_json()})
+
+
+@router.get("/proof/consistency")
+async def consistency(request: Request) -> Response:
+    _gw, _p, log = await _reader(request)
+    first, second = _int(request, "first"), _int(request, "second")
+    if first is None or second is None:
+        raise APIError(400, "first and second tree sizes are required", param="first", code="invalid_value")
+    try:
+        proof = await asyncio.to_thread(log.consistency_proof, first, second)
+    except (ValueError, LookupError) as exc:
+        raise APIError(400, str(exc), param="second", code="invalid_value") from None
+    return json_response(
+        200, {"first": first, "second": second, "proof": [base64.b64encode(h).decode() for h in proof]}
+    )
+
+
+@router.get("/events")
+async def events(request: Request) -> Response:
+    _gw, p, log = await _reader(request)
+    after = _int(request, "after", -1)
+    limit = min(_int(request, "limit", 100) or 100, 1000)
+    rows = await asyncio.to_thread(log.list_events, tenant=p.tenant, after=after, limit=limit)
+    return json_response(200, {"object": "list", "data": [{"index": e.index, **e.meta} for e in rows]})
+
+
+@router.get("/events/{event_id}/payload")
+async def payload(event_id: str, request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    state = request.scope.get("state", {})
+    trace = Trace(request_id=state.get("request_id", ""), route=f"GET /audit/events/{event_id}/payload")
+    trace.extra["target"] = event_id
+    try:
+        try:
+            _gw, p, log = await _reader(request, trace)
+            if p.role != "auditor":
+                raise APIError(403, "reading payloads in clear needs an auditor key", code="role_not_allowed")
+            ev = await asyncio.to_thread(_own_event, log, event_id, p.tenant)
+            from steward.audit import PayloadUnavailable
+
+            try:
+                data = await asyncio.to_thread(log.read_payload, ev, tenant=p.tenant)
+            except PayloadUnavailable as exc:
+                raise APIError(410, f"payload no longer readable: {exc}", code="payload_erased") from None
+        except APIError as exc:
+            outcome = "refused" if exc.status in (401, 403) else "error"
+            await gw.finish(trace, exc.status, outcome, exc.body()["error"])
+            return json_response(exc.status, exc.body())
+        # The read is on the record before the payload leaves the gateway.
+        await gw.finish(trace, 200, "ok")
+    except AuditUnavailable as exc:
+        return json_response(exc.status, exc.body())
+    return json_response(200, {"event_id": event_id, "payload": data})
