@@ -23,13 +23,15 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from steward.commands import audit, generate, keys, serve, train
+    from steward.commands import audit, generate, guard, keys, scan, serve, train
 
     generate.register(app)
     train.register(app)
     serve.register(app)
     keys.register(app)
     audit.register(app)
+    guard.register(app)
+    scan.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,57 @@
+"""`steward guard train`: train the classifier head on ../shared/data and write models/guard/.
+
+Encoding the training set is the slow part; embeddings are cached (by text hash) under --cache, so
+retraining with other hyper-parameters only refits the small head.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(app: typer.Typer) -> None:
+    guard_app = typer.Typer(help="Guard models: train the classifier head.", no_args_is_help=True)
+
+    @guard_app.command("train")
+    def train_command(
+        data: Path = typer.Option(Path("../shared/data"), "--data", help="data root (guard/, corpus/)"),
+        out: Path = typer.Option(Path("models/guard"), "--out", help="output directory for the head"),
+        cache: Path = typer.Option(Path("runs/guard_cache"), "--cache", help="embedding cache directory"),
+        seed: int = typer.Option(0, "--seed"),
+        epochs: int = typer.Option(60, "--epochs", min=1),
+        hidden: int = typer.Option(256, "--hidden", min=1),
+        threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads"),
+        target_fpr: float = typer.Option(0.01, "--target-fpr", min=0.0, max=0.5),
+    ) -> None:
+        """Train the injection/jailbreak/harmful/toxicity head; print held-out metrics."""
+        import torch
+
+        from steward.guard.train import TrainConfig, train_head
+
+        if not (data / "guard").is_dir():
+            raise FileNotFoundError(f"{data}/guard not found (pass --data)")
+        torch.set_num_threads(threads)
+        cfg = TrainConfig(
+            data_dir=data,
+            out_dir=out,
+            cache_dir=cache,
+            seed=seed,
+            epochs=epochs,
+            hidden=hidden,
+            target_fpr=target_fpr,
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
+        report = train_head(cfg)
+        summary = {
+            cat: {k: m[k] for k in ("precision", "recall", "f1", "fpr", "tpr_at_1pct_fpr", "threshold")}
+            for cat, m in report["heldout"].items()
+        }
+        print(json.dumps({"heldout": summary}, indent=2))
+
+    app.add_typer(guard_app, name="guard")

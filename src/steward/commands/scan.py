@@ -1,0 +1,148 @@
+"""`steward scan`: run the guard pipeline over text and print the findings as JSON.
+
+stdout carries exactly one JSON line per input and nothing else, so the output can be joined line
+by line with the input file; logs and errors go to stderr. With --jsonl, lines are scanned in
+batches so that the classifier's encoder runs on many texts at once. Exit status: 0 when every input
+is allowed, 1 when any is blocked, 2 when any input (or the command itself) is in error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+import typer
+
+from steward.guard.types import Role, ScanContext, Verdict
+
+__all__ = ["register", "scan_jsonl", "verdict_json"]
+
+ROLES = ("user", "document", "system")
+
+
+def verdict_json(verdict: Verdict) -> dict[str, Any]:
+    """The documented line: flagged, categories, scores, findings (offsets into the input)."""
+    return {
+        "flagged": verdict.flagged,
+        "categories": verdict.categories,
+        "scores": {k: round(v, 4) for k, v in verdict.scores.items()},
+        "findings": [
+            {
+                "category": f.category,
+                "entity": f.entity,
+                "start": f.start,
+                "end": f.end,
+                "score": round(f.score, 4),
+            }
+            for f in verdict.findings
+        ],
+        "action": verdict.action.value,
+        **({"errors": verdict.errors} if verdict.errors else {}),
+    }
+
+
+def _parse_line(line: str, lineno: int) -> tuple[str, Role]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"line {lineno}: not JSON: {exc.msg}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise ValueError(f'line {lineno}: expected an object with a string "text"')
+    role = obj.get("role", "user")
+    if role not in ROLES:
+        raise ValueError(f"line {lineno}: role must be one of {', '.join(ROLES)}, got {role!r}")
+    return obj["text"], cast(Role, role)
+
+
+def _batches(stream: TextIO, size: int) -> Iterator[list[tuple[int, str]]]:
+    batch: list[tuple[int, str]] = []
+    for lineno, line in enumerate(stream, 1):
+        if not line.strip():
+            continue  # blank lines are not inputs
+        batch.append((lineno, line))
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def scan_jsonl(pipeline: Any, stream: TextIO, out: TextIO, base: ScanContext, batch_size: int = 64) -> int:
+    """Scan JSONL `stream` into `out`, one line per input in order; returns the exit status."""
+    from dataclasses import replace
+
+    status = 0
+    for batch in _batches(stream, batch_size):
+        parsed: list[tuple[str, Role] | str] = []
+        for lineno, line in batch:
+            try:
+                parsed.append(_parse_line(line, lineno))
+            except ValueError as exc:
+                parsed.append(str(exc))
+        good = [p for p in parsed if isinstance(p, tuple)]
+        verdicts = iter(
+            pipeline.scan_texts([t for t, _ in good], [replace(base, role=r) for _, r in good], "input")
+            if good
+            else []
+        )
+        for p in parsed:
+            if isinstance(p, str):
+                out.write(json.dumps({"error": p}, ensure_ascii=False) + "\n")
+                print(f"steward: error: {p}", file=sys.stderr)
+                status = 2
+                continue
+            v = next(verdicts)
+            out.write(json.dumps(verdict_json(v), ensure_ascii=False) + "\n")
+            if v.errors:
+                status = 2
+            elif v.blocked and status == 0:
+                status = 1
+        out.flush()
+    return status
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("scan")
+    def scan_command(
+        text: str | None = typer.Argument(
+            None, metavar="TEXT", help="text to scan; '-' or omitted reads stdin"
+        ),
+        jsonl: Path | None = typer.Option(
+            None, "--jsonl", help='file of {"text": ..., "role": ...} lines (- for stdin)', allow_dash=True
+        ),
+        policy: Path | None = typer.Option(None, "--policy", help="policy YAML (default: built-in)"),
+        tenant: str = typer.Option("default", "--tenant", help="tenant whose policy applies"),
+        route: str = typer.Option("default", "--route", help="route whose policy applies"),
+        role: str = typer.Option("user", "--role", help="user | document | system"),
+        batch_size: int = typer.Option(64, "--batch-size", min=1, help="texts per encoder batch"),
+    ) -> None:
+        """Scan text with the guards; print findings as JSON (exit 0 allowed, 1 blocked, 2 error)."""
+        from steward.guard.pipeline import Pipeline
+
+        if role not in ROLES:
+            raise ValueError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
+        if jsonl is not None and text is not None:
+            raise ValueError("give TEXT or --jsonl, not both")
+        pipeline = Pipeline(policy)
+        base = ScanContext(tenant=tenant, route=route, role=cast(Role, role))
+        if jsonl is not None:
+            if str(jsonl) == "-":
+                status = scan_jsonl(pipeline, sys.stdin, sys.stdout, base, batch_size)
+            else:
+                if not jsonl.is_file():
+                    raise FileNotFoundError(f"--jsonl file not found: {jsonl}")
+                with jsonl.open(encoding="utf-8", errors="surrogateescape") as fh:
+                    status = scan_jsonl(pipeline, fh, sys.stdout, base, batch_size)
+            raise typer.Exit(status)
+        if text is None or text == "-":
+            text = sys.stdin.read()
+            text = text[:-1] if text.endswith("\n") else text
+        verdict = pipeline.scan_text(text, base, "input")
+        sys.stdout.write(json.dumps(verdict_json(verdict), ensure_ascii=False) + "\n")
+        if verdict.errors:
+            print(f"steward: error: {verdict.explain()}", file=sys.stderr)
+            raise typer.Exit(2)
+        raise typer.Exit(1 if verdict.blocked else 0)

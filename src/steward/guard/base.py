@@ -1,0 +1,152 @@
+"""The scanner seam: one protocol for every detector, and a registry that policies name them from.
+
+A scanner turns a normalised `Document` into findings; it does not decide actions (the policy
+does), so the same detector serves a tenant that blocks PII and one that only flags it. Scanners
+that share expensive work (the encoder pass) do it through `Document.cache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from .normalize import Document
+from .types import Category, Finding, ScanContext, Span
+
+__all__ = ["Match", "PatternDetector", "Registry", "Scanner", "default_registry", "resolve_overlaps"]
+
+
+@runtime_checkable
+class Scanner(Protocol):
+    """Anything that finds problems in text. `category` is the category its findings carry."""
+
+    name: str
+    category: Category
+
+    def scan(self, doc: Document, ctx: ScanContext) -> list[Finding]:
+        """Findings for `doc`, with spans in the original text's offsets."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A detector's raw hit in the text it was given (normalised or decoded), before mapping."""
+
+    start: int
+    end: int
+    score: float
+    reason: str
+    entity: str
+    subtype: str | None = None
+
+
+class PatternDetector(Protocol):
+    """One entity type (email, IBAN, ...): a small class behind the PII/secrets scanners."""
+
+    entity: str
+
+    def detect(self, text: str) -> Iterable[Match]:
+        """Hits in `text`, offsets into `text`."""
+        ...
+
+
+def resolve_overlaps(matches: list[Match]) -> list[Match]:
+    """Keep the most confident of overlapping matches (longer wins a tie), in text order.
+
+    A Luhn-valid card also looks like a phone number and a date of birth is also a date: the
+    more specific, better-evidenced reading should be the one reported and redacted.
+    """
+    kept: list[Match] = []
+    for m in sorted(matches, key=lambda m: (-m.score, -(m.end - m.start), m.start)):
+        if all(m.end <= k.start or m.start >= k.end for k in kept):
+            kept.append(m)
+    return sorted(kept, key=lambda m: m.start)
+
+
+def scan_with_detectors(
+    doc: Document,
+    detectors: Iterable[PatternDetector],
+    *,
+    category: Category,
+    scanner: str,
+) -> list[Finding]:
+    """Run pattern detectors over the normalised text and every decoded segment; map to original."""
+    detectors = list(detectors)
+    findings: list[Finding] = []
+    main = resolve_overlaps([m for d in detectors for m in d.detect(doc.text)])
+    for m in main:
+        findings.append(
+            Finding(
+                category=category,
+                entity=m.entity,
+                score=m.score,
+                spans=[doc.to_original(m.start, m.end)],
+                reason=m.reason,
+                scanner=scanner,
+                subtype=m.subtype,
+            )
+        )
+    for seg in doc.segments:
+        for m in resolve_overlaps([m for d in detectors for m in d.detect(seg.text)]):
+            findings.append(
+                Finding(
+                    category=category,
+                    entity=m.entity,
+                    score=m.score,
+                    spans=[Span(seg.origin.start, seg.origin.end)],
+                    reason=f"{m.reason} (inside {seg.kind}-encoded text)",
+                    scanner=scanner,
+                    subtype=m.subtype,
+                    decoded=True,
+                )
+            )
+    return findings
+
+
+ScannerFactory = Callable[[Mapping[str, Any]], Scanner]
+
+
+class Registry:
+    """Scanner names -> factories; a policy that names an unknown scanner fails validation."""
+
+    def __init__(self) -> None:
+        self._factories: dict[str, ScannerFactory] = {}
+
+    def register(self, name: str, factory: ScannerFactory) -> None:
+        if name in self._factories:
+            raise ValueError(f"scanner {name!r} is already registered")
+        self._factories[name] = factory
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
+
+    def create(self, name: str, options: Mapping[str, Any] | None = None) -> Scanner:
+        try:
+            factory = self._factories[name]
+        except KeyError:
+            raise LookupError(f"unknown scanner {name!r}; known: {', '.join(self.names())}") from None
+        return factory(dict(options or {}))
+
+
+def default_registry() -> Registry:
+    """Every built-in scanner. Classifier scanners load the trained heads lazily, on first scan."""
+    from .classifier import ClassifierScanner
+    from .leak import PromptLeakScanner
+    from .pii import PIIScanner
+    from .secrets import SecretsScanner
+
+    reg = Registry()
+    reg.register("pii", lambda o: PIIScanner(**o))
+    reg.register("secrets", lambda o: SecretsScanner(**o))
+
+    def classifier(category: str) -> ScannerFactory:
+        return lambda o: ClassifierScanner(category, **o)
+
+    for cat in ("prompt_injection", "jailbreak", "harmful", "toxicity"):
+        reg.register(cat, classifier(cat))
+    reg.register("prompt_leak", lambda o: PromptLeakScanner(**o))
+    return reg

@@ -1,0 +1,190 @@
+"""Canonicalise text before scanning, keeping a map back to the original offsets.
+
+Attackers hide payloads from pattern matchers and classifiers with look-alike characters
+(fullwidth letters, Cyrillic 'а' in "pаssword"), invisible characters (zero-width joiners, Unicode
+tag characters that smuggle ASCII), and encodings (base64, hex). Scanners therefore see:
+
+* the *normalised* text: NFKC per character, invisible characters removed, homoglyphs folded to
+  Latin inside words that already contain Latin letters (so Russian or Greek prose is untouched);
+* *decoded segments*: base64/hex runs that decode to readable text, and the ASCII hidden in tag
+  characters, each tied to the span of original text it came from.
+
+Every normalised character remembers the original index it came from, so a finding is always
+reported in the caller's offsets, never in an internal representation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from .types import Span
+
+__all__ = ["Document", "Segment", "normalise"]
+
+# Zero-width and formatting characters that render as nothing; soft hyphen; BOM; bidi controls.
+_INVISIBLE = frozenset(
+    [
+        *(0x00AD, 0x180E, 0x200B, 0x200C, 0x200D, 0x200E, 0x200F),
+        *(0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0xFEFF),
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    ]
+)
+_TAG_LO, _TAG_HI = 0xE0000, 0xE007F
+
+# Cyrillic and Greek letters that look like Latin ones (Unicode confusables, the common subset).
+_HOMOGLYPHS = {
+    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c",
+    "т": "t", "у": "y", "х": "x", "і": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "ɡ": "g", "ո": "n",
+    "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C",
+    "Т": "T", "Х": "X", "І": "I", "Ј": "J", "Ѕ": "S",
+    "α": "a", "ο": "o", "ρ": "p", "ν": "v", "ι": "i", "κ": "k", "τ": "t", "υ": "u", "ϲ": "c",
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N",
+    "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X",
+}  # fmt: skip
+
+_BASE64_RUN = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}(?![A-Za-z0-9+/=_-])")
+_HEX_RUN = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[ :]?){8,}(?![0-9A-Fa-f])")
+_WORD = re.compile(r"\w+")
+
+MAX_DECODED_SEGMENTS = 16
+
+
+@dataclass(slots=True)
+class Segment:
+    """Text decoded from part of the original (base64, hex, tag characters).
+
+    Findings inside it map to `origin`, the whole span of original text it was decoded from.
+    """
+
+    text: str
+    origin: Span
+    kind: str
+
+
+@dataclass(slots=True)
+class Document:
+    """One text prepared for scanning, shared by all scanners of one request.
+
+    `cache` lets expensive shared work (the encoder pass, the classifier probabilities) happen once
+    per document whichever scanner asks first.
+    """
+
+    original: str
+    text: str
+    offsets: list[int]
+    segments: list[Segment] = field(default_factory=list)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def to_original(self, start: int, end: int) -> Span:
+        """Map a [start, end) range of the normalised text to the original text."""
+        if not self.offsets or start >= end:
+            pos = self.offsets[start] if start < len(self.offsets) else len(self.original)
+            return Span(pos, pos)
+        start = max(0, min(start, len(self.offsets) - 1))
+        last = max(start, min(end - 1, len(self.offsets) - 1))
+        return Span(self.offsets[start], self.offsets[last] + 1)
+
+
+def _is_latin_letter(ch: str) -> bool:
+    return ("a" <= ch <= "z") or ("A" <= ch <= "Z")
+
+
+def _printable_ratio(text: str) -> float:
+    if not text:
+        return 0.0
+    good = sum(1 for c in text if c.isprintable() or c in "\n\r\t")
+    return good / len(text)
+
+
+def _decode_base64(run: str) -> str | None:
+    body = run.rstrip("=")
+    if len(body) < 16 or body.isdigit() or body.isalpha():
+        return None  # plain words or numbers are not worth decoding
+    padded = body + "=" * (-len(body) % 4)
+    try:
+        raw = base64.urlsafe_b64decode(padded) if ("-" in body or "_" in body) else base64.b64decode(padded)
+        decoded = raw.decode("utf-8")
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+    letters = sum(c.isalpha() or c.isspace() for c in decoded)
+    if _printable_ratio(decoded) < 0.95 or letters < 0.4 * len(decoded):
+        return None
+    return decoded
+
+
+def _decode_hex(run: str) -> str | None:
+    digits = re.sub(r"[ :]", "", run)
+    try:
+        decoded = bytes.fromhex(digits[: len(digits) // 2 * 2]).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    letters = sum(c.isalpha() or c.isspace() for c in decoded)
+    if _printable_ratio(decoded) < 0.95 or letters < 0.4 * len(decoded):
+        return None
+    return decoded
+
+
+def normalise(text: str, *, decode: bool = True) -> Document:
+    """Normalise `text` and collect decoded segments; see the module docstring for the rules.
+
+    Lone surrogates (broken Unicode from a bad decoder) are replaced by U+FFFD rather than raising,
+    so junk input produces a verdict, not a crash.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    out: list[str] = []
+    offsets: list[int] = []
+    hidden: list[str] = []
+    hidden_start = -1
+    hidden_end = -1
+    for i, ch in enumerate(text):
+        cp = ord(ch)
+        if cp in _INVISIBLE:
+            continue
+        if _TAG_LO <= cp <= _TAG_HI:
+            if 0xE0020 <= cp <= 0xE007E:
+                hidden.append(chr(cp - 0xE0000))
+                hidden_start = i if hidden_start < 0 else hidden_start
+                hidden_end = i + 1
+            continue
+        if 0xD800 <= cp <= 0xDFFF:
+            out.append("\ufffd")
+            offsets.append(i)
+            continue
+        folded = unicodedata.normalize("NFKC", ch) if cp > 0x7F else ch
+        for c in folded:
+            if unicodedata.category(c) == "Cf":
+                continue
+            out.append(c)
+            offsets.append(i)
+    normalised = "".join(out)
+    # Fold homoglyphs only inside words that mix them with Latin letters ("pаypal"), so genuine
+    # Cyrillic/Greek text keeps its meaning for the classifiers.
+    chars = list(normalised)
+    for m in _WORD.finditer(normalised):
+        word = m.group()
+        if any(c in _HOMOGLYPHS for c in word) and any(_is_latin_letter(c) for c in word):
+            for j in range(m.start(), m.end()):
+                chars[j] = _HOMOGLYPHS.get(chars[j], chars[j])
+    normalised = "".join(chars)
+    doc = Document(original=text, text=normalised, offsets=offsets)
+    if hidden:
+        doc.segments.append(Segment("".join(hidden), Span(hidden_start, hidden_end), "unicode_tags"))
+    if decode:
+        for pattern, decoder, kind in (
+            (_BASE64_RUN, _decode_base64, "base64"),
+            (_HEX_RUN, _decode_hex, "hex"),
+        ):
+            for m in pattern.finditer(normalised):
+                if len(doc.segments) >= MAX_DECODED_SEGMENTS:
+                    break
+                decoded = decoder(m.group())
+                if decoded:
+                    doc.segments.append(Segment(decoded, doc.to_original(m.start(), m.end()), kind))
+    return doc

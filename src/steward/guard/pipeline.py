@@ -1,0 +1,434 @@
+"""The policy engine: run a policy's scanners over a request or an answer and decide.
+
+`Pipeline` is what the gateway calls. For each text it normalises once, runs one shared encoder pass
+for all classifier scanners (batched across every text of the request, or of a whole JSONL file),
+runs the pattern scanners, sets each finding's threshold and action from the policy, and returns a
+`Verdict` that carries the findings, the action, the policy version and per-scanner latency.
+
+Failure is explicit: a scanner that raises is recorded in `Verdict.errors`, and unless the policy (or
+that scanner's entry) says `fail_closed: false`, the request is blocked. Nothing is ever reported as
+scanned that was not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from .base import Registry, Scanner, default_registry
+from .classifier import ClassifierScanner
+from .normalize import Document, normalise
+from .pii import QUASI
+from .policy import Policy, PolicySet, ScannerSpec, load_policy_set
+from .redact import RedactionMode, Vault, redact_many
+from .types import Action, Finding, ScanContext, ScannerError, Verdict, strongest
+
+__all__ = ["MAX_SCAN_CHARS", "Pipeline", "StreamChunk", "StreamGuard"]
+
+MAX_SCAN_CHARS = 200_000  # longer texts are refused (fail-closed) rather than partly scanned
+_TRUSTED_ROLE_SKIP = frozenset({"prompt_injection", "jailbreak"})
+
+Direction = Literal["input", "output"]
+
+
+@dataclass(slots=True)
+class _Item:
+    text: str
+    ctx: ScanContext
+    doc: Document | None = None
+    findings: list[Finding] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    modes: dict[int, RedactionMode] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Guards for one policy set. Thread-safe; scanners are built once and shared."""
+
+    def __init__(
+        self,
+        policies: PolicySet | str | Path | dict[str, Any] | None = None,
+        registry: Registry | None = None,
+        *,
+        hash_key: bytes = b"steward",
+        max_chars: int = MAX_SCAN_CHARS,
+    ) -> None:
+        self.registry = registry or default_registry()
+        self.policies = (
+            policies if isinstance(policies, PolicySet) else load_policy_set(policies, self.registry)
+        )
+        self.hash_key = hash_key
+        self.max_chars = max_chars
+        self._scanners: dict[tuple[str, str], Scanner] = {}
+
+    # -- helpers --------------------------------------------------------------------------------
+    def policy_for(self, ctx: ScanContext) -> tuple[str, Policy]:
+        return self.policies.select(ctx.tenant, ctx.route)
+
+    def _scanner(self, spec: ScannerSpec) -> Scanner:
+        key = (spec.scanner, repr(sorted(spec.options.items())))
+        sc = self._scanners.get(key)
+        if sc is None:
+            sc = self._scanners[key] = self.registry.create(spec.scanner, spec.options)
+        return sc
+
+    def _threshold(self, spec: ScannerSpec, scanner: Scanner) -> float:
+        if spec.threshold is not None:
+            return spec.threshold
+        if isinstance(scanner, ClassifierScanner):
+            return scanner.default_threshold()
+        return 0.5
+
+    @staticmethod
+    def _action(spec: ScannerSpec, f: Finding) -> Action:
+        if not f.triggered:
+            return Action.ALLOW
+        if f.entity in spec.entity_actions:
+            return spec.entity_actions[f.entity]
+        if f.subtype == QUASI:
+            return spec.quasi_action
+        return spec.action
+
+    # -- core (synchronous) -----------------------------------------------------------------------
+    def scan_texts(
+        self, texts: Sequence[str], ctxs: Sequence[ScanContext], direction: Direction = "input"
+    ) -> list[Verdict]:
+        """Scan many texts (each with its own context/policy) with one batched encoder pass."""
+        if len(texts) != len(ctxs):
+            raise ValueError("scan_texts needs one context per text")
+        items = [_Item(t, c) for t, c in zip(texts, ctxs, strict=True)]
+        return self._run(items, direction, [None] * len(items))
+
+    def scan_text(self, text: str, ctx: ScanContext | None = None, direction: Direction = "input") -> Verdict:
+        return self.scan_texts([text], [ctx or ScanContext()], direction)[0]
+
+    def _specs(self, policy: Policy, direction: Direction, ctx: ScanContext) -> list[ScannerSpec]:
+        specs = policy.input if direction == "input" else policy.output
+        if direction == "input" and ctx.role == "system":
+            # Operator-written instructions look like instructions by design; check them for PII and
+            # secrets only.
+            specs = [s for s in specs if s.scanner not in _TRUSTED_ROLE_SKIP]
+        return specs
+
+    def _run(self, items: list[_Item], direction: Direction, vaults: list[Vault | None]) -> list[Verdict]:
+        latency: list[dict[str, float]] = [{} for _ in items]
+        chosen = [self.policy_for(it.ctx) for it in items]
+        t = time.perf_counter()
+        for it in items:
+            if not isinstance(it.text, str):
+                it.errors["input"] = f"text must be a string, got {type(it.text).__name__}"
+            elif len(it.text) > self.max_chars:
+                it.errors["input"] = (
+                    f"text of {len(it.text)} characters exceeds the scan limit of {self.max_chars}"
+                )
+            else:
+                it.doc = normalise(it.text)
+        per = (time.perf_counter() - t) * 1000 / max(1, len(items))
+        for lat in latency:
+            lat["normalise"] = per
+        # One encoder pass per head for every document whose policy runs a classifier.
+        groups: dict[int, tuple[ClassifierScanner, list[int]]] = {}
+        for k, (it, (_, pol)) in enumerate(zip(items, chosen, strict=True)):
+            if it.doc is None:
+                continue
+            for spec in self._specs(pol, direction, it.ctx):
+                cand = self._scanner(spec)
+                if isinstance(cand, ClassifierScanner):
+                    groups.setdefault(id(cand.head_dir), (cand, []))[1].append(k)
+                    break
+        for clf, idx in groups.values():
+            t = time.perf_counter()
+            try:
+                clf.model.score_documents([d for k in idx if (d := items[k].doc) is not None])
+            except Exception as exc:  # the encoder failing must not crash the caller
+                for k in idx:
+                    items[k].errors["encoder"] = f"{type(exc).__name__}: {exc}"
+            per = (time.perf_counter() - t) * 1000 / len(idx)
+            for k in idx:
+                latency[k]["encoder"] = per
+        verdicts: list[Verdict] = []
+        for it, (name, pol), lat, vault in zip(items, chosen, latency, vaults, strict=True):
+            verdicts.append(self._decide(it, name, pol, direction, lat, vault))
+        return verdicts
+
+    def _decide(
+        self,
+        it: _Item,
+        name: str,
+        pol: Policy,
+        direction: Direction,
+        lat: dict[str, float],
+        vault: Vault | None,
+    ) -> Verdict:
+        specs = self._specs(pol, direction, it.ctx)
+        scores: dict[str, float] = {}
+        thresholds: dict[str, float] = {}
+        fail_block = False
+        if "input" in it.errors:
+            fail_block = pol.fail_closed
+        for spec in specs:
+            if it.doc is None:
+                break
+            t = time.perf_counter()
+            try:
+                scanner = self._scanner(spec)
+                threshold = self._threshold(spec, scanner)
+                if "encoder" in it.errors and isinstance(scanner, ClassifierScanner):
+                    raise ScannerError(it.errors["encoder"])
+                found = scanner.scan(it.doc, it.ctx)
+            except Exception as exc:
+                it.errors[spec.scanner] = f"{type(exc).__name__}: {exc}"
+                fail = spec.fail_closed if spec.fail_closed is not None else pol.fail_closed
+                fail_block = fail_block or fail
+                lat[spec.scanner] = (time.perf_counter() - t) * 1000
+                continue
+            lat[spec.scanner] = lat.get(spec.scanner, 0.0) + (time.perf_counter() - t) * 1000
+            cat = scanner.category
+            thresholds[cat] = threshold
+            scores.setdefault(cat, 0.0)
+            for f in found:
+                f.threshold = threshold
+                f.action = self._action(spec, f)
+                scores[cat] = max(scores[cat], f.score)
+                it.findings.append(f)
+                it.modes[id(f)] = spec.redaction
+        actions = [f.action for f in it.findings]
+        action = Action.BLOCK if fail_block else strongest(actions)
+        verdict = Verdict(
+            direction=direction,
+            action=action,
+            findings=it.findings,
+            policy_name=name,
+            policy_version=pol.version(),
+            latency_ms=lat,
+            errors=it.errors,
+            scores=scores,
+            thresholds=thresholds,
+            scanned=bool(specs) and it.doc is not None and not it.errors,
+        )
+        if action is Action.REDACT:
+            vault = vault if vault is not None else Vault()
+            todo = [(f, it.modes[id(f)]) for f in it.findings if f.action is Action.REDACT]
+            verdict.text = redact_many(it.text, todo, vault, self.hash_key)
+            verdict.vault = vault
+        return verdict
+
+    # -- chat requests ---------------------------------------------------------------------------
+    def scan_messages(self, messages: Sequence[dict[str, Any]], ctx: ScanContext | None = None) -> Verdict:
+        """Scan an OpenAI-style message list: user turns and documents (tool/document/function
+        messages, for indirect injection) with the input policy, system messages for PII/secrets.
+
+        Returns one verdict for the request; finding offsets are into the content of the message
+        named by `Finding.message` (text parts of one message are joined by newlines first).
+        """
+        ctx = ctx or ScanContext()
+        name, pol = self.policy_for(ctx)
+        parts: list[tuple[int, str, ScanContext]] = []
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict):
+                raise ValueError(f"messages[{i}] must be an object")
+            role = msg.get("role")
+            text = _content_text(msg.get("content"))
+            if text is None:
+                continue
+            if role == "system" or role == "developer":
+                if ctx.system_prompt is None:
+                    ctx = replace(ctx, system_prompt=text)
+                parts.append((i, text, replace(ctx, role="system")))
+            elif role == "user":
+                parts.append((i, text, replace(ctx, role="user")))
+            elif role in ("tool", "function", "document") and pol.documents:
+                parts.append((i, text, replace(ctx, role="document")))
+        vault = Vault()
+        items = [_Item(t, c) for _, t, c in parts]
+        per_msg = self._run(items, "input", [vault] * len(items))
+        findings: list[Finding] = []
+        latency: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        scores: dict[str, float] = {}
+        thresholds: dict[str, float] = {}
+        out_messages = [dict(m) for m in messages]
+        for (i, _, _), v in zip(parts, per_msg, strict=True):
+            for f in v.findings:
+                f.message = i
+            findings.extend(v.findings)
+            for k, ms in v.latency_ms.items():
+                latency[k] = latency.get(k, 0.0) + ms
+            errors.update({f"messages[{i}].{k}": e for k, e in v.errors.items()})
+            for k, s in v.scores.items():
+                scores[k] = max(scores.get(k, 0.0), s)
+            thresholds.update(v.thresholds)
+            if v.text is not None:
+                out_messages[i]["content"] = v.text
+        action = strongest([v.action for v in per_msg])
+        return Verdict(
+            direction="input",
+            action=action,
+            findings=findings,
+            policy_name=name,
+            policy_version=pol.version(),
+            latency_ms=latency,
+            errors=errors,
+            scores=scores,
+            thresholds=thresholds,
+            scanned=bool(parts) and all(v.scanned for v in per_msg),
+            messages=out_messages if action is Action.REDACT else None,
+            vault=vault if len(vault) else None,
+        )
+
+    def finish_output(self, text: str, ctx: ScanContext | None = None, vault: Vault | None = None) -> Verdict:
+        """Scan an answer; redact per policy, then restore the request's pseudonyms for the caller."""
+        ctx = ctx or ScanContext()
+        _, pol = self.policy_for(ctx)
+        verdict = self.scan_texts([text], [ctx], "output")[0]
+        if verdict.action is not Action.BLOCK:
+            shown = verdict.text if verdict.text is not None else text
+            if vault is not None and pol.restore_pseudonyms:
+                shown = vault.restore(shown)
+            verdict.text = shown
+        return verdict
+
+    # -- async API for the gateway ----------------------------------------------------------------
+    async def scan_input(self, messages: Sequence[dict[str, Any]], ctx: ScanContext | None = None) -> Verdict:
+        """`scan_messages` off the event loop (the encoder is CPU-bound)."""
+        return await asyncio.to_thread(self.scan_messages, messages, ctx)
+
+    async def scan_output(
+        self, text: str, ctx: ScanContext | None = None, vault: Vault | None = None
+    ) -> Verdict:
+        """`finish_output` off the event loop; `verdict.text` is what the caller may see."""
+        return await asyncio.to_thread(self.finish_output, text, ctx, vault)
+
+    def stream(self, ctx: ScanContext | None = None, vault: Vault | None = None, **kw: int) -> StreamGuard:
+        return StreamGuard(self, ctx or ScanContext(), vault, **kw)
+
+
+def _content_text(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        return "\n".join(t for t in texts if isinstance(t, str)) if texts else None
+    return None
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    """What the gateway may send now. `cut` means stop the stream with `finish_reason`."""
+
+    text: str
+    cut: bool = False
+    finish_reason: str | None = None
+    verdict: Verdict | None = None
+
+
+class StreamGuard:
+    """Scan a streamed answer in overlapping windows; release only text that has been scanned.
+
+    Text is held back until a window covering it has been scanned, and the last `overlap` characters
+    of each window are held until the next window re-scans them with more context, so an entity
+    split across two deltas is still seen whole. On a blocking finding the stream is cut with
+    `finish_reason="content_filter"` and nothing after the last safe point is released.
+    `scanned_chars == total_chars` is the only condition under which `report()` says scanned.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        ctx: ScanContext,
+        vault: Vault | None = None,
+        *,
+        window: int = 1024,
+        overlap: int = 256,
+    ) -> None:
+        if not 0 < overlap < window:
+            raise ValueError(f"stream overlap must be in (0, window); got overlap={overlap}, window={window}")
+        self.pipeline = pipeline
+        self.ctx = ctx
+        self.vault = vault
+        self.window = window
+        self.overlap = overlap
+        self.buffer = ""
+        self.emitted = 0  # characters of `buffer` released to the client
+        self.scanned_to = 0  # characters of `buffer` covered by a completed window scan
+        self.cut = False
+        self.verdicts: list[Verdict] = []
+        self._redactions: dict[tuple[int, int, str], tuple[Finding, RedactionMode]] = {}
+        _, pol = pipeline.policy_for(ctx)
+        self._restore = pol.restore_pseudonyms
+        self._modes = {s.scanner: s.redaction for s in pol.output}
+
+    def _scan_window(self, end: int) -> Verdict:
+        start = max(0, self.scanned_to - self.overlap)
+        verdict = self.pipeline.scan_texts([self.buffer[start:end]], [self.ctx], "output")[0]
+        for f in verdict.findings:
+            f.spans = [type(s)(s.start + start, s.end + start) for s in f.spans]
+            if f.action is Action.REDACT:
+                key = (f.start, f.end, f.entity)
+                self._redactions[key] = (f, self._modes.get(f.scanner, "mask"))
+        self.verdicts.append(verdict)
+        self.scanned_to = end
+        return verdict
+
+    def _release(self, upto: int) -> str:
+        # Never split a redacted entity across two releases.
+        for f, _ in self._redactions.values():
+            if f.start < upto < f.end:
+                upto = f.start
+        upto = max(upto, self.emitted)
+        piece_findings = []
+        for f, mode in self._redactions.values():
+            if f.end > self.emitted and f.start < upto:
+                clipped = replace(
+                    f, spans=[type(s)(s.start - self.emitted, s.end - self.emitted) for s in f.spans]
+                )
+                piece_findings.append((clipped, mode))
+        piece = self.buffer[self.emitted : upto]
+        out = redact_many(piece, piece_findings, self.vault or Vault(), self.pipeline.hash_key)
+        if self.vault is not None and self._restore:
+            out = self.vault.restore(out)
+        self.emitted = upto
+        return out
+
+    def feed(self, delta: str) -> StreamChunk:
+        """Add generated text; returns what may be sent now (possibly empty)."""
+        if self.cut:
+            return StreamChunk("", cut=True, finish_reason="content_filter")
+        self.buffer += delta
+        step = self.window - self.overlap
+        text = ""
+        while len(self.buffer) - self.scanned_to >= step:
+            verdict = self._scan_window(self.scanned_to + step)
+            if verdict.blocked:
+                self.cut = True
+                return StreamChunk(text, cut=True, finish_reason="content_filter", verdict=verdict)
+            text += self._release(self.scanned_to - self.overlap)
+        return StreamChunk(text)
+
+    def finish(self) -> StreamChunk:
+        """End of generation: scan what is left and release it (or cut)."""
+        if self.cut:
+            return StreamChunk("", cut=True, finish_reason="content_filter")
+        if self.scanned_to < len(self.buffer) or not self.verdicts:
+            verdict = self._scan_window(len(self.buffer))
+            if verdict.blocked:
+                self.cut = True
+                return StreamChunk("", cut=True, finish_reason="content_filter", verdict=verdict)
+        return StreamChunk(self._release(len(self.buffer)), finish_reason="stop")
+
+    def report(self) -> dict[str, Any]:
+        """For the trace: how much was scanned, in how many windows, and whether it was cut."""
+        return {
+            "scanned": self.scanned_to >= len(self.buffer) and all(v.scanned for v in self.verdicts),
+            "scanned_chars": self.scanned_to,
+            "total_chars": len(self.buffer),
+            "released_chars": self.emitted,
+            "windows": len(self.verdicts),
+            "cut": self.cut,
+            "window": self.window,
+            "overlap": self.overlap,
+            "findings": [f.to_dict() for v in self.verdicts for f in v.findings if f.triggered],
+        }

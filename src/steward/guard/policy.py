@@ -1,0 +1,156 @@
+"""Guard policies: data (YAML), validated by pydantic, versioned by the hash of their content.
+
+A policy set names policies and binds them to (tenant, route) pairs; the most specific binding wins
+(tenant+route, then tenant, then route, then `default`). Each policy lists input and output scanners
+with a threshold and an action. Validation happens at load time against the scanner registry, so a
+typo in a scanner name or a threshold of 1.5 is an error when the gateway starts, never a silently
+unguarded request. The version is the SHA-256 of the canonical JSON of the *validated* policy, so
+reformatting the YAML does not change it, and every verdict names the exact policy it applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .base import Registry, default_registry
+from .types import Action
+
+__all__ = ["BUILTIN_POLICY", "Policy", "PolicyError", "PolicySet", "ScannerSpec", "load_policy_set"]
+
+BUILTIN_POLICY = Path(__file__).parent / "policies" / "default.yaml"
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message says where and why."""
+
+
+class ScannerSpec(BaseModel):
+    """One scanner in a policy: which, how sure it must be, and what to do."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scanner: str
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    action: Action = Action.BLOCK
+    entity_actions: dict[str, Action] = Field(default_factory=dict)
+    quasi_action: Action = Action.FLAG
+    redaction: Literal["pseudonym", "mask", "hash"] = "pseudonym"
+    fail_closed: bool | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str = ""
+    input: list[ScannerSpec] = Field(default_factory=list)
+    output: list[ScannerSpec] = Field(default_factory=list)
+    fail_closed: bool = True
+    restore_pseudonyms: bool = True
+    documents: bool = True  # scan retrieved documents (tool / document messages) for indirect injection
+
+    def version(self) -> str:
+        """SHA-256 of the canonical JSON of this validated policy."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Binding(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenant: str = "*"
+    route: str = "*"
+    policy: str
+
+
+class PolicySet(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = 1
+    policies: dict[str, Policy]
+    bindings: list[Binding] = Field(default_factory=list)
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"unsupported policy file version {v} (this Steward reads version 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _bindings_resolve(self) -> PolicySet:
+        if "default" not in self.policies:
+            raise ValueError("a policy set needs a policy named 'default'")
+        for b in self.bindings:
+            if b.policy not in self.policies:
+                raise ValueError(f"binding {b.tenant}/{b.route} names unknown policy {b.policy!r}")
+        return self
+
+    def check_scanners(self, registry: Registry) -> None:
+        """Every scanner named exists and accepts its options (constructed once, then dropped)."""
+        for name, pol in self.policies.items():
+            for direction, specs in (("input", pol.input), ("output", pol.output)):
+                for i, spec in enumerate(specs):
+                    where = f"policies.{name}.{direction}[{i}]"
+                    if spec.scanner not in registry:
+                        raise PolicyError(
+                            f"{where}: unknown scanner {spec.scanner!r}; known: {', '.join(registry.names())}"
+                        )
+                    try:
+                        registry.create(spec.scanner, spec.options)
+                    except (TypeError, ValueError) as exc:
+                        raise PolicyError(f"{where}: bad options for {spec.scanner}: {exc}") from exc
+
+    def select(self, tenant: str, route: str) -> tuple[str, Policy]:
+        """The most specific binding: tenant+route > tenant > route > 'default'."""
+        best: tuple[int, str] | None = None
+        for b in self.bindings:
+            t_ok = b.tenant in ("*", tenant)
+            r_ok = b.route in ("*", route)
+            if t_ok and r_ok:
+                rank = (2 if b.tenant != "*" else 0) + (1 if b.route != "*" else 0)
+                if best is None or rank > best[0]:
+                    best = (rank, b.policy)
+        name = best[1] if best else "default"
+        return name, self.policies[name]
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {err['msg']}")
+    return f"{source}: invalid policy: " + "; ".join(parts)
+
+
+def load_policy_set(
+    source: str | Path | dict[str, Any] | None = None, registry: Registry | None = None
+) -> PolicySet:
+    """Load and validate a policy set from a YAML path, a dict, or the built-in default."""
+    if source is None:
+        source = BUILTIN_POLICY
+    label = "policy" if isinstance(source, dict) else str(source)
+    if isinstance(source, dict):
+        data: Any = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise PolicyError(f"policy file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PolicyError(f"{label}: a policy file must be a mapping")
+    try:
+        pset = PolicySet.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_format_validation(exc, label)) from None
+    pset.check_scanners(registry or default_registry())
+    return pset

@@ -1,0 +1,99 @@
+"""`steward scan`: JSON lines on stdout only, one per input, in order; exit codes 0/1/2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from steward.commands import scan
+
+from .test_engine import PATTERN_POLICY
+
+
+@pytest.fixture()
+def app() -> typer.Typer:
+    a = typer.Typer()
+    scan.register(a)
+
+    @a.command("noop")  # a second command keeps Typer in multi-command mode, as in the real CLI
+    def _noop() -> None: ...
+
+    return a
+
+
+@pytest.fixture()
+def policy(tmp_path: Path) -> Path:
+    p = tmp_path / "policy.yaml"
+    pol = json.loads(json.dumps(PATTERN_POLICY))
+    pol["policies"]["default"]["input"][0]["action"] = "block"  # secrets block
+    p.write_text(yaml.safe_dump(pol), encoding="utf-8")
+    return p
+
+
+def run(app: typer.Typer, args: list[str], stdin: str | None = None) -> tuple[int, list[str], str]:
+    r = CliRunner().invoke(app, args, input=stdin)
+    return r.exit_code, r.stdout.splitlines(), r.stderr
+
+
+def test_clean_text_exits_0(app: typer.Typer, policy: Path) -> None:
+    code, out, _ = run(app, ["scan", "--policy", str(policy), "what is the capital of France?"])
+    assert code == 0 and len(out) == 1
+    line = json.loads(out[0])
+    assert line["flagged"] is False and line["categories"] == [] and line["findings"] == []
+
+
+def test_blocked_text_exits_1_and_reports_offsets(app: typer.Typer, policy: Path) -> None:
+    text = "deploy with AKIAIOSFODNN7EXAMPLE please"
+    code, out, _ = run(app, ["scan", "--policy", str(policy), "-"], stdin=text + "\n")
+    assert code == 1
+    line = json.loads(out[0])
+    f = line["findings"][0]
+    assert line["flagged"] and line["categories"] == ["secrets"] and f["entity"] == "AWS_ACCESS_KEY"
+    assert text[f["start"] : f["end"]] == "AKIAIOSFODNN7EXAMPLE"
+    assert line["scores"]["secrets"] == pytest.approx(0.95)
+
+
+def test_jsonl_one_line_per_input_in_order(app: typer.Typer, policy: Path, tmp_path: Path) -> None:
+    rows = [
+        {"text": f"mail user{i}@example.com"} if i % 3 == 0 else {"text": f"plain text {i}"}
+        for i in range(150)
+    ]
+    rows[7] = {"text": "身份证11010519491231002X", "role": "document"}
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    code, out, _ = run(app, ["scan", "--policy", str(policy), "--jsonl", str(f), "--batch-size", "16"])
+    assert code == 0 and len(out) == 150
+    lines = [json.loads(x) for x in out]
+    for i, line in enumerate(lines):
+        expect = i % 3 == 0 or i == 7
+        assert line["flagged"] is expect, (i, line)
+    assert lines[7]["findings"][0]["entity"] == "CN_RESIDENT_ID"
+    assert lines[3]["findings"][0] == {
+        "category": "pii",
+        "entity": "EMAIL_ADDRESS",
+        "start": 5,
+        "end": 22,
+        "score": 0.95,
+    }
+
+
+def test_jsonl_bad_line_keeps_alignment_and_exits_2(app: typer.Typer, policy: Path) -> None:
+    data = '{"text": "ok"}\nnot json\n{"text": "AKIAIOSFODNN7EXAMPLE"}\n{"text": "x", "role": "admin"}\n'
+    code, out, err = run(app, ["scan", "--policy", str(policy), "--jsonl", "-"], stdin=data)
+    assert code == 2 and len(out) == 4
+    assert "error" in json.loads(out[1]) and "error" in json.loads(out[3])
+    assert json.loads(out[2])["categories"] == ["secrets"]
+    assert "line 2" in err
+
+
+def test_bad_policy_is_an_error(app: typer.Typer, tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("version: 1\npolicies:\n  default:\n    input: [{scanner: nope}]\n", encoding="utf-8")
+    r = CliRunner().invoke(app, ["scan", "--policy", str(p), "hi"])
+    assert r.exit_code != 0 and r.stdout == ""
+    assert "unknown scanner 'nope'" in str(r.exception)
