@@ -127,3 +127,28 @@ def serving(env: dict[str, str], *args: str, log: Path | None = None) -> Iterato
         except subprocess.TimeoutExpired:
             proc.kill()
         sink.close()
+
+
+class ThreadedUpstream:
+    """A FakeUpstream on its own event loop in a thread, scriptable from the test thread."""
+
+    def __init__(self, **kw: object) -> None:
+        self.up = __import__("steward.backends.fake_upstream", fromlist=["FakeUpstream"]).FakeUpstream(**kw)  # type: ignore[arg-type]
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with self.up:
+            self._ready.set()
+            await self._stop.wait()
+
+    def close(self) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)

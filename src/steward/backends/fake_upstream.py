@@ -44,6 +44,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 JSON = dict[str, Any]
+ECHO = "{echo}"  # reply_text that makes the fake repeat the last message it received
 
 FaultKind = Literal["status", "delay", "hang", "drop", "malformed", "no_usage", "no_done", "error_event"]
 
@@ -225,7 +226,16 @@ class FakeUpstream:
         return None
 
     def _words(self, body: JSON) -> list[str]:
-        words = self.reply_text.split(" ")
+        text = self.reply_text
+        if text == ECHO:
+            # Echo the last message (or the prompt): lets tests see what the gateway forwarded.
+            msgs = body.get("messages")
+            if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict):
+                text = str(msgs[-1].get("content") or "")
+            else:
+                prompt = body.get("prompt")
+                text = prompt if isinstance(prompt, str) else str(prompt)
+        words = text.split(" ")
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         if isinstance(limit, int) and limit > 0:
             words = words[:limit]

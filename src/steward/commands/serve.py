@@ -35,6 +35,10 @@ def register(app: typer.Typer) -> None:
         if config is not None:
             os.environ["STEWARD_CONFIG"] = str(config.resolve())
         os.environ["STEWARD_DATA_DIR"] = str(settings.data_dir.resolve())
+        if settings.guards and settings.guard_policies is not None:
+            from steward.guard import load_policy_set
+
+            load_policy_set(settings.guard_policies)  # a bad policy file is one line, before binding
         configure_logging(settings.log_level)
         for name in ("uvicorn", "uvicorn.error"):
             lg = logging.getLogger(name)

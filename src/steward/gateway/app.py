@@ -182,9 +182,17 @@ def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = Non
                 checkpoint_every=settings.audit_checkpoint_every,
                 checkpoint_interval_s=settings.audit_checkpoint_interval_s,
             )
+        guard = None
+        if settings.guards:
+            from steward.gateway.guarding import Guard
+
+            guard = Guard(settings.guard_policies)
+            # Load the classifier heads and the encoder now, not on the first request.
+            await guard.pipeline.scan_input([{"role": "user", "content": "warm up"}], None)
         entries = models if models is not None else await build_models(settings)
         gw = Gateway(settings, keys, limiter, entries, Metrics(), on_finish=sink.record if sink else None)
         gw.audit = sink
+        gw.guard = guard
         app.state.gateway = gw
         gw.ready = True
         log.info(
@@ -217,12 +225,13 @@ def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = Non
         redoc_url=None,
     )
     install_error_handlers(app)
-    from steward.gateway.routes import admin, audit, health, openai
+    from steward.gateway.routes import admin, audit, health, moderations, openai
 
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(audit.router)
+    app.include_router(moderations.router)
 
     def custom_openapi() -> dict[str, Any]:
         if app.openapi_schema:

@@ -48,6 +48,15 @@ def event_from_trace(trace: Trace) -> AuditEvent:
     if trace.error:
         detail["error_code"] = trace.error.get("code")
         detail["error_type"] = trace.error.get("type")
+    if trace.guard:
+        detail["guard"] = [
+            {
+                k: v[k]
+                for k in ("stage", "action", "scanned", "categories", "choice", "cut", "policy")
+                if k in v
+            }
+            for v in trace.guard
+        ]
     if trace.limits:
         detail["limits"] = trace.limits
     if "admin_action" in trace.usage:

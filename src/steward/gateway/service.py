@@ -71,6 +71,7 @@ class Gateway:
         self.on_finish = on_finish
         self.ready = False
         self.audit: Any = None  # steward.gateway.audit_sink.AuditSink when the audit log is on
+        self.guard: Any = None  # steward.gateway.guarding.Guard when guards are on
 
     # -- identity -------------------------------------------------------------------------------------
     async def principal(self, request: Request, trace: Trace | None = None) -> Principal:
@@ -234,6 +235,8 @@ class Gateway:
         except APIError as exc:
             state["backend_s"] = trace.backend_s
             outcome = "refused" if exc.status in (401, 403, 429) else "error"
+            if exc.code == "content_policy_violation":
+                outcome = "blocked"
             trace.payload = None
             try:
                 await self.finish(trace, exc.status, outcome, exc.body()["error"])
@@ -264,9 +267,13 @@ class Gateway:
         client_usage = bool(body.get("stream_options", {}).get("include_usage"))
         if stream:
             body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
+        t = trace.mark("auth", t)
+        inp = None
+        if self.guard is not None and route != "embeddings":
+            inp = await self.guard.scan_input(route, body, principal, trace)
+            t = trace.mark("guard_input", t)
         call = Call(body=body, upstream_model=body["model"], request_id=trace.request_id)
         call.timeout_s = entry.route.timeout_s
-        t = trace.mark("auth", t)
 
         backend = entry.backend
         prompt_est = self._backend_call(
@@ -293,7 +300,6 @@ class Gateway:
         res = await self.reserve(limits, amounts)
         t = trace.mark("limits", t)
         trace.limits = {"reserved_tokens": tokens} if res is not None else {}
-        # guard.input attaches here (issue 4)
         headers = {}
         if res is not None:
             from steward.gateway.limits.base import ratelimit_headers
@@ -311,6 +317,7 @@ class Gateway:
                     headers,
                     client_usage,
                     unbounded=budget is None and not hasattr(backend, "max_new_tokens"),
+                    inp=inp,
                 )
             b0 = time.perf_counter()
             try:
@@ -340,11 +347,61 @@ class Gateway:
         out["model"] = entry.route.name
         pt, ct = float(usage.get("prompt_tokens", 0)), float(usage.get("completion_tokens", 0))
         trace.usage = dict(usage)
+        if inp is not None:
+            g0 = time.perf_counter()
+            await self.guard.scan_output(route, out, inp, trace)
+            trace.mark("guard_output", g0)
         trace.payload = {"request": call.body, "response": out.get("choices")}
         await self.settle(res, {"tokens": pt + ct, "spend": self.spend(entry, pt, ct)})
-        # guard.output attaches here (issue 4); audit commit before the response (issue 5)
         await self.finish(trace, 200, "ok")
         return json_response(200, out, headers)
+
+    async def _scan_chunk(
+        self, scan: Any, chunk: dict[str, Any], cut: set[int], n_choices: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Pass one backend chunk through the stream guards.
+
+        Text is released only once it has been scanned (so it may come out in a later chunk); a
+        choice whose guard cuts gets `finish_reason: "content_filter"` and nothing after it. Returns
+        the chunks to send, and whether every choice has been cut (the stream then ends).
+        """
+        out: list[dict[str, Any]] = []
+        for c in chunk["choices"]:
+            i = int(c.get("index", 0))
+            if i in cut:
+                continue
+            is_chat = "delta" in c
+            delta = dict(c.get("delta") or {}) if is_chat else {}
+            piece = delta.get("content") if is_chat else c.get("text")
+            finish = c.get("finish_reason")
+            released = ""
+            if piece:
+                r = await scan.feed(i, piece)
+                released += r.text
+                if r.cut:
+                    cut.add(i)
+                    finish = "content_filter"
+            if finish is not None and i not in cut:
+                r = await scan.finish(i)
+                released += r.text
+                if r.cut:
+                    cut.add(i)
+                    finish = "content_filter"
+            nc = dict(c)
+            if is_chat:
+                rest = {k: v for k, v in delta.items() if k != "content"}
+                if released or ("content" in delta and "role" in delta):
+                    rest["content"] = released
+                nc["delta"] = rest
+                if not rest and finish is None:
+                    continue  # held back until scanned: nothing to send for this choice yet
+            else:
+                nc["text"] = released
+                if not released and finish is None:
+                    continue
+            nc["finish_reason"] = finish
+            out.append({**chunk, "choices": [nc]})
+        return out, len(cut) >= n_choices
 
     def _backend_call(self, fn: Callable[[], Any]) -> Any:
         try:
@@ -363,6 +420,7 @@ class Gateway:
         headers: dict[str, str],
         client_usage: bool,
         unbounded: bool,
+        inp: Any = None,
     ) -> Response:
         backend = entry.backend
         b0 = time.perf_counter()
@@ -385,6 +443,9 @@ class Gateway:
             reserved = STREAM_CHUNK_TOKENS
             texts: dict[int, list[str]] = {}
             status, outcome, error = 200, "ok", None
+            scan = self.guard.stream(inp) if (inp is not None and self.guard is not None) else None
+            cut_choices: set[int] = set()
+            n_choices = int(call.body.get("n") or 1)
             finished = False
 
             async def close_out() -> None:
@@ -402,6 +463,8 @@ class Gateway:
                 pt = float(usage.get("prompt_tokens", 0))
                 ct = float(usage.get("completion_tokens", counted))
                 trace.usage = dict(usage) or {"completion_tokens": counted, "estimated": True}
+                if scan is not None:
+                    trace.guard.extend(scan.reports())
                 trace.payload = {
                     "request": call.body,
                     "response": {str(i): "".join(parts) for i, parts in sorted(texts.items())},
@@ -443,11 +506,37 @@ class Gateway:
                                     ],
                                 }
                                 outcome = "cut"
+                                if scan is not None:
+                                    held = {
+                                        **chunk,
+                                        "choices": [
+                                            {**c, "finish_reason": "length"} for c in chunk["choices"]
+                                        ],
+                                    }
+                                    out_chunks, _ = await self._scan_chunk(scan, held, cut_choices, n_choices)
+                                    stop = {**chunk, "choices": []}
+                                    for oc in out_chunks:
+                                        yield b"data: " + orjson.dumps(oc) + b"\n\n"
                                 await close_out()
-                                yield b"data: " + orjson.dumps(stop) + b"\n\n"
+                                if stop["choices"]:
+                                    yield b"data: " + orjson.dumps(stop) + b"\n\n"
                                 yield done()
                                 return
                             reserved += STREAM_CHUNK_TOKENS
+                        if scan is not None:
+                            out_chunks, stop_now = await self._scan_chunk(scan, chunk, cut_choices, n_choices)
+                            for oc in out_chunks:
+                                yield b"data: " + orjson.dumps(oc) + b"\n\n"
+                            if stop_now:
+                                outcome = "blocked"
+                                await close_out()
+                                yield done()
+                                return
+                            try:
+                                chunk = await it.__anext__()
+                            except StopAsyncIteration:
+                                chunk = None
+                            continue
                         yield b"data: " + orjson.dumps(chunk) + b"\n\n"
                     elif chunk.get("usage") and client_usage:
                         chunk["model"] = entry.route.name

@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1, le=256)
     models: list[ModelRoute] = Field(default_factory=_default_models)
     embedding_model: str = "all-minilm-l6-v2"  # served by the built-in MiniLM encoder; "" = none
+    guards: bool = True  # input and output scanners on every request (steward.guard)
+    guard_policies: Path | None = None  # YAML policy set; None = the built-in default policies
     audit: bool = True  # every request and admin act in the Merkle log (steward.audit)
     audit_checkpoint_every: int = Field(default=1000, ge=1)
     audit_checkpoint_interval_s: float = Field(default=10.0, gt=0)

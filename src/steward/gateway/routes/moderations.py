@@ -1,0 +1,134 @@
+"""`POST /v1/moderations` in OpenAI's format, answered by Steward's guards.
+
+OpenAI's 13 categories are mapped from Steward's categories; the mapping is fixed and documented
+here rather than learned, so a score always traces back to one detector:
+
+* `harassment`, `hate` ← toxicity (the Davidson hate/offensive data covers both);
+  their `/threatening` variants ← min(toxicity, harmful): abusive *and* harmful.
+* `illicit` ← harmful with hazard nonviolent_crimes, privacy or intellectual_property (or no hazard);
+  `illicit/violent` ← harmful with hazard violent_crimes or indiscriminate_weapons.
+* `violence` ← harmful with hazard violent_crimes; `violence/graphic` ← no detector (always 0).
+* `self-harm`, `self-harm/intent`, `self-harm/instructions` ← harmful with hazard suicide_self_harm.
+* `sexual` ← harmful with hazard sex_related_crimes; `sexual/minors` ← child_sexual_exploitation.
+
+A category is flagged when its score reaches the threshold of the Steward scanner it comes from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from starlette.responses import Response
+
+from steward.gateway.errors import APIError, json_response
+from steward.gateway.service import AuditUnavailable, Gateway
+from steward.gateway.trace import Trace
+
+router = APIRouter()
+
+OPENAI_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+_HAZARD_TARGETS = {
+    "violent_crimes": ("illicit/violent", "violence"),
+    "indiscriminate_weapons": ("illicit/violent",),
+    "nonviolent_crimes": ("illicit",),
+    "privacy": ("illicit",),
+    "intellectual_property": ("illicit",),
+    "suicide_self_harm": ("self-harm", "self-harm/intent", "self-harm/instructions"),
+    "sex_related_crimes": ("sexual",),
+    "child_sexual_exploitation": ("sexual/minors", "sexual"),
+    "hate": ("hate",),
+}
+
+
+class ModerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    input: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=256)]
+    model: StrictStr | None = None
+
+
+def map_verdict(v: Any) -> dict[str, Any]:
+    """One OpenAI moderation result from a Steward verdict."""
+    scores = {c: 0.0 for c in OPENAI_CATEGORIES}
+    flags = {c: False for c in OPENAI_CATEGORIES}
+    tox = float(v.scores.get("toxicity", 0.0))
+    harm = float(v.scores.get("harmful", 0.0))
+    tox_t = float(v.thresholds.get("toxicity", 0.5))
+    harm_t = float(v.thresholds.get("harmful", 0.5))
+    for c in ("harassment", "hate"):
+        scores[c], flags[c] = tox, tox >= tox_t
+    both = min(tox, harm)
+    for c in ("harassment/threatening", "hate/threatening"):
+        scores[c], flags[c] = both, tox >= tox_t and harm >= harm_t
+    hazards = {f.subtype for f in v.findings if f.category == "harmful" and f.subtype}
+    targets: set[str] = set()
+    for h in hazards or {"nonviolent_crimes"}:
+        targets.update(_HAZARD_TARGETS.get(h, ("illicit",)))
+    for c in targets:
+        scores[c] = max(scores[c], harm)
+        flags[c] = flags[c] or harm >= harm_t
+    return {
+        "flagged": any(flags.values()),
+        "categories": flags,
+        "category_scores": {c: round(s, 6) for c, s in scores.items()},
+        "category_applied_input_types": {c: ["text"] for c in OPENAI_CATEGORIES},
+    }
+
+
+@router.post("/v1/moderations")
+async def moderations(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    state = request.scope.get("state", {})
+    trace = Trace(request_id=state.get("request_id", ""), route="/v1/moderations")
+    try:
+        try:
+            p = await gw.principal(request, trace)
+            if p.role == "auditor":
+                raise APIError(403, "auditor keys may not call inference routes", code="role_not_allowed")
+            req: ModerationRequest = gw.parse(ModerationRequest, await request.body())
+            if gw.guard is None:
+                raise APIError(404, "guards are disabled on this gateway", code="guards_disabled")
+            from steward.guard import ScanContext
+
+            texts = [req.input] if isinstance(req.input, str) else list(req.input)
+            ctxs = [
+                ScanContext(tenant=p.tenant, route="moderations", request_id=trace.request_id) for _ in texts
+            ]
+            gw.guard._bind(p)
+            verdicts = await asyncio.to_thread(gw.guard.pipeline.scan_texts, texts, ctxs, "input")
+            for v in verdicts:
+                trace.guard.append({"stage": "moderation", **v.to_trace()})
+            trace.model = "steward-guard"
+            trace.policy_version = f"{verdicts[0].policy_name}@{verdicts[0].policy_version[:12]}"
+        except APIError as exc:
+            outcome = "refused" if exc.status in (401, 403) else "error"
+            await gw.finish(trace, exc.status, outcome, exc.body()["error"])
+            return json_response(exc.status, exc.body())
+        await gw.finish(trace, 200, "ok")
+    except AuditUnavailable as exc:
+        return json_response(exc.status, exc.body())
+    return json_response(
+        200,
+        {
+            "id": "modr-" + secrets.token_hex(12),
+            "model": req.model or "steward-guard",
+            "results": [map_verdict(v) for v in verdicts],
+        },
+    )
