@@ -128,3 +128,14 @@ def test_logs_are_json_without_keys_or_prompts(tmp_path: Path) -> None:
     text = log.read_text()
     assert secret_prompt not in text and "hunter2" not in text
     assert key not in text and key[:-2] not in text
+
+
+@pytest.mark.slow
+def test_unreadable_audit_key_stops_serve_with_a_clear_line(tmp_path: Path) -> None:
+    env = env_for(tmp_path, STEWARD_EMBEDDING_MODEL="", STEWARD_GUARDS="false")
+    assert steward("keys", "create", "--tenant", "acme", env=env).returncode == 0  # creates the keys
+    kek = next(p for p in (tmp_path / "keys").iterdir() if "kek" in p.name or p.name.endswith(".key"))
+    kek.write_bytes(b"garbage")
+    r = steward("serve", "--port", "1", env=env)
+    assert r.returncode != 0
+    assert "startup failed" in r.stderr and "Traceback" not in r.stderr

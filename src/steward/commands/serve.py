@@ -13,6 +13,11 @@ from pathlib import Path
 import typer
 
 
+def _no_tracebacks(record: logging.LogRecord) -> bool:
+    """Startup failures are logged once, as one line, by the app; uvicorn's traceback copy is dropped."""
+    return not str(record.msg).startswith("Traceback (most recent call last)")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_command(
@@ -45,6 +50,7 @@ def register(app: typer.Typer) -> None:
             lg.handlers[:] = logging.getLogger("steward").handlers
             lg.setLevel(settings.log_level.upper())
             lg.propagate = False
+            lg.addFilter(_no_tracebacks)
         uvicorn.run(
             "steward.gateway.asgi:app_factory",
             factory=True,

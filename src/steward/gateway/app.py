@@ -6,6 +6,7 @@ is a ready one; `/readyz` says so for load balancers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -159,41 +160,70 @@ async def build_models(settings: Settings) -> dict[str, ModelEntry]:
     return entries
 
 
+async def _start(settings: Settings, models: dict[str, ModelEntry] | None) -> Gateway:
+    from steward.gateway.limits import make_limiter
+    from steward.store import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = upgrade(settings.resolved_database_url())
+    keys = KeyStore(engine, ttl_s=settings.key_cache_ttl_s)
+    limiter = make_limiter(settings.redis_url, engine, settings.workers)
+    sink = None
+    if settings.audit:
+        from steward.gateway.audit_sink import AuditSink
+
+        sink = AuditSink(
+            engine,
+            settings.data_dir,
+            checkpoint_every=settings.audit_checkpoint_every,
+            checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+        )
+    guard = None
+    if settings.guards:
+        from steward.gateway.guarding import Guard
+
+        guard = Guard(settings.guard_policies)
+        # Load the classifier heads and the encoder now, not on the first request.
+        await guard.pipeline.scan_input([{"role": "user", "content": "warm up"}], None)
+    entries = models if models is not None else await build_models(settings)
+    gw = Gateway(settings, keys, limiter, entries, Metrics(), on_finish=sink.record if sink else None)
+    gw.audit = sink
+    gw.guard = guard
+    return gw
+
+
+async def _expire_payloads(gw: Gateway) -> None:
+    """Payload retention: destroy the keys of payloads older than `payload_retention_days`, hourly.
+
+    Metadata (the leaves) is kept; only the ciphertexts become unreadable, by key destruction.
+    """
+    retention_s = gw.settings.payload_retention_days * 86400
+    while True:
+        try:
+            n = await asyncio.to_thread(gw.audit.log.expire_payloads, retention_s)
+            if n:
+                log.info(f"payload retention: destroyed {n} expired data keys")
+        except Exception:
+            log.exception("payload expiry failed")
+        await asyncio.sleep(3600)
+
+
 def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = None) -> FastAPI:
     """The ASGI app. `models` lets tests pass ready-made backends instead of building them."""
     configure_logging(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from steward.gateway.limits import make_limiter
-        from steward.store import upgrade
-
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        engine = upgrade(settings.resolved_database_url())
-        keys = KeyStore(engine, ttl_s=settings.key_cache_ttl_s)
-        limiter = make_limiter(settings.redis_url, engine, settings.workers)
-        sink = None
-        if settings.audit:
-            from steward.gateway.audit_sink import AuditSink
-
-            sink = AuditSink(
-                engine,
-                settings.data_dir,
-                checkpoint_every=settings.audit_checkpoint_every,
-                checkpoint_interval_s=settings.audit_checkpoint_interval_s,
-            )
-        guard = None
-        if settings.guards:
-            from steward.gateway.guarding import Guard
-
-            guard = Guard(settings.guard_policies)
-            # Load the classifier heads and the encoder now, not on the first request.
-            await guard.pipeline.scan_input([{"role": "user", "content": "warm up"}], None)
-        entries = models if models is not None else await build_models(settings)
-        gw = Gateway(settings, keys, limiter, entries, Metrics(), on_finish=sink.record if sink else None)
-        gw.audit = sink
-        gw.guard = guard
+        try:
+            gw = await _start(settings, models)
+        except Exception as exc:
+            # One line that names the problem (bad key file, unreachable store, bad policy, ...);
+            # uvicorn then exits non-zero without serving a request unaudited or unguarded.
+            log.error(f"startup failed: {' '.join(str(exc).split()) or type(exc).__name__}")
+            raise
         app.state.gateway = gw
+        entries, limiter, sink, engine = gw.models, gw.limiter, gw.audit, gw.keys.engine
+        expiry = asyncio.create_task(_expire_payloads(gw)) if sink is not None else None
         gw.ready = True
         log.info(
             f"gateway ready on http://{settings.host}:{settings.port} "
@@ -204,6 +234,8 @@ def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = Non
             yield
         finally:
             gw.ready = False
+            if expiry is not None:
+                expiry.cancel()
             if models is None:
                 closed: set[int] = set()
                 for e in entries.values():
