@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-import steward.audit.schema  # noqa: F401  (registers the audit tables)
+import steward.audit.schema  # registers the audit tables
 import steward.store.models  # noqa: F401  (registers the tables)
 from steward.store.db import Base
 
