@@ -144,8 +144,12 @@ def _verify(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str
 
 
 @pytest.mark.slow
-def test_kill_9_loses_no_answered_request(tmp_path: Path) -> None:
-    env = env_for(tmp_path, STEWARD_EMBEDDING_MODEL="")
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_kill_9_loses_no_answered_request(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
+    db = f"sqlite:///{tmp_path / 'steward.db'}"
+    if store == "postgresql":
+        db = str(request.getfixturevalue("fresh_pg_url"))
+    env = env_for(tmp_path, STEWARD_EMBEDDING_MODEL="", STEWARD_DATABASE_URL=db)
     key = subprocess.run(
         [*STEWARD, "keys", "create", "--tenant", "acme"], env=env, capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -184,7 +188,7 @@ def test_kill_9_loses_no_answered_request(tmp_path: Path) -> None:
     from steward.audit import AuditLog
     from steward.store import make_engine
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'steward.db'}")
+    engine = make_engine(db)
     log = AuditLog.open(engine, tmp_path / "keys")
     ids = set()
     after = -1
