@@ -12,11 +12,12 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import typer
 
-from steward.guard.types import Role, ScanContext, Verdict
+if TYPE_CHECKING:  # the guard package loads torch: import it only when a scan runs
+    from steward.guard.types import Role, ScanContext, Verdict
 
 __all__ = ["register", "scan_jsonl", "verdict_json"]
 
@@ -54,7 +55,7 @@ def _parse_line(line: str, lineno: int) -> tuple[str, Role]:
     role = obj.get("role", "user")
     if role not in ROLES:
         raise ValueError(f"line {lineno}: role must be one of {', '.join(ROLES)}, got {role!r}")
-    return obj["text"], cast(Role, role)
+    return obj["text"], cast("Role", role)
 
 
 def _batches(stream: TextIO, size: int) -> Iterator[list[tuple[int, str]]]:
@@ -121,13 +122,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Scan text with the guards; print findings as JSON (exit 0 allowed, 1 blocked, 2 error)."""
         from steward.guard.pipeline import Pipeline
+        from steward.guard.types import ScanContext
 
         if role not in ROLES:
             raise ValueError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
         if jsonl is not None and text is not None:
             raise ValueError("give TEXT or --jsonl, not both")
         pipeline = Pipeline(policy)
-        base = ScanContext(tenant=tenant, route=route, role=cast(Role, role))
+        base = ScanContext(tenant=tenant, route=route, role=cast("Role", role))
         if jsonl is not None:
             if str(jsonl) == "-":
                 status = scan_jsonl(pipeline, sys.stdin, sys.stdout, base, batch_size)

@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 
 from steward.backends.base import JSON, Backend, BackendError, Call, ModelInfo
 from steward.gateway.errors import APIError, json_response, validation_message
-from steward.gateway.keys import KeyStore, Principal
+from steward.gateway.keys import KeyStore, Principal, hash_key
 from steward.gateway.limits.base import Limit, Limiter, LimiterUnavailable, LimitExceeded, Reservation
 from steward.gateway.settings import ModelRoute, Settings
 from steward.gateway.trace import Trace
@@ -70,6 +70,7 @@ class Gateway:
         self.metrics = metrics
         self.on_finish = on_finish
         self.ready = False
+        self._inflight: dict[str, asyncio.Future[Principal | None]] = {}
         self.audit: Any = None  # steward.gateway.audit_sink.AuditSink when the audit log is on
         self.guard: Any = None  # steward.gateway.guarding.Guard when guards are on
 
@@ -87,9 +88,8 @@ class Gateway:
         if scheme.lower() != "bearer" or not key:
             raise APIError(401, "the Authorization header must be 'Bearer <key>'", code="invalid_api_key")
         try:
-            p = self.keys.authenticate_cached(key)
-            if p is False:
-                p = await asyncio.to_thread(self.keys.authenticate, key)
+            cached = self.keys.authenticate_cached(key)
+            p = await self._lookup(key) if cached is False else cached
         except StoreError:
             raise APIError(
                 503, "the key store is unavailable; try again", type="service_unavailable", code="store_error"
@@ -99,7 +99,6 @@ class Gateway:
         if p is None:
             # Never echo the key; the prefix alone is what refusal events may name.
             raise APIError(401, "invalid, expired or revoked API key", code="invalid_api_key")
-        assert p is not False
         if trace is not None:
             trace.key_id, trace.key_prefix, trace.tenant, trace.role = (
                 p.key_id,
@@ -108,6 +107,17 @@ class Gateway:
                 p.role,
             )
         return p
+
+    async def _lookup(self, key: str) -> Principal | None:
+        """One store lookup per key at a time: when a hot key's cache entry expires, the requests
+        that miss together share a single query instead of each running their own."""
+        h = hash_key(key)
+        fut = self._inflight.get(h)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(self.keys.authenticate, key))
+            self._inflight[h] = fut
+            fut.add_done_callback(lambda _f: self._inflight.pop(h, None))
+        return await asyncio.shield(fut)
 
     # -- models ---------------------------------------------------------------------------------------
     def model(self, name: str, principal: Principal, route: Route) -> ModelEntry:

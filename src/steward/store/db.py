@@ -69,9 +69,15 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
         db = u.database
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
-        # One connection per checkout: SQLite connections are cheap and pooling them across threads
-        # buys nothing but "database is locked" surprises.
-        kwargs.setdefault("poolclass", NullPool)
+        # Pooled: opening a SQLite connection costs four PRAGMAs, and closing the last one on a WAL
+        # database checkpoints and deletes the WAL file — per audit batch that was the gateway's
+        # largest cost. WAL + BEGIN IMMEDIATE + busy_timeout keep pooled connections safe across
+        # threads and processes. An in-memory database gets no pool (each connection is its own db).
+        if db in (None, "", ":memory:"):
+            kwargs.setdefault("poolclass", NullPool)
+        else:
+            kwargs.setdefault("pool_size", 8)
+            kwargs.setdefault("max_overflow", 16)
         kwargs.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
         engine = create_engine(u, **kwargs)
 
