@@ -140,16 +140,26 @@ def load_model(
     state: dict[str, torch.Tensor] = {}
     for s in shards:
         state.update(load_file(str(s)))
-    model = build_model(cfg)
-    if cfg.tie_embeddings and cfg.arch == "decoder":
-        state.setdefault("lm_head.weight", state.get("embed.token.weight", torch.empty(0)))
+    # Built on the meta device and filled by assignment: no random initialisation, no second copy
+    # of the weights (peak memory is what a serving worker is sized by).
+    with torch.device("meta"):
+        model = build_model(cfg)
+    tied = cfg.tie_embeddings and cfg.arch == "decoder"
+    if tied:
+        state.pop("lm_head.weight", None)
     try:
         missing, unexpected = model.load_state_dict(
-            {k: v.to(torch.float32) for k, v in state.items()}, strict=False
+            {k: v.to(torch.float32).contiguous() for k, v in state.items()}, strict=False, assign=True
         )
     except RuntimeError as exc:  # torch reports shape mismatches as RuntimeError
         first = str(exc).strip().splitlines()[-1].strip()
         raise ModelLoadError(f"{d}: weight shape mismatch: {first}") from exc
+    if tied:
+        missing = [k for k in missing if k != "lm_head.weight"]
+        model.lm_head.weight = model.embed.token.weight  # type: ignore[union-attr]
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover and not missing:
+        missing = leftover
     if missing or unexpected:
         raise ModelLoadError(
             f"{d}: weights do not match the config (missing {sorted(missing)[:5]}, "
