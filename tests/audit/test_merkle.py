@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,15 @@ from steward.audit.merkle import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-VECTORS = REPO.parent / "shared" / "data" / "merkle" / "testdata"
+VECTORS = (
+    (
+        Path(os.environ["STEWARD_SHARED_DATA"])
+        if os.environ.get("STEWARD_SHARED_DATA")
+        else REPO.parent / "shared" / "data"
+    )
+    / "merkle"
+    / "testdata"
+)
 
 
 def _files(kind: str) -> list[Path]:
