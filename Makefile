@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/steward serve
 
 test: setup-dev
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint: setup-dev
 	$(BIN)/ruff check src tests benchmarks
