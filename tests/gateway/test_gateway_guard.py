@@ -26,9 +26,28 @@ def echo() -> Iterator[ThreadedUpstream]:
 
 @pytest.fixture(scope="module")
 def ggw(echo: ThreadedUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    import yaml
+
+    import steward.guard
+
     models = [ModelRoute(name="echo", backend="openai", base_url=echo.up.url, upstream_model="fake-model")]
+    data = Path(tmp_path_factory.mktemp("guard"))
+    # The built-in policies, plus one that scans only answers (so an answer can carry a secret that
+    # the input policy would have masked on the way in), bound to tenant "outonly".
+    pol = yaml.safe_load((Path(steward.guard.__file__).parent / "policies" / "default.yaml").read_text())
+    pol["policies"]["outonly"] = {
+        "description": "answers only",
+        "input": [],
+        "output": [{"scanner": "secrets", "action": "redact", "redaction": "mask"}],
+    }
+    pol["bindings"] = [{"tenant": "outonly", "route": "*", "policy": "outonly"}]
+    (data / "policies.yaml").write_text(yaml.safe_dump(pol))
     settings = Settings(
-        data_dir=Path(tmp_path_factory.mktemp("guard")), port=free_port(), models=models, embedding_model=""
+        data_dir=data,
+        port=free_port(),
+        models=models,
+        embedding_model="",
+        guard_policies=data / "policies.yaml",
     )
     yield from start_gateway(settings)
 
@@ -66,8 +85,8 @@ def test_secrets_are_masked_and_pii_pseudonymised_then_restored(ggw: Running, ec
     assert EMAIL in answer and forwarded.count("[AWS_ACCESS_KEY]") == 1
 
 
-def test_stream_is_scanned_and_cut_with_content_filter(ggw: Running, echo: ThreadedUpstream) -> None:
-    key = ggw.key("acme", "user")
+def test_stream_answer_secrets_are_redacted(ggw: Running, echo: ThreadedUpstream) -> None:
+    key = ggw.key("outonly", "user")
     # The echoed answer carries a system-prompt canary only if the model leaks it; here the answer
     # leaks a private key, which the output policy redacts, and a harmful-output block cuts.
     leak = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7" + "x" * 60 + "\n-----END RSA PRIVATE KEY-----"

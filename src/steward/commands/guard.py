@@ -27,7 +27,19 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(60, "--epochs", min=1),
         hidden: int = typer.Option(256, "--hidden", min=1),
         threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads"),
-        target_fpr: float = typer.Option(0.01, "--target-fpr", min=0.0, max=0.5),
+        target_fpr: float = typer.Option(
+            0.02, "--target-fpr", min=0.0, max=0.5, help="FPR target per benign set (validation)"
+        ),
+        limit: int | None = typer.Option(
+            None, "--limit", min=1, help="keep only N examples per source (a quick smoke run)"
+        ),
+        long_docs: int = typer.Option(400, "--long-docs", min=0, help="long documents with one injection"),
+        synth_per_template: int = typer.Option(12, "--synth-per-template", min=0),
+        check_precision: list[str] = typer.Option(
+            ["bf16", "int8"], "--check-precision", help="encoder precisions compared with fp32 on held-out"
+        ),
+        no_precision_check: bool = typer.Option(False, "--no-precision-check"),
+        lexical: bool = typer.Option(False, "--lexical", help="add the token unigram/bigram linear path"),
     ) -> None:
         """Train the injection/jailbreak/harmful/toxicity head; print held-out metrics."""
         import torch
@@ -45,6 +57,11 @@ def register(app: typer.Typer) -> None:
             epochs=epochs,
             hidden=hidden,
             target_fpr=target_fpr,
+            limit=limit,
+            long_docs=long_docs,
+            synth_per_template=synth_per_template,
+            check_precisions=() if no_precision_check else tuple(check_precision),
+            lexical=lexical,
             log=lambda m: print(m, file=sys.stderr, flush=True),
         )
         report = train_head(cfg)

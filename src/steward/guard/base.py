@@ -135,6 +135,7 @@ class Registry:
 def default_registry() -> Registry:
     """Every built-in scanner. Classifier scanners load the trained heads lazily, on first scan."""
     from .classifier import ClassifierScanner
+    from .injection_rules import InjectionRulesScanner
     from .leak import PromptLeakScanner
     from .pii import PIIScanner
     from .secrets import SecretsScanner
@@ -149,4 +150,5 @@ def default_registry() -> Registry:
     for cat in ("prompt_injection", "jailbreak", "harmful", "toxicity"):
         reg.register(cat, classifier(cat))
     reg.register("prompt_leak", lambda o: PromptLeakScanner(**o))
+    reg.register("injection_rules", lambda o: InjectionRulesScanner(**o))
     return reg

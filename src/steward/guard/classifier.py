@@ -8,16 +8,30 @@ shows *where* the attack sits.
 
 The head is a few hundred kilobytes of safetensors next to a manifest with its SHA-256, labels,
 thresholds and metrics (`models/guard/`), trained by `steward guard train`.
+
+Speed (issue 4, item 10): the guards sit on every request, so the encoder pass is the budget. The
+shared `SentenceEncoder` stays fp32 (the embeddings endpoint and the parity tests need it); the guard
+runs its *own copy* of the encoder in bf16 where the CPU has native bf16 matrix units (AMX /
+AVX512-BF16), or int8 dynamic quantisation of the Linear layers, chosen by `STEWARD_GUARD_PRECISION`
+(`auto` | `bf16` | `int8` | `fp32`). The head was trained on fp32 embeddings; the benchmark measures
+how far the reduced-precision scores move (max score difference and decision agreement on the
+held-out split) and the manifest records it. Windows are batched by similar length so a short tail
+window is not padded to 256 tokens, and the AILuminate hazard hint reuses the window embedding
+against hazard-description embeddings computed once, instead of a second encoder pass.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 import threading
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +42,30 @@ from .types import Category, Finding, ScanContext, ScannerError, Span
 
 __all__ = [
     "HEAD_LABELS",
+    "LEX_BUCKETS",
+    "PRECISIONS",
     "ClassifierScanner",
     "GuardHead",
     "GuardModel",
     "default_head_dir",
     "get_guard_model",
+    "lexical_bag",
+    "pack_bag",
+    "resolve_precision",
+    "window_features",
 ]
 
 HEAD_LABELS: tuple[Category, ...] = ("prompt_injection", "jailbreak", "harmful", "toxicity")
 WINDOW_TOKENS = 256
 STRIDE_TOKENS = 192
+BATCH_ROWS = 32
+# A batch is closed when the next (shorter) row would be padded by more than this fraction: a
+# 121-token tail window then runs on its own instead of as 256 tokens, most of them padding.
+PAD_WASTE = 0.25
+PAD_MIN = 16
+
+Precision = Literal["fp32", "bf16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "int8")
 
 # MLCommons AILuminate v1.0 hazard categories, described in words so a zero-shot nearest-description
 # lookup can name the likely hazard of a harmful request (a hint in the reason, not a measured label).
@@ -63,40 +91,154 @@ def default_head_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "models" / "guard"
 
 
-class GuardHead(nn.Module):
-    """Sentence embedding -> one logit per category (multi-label)."""
+Bag = tuple[torch.Tensor, torch.Tensor]  # (flat feature ids, offsets of each window's ids)
 
-    def __init__(self, dim: int, hidden: int, labels: int) -> None:
+LEX_BUCKETS = 1 << 16  # hashed token-bigram buckets
+
+
+def window_features(row: list[int], vocab: int) -> torch.Tensor:
+    """Token unigram and hashed bigram ids of one window (its [CLS] and [SEP] left out)."""
+    ids = torch.tensor(row[1:-1], dtype=torch.long)
+    return torch.cat([ids, vocab + (ids[:-1] * 1_000_003 + ids[1:]) % LEX_BUCKETS])
+
+
+def pack_bag(feats: Sequence[torch.Tensor]) -> Bag:
+    """Windows' feature ids as one flat tensor plus each window's start offset."""
+    lengths = torch.tensor([len(f) for f in feats], dtype=torch.long)
+    offsets = torch.zeros(len(feats), dtype=torch.long)
+    if len(feats) > 1:
+        offsets[1:] = lengths.cumsum(0)[:-1]
+    flat = torch.cat(list(feats)) if feats else torch.empty(0, dtype=torch.long)
+    return flat, offsets
+
+
+def lexical_bag(rows: list[list[int]], vocab: int) -> Bag:
+    """Token unigram and hashed bigram ids of each window (the encoder's own WordPiece ids).
+
+    Why a lexical path beside the embedding: a mean-pooled sentence embedding is dominated by a
+    window's topic, so "ignore your previous instructions" inside an invoice, or a slur inside a
+    friendly tweet, moves it little. Words and word pairs carry that signal directly and cost nothing
+    extra: the ids already exist, and hashing the pairs is two integer ops on a tensor.
+    """
+    return pack_bag([window_features(r, vocab) for r in rows])
+
+
+class GuardHead(nn.Module):
+    """Sentence embedding (+ optional bag of tokens) -> one logit per category (multi-label).
+
+    logit = MLP(embedding) + mean-of-token-weights(unigrams and hashed bigrams). The lexical part is
+    a linear model (a logistic regression when the MLP is absent), trained jointly with the MLP.
+    """
+
+    def __init__(self, dim: int, hidden: int, labels: int, lex_size: int = 0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, labels)
         self.dropout = nn.Dropout(0.1)
+        # nn.Embedding plus a segment mean, not nn.EmbeddingBag: the same function, but
+        # EmbeddingBag's CPU backward is ~7x slower, which made training take minutes per epoch.
+        self.lex = nn.Embedding(lex_size, labels) if lex_size else None
+        if self.lex is not None:
+            nn.init.zeros_(self.lex.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bag: Bag | None = None) -> torch.Tensor:
         out: torch.Tensor = self.fc2(self.dropout(F.gelu(self.fc1(x))))
+        if self.lex is not None:
+            if bag is None:
+                raise ValueError("this head has a lexical part: pass the windows' token bag")
+            flat, offsets = bag
+            lengths = torch.diff(offsets, append=torch.tensor([flat.numel()]))
+            seg = torch.repeat_interleave(torch.arange(len(offsets)), lengths)
+            summed = torch.zeros(len(offsets), out.shape[1]).index_add_(0, seg, self.lex(flat))
+            out = out + summed / lengths.clamp(min=1)[:, None]
         return out
 
 
 @dataclass(slots=True)
 class WindowScores:
-    """Per-window probabilities [W, K] and each window's span in the original text."""
+    """Per-window probabilities [W, K], embeddings [W, D] and each window's original span."""
 
     probs: torch.Tensor
     spans: list[Span]
     decoded: list[bool]
+    embeddings: torch.Tensor
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def resolve_precision(requested: str | None = None) -> Precision:
+    """The encoder precision to run: explicit argument, else `STEWARD_GUARD_PRECISION`, else auto.
+
+    `auto` picks bf16 only where the CPU multiplies bf16 natively (AMX or AVX512-BF16); elsewhere
+    bf16 is emulated and slower than fp32, so auto falls back to fp32.
+    """
+    choice = (requested or os.environ.get("STEWARD_GUARD_PRECISION") or "auto").strip().lower()
+    if choice == "auto":
+        flags = _cpu_flags()
+        native = bool(flags & {"amx_bf16", "avx512_bf16"}) and torch.backends.mkldnn.is_available()
+        return "bf16" if native else "fp32"
+    if choice not in PRECISIONS:
+        raise ScannerError(f"guard precision must be one of auto, {', '.join(PRECISIONS)}; got {choice!r}")
+    return choice
+
+
+def _inference_copy(model: nn.Module, precision: Precision) -> nn.Module:
+    """A private copy of the encoder for guard inference; the shared fp32 module is left untouched."""
+    if precision == "fp32":
+        return model
+    clone = copy.deepcopy(model).eval()
+    if precision == "bf16":
+        return clone.to(torch.bfloat16)
+    with warnings.catch_warnings():  # torch.ao's deprecation notice; the API still works in 2.x
+        warnings.simplefilter("ignore")
+        quantized: nn.Module = torch.ao.quantization.quantize_dynamic(clone, {nn.Linear}, dtype=torch.qint8)
+    return quantized
+
+
+def _length_batches(rows: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Row indices grouped longest first, closing a batch when padding a row would waste more than
+    PAD_WASTE of the batch width and more than PAD_MIN tokens (a few pad tokens on short rows cost
+    less than a second forward call)."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    batches: list[list[int]] = []
+    for i in order:
+        cur = batches[-1] if batches else None
+        pad = len(rows[cur[0]]) - len(rows[i]) if cur else 0
+        if (
+            cur is None
+            or len(cur) >= batch_size
+            or (cur and pad > max(PAD_MIN, PAD_WASTE * len(rows[cur[0]])))
+        ):
+            batches.append([i])
+        else:
+            cur.append(i)
+    return batches
+
+
 class GuardModel:
-    """The sentence encoder plus the trained head; thread-safe for inference."""
+    """The sentence encoder plus the trained head; thread-safe for inference.
 
-    def __init__(self, head_dir: str | Path | None = None, encoder: Any = None) -> None:
+    `precision` (see `resolve_precision`) selects the encoder copy used for guard inference;
+    `encoder_only` (training) defaults to fp32 so the training embeddings are the reference ones.
+    """
+
+    def __init__(
+        self, head_dir: str | Path | None = None, encoder: Any = None, precision: str | None = None
+    ) -> None:
         from safetensors.torch import load_file
-
-        from steward.model.embedding import SentenceEncoder
 
         directory = Path(head_dir) if head_dir is not None else default_head_dir()
         manifest_path = directory / "manifest.json"
@@ -110,24 +252,37 @@ class GuardModel:
         self.labels: tuple[str, ...] = tuple(manifest["labels"])
         self.thresholds: dict[str, float] = {k: float(v) for k, v in manifest["thresholds"].items()}
         self.manifest = manifest
-        self.encoder = encoder if encoder is not None else SentenceEncoder()
+        self._init_encoder(encoder, resolve_precision(precision))
         state = load_file(str(weights))
-        self.head = GuardHead(int(manifest["dim"]), int(manifest["hidden"]), len(self.labels))
+        self.lex_vocab = int(manifest.get("lexical", {}).get("vocab", 0))
+        lex_size = self.lex_vocab + LEX_BUCKETS if self.lex_vocab else 0
+        self.head = GuardHead(int(manifest["dim"]), int(manifest["hidden"]), len(self.labels), lex_size)
         self.head.load_state_dict(state)
         self.head.eval()
         self.version = digest[:16]
-        self._lock = threading.Lock()
-        self._hazards: torch.Tensor | None = None
+        self.cache_key = f"guard:{self.version}:{self.precision}"
 
-    @classmethod
-    def encoder_only(cls, encoder: Any = None) -> GuardModel:
-        """The encoder and windowing without a head: what training needs before a head exists."""
+    def _init_encoder(self, encoder: Any, precision: Precision) -> None:
         from steward.model.embedding import SentenceEncoder
 
-        self = cls.__new__(cls)
+        threads = os.environ.get("STEWARD_GUARD_THREADS")
+        if threads:
+            # Process-wide: torch has one intra-op pool. Only set when the operator asks for it.
+            torch.set_num_threads(max(1, int(threads)))
         self.encoder = encoder if encoder is not None else SentenceEncoder()
+        self.precision: Precision = precision
+        self._infer = _inference_copy(self.encoder.model, precision)
         self._lock = threading.Lock()
-        self._hazards = None
+        self._hazards: torch.Tensor | None = None
+        self.encoder_calls = 0  # forward passes run; the tests hold one request to one pass
+
+    @classmethod
+    def encoder_only(cls, encoder: Any = None, precision: str = "fp32") -> GuardModel:
+        """The encoder and windowing without a head: what training needs before a head exists."""
+        self = cls.__new__(cls)
+        self._init_encoder(encoder, resolve_precision(precision))
+        self.cache_key = f"guard:encoder:{self.precision}"
+        self.lex_vocab = 0
         return self
 
     # -- windows --------------------------------------------------------------------------------
@@ -150,29 +305,35 @@ class GuardModel:
             start += stride
         return out
 
-    def embed(self, rows: list[list[int]], batch_size: int = 32) -> torch.Tensor:
-        """L2-normalised sentence embeddings of token-id rows, batched by similar length."""
+    def embed(self, rows: list[list[int]], batch_size: int = BATCH_ROWS) -> torch.Tensor:
+        """L2-normalised fp32 sentence embeddings of token-id rows, batched by similar length.
+
+        Pooling and normalisation run in fp32 whatever the encoder precision, so only the
+        transformer blocks see reduced precision.
+        """
         out = torch.empty(len(rows), self.encoder.dim)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         with torch.inference_mode():
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
+            for idx in _length_batches(rows, batch_size):
                 ids, mask = self.encoder._pad([rows[i] for i in idx])
-                model = self.encoder.model
-                pooled = model.pool(model(ids, mask), mask).float()
+                hidden = self._infer(ids, mask).float()
+                pooled = self.encoder.model.pool(hidden, mask)
                 out[torch.tensor(idx)] = F.normalize(pooled, dim=-1)
+                self.encoder_calls += 1
         return out
 
-    def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, embeddings: torch.Tensor, rows: list[list[int]] | None = None) -> torch.Tensor:
+        """Per-window probabilities; `rows` (the windows' token ids) feed the lexical part."""
+        bag = lexical_bag(rows, self.lex_vocab) if rows is not None and self.lex_vocab else None
         with torch.inference_mode():
-            return torch.sigmoid(self.head(embeddings))
+            return torch.sigmoid(self.head(embeddings, bag))
 
     def score_documents(self, docs: list[Document]) -> None:
-        """Fill `doc.cache['guard']` for every document in one batched encoder pass."""
+        """Fill `doc.cache[self.cache_key]` for every document in one batched encoder pass."""
+        key = self.cache_key
         rows: list[list[int]] = []
         owners: list[tuple[int, Span, bool]] = []
         for d, doc in enumerate(docs):
-            if "guard" in doc.cache:
+            if key in doc.cache:
                 continue
             for chunk, (s, e) in self.windows(doc.text):
                 rows.append(chunk)
@@ -181,37 +342,53 @@ class GuardModel:
                 for chunk, _ in self.windows(seg.text):
                     rows.append(chunk)
                     owners.append((d, seg.origin, True))
+        dim = self.encoder.dim
         with self._lock:
-            probs = self.probabilities(self.embed(rows)) if rows else torch.empty(0, len(self.labels))
+            emb = self.embed(rows) if rows else torch.empty(0, dim)
+            probs = self.probabilities(emb, rows) if rows else torch.empty(0, len(self.labels))
         per_doc: dict[int, list[int]] = {}
         for i, (d, _, _) in enumerate(owners):
             per_doc.setdefault(d, []).append(i)
         for d, doc in enumerate(docs):
-            if "guard" in doc.cache:
+            if key in doc.cache:
                 continue
             idx = per_doc.get(d, [])
-            doc.cache["guard"] = WindowScores(
+            doc.cache[key] = WindowScores(
                 probs[idx] if idx else torch.empty(0, len(self.labels)),
                 [owners[i][1] for i in idx],
                 [owners[i][2] for i in idx],
+                emb[idx] if idx else torch.empty(0, dim),
             )
 
-    def hazard(self, text: str) -> str:
-        """Nearest AILuminate hazard description to `text` (zero-shot hint for harmful findings)."""
+    def hazard_of(self, embedding: torch.Tensor) -> str:
+        """Nearest AILuminate hazard description to an already computed window embedding.
+
+        A zero-shot hint for harmful findings; the descriptions are embedded once per model, so
+        naming the hazard costs a 13x384 dot product instead of a second encoder pass.
+        """
         with self._lock:
             if self._hazards is None:
-                self._hazards = self.encoder.encode(list(HAZARDS.values()))
-            vec = self.encoder.encode([text[:2000]])
-            return list(HAZARDS)[int((vec @ self._hazards.T).argmax())]
+                self._hazards = self.embed([self._ids(t) for t in HAZARDS.values()])
+            hazards = self._hazards
+        return list(HAZARDS)[int((embedding @ hazards.T).argmax())]
+
+    def _ids(self, text: str) -> list[int]:
+        chunk, _ = self.windows(text)[0]
+        return chunk
 
 
 _MODELS: dict[str, GuardModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
+def head_key(head_dir: str | Path | None) -> str:
+    """The resolved head directory: one model, and one encoder pass per request, per key."""
+    return str(Path(head_dir).resolve()) if head_dir is not None else str(default_head_dir())
+
+
 def get_guard_model(head_dir: str | Path | None = None) -> GuardModel:
     """One shared model per head directory per process (the encoder is ~90 MB)."""
-    key = str(Path(head_dir).resolve()) if head_dir is not None else str(default_head_dir())
+    key = head_key(head_dir)
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
@@ -228,6 +405,7 @@ class ClassifierScanner:
         self.name: str = category
         self.category: Category = category
         self.head_dir = head_dir
+        self.head_key = head_key(head_dir)
         self.hazard_hint = hazard_hint
 
     @property
@@ -239,9 +417,9 @@ class ClassifierScanner:
 
     def scan(self, doc: Document, ctx: ScanContext) -> list[Finding]:
         model = self.model
-        if "guard" not in doc.cache:
+        if model.cache_key not in doc.cache:
             model.score_documents([doc])
-        scores: WindowScores = doc.cache["guard"]
+        scores: WindowScores = doc.cache[model.cache_key]
         if scores.probs.shape[0] == 0:
             return []
         col = scores.probs[:, model.labels.index(self.category)]
@@ -252,7 +430,7 @@ class ClassifierScanner:
         reason = f"{self.category.replace('_', ' ')} classifier p={score:.2f} on {where}"
         subtype = None
         if self.category == "harmful" and self.hazard_hint and score >= 0.5:
-            subtype = model.hazard(doc.original[span.start : span.end])
+            subtype = model.hazard_of(scores.embeddings[best])
             reason += f"; nearest hazard: {subtype}"
         return [
             Finding(

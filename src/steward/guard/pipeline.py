@@ -129,16 +129,20 @@ class Pipeline:
         per = (time.perf_counter() - t) * 1000 / max(1, len(items))
         for lat in latency:
             lat["normalise"] = per
-        # One encoder pass per head for every document whose policy runs a classifier.
-        groups: dict[int, tuple[ClassifierScanner, list[int]]] = {}
+        # One encoder pass per head for every document whose policy runs a classifier: the four
+        # classifier scanners of a policy share one head, so they read one set of window scores.
+        # Grouped by the head directory's resolved path (not object identity), so two specs naming
+        # the same head never run the encoder twice.
+        groups: dict[str, tuple[ClassifierScanner, list[int]]] = {}
         for k, (it, (_, pol)) in enumerate(zip(items, chosen, strict=True)):
             if it.doc is None:
                 continue
+            seen: set[str] = set()
             for spec in self._specs(pol, direction, it.ctx):
                 cand = self._scanner(spec)
-                if isinstance(cand, ClassifierScanner):
-                    groups.setdefault(id(cand.head_dir), (cand, []))[1].append(k)
-                    break
+                if isinstance(cand, ClassifierScanner) and cand.head_key not in seen:
+                    seen.add(cand.head_key)
+                    groups.setdefault(cand.head_key, (cand, []))[1].append(k)
         for clf, idx in groups.values():
             t = time.perf_counter()
             try:

@@ -10,6 +10,15 @@ groups; the held-out split is only ever scored.
 Labels are multi-label with a mask: a jailbreak prompt is labelled positive for `jailbreak` and left
 unlabelled (masked) for `prompt_injection`, because many jailbreaks are injections too; benign text is
 negative for every category.
+
+Beyond the shared data: hand-written templates (`steward.guard.synth`: direct overrides, system-prompt
+extraction, instructions hidden in documents, hand translations; and the hard negatives — defenders'
+questions, quoted attacks under analysis, sensitive-but-benign requests, neutral mentions of identity
+groups), and long documents with one injected instruction whose windows are labelled one by one (the
+window holding the instruction positive, the others negative), so the head learns to find an attack
+in window 5 of an invoice rather than to call every long document an attack. Hard negatives weigh more
+in the loss. The head is an MLP on the sentence embedding plus a linear model on the window's token
+unigrams and hashed bigrams, trained jointly (see `GuardHead`).
 """
 
 from __future__ import annotations
@@ -22,14 +31,16 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .classifier import HEAD_LABELS, GuardHead, GuardModel
+from .classifier import HEAD_LABELS, LEX_BUCKETS, GuardHead, GuardModel, pack_bag, window_features
 from .lookalikes import lookalikes
+from .synth import benign_examples, hate_examples, injection_examples
 
 __all__ = ["Example", "TrainConfig", "build_examples", "is_heldout", "train_head"]
 
@@ -63,7 +74,11 @@ class Example:
     group: str
     lang: str = "en"
     benign_set: str | None = None  # set name for the per-benign-set false-positive report
-    windows: int = 1  # how many leading windows carry the label (long jailbreaks: 2)
+    windows: int = 1  # how many leading windows carry the label (long jailbreaks: 2); 0 = all
+    # Character span of an injected instruction inside a long document: windows covering it are
+    # positive for prompt_injection, windows clear of it negative (per-window labels).
+    attack: tuple[int, int] | None = None
+    weight: float = 1.0  # loss weight; hard benign look-alikes count more than generic benign text
 
 
 @dataclass(slots=True)
@@ -76,7 +91,31 @@ class TrainConfig:
     epochs: int = 60
     lr: float = 2e-3
     weight_decay: float = 1e-3
-    target_fpr: float = 0.01
+    target_fpr: float = 0.02
+    # Per (category, benign set) FPR targets that differ from target_fpr. Harmful requests: <= 3% on
+    # wildguard_benign (issue 4, item 9). Toxicity is a `flag` by default and Davidson's "neither"
+    # class holds many crude-but-unlabelled tweets: 5%. CyberSecEval's system prompts do not
+    # constrain the injection/jailbreak thresholds because the pipeline never runs those scanners on
+    # system messages (operator text is instruction-like by design); they stay training negatives
+    # and their FPR is still reported.
+    set_fpr: dict[tuple[str, str], float] = field(
+        default_factory=lambda: {
+            ("harmful", "wildguard_benign"): 0.03,
+            ("toxicity", "davidson_neither"): 0.05,
+            ("prompt_injection", "system_prompts"): 1.0,
+            ("jailbreak", "system_prompts"): 1.0,
+        }
+    )
+    hard_negative_weight: float = 3.0
+    synth_per_template: int = 12
+    long_docs: int = 400
+    limit: int | None = None  # keep only this many examples per source (the CLI's quick test)
+    check_precisions: tuple[str, ...] = ("bf16", "int8")  # agreement with fp32 on held-out
+    batch_size: int = 512
+    # The token-bag linear path beside the MLP. Off by default: on the held-out split it moved
+    # injection F1 by 0.006 (0.500 -> 0.506) for 1.5 MB more head and 5x the training time.
+    lexical: bool = False
+    lex_weight_decay: float = 1e-2
     t0_sample: int = 2500
     offensive_sample: int = 2500
     log: Callable[[str], None] = print
@@ -148,7 +187,14 @@ def _variant_blocks(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def build_examples(
-    data_dir: str | Path, *, seed: int = 0, t0_sample: int = 2500, offensive_sample: int = 2500
+    data_dir: str | Path,
+    *,
+    seed: int = 0,
+    t0_sample: int = 2500,
+    offensive_sample: int = 2500,
+    synth_per_template: int = 12,
+    long_docs: int = 400,
+    hard_negative_weight: float = 3.0,
 ) -> list[Example]:
     """Every labelled example from ../shared/data/guard, corpus benign text and the look-alikes."""
     root = Path(data_dir)
@@ -309,8 +355,67 @@ def build_examples(
         json.loads((guard / "benign" / "wildguard_benign.json").read_text(encoding="utf-8"))
     ):
         ex.append(Example(row["prompt"], _labels(), "wildguard_benign", f"wg:{i}", "en", "wildguard_benign"))
+    w = hard_negative_weight
     for tid, text in lookalikes(per_template=8, seed=seed):
-        ex.append(Example(text, _labels(), "lookalikes", f"la:{tid}", "en", "lookalikes"))
+        ex.append(Example(text, _labels(), "lookalikes", f"la:{tid}", "en", "lookalikes", weight=w))
+    for e in ex:
+        if e.source == "wildguard_benign":
+            e.weight = w
+
+    # -- templated additions (steward.guard.synth): each template one group ---------------------
+    if synth_per_template > 0:
+        for group, lang, text in injection_examples(synth_per_template, seed):
+            ex.append(
+                Example(
+                    text,
+                    _labels(prompt_injection=POS, jailbreak=MASK, harmful=MASK),
+                    "synth_injection",
+                    group,
+                    lang,
+                )
+            )
+        for group, text in benign_examples(synth_per_template, seed):
+            ex.append(Example(text, _labels(), "synth_benign", group, "en", "lookalikes", weight=w))
+        for group, text in hate_examples(synth_per_template, seed):
+            ex.append(Example(text, _labels(toxicity=POS, harmful=MASK), "implicit_hate", group))
+
+    # -- long documents with one injected instruction, labelled per window -----------------------
+    inserts: list[tuple[str, str]] = [
+        (e.group, e.text)
+        for e in ex
+        if e.source == "synth_injection" and e.lang == "en" and len(e.text) < 400
+    ]
+    for fname in ("text_attack_train.json", "code_attack_train.json"):
+        for family, items in json.loads((bipia / fname).read_text(encoding="utf-8")).items():
+            inserts.extend((f"bipia:{family}", a) for a in items)
+    # Filler text comes only from training-side carriers and T0 prompts no split uses, so no
+    # held-out or validation text reaches training through a long document.
+    fillers = [
+        t
+        for cid, t in carriers[:1000]
+        if not is_heldout("bipiaclean:" + cid) and not is_validation("bipiaclean:" + cid)
+    ]
+    fillers += [t for _, t in t0[t0_sample : t0_sample + 2000]]
+    for _ in range(long_docs if inserts and fillers else 0):
+        group, attack = inserts[rng.randrange(len(inserts))]
+        parts: list[str] = []
+        while sum(len(p) for p in parts) < rng.randint(1500, 5000):
+            parts.append(fillers[rng.randrange(len(fillers))])
+        at = rng.randint(0, len(parts))
+        head = "\n\n".join(parts[:at])
+        head = head + "\n\n" if head else ""
+        tail = "\n\n".join(parts[at:])
+        text = head + attack + ("\n\n" + tail if tail else "")
+        ex.append(
+            Example(
+                text,
+                _labels(prompt_injection=POS, jailbreak=NEG, harmful=MASK, toxicity=NEG),
+                "long_docs",
+                group,
+                windows=0,
+                attack=(len(head), len(head) + len(attack)),
+            )
+        )
     return ex
 
 
@@ -325,13 +430,24 @@ def encode_examples(
     from safetensors.torch import load_file, save_file
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / "embeddings.safetensors"
+    # fp32 embeddings are the training reference; reduced-precision ones (for the agreement check)
+    # live in their own file so the two never mix.
+    suffix = "" if model.precision == "fp32" else f"-{model.precision}"
+    path = cache_dir / f"embeddings{suffix}.safetensors"
     cache: dict[str, torch.Tensor] = load_file(str(path)) if path.is_file() else {}
-    todo = [e for e in examples if _example_key(e) not in cache]
+    # Window counts from the tokenizer: a text that occurs twice (CyberSecEval repeats system
+    # prompts) is encoded once, and a cache entry never holds more windows than the text has.
+    n_windows: dict[str, int] = {}
+    for e in examples:
+        k = _example_key(e)
+        if k not in n_windows:
+            wins = len(model.windows(e.text))
+            n_windows[k] = min(wins, e.windows) if e.windows else wins
+    todo = [e for e in {_example_key(e): e for e in examples}.values() if _example_key(e) not in cache]
     rows: list[list[int]] = []
     owners: list[str] = []
     for e in todo:
-        for chunk, _ in model.windows(e.text)[: e.windows]:
+        for chunk, _ in model.windows(e.text)[: n_windows[_example_key(e)]]:
             rows.append(chunk)
             owners.append(_example_key(e))
     if rows:
@@ -350,13 +466,28 @@ def encode_examples(
             cache[k] = torch.stack(vs).contiguous()
         save_file(cache, str(path))
     empty = torch.zeros(0, model.encoder.dim)
-    return [cache.get(_example_key(e), empty) for e in examples]
+    return [cache.get(k, empty)[: n_windows[k]] for k in map(_example_key, examples)]
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, xv: torch.Tensor, yv: torch.Tensor) -> GuardHead:
+def _fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    w: torch.Tensor | None = None,
+    feats: Sequence[torch.Tensor] | None = None,
+    feats_v: Sequence[torch.Tensor] | None = None,
+    lex_size: int = 0,
+) -> GuardHead:
     torch.manual_seed(cfg.seed)
-    head = GuardHead(x.shape[1], cfg.hidden, y.shape[1])
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    w = torch.ones(len(x)) if w is None else w
+    head = GuardHead(x.shape[1], cfg.hidden, y.shape[1], lex_size)
+    dense = [p for n, p in head.named_parameters() if not n.startswith("lex.")]
+    groups: list[dict[str, Any]] = [{"params": dense, "weight_decay": cfg.weight_decay}]
+    if head.lex is not None:
+        groups.append({"params": list(head.lex.parameters()), "weight_decay": cfg.lex_weight_decay})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
     mask = (y >= 0).float()
     target = y.clamp(min=0).float()
     # Balance each label: positives and negatives contribute equally, whatever their counts.
@@ -366,23 +497,31 @@ def _fit(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, xv: torch.Tensor, y
     gen = torch.Generator().manual_seed(cfg.seed)
     best_loss, best_state = float("inf"), None
     vmask = (yv >= 0).float()
+    bag_v = pack_bag(feats_v) if head.lex is not None and feats_v is not None else None
+
+    def bag(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if head.lex is None or feats is None:
+            return None
+        return pack_bag([feats[int(i)] for i in idx])
+
     for epoch in range(cfg.epochs):
         head.train()
         perm = torch.randperm(len(x), generator=gen)
-        for s in range(0, len(x), 256):
-            idx = perm[s : s + 256]
-            logits = head(x[idx])
+        for s in range(0, len(x), cfg.batch_size):
+            idx = perm[s : s + cfg.batch_size]
+            logits = head(x[idx], bag(idx))
+            wm = mask[idx] * w[idx, None]
             loss = F.binary_cross_entropy_with_logits(
-                logits, target[idx], weight=mask[idx], pos_weight=pos_w, reduction="sum"
+                logits, target[idx], weight=wm, pos_weight=pos_w, reduction="sum"
             )
-            loss = loss / mask[idx].sum().clamp(min=1)
+            loss = loss / wm.sum().clamp(min=1)
             opt.zero_grad()
             loss.backward()
             opt.step()
         head.eval()
         with torch.no_grad():
             vloss = F.binary_cross_entropy_with_logits(
-                head(xv), yv.clamp(min=0).float(), weight=vmask, pos_weight=pos_w, reduction="sum"
+                head(xv, bag_v), yv.clamp(min=0).float(), weight=vmask, pos_weight=pos_w, reduction="sum"
             )
             vl = float(vloss / vmask.sum().clamp(min=1))
         if vl < best_loss:
@@ -395,26 +534,54 @@ def _fit(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, xv: torch.Tensor, y
     return head
 
 
-def _doc_scores(head: GuardHead, embs: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+def _doc_scores(
+    head: GuardHead,
+    embs: Sequence[torch.Tensor],
+    k: int,
+    feats: Sequence[Sequence[torch.Tensor]] | None = None,
+) -> torch.Tensor:
     """Per-example max over its windows, as in inference."""
     out = torch.zeros(len(embs), k)
     with torch.no_grad():
         for i, e in enumerate(embs):
             if len(e):
-                out[i] = torch.sigmoid(head(e)).max(0).values
+                bag = pack_bag(feats[i]) if feats is not None and head.lex is not None else None
+                out[i] = torch.sigmoid(head(e, bag)).max(0).values
     return out
+
+
+def _label_of(category: str, e: Example) -> int:
+    return e.labels[category]
 
 
 def metrics(
     scores: torch.Tensor, examples: Sequence[Example], thresholds: dict[str, float]
 ) -> dict[str, Any]:
-    """Per category: precision, recall, F1, FPR per benign set, TPR at 1% FPR, and by language."""
+    """Per category: precision, recall, F1, FPR per benign set, TPR at 1% FPR, and by language.
+
+    Plus `prompt_injection+jailbreak`, the attack detector issue 4 sets its F1 target on: an input
+    is an attack when either label is positive, benign when both are negative, and flagged when
+    either head is at or over its threshold (score = the larger of score/threshold, threshold 1).
+    """
     out: dict[str, Any] = {}
-    for j, cat in enumerate(HEAD_LABELS):
-        lab = [(float(scores[i, j]), e) for i, e in enumerate(examples) if e.labels[cat] != MASK]
-        pos = [s for s, e in lab if e.labels[cat] == POS]
-        neg = [s for s, e in lab if e.labels[cat] == NEG]
-        t = thresholds[cat]
+    inj, jb = HEAD_LABELS.index("prompt_injection"), HEAD_LABELS.index("jailbreak")
+    attack = torch.maximum(
+        scores[:, inj] / thresholds["prompt_injection"], scores[:, jb] / thresholds["jailbreak"]
+    )
+
+    def attack_label(e: Example) -> int:
+        a, b = e.labels["prompt_injection"], e.labels["jailbreak"]
+        return POS if POS in (a, b) else NEG if a == b == NEG else MASK
+
+    columns: list[tuple[str, torch.Tensor, Callable[[Example], int], float]] = []
+    for j, name in enumerate(HEAD_LABELS):
+        columns.append((name, scores[:, j], partial(_label_of, name), thresholds[name]))
+    columns.append(("prompt_injection+jailbreak", attack, attack_label, 1.0))
+    for cat, col, label_fn, t in columns:
+        lab = [(float(col[i]), e, label_fn(e)) for i, e in enumerate(examples)]
+        lab = [x for x in lab if x[2] != MASK]
+        pos = [s for s, _, y in lab if y == POS]
+        neg = [s for s, _, y in lab if y == NEG]
         tp = sum(s >= t for s in pos)
         fp = sum(s >= t for s in neg)
         fn = len(pos) - tp
@@ -425,20 +592,20 @@ def metrics(
         t1 = neg_sorted[int(0.01 * len(neg_sorted))] if neg_sorted else 1.0
         tpr1 = sum(s > t1 for s in pos) / len(pos) if pos else 0.0
         benign: dict[str, dict[str, float]] = {}
-        for s, e in lab:
+        for s, e, _ in lab:
             if e.benign_set:
                 b = benign.setdefault(e.benign_set, {"n": 0, "fp": 0})
                 b["n"] += 1
                 b["fp"] += s >= t
         by_lang: dict[str, dict[str, float]] = {}
-        for s, e in lab:
-            if e.labels[cat] == POS:
+        for s, e, y in lab:
+            if y == POS:
                 d = by_lang.setdefault(e.lang, {"n": 0, "tp": 0})
                 d["n"] += 1
                 d["tp"] += s >= t
         sources: dict[str, dict[str, float]] = {}
-        for s, e in lab:
-            if e.labels[cat] == POS:
+        for s, e, y in lab:
+            if y == POS:
                 d = sources.setdefault(e.source, {"n": 0, "tp": 0})
                 d["n"] += 1
                 d["tp"] += s >= t
@@ -466,17 +633,85 @@ def metrics(
 
 
 def _tune_thresholds(
-    scores: torch.Tensor, examples: Sequence[Example], target_fpr: float
+    scores: torch.Tensor,
+    examples: Sequence[Example],
+    target_fpr: float,
+    set_fpr: dict[tuple[str, str], float] | None = None,
 ) -> dict[str, float]:
-    """Per category: the lowest threshold whose FPR on validation negatives is <= target_fpr."""
+    """Per category: the lowest threshold meeting the FPR target on validation negatives overall
+    *and* on each benign set (so a small, hard set such as wildguard_benign is not averaged away
+    by thousands of easy tweets). Only validation examples are ever passed in."""
+    set_fpr = set_fpr or {}
     out: dict[str, float] = {}
     for j, cat in enumerate(HEAD_LABELS):
-        neg = sorted(
-            (float(scores[i, j]) for i, e in enumerate(examples) if e.labels[cat] == NEG), reverse=True
-        )
-        k = int(target_fpr * len(neg))
-        t = neg[k] + 1e-4 if neg else 0.5
-        out[cat] = round(min(0.99, max(0.05, t)), 4)
+        groups: dict[str, list[float]] = {"": []}
+        for i, e in enumerate(examples):
+            if e.labels[cat] != NEG:
+                continue
+            groups[""].append(float(scores[i, j]))
+            if e.benign_set:
+                groups.setdefault(e.benign_set, []).append(float(scores[i, j]))
+        t = 0.05
+        for name, neg in groups.items():
+            if not neg or (name and len(neg) < 20):
+                continue
+            neg.sort(reverse=True)
+            k = int(set_fpr.get((cat, name), target_fpr) * len(neg))
+            t = max(t, neg[k] + 1e-4 if k < len(neg) else 0.05)
+        out[cat] = round(min(0.99, t), 4)
+    return out
+
+
+def _window_labels(model: GuardModel, e: Example, n: int) -> list[list[int]]:
+    """Labels of each of an example's `n` embedded windows (per-window for long documents)."""
+    base = [e.labels[c] for c in HEAD_LABELS]
+    if e.attack is None:
+        return [base] * n
+    a0, a1 = e.attack
+    j = HEAD_LABELS.index("prompt_injection")
+    out = []
+    for _, (s, t) in model.windows(e.text)[:n]:
+        row = list(base)
+        if s <= a0 and a1 <= t:
+            row[j] = POS
+        elif t <= a0 or s >= a1:
+            row[j] = NEG
+        else:
+            row[j] = MASK  # the window cuts the instruction: no label either way
+        out.append(row)
+    return out
+
+
+def precision_agreement(
+    head: GuardHead,
+    examples: Sequence[Example],
+    reference: Sequence[torch.Tensor],
+    thresholds: dict[str, float],
+    precision: str,
+    cfg: TrainConfig,
+    feats: Sequence[Sequence[torch.Tensor]] | None = None,
+) -> dict[str, Any]:
+    """How far the head's scores move when the encoder runs in `precision` instead of fp32.
+
+    Scored on the held-out split only (nothing is tuned on it): per category the largest and mean
+    absolute score difference and the share of examples whose decision at the tuned threshold is
+    unchanged. The inference default is chosen from these numbers, not assumed.
+    """
+    reduced = GuardModel.encoder_only(precision=precision)
+    embs = encode_examples(reduced, examples, cfg.cache_dir, cfg.log)
+    k = len(HEAD_LABELS)
+    ref = _doc_scores(head, reference, k, feats)
+    low = _doc_scores(head, embs, k, feats)
+    out: dict[str, Any] = {"n": len(examples)}
+    for j, cat in enumerate(HEAD_LABELS):
+        diff = (ref[:, j] - low[:, j]).abs()
+        t = thresholds[cat]
+        agree = ((ref[:, j] >= t) == (low[:, j] >= t)).float().mean()
+        out[cat] = {
+            "max_abs_diff": round(float(diff.max()), 5) if len(diff) else 0.0,
+            "mean_abs_diff": round(float(diff.mean()), 6) if len(diff) else 0.0,
+            "decision_agreement": round(float(agree), 5) if len(diff) else 1.0,
+        }
     return out
 
 
@@ -486,8 +721,23 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
 
     torch.manual_seed(cfg.seed)
     examples = build_examples(
-        cfg.data_dir, seed=cfg.seed, t0_sample=cfg.t0_sample, offensive_sample=cfg.offensive_sample
+        cfg.data_dir,
+        seed=cfg.seed,
+        t0_sample=cfg.t0_sample,
+        offensive_sample=cfg.offensive_sample,
+        synth_per_template=cfg.synth_per_template,
+        long_docs=cfg.long_docs,
+        hard_negative_weight=cfg.hard_negative_weight,
     )
+    if cfg.limit is not None:
+        # A quick, small but complete run (tests): the first `limit` examples of every source.
+        kept: dict[str, int] = {}
+        small = []
+        for e in examples:
+            kept[e.source] = kept.get(e.source, 0) + 1
+            if kept[e.source] <= cfg.limit:
+                small.append(e)
+        examples = small
     cfg.log(f"{len(examples)} examples from {cfg.data_dir}")
     if model is None:
         model = GuardModel.encoder_only()
@@ -497,28 +747,45 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
     ]
     K = len(HEAD_LABELS)
 
-    def stack(part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
-        for e, emb, s in zip(examples, embs, split, strict=True):
-            if s != part:
-                continue
-            for w in emb:
-                xs.append(w)
-                ys.append(torch.tensor([e.labels[c] for c in HEAD_LABELS]))
-        return torch.stack(xs), torch.stack(ys)
+    vocab = int(model.encoder.model.config.vocab_size) if cfg.lexical else 0
+    # Each example's window features (token unigrams + hashed bigrams), for the windows embedded.
+    feats: list[list[torch.Tensor]] = []
+    for e, emb in zip(examples, embs, strict=True):
+        rows = [chunk for chunk, _ in model.windows(e.text)[: len(emb)]]
+        feats.append([window_features(r, vocab) for r in rows] if vocab else [])
 
-    x, y = stack("train")
-    xv, yv = stack("val")
-    cfg.log(f"train windows {len(x)}, validation windows {len(xv)}")
-    head = _fit(x, y, cfg, xv, yv)
-    val_ex = [e for e, s in zip(examples, split, strict=True) if s == "val"]
-    val_scores = _doc_scores(head, [m for m, s in zip(embs, split, strict=True) if s == "val"], K)
-    thresholds = _tune_thresholds(val_scores, val_ex, cfg.target_fpr)
-    test_ex = [e for e, s in zip(examples, split, strict=True) if s == "test"]
-    test_scores = _doc_scores(head, [m for m, s in zip(embs, split, strict=True) if s == "test"], K)
-    report = {
+    def stack(part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        xs, ys, ws, fs = [], [], [], []
+        for e, emb, s, f in zip(examples, embs, split, feats, strict=True):
+            if s != part or not len(emb):
+                continue
+            xs.append(emb)
+            ys.append(torch.tensor(_window_labels(model, e, len(emb))))
+            ws.append(torch.full((len(emb),), e.weight))
+            fs.extend(f)
+        return torch.cat(xs), torch.cat(ys), torch.cat(ws), fs
+
+    def part(name: str) -> tuple[list[Example], list[torch.Tensor], list[list[torch.Tensor]]]:
+        keep = [i for i, s in enumerate(split) if s == name]
+        return [examples[i] for i in keep], [embs[i] for i in keep], [feats[i] for i in keep]
+
+    x, y, w, fx = stack("train")
+    xv, yv, _, fv = stack("val")
+    lex_size = vocab + LEX_BUCKETS if vocab else 0
+    cfg.log(f"train windows {len(x)}, validation windows {len(xv)}, lexical features {lex_size}")
+    head = _fit(x, y, cfg, xv, yv, w, fx if vocab else None, fv if vocab else None, lex_size)
+    val_ex, val_embs, val_feats = part("val")
+    val_scores = _doc_scores(head, val_embs, K, val_feats)
+    thresholds = _tune_thresholds(val_scores, val_ex, cfg.target_fpr, cfg.set_fpr)
+    test_ex, test_embs, test_feats = part("test")
+    test_scores = _doc_scores(head, test_embs, K, test_feats)
+    report: dict[str, Any] = {
         "validation": metrics(val_scores, val_ex, thresholds),
         "heldout": metrics(test_scores, test_ex, thresholds),
+    }
+    report["precision"] = {
+        p: precision_agreement(head, test_ex, test_embs, thresholds, p, cfg, test_feats)
+        for p in cfg.check_precisions
     }
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     weights = cfg.out_dir / "head.safetensors"
@@ -533,23 +800,50 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
         "dim": int(x.shape[1]),
         "hidden": cfg.hidden,
         "window_tokens": 256,
+        "lexical": {"vocab": vocab, "bigram_buckets": LEX_BUCKETS} if vocab else {},
         "weights": weights.name,
         "sha256": {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()},
         "thresholds": thresholds,
-        "threshold_rule": f"lowest threshold with FPR <= {cfg.target_fpr} on validation negatives",
+        "threshold_rule": f"lowest threshold with FPR <= {cfg.target_fpr} on validation negatives overall "
+        "and on each benign set of >= 20 validation examples; exceptions: "
+        + ", ".join(f"{c}/{b} <= {v}" for (c, b), v in sorted(cfg.set_fpr.items())),
+        "inference_precision": "bf16 where the CPU has AMX/AVX512-BF16, else fp32 "
+        "(STEWARD_GUARD_PRECISION); agreement with fp32 in metrics.json['precision']",
         "train": {
             "seed": cfg.seed,
             "epochs": cfg.epochs,
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
             "hidden": cfg.hidden,
+            "batch_size": cfg.batch_size,
+            "lex_weight_decay": cfg.lex_weight_decay,
+            "hard_negative_weight": cfg.hard_negative_weight,
+            "synth_per_template": cfg.synth_per_template,
+            "long_docs": cfg.long_docs,
         },
     }
     (cfg.out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     (cfg.out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     card = {
         "data_root": "../shared/data (guard/, corpus/) + steward.guard.lookalikes"
-        " + implicit-hate templates in steward.guard.train",
+        " + implicit-hate templates in steward.guard.train + steward.guard.synth (hand-written"
+        " injection templates and translations, defenders' questions, quoted attacks, sensitive-but-"
+        "benign requests, neutral group mentions, more implicit hate) + long documents built from"
+        " training-side BIPIA contexts and unused T0 prompts with one injected instruction,"
+        " labelled per window",
+        "files_used": {
+            "guard/injection": "cyberseceval_prompt_injection(.json, _multilingual.json): user_input "
+            "positive, test_case_prompt benign (system_prompts); bipia {email,code,table}_train.jsonl "
+            "contexts benign, {text,code}_attack_train.json inserted into contexts (MIT)",
+            "guard/jailbreak": "inthewild_jailbreak_llms.json, dan/*.json (Apache-2.0/MIT)",
+            "guard/harmful": "advbench, harmbench_prompts, donotanswer malicious_uses, information_hazard,"
+            " discrimination_exclusion_toxicity_hateful_offensive (MIT / Apache-2.0)",
+            "guard/toxicity": "davidson_labeled_data.csv: classes 0,1 positive, 2 benign (MIT)",
+            "guard/benign": "wildguard_benign.json (MIT), weighted as hard negatives",
+            "corpus": "t0_tasks, self_instruct (benign)",
+        },
+        "weights": "hard negatives (wildguard_benign, look-alikes, synth benign) weigh "
+        f"{cfg.hard_negative_weight}x in the loss; positives balanced per label (pos_weight <= 20)",
         "split": "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train",
         "examples_by_source": counts,
         "taxonomy": "harmful = MLCommons AILuminate v1.0 hazards (zero-shot hazard hint); "
