@@ -96,6 +96,7 @@ class SentenceEncoder:
         *,
         max_seq_length: int | None = None,
         dtype: torch.dtype = torch.float32,
+        pack: bool = False,
     ) -> None:
         directory = Path(path) if path is not None else default_sentence_model_dir()
         model = from_hf(directory, dtype=dtype)
@@ -128,6 +129,12 @@ class SentenceEncoder:
                 steps.append(inner.normalizer)
             inner.normalizer = normalizers.Sequence(steps)
         model.config.pooling = _pooling_mode(directory)
+        model.eval()
+        if pack:
+            # oneDNN-packed weights: encoding multiplies hundreds of rows at a time, where they beat
+            # the plain GEMM (see steward.model.layers); the copy costs ~90 MB for MiniLM, so a
+            # serving process that is sized by memory leaves it off.
+            model.pack_weights()
 
         self.directory = directory
         self.model = model

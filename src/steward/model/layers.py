@@ -8,6 +8,18 @@ Block       pre-LN:  x + Attn(LN(x)), then x + FFN(LN(x))       (GPT-2)
 
 Q, K and V come from one fused projection (one GEMM instead of three: on a CPU at batch 1 the
 matrix-vector products are bound by memory traffic, and one larger read streams better).
+
+Inference (no autograd) takes a few shortcuts that change no value beyond rounding:
+
+* A Linear may carry a oneDNN-prepacked copy of its weight (`pack_linear`): with more than one row
+  per product (batched decoding, prefill, the encoder) oneDNN's blocked-layout GEMM beats
+  `F.linear` markedly on a CPU — measured with 2 threads on this AVX-512 machine, GPT-2's weights
+  x 8 rows: ~29 ms per step against ~38 ms (oneMKL, [in, out] layout), the 50257-row LM head
+  7.8 ms against 11.3 ms. A single row keeps `F.linear` (oneMKL streams a [in, out] matrix faster).
+  The packed copy is checked against the weight's storage and version counter on every call, so an
+  optimiser step, `load_state_dict` or `.to()` silently falls back to the plain weight.
+* With a packed weight the activation (GELU) and the residual addition run inside the GEMM as
+  oneDNN post-ops instead of as separate passes over the activations.
 """
 
 from __future__ import annotations
@@ -20,6 +32,91 @@ from torch import nn
 
 from .config import TransformerConfig
 from .kv_cache import KVCache
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _unpacked() -> None:
+    return None
+
+
+class _Packed:
+    """A oneDNN-prepacked weight plus what identifies the tensor it was packed from.
+
+    Not part of the module's state: copies (deepcopy, pickle) drop it and use the plain weight.
+    """
+
+    __slots__ = ("dtype", "ptr", "version", "weight")
+
+    def __init__(self, weight: torch.Tensor, source: torch.Tensor) -> None:
+        self.weight = weight
+        self.ptr = source.data_ptr()
+        self.version = source._version
+        self.dtype = source.dtype
+
+    def __deepcopy__(self, memo: object) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_unpacked, ())
+
+
+def pack_linear(module: nn.Module, rows: int = 8) -> bool:
+    """Give an `nn.Linear` a oneDNN-prepacked weight for inference (`rows`: the typical row count).
+
+    Returns whether it did; a no-op without oneDNN, off the CPU, or for other dtypes/modules.
+    """
+    if not _ONEDNN or type(module) is not nn.Linear:
+        return False
+    w = module.weight
+    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    with torch.inference_mode(False), torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), max(1, rows))
+    module._steward_packed = _Packed(packed, w)  # type: ignore[assignment]
+    return True
+
+
+def _packed(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The packed weight to use for `module(x)`, or None for the plain path."""
+    p = module.__dict__.get("_steward_packed")
+    if p is None or torch.is_grad_enabled() or x.dtype != p.dtype or x.numel() <= x.shape[-1]:
+        return None
+    w: torch.Tensor = module.weight  # type: ignore[assignment]
+    if w.data_ptr() != p.ptr or w._version != p.version:
+        return None
+    return p.weight  # type: ignore[no-any-return]
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    w = _packed(module, x)
+    if w is None:
+        return module(x)  # type: ignore[no-any-return]
+    return torch.ops.mkldnn._linear_pointwise(x, w, module.bias, "none", [], "")  # type: ignore[no-any-return]
+
+
+def linear_act(module: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(module(x)), the activation fused into the GEMM when the weight is packed."""
+    w = _packed(module, x)
+    if w is not None:
+        if activation == "relu":
+            return torch.ops.mkldnn._linear_pointwise(x, w, module.bias, "relu", [], "")  # type: ignore[no-any-return]
+        algorithm = "tanh" if activation == "gelu_tanh" else "none"
+        return torch.ops.mkldnn._linear_pointwise(x, w, module.bias, "gelu", [], algorithm)  # type: ignore[no-any-return]
+    h = module(x)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(h)
+    return F.relu(h)
+
+
+def linear_add(module: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + module(x), the addition fused into the GEMM when the weight is packed."""
+    w = _packed(module, x)
+    if w is None or not residual.is_contiguous():
+        return residual + module(x)  # type: ignore[no-any-return]
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, module.bias, "add")  # type: ignore[no-any-return]
 
 
 class Embeddings(nn.Module):
@@ -65,21 +162,32 @@ class MultiHeadAttention(nn.Module):
         is_causal: bool,
         cache: KVCache | None = None,
         layer: int = 0,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention output; plus `residual` when given (inference only: no dropout)."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(self.qkv, x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # softmax(Q K^T / sqrt(d_k)) V, with torch's fused kernel (scale defaults to 1/sqrt(d_k)).
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )
-        return self.out(y.transpose(1, 2).reshape(B, T, D))  # type: ignore[no-any-return]
+        if T == 1 and B > 1 and mask is None and not torch.is_grad_enabled():
+            # One query per row against the cache: two batched products and a softmax run in about
+            # half the time of the fused kernel, whose per-call set-up dominates at this size.
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.d_head**-0.5)
+            y = torch.matmul(torch.softmax(scores, dim=-1), v)
+        else:
+            # softmax(Q K^T / sqrt(d_k)) V, with torch's fused kernel (scale defaults to 1/sqrt(d_k)).
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+            )
+        y = y.transpose(1, 2).reshape(B, T, D)
+        if residual is not None:
+            return linear_add(self.out, y, residual)
+        return linear(self.out, y)
 
 
 class FeedForward(nn.Module):
@@ -90,14 +198,11 @@ class FeedForward(nn.Module):
         self.activation = cfg.activation
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
-        if self.activation == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        else:
-            h = F.relu(h)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """FFN(x); plus `residual` when given (inference only: no dropout)."""
+        h = linear_act(self.up, x, self.activation)
+        if residual is not None:
+            return linear_add(self.down, h, residual)
         return self.dropout(self.down(h))  # type: ignore[no-any-return]
 
 
@@ -119,11 +224,18 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
+        if self.training:
+            if self.norm_first:
+                x = x + self.resid_dropout(self.attn(self.attn_norm(x), mask, is_causal, cache, layer))
+                return x + self.ffn(self.ffn_norm(x))  # type: ignore[no-any-return]
+            x = self.attn_norm(x + self.resid_dropout(self.attn(x, mask, is_causal, cache, layer)))
+            return self.ffn_norm(x + self.ffn(x))  # type: ignore[no-any-return]
+        # Inference: the residual additions happen inside the output projections (see linear_add).
         if self.norm_first:
-            x = x + self.resid_dropout(self.attn(self.attn_norm(x), mask, is_causal, cache, layer))
-            return x + self.ffn(self.ffn_norm(x))  # type: ignore[no-any-return]
-        x = self.attn_norm(x + self.resid_dropout(self.attn(x, mask, is_causal, cache, layer)))
-        return self.ffn_norm(x + self.ffn(x))  # type: ignore[no-any-return]
+            x = self.attn(self.attn_norm(x), mask, is_causal, cache, layer, residual=x)
+            return self.ffn(self.ffn_norm(x), residual=x)  # type: ignore[no-any-return]
+        x = self.attn_norm(self.attn(x, mask, is_causal, cache, layer, residual=x))
+        return self.ffn_norm(self.ffn(x, residual=x))  # type: ignore[no-any-return]
 
 
 def init_weights(module: nn.Module, n_layers: int) -> None:

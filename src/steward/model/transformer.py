@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import TransformerConfig
 from .kv_cache import KVCache
-from .layers import Block, Embeddings, init_weights
+from .layers import Block, Embeddings, init_weights, linear, pack_linear
 
 
 class InputError(ValueError):
@@ -52,7 +52,7 @@ class Decoder(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache for incremental decoding; switches the weights to the decoding layout first."""
-        self.use_decoding_layout()
+        self.use_decoding_layout(batch_size)
         cfg = self.config
         # Keys and values have the activations' dtype, i.e. the embeddings' — not the LM head's,
         # which a quantised copy (steward.model.quantize) stores as int8.
@@ -67,22 +67,36 @@ class Decoder(nn.Module):
             device=w.device,
         )
 
-    def use_decoding_layout(self) -> None:
-        """Store every fp32 Linear weight (the tied embedding included) transposed in memory, once.
+    def use_decoding_layout(self, batch_size: int = 1) -> None:
+        """Store every fp32 Linear weight (the tied embedding included) transposed in memory, once;
+        for batched decoding (`batch_size` > 1) also give each Linear a oneDNN-packed copy.
 
         Values, shapes and the state dict stay the same; only the strides change, so that
         `F.linear(x, W)` multiplies by a contiguous [in, out] matrix — the layout GPT-2's Conv1D
-        keeps. With few rows (a decoding step), oneMKL streams that layout markedly faster: on
-        AVX-512 with 2 threads, 8 rows x GPT-2's weights ran at ~13 GB/s against ~8.5 GB/s for the
-        [out, in] layout (the 50257-row LM head: 12 ms instead of 25 ms), and a single row no
-        slower. It happens on the first `new_cache`, i.e. only in models that generate; training
-        never calls it, so its optimizer state keeps matching its parameters' layout.
+        keeps. With a single row (batch-1 decoding) oneMKL streams that layout fastest: the
+        50257-row LM head at ~27 GB/s against ~19 GB/s for [out, in]. With several rows oneDNN's
+        prepacked GEMM is faster still (see `steward.model.layers`), at the cost of a second copy of
+        the weights in memory, which is why batch-1 generation does not make it. It happens on the
+        first `new_cache`, i.e. only in models that generate; training never calls it, so its
+        optimizer state keeps matching its parameters' layout (and a packed copy is ignored as
+        soon as an optimizer step changes a weight).
         """
         with torch.inference_mode(False), torch.no_grad():
             for module in self.modules():
                 w = module.weight if isinstance(module, nn.Linear) else None
                 if w is not None and w.dtype == torch.float32 and w.stride() != (1, w.shape[0]):
                     w.data = w.data.t().contiguous().t()
+        if batch_size > 1:
+            self.pack_weights(batch_size)
+
+    def pack_weights(self, rows: int = 8) -> None:
+        """oneDNN-packed copies of every Linear weight for inference (see `steward.model.layers`)."""
+        for module in self.modules():
+            p = module.__dict__.get("_steward_packed")
+            w = module.weight if isinstance(module, nn.Linear) else None
+            if p is not None and w is not None and (p.ptr, p.version) == (w.data_ptr(), w._version):
+                continue  # already packed from these very numbers
+            pack_linear(module, rows)
 
     def forward(
         self,
@@ -97,10 +111,8 @@ class Decoder(nn.Module):
         With a cache, `input_ids` are the new tokens only and `attention_mask` (if any) covers the
         new tokens only; the cache remembers earlier padding.
         """
-        x = self.hidden_states(input_ids, attention_mask, position_ids, cache)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)  # type: ignore[no-any-return]
+        x = self.hidden_states(input_ids, attention_mask, position_ids, cache, last_only)
+        return linear(self.lm_head, x)
 
     def hidden_states(
         self,
@@ -108,11 +120,24 @@ class Decoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """Final hidden states [B, T, D] (or [B, 1, D] with `last_only`: the final norm then runs on
+        the last position only)."""
         cfg = self.config
         _check_ids(cfg, input_ids)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        if (
+            T == 1
+            and cache is not None
+            and attention_mask is None
+            and position_ids is None
+            and not cache.has_padding
+            and past < cfg.max_positions
+            and not self.training
+        ):
+            return self._decode_step(input_ids, cache)
         if past + T > cfg.max_positions:
             raise InputError(
                 f"sequence of {past + T} tokens exceeds the model's context of {cfg.max_positions}"
@@ -157,6 +182,25 @@ class Decoder(nn.Module):
             x = block(x, attn_mask, is_causal, cache, i)
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        if self.norm is not None:
+            x = self.norm(x)
+        return x  # type: ignore[no-any-return]
+
+    def _decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row, nothing padded: the common decoding step, with no mask, no
+        position tensor (every row is at the same position) and no host synchronisation."""
+        past = cache.length
+        cache.record_real(1)
+        emb = self.embed
+        if emb.token_type is None and emb.norm is None:
+            x = emb.token(input_ids) + emb.position.weight[past]
+        else:
+            x = emb(input_ids, torch.full_like(input_ids, past))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None, False, cache, i)
+        cache.advance(1)
         if self.norm is not None:
             x = self.norm(x)
         return x  # type: ignore[no-any-return]
@@ -203,6 +247,12 @@ class Encoder(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def pack_weights(self, rows: int = 512) -> None:
+        """oneDNN-packed copies of every Linear weight for inference (see `steward.model.layers`):
+        faster encoding at the cost of a second copy of the weights in memory."""
+        for module in self.modules():
+            pack_linear(module, rows)
 
     def forward(
         self,
@@ -254,7 +304,7 @@ class Encoder(nn.Module):
         """Class logits [B, num_labels] from the pooled representation."""
         if self.classifier is None:
             raise ValueError("this encoder has no classification head (num_labels=0)")
-        return self.classifier(self.pool(self(input_ids, attention_mask), attention_mask))  # type: ignore[no-any-return]
+        return linear(self.classifier, self.pool(self(input_ids, attention_mask), attention_mask))
 
 
 def build_model(cfg: TransformerConfig) -> Decoder | Encoder:
