@@ -145,10 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--callers", type=int, default=8, help="threads submitting concurrently")
     ap.add_argument("--pg-url", default=None, help="also run on this (empty) PostgreSQL database")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--skip-sqlite", action="store_true", help="only the PostgreSQL run (with --pg-url)")
     args = ap.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
-        results.append(bench(None, Path(tmp) / "sqlite", args.leaves, args.append, args.callers))
+        if not args.skip_sqlite:
+            results.append(bench(None, Path(tmp) / "sqlite", args.leaves, args.append, args.callers))
         if args.pg_url:
             results.append(bench(args.pg_url, Path(tmp) / "pg", args.leaves, args.append, args.callers))
     if args.json:

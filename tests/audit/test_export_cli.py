@@ -143,16 +143,37 @@ def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     r = runner.invoke(app, ["audit", "verify"])
     assert r.exit_code == 0 and "verified" in r.output
 
+    # proofs from the CLI verify against the signed checkpoint
+    import base64
+
+    from steward.audit.merkle import verify_consistency, verify_inclusion
+
+    r = runner.invoke(app, ["audit", "proof", "--index", "3"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.output)
+    cp = log.latest_checkpoint()
+    assert cp is not None and p["tree_size"] == 6
+    verify_inclusion(
+        3, 6, base64.b64decode(p["leaf_hash"]), [base64.b64decode(h) for h in p["proof"]], cp.root
+    )
+    log.append_many([make_event(i) for i in range(6, 9)])
+    cp9 = log.checkpoint()
+    assert cp9 is not None
+    r = runner.invoke(app, ["audit", "consistency", "--first", "6", "--second", "9"])
+    c = json.loads(r.output)
+    verify_consistency(6, 9, [base64.b64decode(h) for h in c["proof"]], cp.root, cp9.root)
+    assert runner.invoke(app, ["audit", "proof"]).exit_code != 0
+
     r = runner.invoke(app, ["audit", "erase", "--subject", "dora"])
     assert r.exit_code == 0 and "destroyed 1" in r.output
     assert runner.invoke(app, ["audit", "verify"]).exit_code == 0
 
     out = tmp_path / "e.jsonl"
     r = runner.invoke(app, ["audit", "export", "--since", "2000-01-01", "--out", str(out)])
-    assert r.exit_code == 0 and "exported 6" in r.output, r.output
+    assert r.exit_code == 0 and "exported 9" in r.output, r.output
     pub = tmp_path / "data" / "keys" / PUBLIC_NAME
     r = runner.invoke(app, ["audit", "verify-export", str(out), "--public-key", str(pub)])
-    assert r.exit_code == 0 and "6 event(s)" in r.output
+    assert r.exit_code == 0 and "9 event(s)" in r.output
 
     out.write_text(out.read_text()[:-40])
     r = runner.invoke(app, ["audit", "verify-export", str(out), "--public-key", str(pub)])

@@ -8,6 +8,7 @@ verification prints its findings and exits 1.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,3 +138,40 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"no new events; latest checkpoint size {latest.size if latest else 0}")
         else:
             typer.echo(cp.note, nl=False)
+
+    @audit.command("proof")
+    def proof_command(
+        event: str | None = typer.Option(None, "--event", help="event id"),
+        index: int | None = typer.Option(None, "--index", min=0, help="leaf index"),
+        tree_size: int | None = typer.Option(
+            None, "--tree-size", min=1, help="default: the latest checkpoint"
+        ),
+        db: str | None = typer.Option(None, "--db", help=DB_HELP),
+    ) -> None:
+        """Print an inclusion proof (JSON) for one event against a signed checkpoint."""
+        if (event is None) == (index is None):
+            raise typer.BadParameter("give exactly one of --event or --index")
+        log = _open_log(db)
+        proof = (
+            log.inclusion_proof_for(event, tree_size)
+            if event is not None
+            else log.inclusion_proof(index or 0, tree_size)
+        )
+        typer.echo(json.dumps(proof.to_json()))
+
+    @audit.command("consistency")
+    def consistency_command(
+        first: int = typer.Option(..., "--first", min=1, help="older tree size"),
+        second: int = typer.Option(..., "--second", min=1, help="newer tree size"),
+        db: str | None = typer.Option(None, "--db", help=DB_HELP),
+    ) -> None:
+        """Print a consistency proof (JSON, base64 hashes) between two tree sizes."""
+        import base64
+
+        log = _open_log(db)
+        hashes = log.consistency_proof(first, second)
+        typer.echo(
+            json.dumps(
+                {"first": first, "second": second, "proof": [base64.b64encode(h).decode() for h in hashes]}
+            )
+        )
