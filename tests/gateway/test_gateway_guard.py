@@ -183,6 +183,8 @@ def test_system_prompt_leak_is_cut_with_content_filter(ggw: Running, stream: boo
         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SYSTEM}],
         "stream": stream,
     }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     h = {"authorization": f"Bearer {key}"}
     if not stream:
         r = httpx.post(ggw.url + "/v1/chat/completions", json=body, headers=h, timeout=30)
@@ -198,3 +200,5 @@ def test_system_prompt_leak_is_cut_with_content_filter(ggw: Running, stream: boo
     text = "".join((e["choices"][0].get("delta") or {}).get("content") or "" for e in events if e["choices"])
     reasons = [e["choices"][0].get("finish_reason") for e in events if e["choices"]]
     assert "content_filter" in reasons and "discount code" not in text
+    usage = [e["usage"] for e in events if not e["choices"] and e.get("usage")]
+    assert usage and usage[-1]["completion_tokens"] > 0  # asked-for usage arrives even after a cut

@@ -328,6 +328,7 @@ class Gateway:
                     client_usage,
                     unbounded=budget is None and not hasattr(backend, "max_new_tokens"),
                     inp=inp,
+                    prompt_tokens=int(prompt_est),
                 )
             b0 = time.perf_counter()
             try:
@@ -431,6 +432,7 @@ class Gateway:
         client_usage: bool,
         unbounded: bool,
         inp: Any = None,
+        prompt_tokens: int = 0,
     ) -> Response:
         backend = entry.backend
         b0 = time.perf_counter()
@@ -460,7 +462,7 @@ class Gateway:
 
             async def close_out() -> None:
                 # Settle and finish (the audit commit) BEFORE the final event reaches the client.
-                nonlocal finished
+                nonlocal finished, usage
                 if finished:
                     return
                 finished = True
@@ -470,9 +472,19 @@ class Gateway:
                         await aclose()
                     except Exception:
                         log.debug("closing a backend stream failed", exc_info=True)
+                if not usage:
+                    # Cut before the backend's usage arrived: count what was produced; the prompt
+                    # count is the reservation's (exact for in-process models).
+                    usage = {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": counted,
+                        "total_tokens": prompt_tokens + counted,
+                    }
+                    trace.usage = {**usage, "estimated": True}
+                else:
+                    trace.usage = dict(usage)
                 pt = float(usage.get("prompt_tokens", 0))
                 ct = float(usage.get("completion_tokens", counted))
-                trace.usage = dict(usage) or {"completion_tokens": counted, "estimated": True}
                 if scan is not None:
                     trace.guard.extend(scan.reports())
                 trace.payload = {
@@ -486,6 +498,12 @@ class Gateway:
                     audit_error.append(exc.body())
 
             audit_error: list[dict[str, Any]] = []
+
+            def usage_chunk() -> bytes:
+                # The usage a client asked for arrives even when the stream was cut short.
+                base = {k: v for k, v in (first or {}).items() if k not in ("choices", "usage")}
+                ev = {**base, "model": entry.route.name, "choices": [], "usage": usage}
+                return b"data: " + orjson.dumps(ev) + b"\n\n"
 
             def done() -> bytes:
                 # The final event: [DONE] only once the request's audit record is committed.
@@ -530,6 +548,8 @@ class Gateway:
                                 await close_out()
                                 if stop["choices"]:
                                     yield b"data: " + orjson.dumps(stop) + b"\n\n"
+                                if client_usage:
+                                    yield usage_chunk()
                                 yield done()
                                 return
                             reserved += STREAM_CHUNK_TOKENS
@@ -540,6 +560,8 @@ class Gateway:
                             if stop_now:
                                 outcome = "blocked"
                                 await close_out()
+                                if client_usage:
+                                    yield usage_chunk()
                                 yield done()
                                 return
                             try:
