@@ -39,7 +39,7 @@ def auth(key: str) -> dict[str, str]:
 
 
 def test_every_outcome_is_an_event_and_payloads_are_encrypted(agw: Running) -> None:
-    user = agw.key("acme", "user", limits=[{"kind": "requests", "window": "minute", "limit": 1}])
+    user = agw.key("acme", "user", limits=[{"kind": "requests", "window": "day", "limit": 1}])
     admin = agw.key("acme", "admin")
     auditor = agw.key("acme", "auditor")
     body = {

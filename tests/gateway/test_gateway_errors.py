@@ -184,7 +184,7 @@ def test_admin_api(gateway: Running, admin_key: str, user_key: str) -> None:
 
 def test_limits_exact_with_headers_and_retry_after(gateway: Running, admin_key: str) -> None:
     h = {"authorization": f"Bearer {admin_key}"}
-    spec = {"tenant": "limited", "limits": [{"kind": "requests", "window": "minute", "limit": 3}]}
+    spec = {"tenant": "limited", "limits": [{"kind": "requests", "window": "day", "limit": 3}]}
     key = httpx.post(gateway.url + "/admin/keys", json=spec, headers=h).json()["key"]
     codes = []
     for _ in range(5):

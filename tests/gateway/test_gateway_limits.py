@@ -13,7 +13,7 @@ CHAT = "/v1/chat/completions"
 
 
 def test_streams_and_calls_settle_to_real_usage(gateway: Running) -> None:
-    key = gateway.key("exact", "user", limits=[{"kind": "tokens", "window": "minute", "limit": 5000}])
+    key = gateway.key("exact", "user", limits=[{"kind": "tokens", "window": "day", "limit": 5000}])
     h = {"authorization": f"Bearer {key}"}
     body = {
         "model": "builtin",
@@ -72,7 +72,7 @@ def test_limiter_failure_fails_closed(tmp_path: object) -> None:
         data_dir=Path(str(tmp_path)), port=free_port(), redis_url=dead, embedding_model="", max_batch=2
     )
     for gw in start_gateway(settings):
-        key = gw.key("acme", "user", limits=[{"kind": "requests", "window": "minute", "limit": 100}])
+        key = gw.key("acme", "user", limits=[{"kind": "requests", "window": "day", "limit": 100}])
         body = {"model": "builtin", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
         r = httpx.post(gw.url + CHAT, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "limiter_unavailable"

@@ -126,7 +126,7 @@ def test_fallback_chain_answers_when_primary_is_down(gw: Running) -> None:
 
 
 def test_stream_without_max_tokens_is_cut_at_a_hard_token_cap(gw: Running) -> None:
-    key = gw.key("capped", "user", limits=[{"kind": "tokens", "window": "minute", "limit": 400}])
+    key = gw.key("capped", "user", limits=[{"kind": "tokens", "window": "day", "limit": 400}])
     h = {"authorization": f"Bearer {key}"}
     body = {"model": "long", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, headers=h, timeout=30) as r:

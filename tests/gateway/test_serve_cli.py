@@ -83,7 +83,7 @@ def _limited_key(env: dict[str, str], limit: int) -> str:
 
     url = env.get("STEWARD_DATABASE_URL") or f"sqlite:///{Path(env['STEWARD_DATA_DIR']) / 'steward.db'}"
     store = KeyStore(upgrade(url))
-    key, _ = store.create("acme", "user", limits=[{"kind": "requests", "window": "minute", "limit": limit}])
+    key, _ = store.create("acme", "user", limits=[{"kind": "requests", "window": "day", "limit": limit}])
     store.engine.dispose()
     return key
 

@@ -52,7 +52,7 @@ def test_two_processes_migrating_at_once_do_not_collide(db_url: str) -> None:
 def test_keys_on_both_stores(db_url: str) -> None:
     store = KeyStore(upgrade(db_url), ttl_s=0.0)
     key, rec = store.create(
-        "acme", "user", models=["builtin"], limits=[{"kind": "requests", "window": "minute", "limit": 2}]
+        "acme", "user", models=["builtin"], limits=[{"kind": "requests", "window": "day", "limit": 2}]
     )
     p = store.authenticate(key)
     assert p is not None and p.tenant == "acme" and p.allowed_models == ("builtin",) and p.key_limits
@@ -88,7 +88,7 @@ def pg_gateway(fresh_pg_url: str, tmp_path: Path) -> Iterator[object]:
 
 def test_gateway_on_postgresql(pg_gateway: object) -> None:
     gw = pg_gateway
-    key = gw.key("pgco", "user", limits=[{"kind": "requests", "window": "minute", "limit": 2}])  # type: ignore[attr-defined]
+    key = gw.key("pgco", "user", limits=[{"kind": "requests", "window": "day", "limit": 2}])  # type: ignore[attr-defined]
     c = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)  # type: ignore[attr-defined]
     msgs = [{"role": "user", "content": "hello"}]
     assert c.chat.completions.create(model="builtin", messages=msgs, max_tokens=2).choices  # type: ignore[arg-type]
