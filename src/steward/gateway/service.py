@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +21,14 @@ from starlette.responses import Response, StreamingResponse
 from steward.backends.base import JSON, Backend, BackendError, Call, ModelInfo
 from steward.gateway.errors import APIError, json_response, validation_message
 from steward.gateway.keys import KeyStore, Principal, hash_key
-from steward.gateway.limits.base import Limit, Limiter, LimiterUnavailable, LimitExceeded, Reservation
+from steward.gateway.limits.base import (
+    Limit,
+    Limiter,
+    LimiterUnavailable,
+    LimitExceeded,
+    Reservation,
+    ratelimit_headers,
+)
 from steward.gateway.settings import ModelRoute, Settings
 from steward.gateway.trace import Trace
 from steward.store import StoreError
@@ -158,8 +165,6 @@ class Gateway:
         try:
             return await self.limiter.reserve(limits, amounts)  # type: ignore[arg-type]
         except LimitExceeded as exc:
-            from steward.gateway.limits.base import ratelimit_headers
-
             headers = ratelimit_headers(exc.statuses)
             headers["retry-after"] = str(exc.retry_after)
             kind = exc.limit.kind
@@ -232,6 +237,31 @@ class Gateway:
             except Exception:
                 log.exception("audit commit failed", extra={"request_id": trace.request_id})
                 raise AuditUnavailable() from None
+
+    async def traced(self, trace: Trace, work: Callable[[], Awaitable[tuple[int, Any]]]) -> Response:
+        """Run a non-inference route's `work` under `trace`: every outcome is finished (audited)
+        before the answer leaves; a store failure is a 503; if the record cannot be committed the
+        caller gets 503, never an answer without its record (the act itself may have happened)."""
+        try:
+            status, body = await work()
+        except StoreError:
+            err = APIError(503, "the store is unavailable", type="service_unavailable", code="store_error")
+            return await self._refuse(trace, err)
+        except APIError as exc:
+            return await self._refuse(trace, exc)
+        try:
+            await self.finish(trace, status, "ok")
+        except AuditUnavailable as exc:
+            return json_response(exc.status, exc.body())
+        return json_response(status, body)
+
+    async def _refuse(self, trace: Trace, exc: APIError) -> Response:
+        outcome = "refused" if exc.status in (401, 403, 429) else "error"
+        try:
+            await self.finish(trace, exc.status, outcome, exc.body()["error"])
+        except AuditUnavailable as audit_exc:
+            return json_response(audit_exc.status, audit_exc.body())
+        return json_response(exc.status, exc.body(), exc.headers)
 
     # -- the inference pipeline -----------------------------------------------------------------------
     async def handle(self, request: Request, route: Route, schema: type[BaseModel]) -> Response:
@@ -312,8 +342,6 @@ class Gateway:
         trace.limits = {"reserved_tokens": tokens} if res is not None else {}
         headers = {}
         if res is not None:
-            from steward.gateway.limits.base import ratelimit_headers
-
             headers = ratelimit_headers(res.statuses)
         try:
             if stream:

@@ -8,12 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from steward.gateway.errors import APIError, json_response
+from steward.gateway.errors import APIError
 from steward.gateway.keys import Principal, UnknownKeyError
 from steward.gateway.schemas import KeyCreate, TenantUpdate
-from steward.gateway.service import AuditUnavailable, Gateway
+from steward.gateway.service import Gateway
 from steward.gateway.trace import Trace
-from steward.store import StoreError
 
 router = APIRouter(prefix="/admin")
 
@@ -31,24 +30,13 @@ async def _act(request: Request, action: str, fn: Any) -> Response:
     state = request.scope.get("state", {})
     trace = Trace(request_id=state.get("request_id", ""), route=f"{request.method} {request.url.path}")
     trace.usage = {"admin_action": action}
-    try:
-        try:
-            gw_, p = await _admin(request, trace)
-            status, body = await fn(gw_, p, trace)
-        except APIError as exc:
-            outcome = "refused" if exc.status in (401, 403) else "error"
-            await gw.finish(trace, exc.status, outcome, exc.body()["error"])
-            return json_response(exc.status, exc.body(), exc.headers)
-        except StoreError:
-            err = APIError(503, "the store is unavailable", type="service_unavailable", code="store_error")
-            await gw.finish(trace, 503, "error", err.body()["error"])
-            return json_response(503, err.body())
-        await gw.finish(trace, status, "ok")
-    except AuditUnavailable as exc:
-        # An admin act that cannot be recorded is reported as failed (it may have happened: the
-        # store commits first); the operator sees the error rather than silence.
-        return json_response(exc.status, exc.body())
-    return json_response(status, body)
+
+    async def work() -> tuple[int, Any]:
+        gw_, p = await _admin(request, trace)
+        result: tuple[int, Any] = await fn(gw_, p, trace)
+        return result
+
+    return await gw.traced(trace, work)
 
 
 @router.post(

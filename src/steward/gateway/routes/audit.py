@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from steward.gateway.errors import APIError, json_response
 from steward.gateway.keys import Principal
-from steward.gateway.service import AuditUnavailable, Gateway
+from steward.gateway.service import Gateway
 from steward.gateway.trace import Trace
 
 router = APIRouter(prefix="/audit")
@@ -116,24 +116,19 @@ async def payload(event_id: str, request: Request) -> Response:
     state = request.scope.get("state", {})
     trace = Trace(request_id=state.get("request_id", ""), route=f"GET /audit/events/{event_id}/payload")
     trace.extra["target"] = event_id
-    try:
-        try:
-            _gw, p, log = await _reader(request, trace)
-            if p.role != "auditor":
-                raise APIError(403, "reading payloads in clear needs an auditor key", code="role_not_allowed")
-            ev = await asyncio.to_thread(_own_event, log, event_id, p.tenant)
-            from steward.audit import PayloadUnavailable
 
-            try:
-                data = await asyncio.to_thread(log.read_payload, ev, tenant=p.tenant)
-            except PayloadUnavailable as exc:
-                raise APIError(410, f"payload no longer readable: {exc}", code="payload_erased") from None
-        except APIError as exc:
-            outcome = "refused" if exc.status in (401, 403) else "error"
-            await gw.finish(trace, exc.status, outcome, exc.body()["error"])
-            return json_response(exc.status, exc.body())
-        # The read is on the record before the payload leaves the gateway.
-        await gw.finish(trace, 200, "ok")
-    except AuditUnavailable as exc:
-        return json_response(exc.status, exc.body())
-    return json_response(200, {"event_id": event_id, "payload": data})
+    async def work() -> tuple[int, Any]:
+        _gw, p, log = await _reader(request, trace)
+        if p.role != "auditor":
+            raise APIError(403, "reading payloads in clear needs an auditor key", code="role_not_allowed")
+        ev = await asyncio.to_thread(_own_event, log, event_id, p.tenant)
+        from steward.audit import PayloadUnavailable
+
+        try:
+            data = await asyncio.to_thread(log.read_payload, ev, tenant=p.tenant)
+        except PayloadUnavailable as exc:
+            raise APIError(410, f"payload no longer readable: {exc}", code="payload_erased") from None
+        return 200, {"event_id": event_id, "payload": data}
+
+    # The read is on the record before the payload leaves the gateway.
+    return await gw.traced(trace, work)

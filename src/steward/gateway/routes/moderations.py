@@ -24,8 +24,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.responses import Response
 
-from steward.gateway.errors import APIError, json_response
-from steward.gateway.service import AuditUnavailable, Gateway
+from steward.gateway.errors import APIError
+from steward.gateway.service import Gateway
 from steward.gateway.trace import Trace
 
 router = APIRouter()
@@ -97,38 +97,28 @@ async def moderations(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     state = request.scope.get("state", {})
     trace = Trace(request_id=state.get("request_id", ""), route="/v1/moderations")
-    try:
-        try:
-            p = await gw.principal(request, trace)
-            if p.role == "auditor":
-                raise APIError(403, "auditor keys may not call inference routes", code="role_not_allowed")
-            req: ModerationRequest = gw.parse(ModerationRequest, await request.body())
-            if gw.guard is None:
-                raise APIError(404, "guards are disabled on this gateway", code="guards_disabled")
-            from steward.guard import ScanContext
 
-            texts = [req.input] if isinstance(req.input, str) else list(req.input)
-            ctxs = [
-                ScanContext(tenant=p.tenant, route="moderations", request_id=trace.request_id) for _ in texts
-            ]
-            gw.guard._bind(p)
-            verdicts = await asyncio.to_thread(gw.guard.pipeline.scan_texts, texts, ctxs, "input")
-            for v in verdicts:
-                trace.guard.append({"stage": "moderation", **v.to_trace()})
-            trace.model = "steward-guard"
-            trace.policy_version = f"{verdicts[0].policy_name}@{verdicts[0].policy_version[:12]}"
-        except APIError as exc:
-            outcome = "refused" if exc.status in (401, 403) else "error"
-            await gw.finish(trace, exc.status, outcome, exc.body()["error"])
-            return json_response(exc.status, exc.body())
-        await gw.finish(trace, 200, "ok")
-    except AuditUnavailable as exc:
-        return json_response(exc.status, exc.body())
-    return json_response(
-        200,
-        {
+    async def work() -> tuple[int, Any]:
+        p = await gw.principal(request, trace)
+        if p.role == "auditor":
+            raise APIError(403, "auditor keys may not call inference routes", code="role_not_allowed")
+        req: ModerationRequest = gw.parse(ModerationRequest, await request.body())
+        if gw.guard is None:
+            raise APIError(404, "guards are disabled on this gateway", code="guards_disabled")
+        from steward.guard import ScanContext
+
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        ctxs = [ScanContext(tenant=p.tenant, route="moderations", request_id=trace.request_id) for _ in texts]
+        gw.guard._bind(p)
+        verdicts = await asyncio.to_thread(gw.guard.pipeline.scan_texts, texts, ctxs, "input")
+        for v in verdicts:
+            trace.guard.append({"stage": "moderation", **v.to_trace()})
+        trace.model = "steward-guard"
+        trace.policy_version = f"{verdicts[0].policy_name}@{verdicts[0].policy_version[:12]}"
+        return 200, {
             "id": "modr-" + secrets.token_hex(12),
             "model": req.model or "steward-guard",
             "results": [map_verdict(v) for v in verdicts],
-        },
-    )
+        }
+
+    return await gw.traced(trace, work)
