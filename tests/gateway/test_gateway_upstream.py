@@ -4,6 +4,7 @@ streaming, error mapping, retries and the fallback chain, seen through the `open
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +144,32 @@ def test_stream_without_max_tokens_is_cut_at_a_hard_token_cap(gw: Running) -> No
         evs = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in evs if e["choices"])
     assert text.split() == [f"w{i}" for i in range(600)]  # the guard released every scanned word, in order
+
+
+def test_a_client_that_leaves_mid_stream_is_audited_as_cancelled(
+    gw: Running, upstreams: tuple[ThreadedUpstream, ThreadedUpstream, ThreadedUpstream]
+) -> None:
+    from steward.backends.fake_upstream import Fault
+
+    upstreams[0].up.add(Fault("trickle", seconds=0.5))
+    key, auditor = gw.key("acme", "user"), gw.key("acme", "auditor")
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
+    ) as r:
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        first = next(r.iter_lines())
+        assert first.startswith("data: {")  # one event arrived; the client now hangs up
+    event = None
+    while time.monotonic() - started < 20 and event is None:
+        listed = httpx.get(
+            gw.url + "/audit/events?limit=1000", headers={"authorization": f"Bearer {auditor}"}
+        ).json()["data"]
+        event = next((e for e in listed if e["request_id"] == rid), None)
+        time.sleep(0.1)
+    assert event is not None, "the abandoned stream left no audit record"
+    assert event["outcome"] == "cancelled" and event["kind"] == "inference"
+    # recorded when the client left, not after the upstream's whole 3-second answer
+    assert time.monotonic() - started < 2.5

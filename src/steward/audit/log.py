@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection, Engine
 
 from steward.audit import merkle
@@ -43,6 +43,10 @@ from steward.audit.note import Checkpoint, Signer, load_or_create_signer
 from steward.audit.schema import CHECKPOINTS, DATA_KEYS, EVENTS, NODE_LEVEL_SHIFT, NODES, STATE
 
 CACHE_LEVEL = 4
+EVENT_COLUMNS = (
+    "idx", "event_id", "time_us", "tenant", "kind", "request_id", "subject_ref", "outcome", "status",
+    "leaf", "leaf_hash",
+)  # fmt: skip
 KEK_FILE = "audit-kek.json"
 _log = logging.getLogger(__name__)
 
@@ -86,6 +90,35 @@ class InclusionProof:
             "proof": [base64.b64encode(p).decode() for p in self.proof],
             "checkpoint": self.checkpoint,
         }
+
+
+@dataclass(frozen=True)
+class _AppendSQL:
+    """The append transaction's statements in the driver's parameter style (always parameterised)."""
+
+    begin: str | None  # SQLite: the write lock up front; PostgreSQL: the driver opens a transaction
+    lock_state: str
+    insert_event: str
+    insert_node: str
+    update_state: str
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> _AppendSQL:
+        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        sqlite = engine.dialect.name == "sqlite"
+        cols = list(EVENTS.c.keys())
+        if tuple(cols) != EVENT_COLUMNS:  # rows are built positionally in append_many
+            raise AuditError(f"audit_events columns {cols} differ from {EVENT_COLUMNS}")
+        state = STATE.name
+        return cls(
+            begin="BEGIN IMMEDIATE" if sqlite else None,
+            lock_state=f"SELECT size, frontier FROM {state} WHERE id = 1" + ("" if sqlite else " FOR UPDATE"),
+            insert_event=(
+                f"INSERT INTO {EVENTS.name} ({', '.join(cols)}) VALUES ({', '.join([mark] * len(cols))})"
+            ),
+            insert_node=f"INSERT INTO {NODES.name} (id, hash) VALUES ({mark}, {mark})",
+            update_state=f"UPDATE {state} SET size = {mark}, frontier = {mark} WHERE id = 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -148,6 +181,7 @@ class AuditLog:
         self.keys = keys
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval_s = checkpoint_interval_s
+        self._sql = _AppendSQL.for_engine(engine)
         self._lock = threading.Lock()
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -204,47 +238,64 @@ class AuditLog:
             return []
         prepared = [self._prepare(e) for e in events]  # encryption and key lookups outside the lock
         receipts: list[Receipt] = []
-        with self.engine.begin() as conn:
-            size, blob = conn.execute(
-                select(STATE.c.size, STATE.c.frontier).where(STATE.c.id == 1).with_for_update()
-            ).one()
+        rows: list[tuple[Any, ...]] = []
+        nodes: list[tuple[int, bytes]] = []
+
+        def keep(level: int, index: int, h: bytes) -> None:
+            if level >= CACHE_LEVEL:
+                nodes.append((node_id(level, index), h))
+
+        # The hot path runs on the driver's connection with prepared statement text: SQLAlchemy's
+        # per-statement execution machinery cost more than the five statements themselves, on the
+        # group-commit thread that competes with request handling for the GIL.
+        sql = self._sql
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            if sql.begin:
+                cur.execute(sql.begin)
+            cur.execute(sql.lock_state)
+            state = cur.fetchone()
+            if state is None:
+                raise AuditError("the audit log's merkle_state row is missing (run the migrations)")
+            size, blob = state
             compact = CompactRange.unpack(size, bytes(blob))
-            rows: list[dict[str, Any]] = []
-            nodes: list[dict[str, Any]] = []
-
-            def keep(level: int, index: int, h: bytes) -> None:
-                if level >= CACHE_LEVEL:
-                    nodes.append({"id": node_id(level, index), "hash": h})
-
             for p in prepared:
                 idx = compact.size
                 ev = p.event
-                meta = ev.metadata(idx, p.subject_ref, p.data_key)
-                leaf = encode_leaf(meta, p.ciphertext)
+                leaf = encode_leaf(ev.metadata(idx, p.subject_ref, p.data_key), p.ciphertext)
                 h = merkle.leaf_hash(leaf)
                 compact.append(h, keep)
                 rows.append(
-                    {
-                        "idx": idx,
-                        "event_id": ev.event_id,
-                        "time_us": time_us(ev.time),
-                        "tenant": ev.principal.tenant,
-                        "kind": ev.kind,
-                        "request_id": ev.request_id,
-                        "subject_ref": p.subject_ref,
-                        "outcome": ev.outcome,
-                        "status": ev.status,
-                        "leaf": leaf,
-                        "leaf_hash": h,
-                    }
+                    (
+                        idx,
+                        ev.event_id,
+                        time_us(ev.time),
+                        ev.principal.tenant,
+                        ev.kind,
+                        ev.request_id,
+                        p.subject_ref,
+                        ev.outcome,
+                        ev.status,
+                        leaf,
+                        h,
+                    )
                 )
                 receipts.append(Receipt(idx, ev.event_id, h))
-            conn.execute(insert(EVENTS), rows)
+            cur.executemany(sql.insert_event, rows)
             if nodes:
-                conn.execute(insert(NODES), nodes)
-            conn.execute(
-                update(STATE).where(STATE.c.id == 1).values(size=compact.size, frontier=compact.pack())
-            )
+                cur.executemany(sql.insert_node, nodes)
+            cur.execute(sql.update_state, (compact.size, compact.pack()))
+            cur.close()
+            raw.commit()  # sqlite3 commits the BEGIN IMMEDIATE it did not open itself, too
+        except BaseException:
+            try:
+                raw.rollback()
+            except Exception:
+                _log.debug("rollback of a failed audit append failed", exc_info=True)
+            raise
+        finally:
+            raw.close()  # back to the pool
         self._after_append(len(events))
         return receipts
 

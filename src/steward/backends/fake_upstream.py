@@ -20,6 +20,7 @@ Scripted faults (a FIFO queue; each request to a model route pops at most one fa
 * `malformed` — answer 200 with a body that is not JSON (or, for streams, a bad `data:` line).
 * `no_usage` — answer normally but without `usage` (stream: no usage chunk), to test estimation.
 * `no_done` — stream without the final `data: [DONE]` (a truncated stream).
+* `trickle` — stream one chunk at a time, `seconds` apart (a slow model; for client-disconnect tests).
 * `error_event` — stream `after_chunks` chunks, then `data: {"error": {...}}` (as vLLM does when the
   engine fails mid-generation).
 
@@ -46,7 +47,9 @@ from aiohttp import web
 JSON = dict[str, Any]
 ECHO = "{echo}"  # reply_text that makes the fake repeat the last message it received
 
-FaultKind = Literal["status", "delay", "hang", "drop", "malformed", "no_usage", "no_done", "error_event"]
+FaultKind = Literal[
+    "status", "delay", "hang", "drop", "malformed", "no_usage", "no_done", "error_event", "trickle"
+]
 
 
 @dataclass
@@ -326,6 +329,8 @@ class FakeUpstream:
             if kind is not None:  # faults flush chunk by chunk so the client sees them arrive
                 await resp.write(bytes(payload))
                 payload.clear()
+                if kind == "trickle" and fault is not None:
+                    await asyncio.sleep(fault.seconds)
         if kind != "no_done":
             payload += b"data: [DONE]\n\n"
         await resp.write(bytes(payload))

@@ -54,6 +54,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, cast, get_args
 
 import aiohttp
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from steward.backends.base import JSON, BackendError, Call, ErrorType, ModelInfo
@@ -410,7 +411,7 @@ class OpenAIBackend:
             self.breaker.on_abandon()
 
     async def _post_json(self, path: str, call: Call, body: JSON) -> JSON:
-        data = json.dumps(body).encode()
+        data = _dumps(body)
         url = self.config.base_url + path
         deadline = self._deadline(call)
         attempt = 0
@@ -460,7 +461,7 @@ class OpenAIBackend:
         Retries only while nothing has been yielded; after the first chunk any failure is raised
         from the iterator as a `BackendError` (the caller has already forwarded part of an answer).
         """
-        data = json.dumps(self._body(call, stream=True)).encode()
+        data = _dumps(self._body(call, stream=True))
         url = self.config.base_url + path
         deadline = self._deadline(call)
         attempt = 0
@@ -625,12 +626,22 @@ def build_openai_backend(
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
+def _dumps(body: JSON) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # an integer beyond 64 bits (a client's seed, say): the stdlib writes it
+        return json.dumps(body).encode()
+
+
 def _loads_object(raw: bytes | bytearray) -> JSON | None:
     """Parse a JSON object; None for anything else (not JSON, not an object, not UTF-8)."""
     try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:  # what orjson refuses but JSON parsers commonly accept: NaN, integers beyond 64 bits
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
     return value if isinstance(value, dict) else None
 
 

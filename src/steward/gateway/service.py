@@ -16,7 +16,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from steward.backends.base import JSON, Backend, BackendError, Call, ModelInfo
 from steward.gateway.errors import APIError, json_response, validation_message
@@ -30,6 +30,7 @@ from steward.gateway.limits.base import (
     ratelimit_headers,
 )
 from steward.gateway.settings import ModelRoute, Settings
+from steward.gateway.sse import EventStreamResponse
 from steward.gateway.trace import Trace
 from steward.store import StoreError
 
@@ -633,7 +634,7 @@ class Gateway:
                     await close_out()
 
         hdrs = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=hdrs)
+        return EventStreamResponse(events(), headers=hdrs)
 
 
 async def _empty() -> AsyncIterator[JSON]:

@@ -25,6 +25,7 @@ from tokenizers import normalizers
 from .hf import from_hf, load_hf_tokenizer
 from .io import ModelLoadError
 from .tokenizer import Tokenizer
+from .layers import VarLen
 from .transformer import Encoder
 
 __all__ = ["DEFAULT_MODEL_PACKAGE", "SentenceEncoder", "default_sentence_model_dir"]
@@ -85,9 +86,10 @@ def _pooling_mode(directory: Path) -> Literal["mean", "cls"]:
 class SentenceEncoder:
     """Turns texts into L2-normalised sentence vectors with an imported BERT/MiniLM encoder.
 
-    Texts are tokenised with [CLS] ... [SEP], truncated to the model's max_seq_length, padded only
-    to the longest text of their batch (batches are formed after sorting by length, so short texts
-    are not padded to a long one), mean-pooled over real tokens and normalised.
+    Texts are tokenised with [CLS] ... [SEP], truncated to the model's max_seq_length, run through
+    the encoder packed end to end (no padding: only attention sees a [batch, longest] layout, and
+    batches are formed after sorting by length, so short texts are not padded to a long one),
+    mean-pooled over real tokens and normalised.
     """
 
     def __init__(
@@ -185,9 +187,11 @@ class SentenceEncoder:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                input_ids, mask = self._pad([rows[i] for i in idx])
-                input_ids, mask = input_ids.to(device), mask.to(device)
-                pooled = self.model.pool(self.model(input_ids, mask), mask).float()
+                batch = [rows[i] for i in idx]
+                flat = list(itertools.chain.from_iterable(batch))
+                input_ids = torch.tensor(flat, dtype=torch.long, device=device)
+                varlen = VarLen([len(r) for r in batch], device=device)
+                pooled = self.model.pool_packed(self.model.forward_packed(input_ids, varlen), varlen).float()
                 if normalize:
                     pooled = F.normalize(pooled, dim=-1)
                 out[torch.tensor(idx)] = pooled.cpu()

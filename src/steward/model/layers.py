@@ -20,11 +20,17 @@ Inference (no autograd) takes a few shortcuts that change no value beyond roundi
   optimiser step, `load_state_dict` or `.to()` silently falls back to the plain weight.
 * With a packed weight the activation (GELU) and the residual addition run inside the GEMM as
   oneDNN post-ops instead of as separate passes over the activations.
+
+Sequences of different lengths can also run *packed* (`VarLen`): the real tokens of every sequence
+end to end, [N, D] instead of [B, T, D], so the projections, the FFN and the LayerNorms spend nothing
+on padding; only attention sees the [B, T] layout, scattered into a zeroed buffer for the
+softmax(Q K^T) V product and gathered back.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +125,60 @@ def linear_add(module: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> to
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, module.bias, "add")  # type: ignore[no-any-return]
 
 
+class VarLen:
+    """Sequences of different lengths packed end to end: token i of sequence b is row
+    `sum(lengths[:b]) + i` of an [N, ...] tensor, N = sum(lengths), with no padding rows.
+
+    Holds what the packed layout needs, computed once per batch and shared by every layer: the
+    rows' positions (0..length-1 within their sequence) and sequence numbers, and how attention
+    reaches them. Consecutive sequences of the same length form a *run*, whose rows are already an
+    unpadded [count, length] batch (a view, no copy, no mask); batches sorted by length (what
+    `SentenceEncoder` forms) consist of a few runs. Otherwise (`runs` is None) attention scatters
+    the rows into a zero-padded [B, T] layout at `index` and masks the padding with `mask`.
+    """
+
+    __slots__ = ("batch", "index", "lengths", "mask", "positions", "runs", "segments", "starts", "width")
+
+    #: Past this many runs per batch, one padded, masked attention call is cheaper than one call
+    #: per run.
+    MAX_RUNS = 8
+
+    def __init__(self, lengths: Sequence[int] | torch.Tensor, device: torch.device | str | None = None) -> None:
+        host = [int(n) for n in lengths]
+        if not host or min(host) < 1:
+            raise ValueError("lengths must be a non-empty list of positive sequence lengths")
+        self.lengths = torch.tensor(host, dtype=torch.long, device=device)
+        self.batch = len(host)
+        self.width = max(host)
+        dev = self.lengths.device
+        B, T = self.batch, self.width
+        self.segments = torch.repeat_interleave(torch.arange(B, device=dev), self.lengths)
+        self.starts = self.lengths.cumsum(0) - self.lengths
+        self.positions = torch.cat([torch.arange(n, device=dev) for n in host]) if B > 1 else torch.arange(T, device=dev)
+        # (first row, sequence count, length) of each run of equal lengths.
+        runs: list[tuple[int, int, int]] = []
+        row = 0
+        for n in host:
+            if runs and runs[-1][2] == n:
+                first, count, _ = runs[-1]
+                runs[-1] = (first, count + 1, n)
+            else:
+                runs.append((row, 1, n))
+            row += n
+        self.runs: list[tuple[int, int, int]] | None = runs if len(runs) <= self.MAX_RUNS else None
+        self.index: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        if self.runs is None:
+            valid = torch.arange(T, device=dev)[None, :] < self.lengths[:, None]  # [B, T]
+            self.index = valid.flatten().nonzero().squeeze(1)
+            self.mask = valid[:, None, None, :]
+
+    @property
+    def tokens(self) -> int:
+        """N, the number of packed rows."""
+        return int(self.segments.numel())
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -163,8 +223,15 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         residual: torch.Tensor | None = None,
+        varlen: VarLen | None = None,
     ) -> torch.Tensor:
-        """Attention output; plus `residual` when given (inference only: no dropout)."""
+        """Attention output; plus `residual` when given (inference only: no dropout).
+
+        With `varlen`, `x` is [N, D], the sequences packed end to end (see `VarLen`); `mask`,
+        `is_causal` and `cache` are then unused (bidirectional attention within each sequence).
+        """
+        if varlen is not None:
+            return self._forward_varlen(x, varlen, residual)
         B, T, D = x.shape
         q, k, v = linear(self.qkv, x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
@@ -185,6 +252,35 @@ class MultiHeadAttention(nn.Module):
                 is_causal=is_causal,
             )
         y = y.transpose(1, 2).reshape(B, T, D)
+        if residual is not None:
+            return linear_add(self.out, y, residual)
+        return linear(self.out, y)
+
+    def _forward_varlen(self, x: torch.Tensor, varlen: VarLen, residual: torch.Tensor | None) -> torch.Tensor:
+        N, D = x.shape
+        H, dh = self.n_heads, self.d_head
+        dropout = self.dropout if self.training else 0.0
+        qkv = linear(self.qkv, x)  # [N, 3D]
+        if varlen.runs is not None:
+            # softmax(Q K^T / sqrt(d_k)) V per run of equal-length sequences: unmasked, and the
+            # heads read straight out of the packed rows. Each output is [count, H, length, d_head]
+            # stored as [count, length, H, d_head], i.e. already the packed rows of its run.
+            parts = []
+            for first, count, length in varlen.runs:
+                rows = qkv[first : first + count * length].view(count, length, 3, H, dh)
+                q, k, v = rows.permute(2, 0, 3, 1, 4)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+                parts.append(y.transpose(1, 2).reshape(count * length, D))
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        else:
+            B, T = varlen.batch, varlen.width
+            # Into the padded layout; padding rows stay zero (masked keys whose values must be
+            # finite, since a masked weight of 0 times a NaN would still be a NaN).
+            assert varlen.index is not None
+            padded = qkv.new_zeros(B * T, 3 * D).index_copy_(0, varlen.index, qkv)
+            q, k, v = padded.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=varlen.mask, dropout_p=dropout)
+            y = y.transpose(1, 2).reshape(B * T, D).index_select(0, varlen.index)
         if residual is not None:
             return linear_add(self.out, y, residual)
         return linear(self.out, y)
@@ -223,18 +319,21 @@ class Block(nn.Module):
         is_causal: bool,
         cache: KVCache | None = None,
         layer: int = 0,
+        varlen: VarLen | None = None,
     ) -> torch.Tensor:
+        """x [B, T, D], or [N, D] packed sequences with `varlen` (see `VarLen`)."""
         if self.training:
             if self.norm_first:
-                x = x + self.resid_dropout(self.attn(self.attn_norm(x), mask, is_causal, cache, layer))
+                a = self.attn(self.attn_norm(x), mask, is_causal, cache, layer, varlen=varlen)
+                x = x + self.resid_dropout(a)
                 return x + self.ffn(self.ffn_norm(x))  # type: ignore[no-any-return]
-            x = self.attn_norm(x + self.resid_dropout(self.attn(x, mask, is_causal, cache, layer)))
+            x = self.attn_norm(x + self.resid_dropout(self.attn(x, mask, is_causal, cache, layer, varlen=varlen)))
             return self.ffn_norm(x + self.ffn(x))  # type: ignore[no-any-return]
         # Inference: the residual additions happen inside the output projections (see linear_add).
         if self.norm_first:
-            x = self.attn(self.attn_norm(x), mask, is_causal, cache, layer, residual=x)
+            x = self.attn(self.attn_norm(x), mask, is_causal, cache, layer, residual=x, varlen=varlen)
             return self.ffn(self.ffn_norm(x), residual=x)  # type: ignore[no-any-return]
-        x = self.attn_norm(self.attn(x, mask, is_causal, cache, layer, residual=x))
+        x = self.attn_norm(self.attn(x, mask, is_causal, cache, layer, residual=x, varlen=varlen))
         return self.ffn_norm(self.ffn(x, residual=x))  # type: ignore[no-any-return]
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import TransformerConfig
 from .kv_cache import KVCache
-from .layers import Block, Embeddings, init_weights, linear, pack_linear
+from .layers import Block, Embeddings, VarLen, init_weights, linear, pack_linear
 
 
 class InputError(ValueError):
@@ -281,6 +281,41 @@ class Encoder(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return x  # type: ignore[no-any-return]
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        varlen: VarLen,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [N, H] of sequences packed end to end (no padding; see `VarLen`).
+
+        `input_ids` [N] holds the sequences' tokens one after another, `varlen` their lengths. The
+        numbers are those of `forward` on the right-padded batch, at the real tokens; the
+        projections and the FFN just skip the padding.
+        """
+        cfg = self.config
+        if input_ids.dim() != 1 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise InputError(f"packed input_ids must be a 1-D tensor of token ids, got {tuple(input_ids.shape)}")
+        if input_ids.numel() != varlen.tokens:
+            raise InputError(f"{input_ids.numel()} packed tokens, but the lengths add up to {varlen.tokens}")
+        if cfg.max_positions < varlen.width:
+            raise InputError(
+                f"sequence of {varlen.width} tokens exceeds the model's context of {cfg.max_positions}"
+            )
+        x = self.embed(input_ids, varlen.positions, token_type_ids)
+        for block in self.blocks:
+            x = block(x, None, False, varlen=varlen)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x  # type: ignore[no-any-return]
+
+    def pool_packed(self, hidden: torch.Tensor, varlen: VarLen) -> torch.Tensor:
+        """`pool` for packed hidden states [N, H]: [B, H], one row per sequence."""
+        if self.config.pooling == "cls":
+            return hidden[varlen.starts]
+        sums = hidden.new_zeros(varlen.batch, hidden.shape[-1]).index_add_(0, varlen.segments, hidden)
+        return sums / varlen.lengths.to(hidden.dtype)[:, None]
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.pooling == "cls":
