@@ -23,7 +23,7 @@ from .helpers import make_event
 
 @pytest.fixture
 def exported(sqlite_engine: Engine, keys_dir: Path, tmp_path: Path) -> tuple[AuditLog, Path]:
-    log = AuditLog.open(sqlite_engine, keys_dir, checkpoint_every=10)
+    log = AuditLog.open(sqlite_engine, keys_dir, checkpoint_every=10, checkpoint_interval_s=3600)
     old = [make_event(i) for i in range(5)]
     old = [type(e)(**{**e.__dict__, "time": datetime.now(UTC) - timedelta(days=2)}) for e in old]
     log.append_many(old)

@@ -212,6 +212,28 @@ def test_group_commit_reports_failures_to_every_caller(log: AuditLog) -> None:
     committer.close()
 
 
+def test_group_commit_keeps_events_of_callers_that_stopped_waiting(log: AuditLog) -> None:
+    committer = GroupCommitter(log, max_wait_s=0.0)
+    bad = make_event(7)
+    object.__setattr__(bad, "detail", {"x": float("nan")})
+
+    async def scenario() -> tuple[int, str]:
+        task = asyncio.ensure_future(committer.append(make_event(1)))
+        await asyncio.sleep(0)  # queued
+        task.cancel()  # the request went away (a dropped client, a shutdown)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # an async caller hears about its own event's failure, and later events still commit
+        with pytest.raises(ValueError, match="canonical JSON") as err:
+            await committer.append(bad)
+        return (await committer.append(make_event(2))).index, str(err.value)
+
+    index, _ = asyncio.run(scenario())
+    committer.close()
+    assert log.size() == 2 and index == 1
+    assert log.get_event(0).meta["request_id"] == "req-1"  # the abandoned caller's event is there
+
+
 def test_missing_or_bad_key_file_refuses_to_start(log: AuditLog, keys_dir: Path) -> None:
     log.append(make_event(0))
     kek = keys_dir / KEK_FILE

@@ -20,6 +20,7 @@ whatever the tree size.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -464,6 +465,20 @@ class AuditLog:
         self._closed = True
 
 
+_Waiter = Future[Receipt] | tuple[asyncio.AbstractEventLoop, asyncio.Future[Receipt]]
+
+
+def _deliver(outcomes: list[tuple[asyncio.Future[Receipt], Receipt | BaseException]]) -> None:
+    """On the waiters' event loop: hand each caller its receipt (or the error)."""
+    for fut, out in outcomes:
+        if fut.done():  # the caller stopped waiting; its event is committed all the same
+            continue
+        if isinstance(out, BaseException):
+            fut.set_exception(out)
+        else:
+            fut.set_result(out)
+
+
 class GroupCommitter:
     """Batches events from many callers into one transaction on a background thread.
 
@@ -471,13 +486,18 @@ class GroupCommitter:
     exception if it failed); `await committer.append(event)` is the asyncio form. The thread also
     signs checkpoints when `checkpoint_interval_s` elapses with events pending, so a quiet log still
     gets its tail signed.
+
+    An event is committed even if its caller stops waiting (a cancelled request): the record of an
+    answer that was abandoned half-way is still a record. Async callers on one event loop are woken
+    with one cross-thread call per batch, not one per event (each is a self-pipe write and an extra
+    turn of the loop on the request path).
     """
 
     def __init__(self, log: AuditLog, *, max_batch: int = 1000, max_wait_s: float = 0.002) -> None:
         self.log = log
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._q: queue.Queue[tuple[AuditEvent, Future[Receipt]] | None] = queue.Queue()
+        self._q: queue.SimpleQueue[tuple[AuditEvent, _Waiter] | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-group-commit", daemon=True)
         self._thread.start()
@@ -490,9 +510,14 @@ class GroupCommitter:
         return fut
 
     async def append(self, event: AuditEvent) -> Receipt:
-        return await asyncio.wrap_future(self.submit(event))
+        if self._closed:
+            raise AuditError("audit committer is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Receipt] = loop.create_future()
+        self._q.put((event, (loop, fut)))
+        return await fut
 
-    def _batches(self) -> Iterator[list[tuple[AuditEvent, Future[Receipt]]] | None]:
+    def _batches(self) -> Iterator[list[tuple[AuditEvent, _Waiter]] | None]:
         tick = max(0.05, min(1.0, self.log.checkpoint_interval_s / 4))
         while True:
             try:
@@ -510,7 +535,7 @@ class GroupCommitter:
                 try:
                     item = (
                         self._q.get_nowait()
-                        if self._q.qsize()
+                        if not self._q.empty()
                         else self._q.get(timeout=max(0.0, deadline - time.monotonic()))
                     )
                 except queue.Empty:
@@ -535,26 +560,39 @@ class GroupCommitter:
             except Exception:  # a failed periodic checkpoint is retried on the next tick
                 _log.exception("periodic audit checkpoint failed")
 
-    def _commit(self, batch: list[tuple[AuditEvent, Future[Receipt]]]) -> None:
-        live = [(e, f) for e, f in batch if f.set_running_or_notify_cancel()]
-        if not live:
-            return
+    def _commit(self, batch: list[tuple[AuditEvent, _Waiter]]) -> None:
+        outcomes: list[Receipt | BaseException]
         try:
-            receipts = self.log.append_many([e for e, _ in live])
+            outcomes = list(self.log.append_many([e for e, _ in batch]))
         except Exception as exc:
-            if len(live) == 1:
-                live[0][1].set_exception(exc)
-                return
-            # One malformed event must not fail a thousand requests: commit the rest one by one so
-            # exactly the callers whose events cannot be stored hear about it.
-            for e, f in live:
-                try:
-                    f.set_result(self.log.append(e))
-                except Exception as one:
-                    f.set_exception(one)
-            return
-        for (_, f), r in zip(live, receipts, strict=True):
-            f.set_result(r)
+            if len(batch) == 1:
+                outcomes = [exc]
+            else:
+                # One malformed event must not fail a thousand requests: commit the rest one by one
+                # so exactly the callers whose events cannot be stored hear about it.
+                outcomes = []
+                for e, _ in batch:
+                    try:
+                        outcomes.append(self.log.append(e))
+                    except Exception as one:
+                        outcomes.append(one)
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Receipt], Receipt | BaseException]]
+        ]
+        by_loop = {}
+        for (_, waiter), out in zip(batch, outcomes, strict=True):
+            if isinstance(waiter, Future):
+                if not waiter.set_running_or_notify_cancel():
+                    continue
+                if isinstance(out, BaseException):
+                    waiter.set_exception(out)
+                else:
+                    waiter.set_result(out)
+            else:
+                by_loop.setdefault(waiter[0], []).append((waiter[1], out))
+        for loop, outs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_deliver, outs)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Commit everything queued, stop the thread; does not close the log."""

@@ -518,20 +518,22 @@ class OpenAIBackend:
         deltas = text_bytes = 0
         async for piece in resp.content.iter_any():
             buf += piece
-            start = 0
-            while not done:
-                nl = buf.find(b"\n", start)
-                if nl < 0:
-                    break
-                line = bytes(buf[start:nl]).rstrip(b"\r")
-                start = nl + 1
+            end = buf.rfind(b"\n")
+            if end < 0:
+                continue
+            complete = bytes(buf[:end])  # every whole line that arrived, split in one C call
+            del buf[: end + 1]
+            lines = complete.split(b"\n")
+            if b"\r" in complete:
+                lines = [ln.rstrip(b"\r") for ln in lines]
+            for line in lines:
                 if line:
                     if line.startswith(b"data:"):
                         data_lines.append(line[6:] if line.startswith(b"data: ") else line[5:])
                     continue  # comments (":"), `event:`, `id:`, `retry:` carry nothing for us
                 if not data_lines:
                     continue
-                payload = b"\n".join(data_lines)
+                payload = b"\n".join(data_lines) if len(data_lines) > 1 else data_lines[0]
                 data_lines.clear()
                 if payload.strip() == b"[DONE]":
                     done = True
@@ -554,7 +556,6 @@ class OpenAIBackend:
                         finished = True
                 last = chunk
                 yield chunk
-            del buf[:start]
             if done:
                 break
         if not done:  # a last event cut short of its blank line (or newline) still counts if it is [DONE]

@@ -6,6 +6,7 @@ Per worker process: with `--workers N` each worker exports its own series, label
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -43,17 +44,33 @@ class Metrics:
         )
         self.info = Gauge("steward_worker_info", "Worker process", ["pid"], registry=self.registry)
         self.info.labels(pid=pid).set(1)
+        # labels() takes a lock and validates its arguments on every call; a request only needs the
+        # child series, which never change once made.
+        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
 
     def observe(self, trace: Trace) -> None:
         model = trace.model or "-"
-        self.requests.labels(trace.route, model, str(trace.status), trace.outcome).inc()
+        key = (trace.route, model, str(trace.status), trace.outcome)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(*key),
+                self.latency.labels(trace.route),
+                self.overhead.labels(trace.route),
+                self.tokens.labels(model, "prompt"),
+                self.tokens.labels(model, "completion"),
+            )
+            if len(self._children) < 10_000:  # label values come from routes, models, statuses
+                self._children[key] = children
+        requests, latency, overhead, prompt, completion = children
+        requests.inc()
         total = trace.latency_ms.get("total", 0.0)
-        self.latency.labels(trace.route).observe(total)
-        self.overhead.labels(trace.route).observe(max(total - trace.backend_s * 1000, 0.0))
-        for kind in ("prompt_tokens", "completion_tokens"):
+        latency.observe(total)
+        overhead.observe(max(total - trace.backend_s * 1000, 0.0))
+        for kind, counter in (("prompt_tokens", prompt), ("completion_tokens", completion)):
             v = trace.usage.get(kind)
             if isinstance(v, int | float) and v > 0:
-                self.tokens.labels(model, kind.removesuffix("_tokens")).inc(v)
+                counter.inc(v)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

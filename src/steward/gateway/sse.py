@@ -73,6 +73,12 @@ class EventStreamResponse(Response):
                     await waiter
                 if listener.done():
                     return  # the client is gone: `finally` stops the producer and waits for it
+                if finished and not failure:
+                    # The last events and the end of the body in one write.
+                    body = b"".join(pending)
+                    pending.clear()
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    return
                 if pending:
                     body = b"".join(pending)
                     pending.clear()
