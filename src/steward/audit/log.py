@@ -42,6 +42,7 @@ from steward.audit.keyring import KeyRing
 from steward.audit.merkle import CompactRange, ProofError, Subtree
 from steward.audit.note import Checkpoint, Signer, load_or_create_signer
 from steward.audit.schema import CHECKPOINTS, DATA_KEYS, EVENTS, NODE_LEVEL_SHIFT, NODES, STATE
+from steward.store.db import begin_immediate
 
 CACHE_LEVEL = 4
 EVENT_COLUMNS = (
@@ -97,7 +98,7 @@ class InclusionProof:
 class _AppendSQL:
     """The append transaction's statements in the driver's parameter style (always parameterised)."""
 
-    begin: str | None  # SQLite: the write lock up front; PostgreSQL: the driver opens a transaction
+    sqlite: bool  # SQLite: BEGIN IMMEDIATE takes the write lock up front; psycopg opens a transaction
     lock_state: str
     insert_event: str
     insert_node: str
@@ -112,7 +113,7 @@ class _AppendSQL:
             raise AuditError(f"audit_events columns {cols} differ from {EVENT_COLUMNS}")
         state = STATE.name
         return cls(
-            begin="BEGIN IMMEDIATE" if sqlite else None,
+            sqlite=sqlite,
             lock_state=f"SELECT size, frontier FROM {state} WHERE id = 1" + ("" if sqlite else " FOR UPDATE"),
             insert_event=(
                 f"INSERT INTO {EVENTS.name} ({', '.join(cols)}) VALUES ({', '.join([mark] * len(cols))})"
@@ -252,9 +253,9 @@ class AuditLog:
         sql = self._sql
         raw = self.engine.raw_connection()
         try:
+            if sql.sqlite:
+                begin_immediate(raw.driver_connection)
             cur = raw.cursor()
-            if sql.begin:
-                cur.execute(sql.begin)
             cur.execute(sql.lock_state)
             state = cur.fetchone()
             if state is None:
