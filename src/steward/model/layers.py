@@ -137,24 +137,39 @@ class VarLen:
     the rows into a zero-padded [B, T] layout at `index` and masks the padding with `mask`.
     """
 
-    __slots__ = ("batch", "index", "lengths", "mask", "positions", "runs", "segments", "starts", "width")
+    __slots__ = (
+        "batch",
+        "index",
+        "lengths",
+        "mask",
+        "positions",
+        "runs",
+        "segments",
+        "starts",
+        "tokens",
+        "width",
+    )
 
-    #: Past this many runs per batch, one padded, masked attention call is cheaper than one call
-    #: per run.
-    MAX_RUNS = 8
-
-    def __init__(self, lengths: Sequence[int] | torch.Tensor, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int] | torch.Tensor,
+        device: torch.device | str | None = None,
+        max_runs: int = 8,
+    ) -> None:
+        """`max_runs`: past this many runs, one padded, masked attention call is cheaper than one
+        call per run."""
         host = [int(n) for n in lengths]
         if not host or min(host) < 1:
             raise ValueError("lengths must be a non-empty list of positive sequence lengths")
         self.lengths = torch.tensor(host, dtype=torch.long, device=device)
         self.batch = len(host)
         self.width = max(host)
+        self.tokens = sum(host)  # N, the number of packed rows
         dev = self.lengths.device
         B, T = self.batch, self.width
         self.segments = torch.repeat_interleave(torch.arange(B, device=dev), self.lengths)
         self.starts = self.lengths.cumsum(0) - self.lengths
-        self.positions = torch.cat([torch.arange(n, device=dev) for n in host]) if B > 1 else torch.arange(T, device=dev)
+        self.positions = torch.arange(self.tokens, device=dev) - self.starts[self.segments]
         # (first row, sequence count, length) of each run of equal lengths.
         runs: list[tuple[int, int, int]] = []
         row = 0
@@ -165,18 +180,13 @@ class VarLen:
             else:
                 runs.append((row, 1, n))
             row += n
-        self.runs: list[tuple[int, int, int]] | None = runs if len(runs) <= self.MAX_RUNS else None
+        self.runs: list[tuple[int, int, int]] | None = runs if len(runs) <= max_runs else None
         self.index: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         if self.runs is None:
             valid = torch.arange(T, device=dev)[None, :] < self.lengths[:, None]  # [B, T]
             self.index = valid.flatten().nonzero().squeeze(1)
             self.mask = valid[:, None, None, :]
-
-    @property
-    def tokens(self) -> int:
-        """N, the number of packed rows."""
-        return int(self.segments.numel())
 
 
 class Embeddings(nn.Module):
@@ -257,7 +267,7 @@ class MultiHeadAttention(nn.Module):
         return linear(self.out, y)
 
     def _forward_varlen(self, x: torch.Tensor, varlen: VarLen, residual: torch.Tensor | None) -> torch.Tensor:
-        N, D = x.shape
+        D = x.shape[-1]
         H, dh = self.n_heads, self.d_head
         dropout = self.dropout if self.training else 0.0
         qkv = linear(self.qkv, x)  # [N, 3D]
@@ -327,7 +337,9 @@ class Block(nn.Module):
                 a = self.attn(self.attn_norm(x), mask, is_causal, cache, layer, varlen=varlen)
                 x = x + self.resid_dropout(a)
                 return x + self.ffn(self.ffn_norm(x))  # type: ignore[no-any-return]
-            x = self.attn_norm(x + self.resid_dropout(self.attn(x, mask, is_causal, cache, layer, varlen=varlen)))
+            x = self.attn_norm(
+                x + self.resid_dropout(self.attn(x, mask, is_causal, cache, layer, varlen=varlen))
+            )
             return self.ffn_norm(x + self.ffn(x))  # type: ignore[no-any-return]
         # Inference: the residual additions happen inside the output projections (see linear_add).
         if self.norm_first:

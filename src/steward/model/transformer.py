@@ -296,7 +296,9 @@ class Encoder(nn.Module):
         """
         cfg = self.config
         if input_ids.dim() != 1 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
-            raise InputError(f"packed input_ids must be a 1-D tensor of token ids, got {tuple(input_ids.shape)}")
+            raise InputError(
+                f"packed input_ids must be a 1-D tensor of token ids, got {tuple(input_ids.shape)}"
+            )
         if input_ids.numel() != varlen.tokens:
             raise InputError(f"{input_ids.numel()} packed tokens, but the lengths add up to {varlen.tokens}")
         if cfg.max_positions < varlen.width:
