@@ -7,6 +7,7 @@ that share expensive work (the encoder pass) do it through `Document.cache`.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -14,7 +15,35 @@ from typing import Any, Protocol, runtime_checkable
 from .normalize import Document
 from .types import Category, Finding, ScanContext, Span
 
-__all__ = ["Match", "PatternDetector", "Registry", "Scanner", "default_registry", "resolve_overlaps"]
+__all__ = [
+    "Match",
+    "PatternDetector",
+    "Registry",
+    "Scanner",
+    "ascii_fold",
+    "default_registry",
+    "may_contain",
+    "resolve_overlaps",
+]
+
+# The characters that `re.IGNORECASE` equates with an ASCII letter but `str.lower()` does not turn
+# into it: capital I with dot (lowercased to "i" + a combining dot), dotless i, long s. Checked over
+# every code point in tests/guard/test_detectors.py.
+_ASCII_FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s"})
+
+
+def ascii_fold(text: str) -> str:
+    """`text` lowercased so that wherever a case-insensitive regex matches an ASCII word, the
+    lowercase word is a substring of the result (one character in, one character out for every
+    character that matches an ASCII letter). A substring test on it is then a necessary condition
+    for a match: a cheap gate in front of a slow case-insensitive pattern."""
+    return text.translate(_ASCII_FOLD).lower()
+
+
+def may_contain(text: str, literals: Iterable[str], folded: str | None = None) -> bool:
+    """Whether any of `literals` occurs in `text` (or in `folded`, its `ascii_fold`, when given)."""
+    hay = text if folded is None else folded
+    return any(w in hay for w in literals)
 
 
 @runtime_checkable
@@ -57,11 +86,26 @@ def resolve_overlaps(matches: list[Match]) -> list[Match]:
     A Luhn-valid card also looks like a phone number and a date of birth is also a date: the
     more specific, better-evidenced reading should be the one reported and redacted.
     """
+    order = sorted(matches, key=lambda m: (-m.score, -(m.end - m.start), m.start))
     kept: list[Match] = []
-    for m in sorted(matches, key=lambda m: (-m.score, -(m.end - m.start), m.start)):
-        if all(m.end <= k.start or m.start >= k.end for k in kept):
-            kept.append(m)
-    return sorted(kept, key=lambda m: m.start)
+    if any(m.end <= m.start for m in matches):  # empty spans: the plain pairwise test
+        for m in order:
+            if all(m.end <= k.start or m.start >= k.end for k in kept):
+                kept.append(m)
+        return sorted(kept, key=lambda m: m.start)
+    # Non-empty spans: the kept ones are disjoint, so kept in text order both their starts and their
+    # ends increase, and a candidate overlaps one of them exactly when the last kept span starting
+    # before the candidate's end ends after the candidate's start (a bisection, not a scan of all).
+    starts: list[int] = []
+    ends: list[int] = []
+    for m in order:
+        i = bisect.bisect_left(starts, m.end)
+        if i and ends[i - 1] > m.start:
+            continue
+        starts.insert(i, m.start)
+        ends.insert(i, m.end)
+        kept.insert(i, m)
+    return kept
 
 
 def scan_with_detectors(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .base import Match, scan_with_detectors
+from .base import Match, ascii_fold, may_contain, scan_with_detectors
 from .normalize import Document
 from .types import Category, Finding, ScanContext
 
@@ -56,6 +56,46 @@ RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
 )
+# Per rule, words every match contains (as substrings of `ascii_fold(text)`): a rule runs only on
+# text that has one word of each group, so ordinary text skips the case-insensitive scans.
+_GATES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "instruction override": (
+        ("ignore", "disregard", "forget", "override", "bypass", "abandon", "drop", "skip"),
+        (
+            "instruction",
+            "prompt",
+            "rules",
+            "directive",
+            "guidelines",
+            "guardrails",
+            "programming",
+            "constraints",
+            "restrictions",
+        ),
+    ),
+    "system prompt extraction": (
+        (
+            "reveal",
+            "print",
+            "repeat",
+            "output",
+            "display",
+            "dump",
+            "leak",
+            "show",
+            "tell",
+            "give",
+            "write",
+            "spell",
+            "share",
+            "disclose",
+            "return",
+            "list",
+        ),
+        ("prompt", "instructions", "message", "rules", "guidelines", "configuration"),
+    ),
+    "new instructions injected": (("instructions", "prompt", "directive", "override"),),
+}
 _QUOTES = "\"'“”‘’«»「」`"
 
 
@@ -72,7 +112,10 @@ class _RuleDetector:
     entity = "PROMPT_INJECTION"
 
     def detect(self, text: str) -> Iterable[Match]:
+        folded = ascii_fold(text)
         for reason, rx in RULES:
+            if not all(may_contain(text, words, folded) for words in _GATES[reason]):
+                continue
             for m in rx.finditer(text):
                 quoted = _quoted(text, m.start(), m.end())
                 score = 0.4 if quoted else 0.97

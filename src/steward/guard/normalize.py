@@ -51,6 +51,8 @@ _HOMOGLYPHS = {
 _BASE64_RUN = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}(?![A-Za-z0-9+/=_-])")
 _HEX_RUN = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[ :]?){8,}(?![0-9A-Fa-f])")
 _WORD = re.compile(r"\w+")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_HOMOGLYPH_CHAR = re.compile("[" + "".join(_HOMOGLYPHS) + "]")
 
 MAX_DECODED_SEGMENTS = 16
 
@@ -143,36 +145,51 @@ def normalise(text: str, *, decode: bool = True) -> Document:
     hidden: list[str] = []
     hidden_start = -1
     hidden_end = -1
-    for i, ch in enumerate(text):
-        cp = ord(ch)
-        if cp in _INVISIBLE:
-            continue
-        if _TAG_LO <= cp <= _TAG_HI:
-            if 0xE0020 <= cp <= 0xE007E:
-                hidden.append(chr(cp - 0xE0000))
-                hidden_start = i if hidden_start < 0 else hidden_start
-                hidden_end = i + 1
-            continue
-        if 0xD800 <= cp <= 0xDFFF:
-            out.append("\ufffd")
-            offsets.append(i)
-            continue
-        folded = unicodedata.normalize("NFKC", ch) if cp > 0x7F else ch
-        for c in folded:
-            if unicodedata.category(c) == "Cf":
+    pos = 0
+    # ASCII needs none of the rules below (no ASCII character is invisible, a tag, a surrogate, a
+    # format character or changed by NFKC), so ASCII runs are copied whole and only the non-ASCII
+    # characters go through the per-character rules.
+    for run in _NON_ASCII.finditer(text):
+        start, stop = run.span()
+        if start > pos:
+            out.append(text[pos:start])
+            offsets.extend(range(pos, start))
+        pos = stop
+        for i in range(start, stop):
+            ch = text[i]
+            cp = ord(ch)
+            if cp in _INVISIBLE:
                 continue
-            out.append(c)
-            offsets.append(i)
+            if _TAG_LO <= cp <= _TAG_HI:
+                if 0xE0020 <= cp <= 0xE007E:
+                    hidden.append(chr(cp - 0xE0000))
+                    hidden_start = i if hidden_start < 0 else hidden_start
+                    hidden_end = i + 1
+                continue
+            if 0xD800 <= cp <= 0xDFFF:
+                out.append("\ufffd")
+                offsets.append(i)
+                continue
+            for c in unicodedata.normalize("NFKC", ch):
+                if unicodedata.category(c) == "Cf":
+                    continue
+                out.append(c)
+                offsets.append(i)
+    if pos < len(text):
+        out.append(text[pos:])
+        offsets.extend(range(pos, len(text)))
     normalised = "".join(out)
     # Fold homoglyphs only inside words that mix them with Latin letters ("pаypal"), so genuine
-    # Cyrillic/Greek text keeps its meaning for the classifiers.
-    chars = list(normalised)
-    for m in _WORD.finditer(normalised):
-        word = m.group()
-        if any(c in _HOMOGLYPHS for c in word) and any(_is_latin_letter(c) for c in word):
-            for j in range(m.start(), m.end()):
-                chars[j] = _HOMOGLYPHS.get(chars[j], chars[j])
-    normalised = "".join(chars)
+    # Cyrillic/Greek text keeps its meaning for the classifiers. Homoglyphs are non-ASCII: most
+    # texts have none and skip the word scan.
+    if _HOMOGLYPH_CHAR.search(normalised):
+        chars = list(normalised)
+        for m in _WORD.finditer(normalised):
+            word = m.group()
+            if any(c in _HOMOGLYPHS for c in word) and any(_is_latin_letter(c) for c in word):
+                for j in range(m.start(), m.end()):
+                    chars[j] = _HOMOGLYPHS.get(chars[j], chars[j])
+        normalised = "".join(chars)
     doc = Document(original=text, text=normalised, offsets=offsets)
     if hidden:
         doc.segments.append(Segment("".join(hidden), Span(hidden_start, hidden_end), "unicode_tags"))

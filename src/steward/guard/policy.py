@@ -10,6 +10,7 @@ reformatting the YAML does not change it, and every verdict names the exact poli
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -57,6 +58,12 @@ class Policy(BaseModel):
 
     def version(self) -> str:
         """SHA-256 of the canonical JSON of this validated policy."""
+        return self._version
+
+    @functools.cached_property
+    def _version(self) -> str:
+        # Computed once per (frozen) policy: every verdict carries it, and the JSON dump and hash
+        # cost ~50 us a time.
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
