@@ -73,21 +73,16 @@ class EventStreamResponse(Response):
                     await waiter
                 if listener.done():
                     return  # the client is gone: `finally` stops the producer and waits for it
+                body = b"".join(pending)
+                pending.clear()
                 if finished and not failure:
                     # The last events and the end of the body in one write.
-                    body = b"".join(pending)
-                    pending.clear()
                     await send({"type": "http.response.body", "body": body, "more_body": False})
                     return
-                if pending:
-                    body = b"".join(pending)
-                    pending.clear()
+                if body:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                 elif finished:
-                    break
-            if failure:
-                raise failure[0]
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    raise failure[0]  # after everything the generator produced before it failed
         finally:
             listener.cancel()
             if not producer.done():

@@ -1,7 +1,8 @@
 """Engines for SQLite and PostgreSQL, configured the same way wherever they are made.
 
-SQLite gets WAL (readers never block the writer), a busy timeout (several workers share one file) and
-foreign keys; PostgreSQL goes through psycopg 3. URLs name the driver so a bare `postgresql://` works.
+SQLite gets WAL (readers never block the writer), the write lock taken up front and polled for
+finely (several workers share one file) and foreign keys; PostgreSQL goes through psycopg 3. URLs
+name the driver so a bare `postgresql://` works.
 """
 
 from __future__ import annotations
