@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
 from steward.commands import guard
 
 
-def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path) -> None:
+@pytest.mark.parametrize("top_layers", [2, 0], ids=["fine-tune", "head-only"])
+def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: int) -> None:
     DATA = shared_data
     app = typer.Typer()
     guard.register(app)
@@ -28,7 +30,7 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path) -> None:
     out = tmp_path / "head"
     args = ["guard", "train", "--data", str(DATA), "--out", str(out), "--cache", str(tmp_path / "cache")]
     args += ["--limit", "6", "--long-docs", "3", "--synth-per-template", "1", "--epochs", "3"]
-    args += ["--hidden", "16", "--no-precision-check", "--threads", "2"]
+    args += ["--hidden", "16", "--no-precision-check", "--threads", "2", "--top-layers", str(top_layers)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
     summary = json.loads(r.stdout)
@@ -47,6 +49,13 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path) -> None:
 
     model = GuardModel(out, precision="fp32")  # verifies the SHA-256 in the manifest
     assert model.labels == ("prompt_injection", "jailbreak", "harmful", "toxicity")
+    if top_layers:
+        assert manifest["encoder_top"]["layers"] == [4, 5]
+        assert model.tuned and model._infer is not model.encoder.model
+        assert "finetune" in manifest["train"]
+    else:
+        assert "encoder_top" not in manifest and not model.tuned
+        assert model._infer is model.encoder.model
     metrics = json.loads((out / "metrics.json").read_text())
     assert any(m["n_pos"] > 0 and m["n_neg"] > 0 for m in metrics["heldout"].values())
     card = json.loads((out / "data_card.json").read_text())

@@ -1,7 +1,8 @@
-"""`steward guard train`: train the classifier head on ../shared/data and write models/guard/.
+"""`steward guard train`: train the guard classifier on ../shared/data and write models/guard/.
 
-Encoding the training set is the slow part; embeddings are cached (by text hash) under --cache, so
-retraining with other hyper-parameters only refits the small head.
+By default the encoder's top blocks are fine-tuned together with the head (`--top-layers 2`, see
+`steward.guard.finetune`); `--top-layers 0` trains only a head on frozen sentence embeddings, which
+are cached (by text hash) under --cache so refitting the head with other hyper-parameters is quick.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("models/guard"), "--out", help="output directory for the head"),
         cache: Path = typer.Option(Path("runs/guard_cache"), "--cache", help="embedding cache directory"),
         seed: int = typer.Option(0, "--seed"),
-        epochs: int = typer.Option(60, "--epochs", min=1),
+        epochs: int | None = typer.Option(
+            None, "--epochs", min=1, help="passes over the data (default: 4 fine-tuning, 60 head only)"
+        ),
+        top_layers: int = typer.Option(
+            2, "--top-layers", min=0, help="encoder blocks fine-tuned with the head (0: frozen encoder)"
+        ),
+        lr_encoder: float = typer.Option(
+            5e-5, "--lr-encoder", min=0.0, help="peak learning rate of tuned blocks"
+        ),
         hidden: int = typer.Option(256, "--hidden", min=1),
         threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads"),
         target_fpr: float = typer.Option(
@@ -44,6 +53,7 @@ def register(app: typer.Typer) -> None:
         """Train the injection/jailbreak/harmful/toxicity head; print held-out metrics."""
         import torch
 
+        from steward.guard.finetune import FinetuneConfig, train_guard
         from steward.guard.train import TrainConfig, train_head
 
         if not (data / "guard").is_dir():
@@ -54,7 +64,7 @@ def register(app: typer.Typer) -> None:
             out_dir=out,
             cache_dir=cache,
             seed=seed,
-            epochs=epochs,
+            epochs=epochs if epochs is not None else 60,
             hidden=hidden,
             target_fpr=target_fpr,
             limit=limit,
@@ -64,7 +74,13 @@ def register(app: typer.Typer) -> None:
             lexical=lexical,
             log=lambda m: print(m, file=sys.stderr, flush=True),
         )
-        report = train_head(cfg)
+        if top_layers and lexical:
+            raise typer.BadParameter("--lexical is a head-only option: pass --top-layers 0 with it")
+        if top_layers:
+            ft = FinetuneConfig(top_layers=top_layers, epochs=epochs or 4, lr_encoder=lr_encoder)
+            report = train_guard(cfg, ft)
+        else:
+            report = train_head(cfg)
         summary = {
             cat: {k: m[k] for k in ("precision", "recall", "f1", "fpr", "tpr_at_1pct_fpr", "threshold")}
             for cat, m in report["heldout"].items()

