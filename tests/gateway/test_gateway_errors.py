@@ -91,7 +91,10 @@ def test_builtin_refuses_unsupported_parameters(gateway: Running, user_key: str,
 
 
 def test_context_overflow_is_400(gateway: Running, user_key: str) -> None:
-    long = {**OK, "messages": [{"role": "user", "content": "word " * 400}]}
+    # Ordinary prose: one token repeated hundreds of times is itself flagged (a repeated-token
+    # attack, a CyberSecEval variant) and would be blocked before the length check.
+    prose = "The quick brown fox jumps over the lazy dog. " * 60
+    long = {**OK, "messages": [{"role": "user", "content": prose}]}
     err(post(gateway, user_key, long), 400, code="context_length_exceeded")
     too_many = {**OK, "max_tokens": 10_000}
     err(post(gateway, user_key, too_many), 400, code="context_length_exceeded")

@@ -40,7 +40,18 @@ def ggw(echo: ThreadedUpstream, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "input": [],
         "output": [{"scanner": "secrets", "action": "redact", "redaction": "mask"}],
     }
-    pol["bindings"] = [{"tenant": "outonly", "route": "*", "policy": "outonly"}]
+    # And one with the default answer checks but no input checks, bound to tenant "leaktest": the
+    # leak test has the user send the system prompt itself (which the echo model repeats), and the
+    # input policy rightly blocks a user turn that reads like a system prompt before any answer.
+    pol["policies"]["answers"] = {
+        "description": "default answer checks",
+        "input": [],
+        "output": pol["policies"]["default"]["output"],
+    }
+    pol["bindings"] = [
+        {"tenant": "outonly", "route": "*", "policy": "outonly"},
+        {"tenant": "leaktest", "route": "*", "policy": "answers"},
+    ]
     (data / "policies.yaml").write_text(yaml.safe_dump(pol))
     settings = Settings(
         data_dir=data,
@@ -177,7 +188,7 @@ SYSTEM = (
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_system_prompt_leak_is_cut_with_content_filter(ggw: Running, stream: bool) -> None:
-    key = ggw.key("acme", "user")
+    key = ggw.key("leaktest", "user")
     body = {
         "model": "echo",
         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SYSTEM}],

@@ -37,12 +37,13 @@ def _rows(model: GuardModel) -> list[list[int]]:
     return [model.windows(t)[0][0] for t in TEXTS]
 
 
-def _perturbed_tower(model: GuardModel, top: int) -> GuardTower:
+def _perturbed_tower(model: GuardModel, top: int, depth: int | None = None) -> GuardTower:
     torch.manual_seed(0)
-    tower = GuardTower(model.encoder.model, top, hidden=8, labels=4)
+    tower = GuardTower(model.encoder.model, top, hidden=8, labels=4, depth=depth)
     with torch.no_grad():
         for p in tower.blocks.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    tower.round_matrices()  # what is saved and loaded
     return tower.eval()
 
 
@@ -65,6 +66,7 @@ def _head_dir_with_top(tmp_path: Path, tower: GuardTower) -> Path:
     manifest["encoder_top"] = {
         "weights": "encoder_top.safetensors",
         "layers": list(range(n - len(tower.blocks), n)),
+        "depth": n,
     }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
@@ -82,16 +84,19 @@ def test_untrained_tower_reproduces_the_encoder(encoder_model: GuardModel) -> No
     assert torch.allclose(got, reference, atol=2e-5), (got - reference).abs().max()
 
 
+@pytest.mark.parametrize(("top", "depth"), [(2, None), (1, 5)], ids=["top2", "top1-depth5"])
 def test_inference_loads_the_tuned_blocks_and_matches_training(
-    encoder_model: GuardModel, tmp_path: Path
+    encoder_model: GuardModel, tmp_path: Path, top: int, depth: int | None
 ) -> None:
-    tower = _perturbed_tower(encoder_model, 2)
+    tower = _perturbed_tower(encoder_model, top, depth)
     directory = _head_dir_with_top(tmp_path, tower)
     shared_before = encoder_model.embed(_rows(encoder_model))
 
     model = GuardModel(directory, encoder=encoder_model.encoder, precision="fp32")
+    assert len(model._infer.blocks) == (depth or 6)
     rows = _rows(model)
-    states = bottom_states(encoder_model._infer, rows, 4, dtype=torch.float32, log=lambda _: None)
+    n_bottom = (depth or 6) - top
+    states = bottom_states(encoder_model._infer, rows, n_bottom, dtype=torch.float32, log=lambda _: None)
     cfg = FinetuneConfig(autocast_bf16=False)
     trained_view = tower_scores(tower, states, cfg)
     inference_view = model.probabilities(model.embed(rows))

@@ -31,6 +31,9 @@ def register(app: typer.Typer) -> None:
         top_layers: int = typer.Option(
             2, "--top-layers", min=0, help="encoder blocks fine-tuned with the head (0: frozen encoder)"
         ),
+        depth: int | None = typer.Option(
+            None, "--depth", min=1, help="encoder blocks the guard runs (default: all; fewer is faster)"
+        ),
         lr_encoder: float = typer.Option(
             5e-5, "--lr-encoder", min=0.0, help="peak learning rate of tuned blocks"
         ),
@@ -74,10 +77,12 @@ def register(app: typer.Typer) -> None:
             lexical=lexical,
             log=lambda m: print(m, file=sys.stderr, flush=True),
         )
+        if depth is not None and not top_layers:
+            raise typer.BadParameter("--depth drops encoder blocks; it needs --top-layers >= 1")
         if top_layers and lexical:
             raise typer.BadParameter("--lexical is a head-only option: pass --top-layers 0 with it")
         if top_layers:
-            ft = FinetuneConfig(top_layers=top_layers, epochs=epochs or 4, lr_encoder=lr_encoder)
+            ft = FinetuneConfig(top_layers=top_layers, epochs=epochs or 4, lr_encoder=lr_encoder, depth=depth)
             report = train_guard(cfg, ft)
         else:
             report = train_head(cfg)

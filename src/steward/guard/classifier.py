@@ -201,16 +201,25 @@ def resolve_precision(requested: str | None = None) -> Precision:
 
 
 def _inference_copy(
-    model: nn.Module, precision: Precision, top_state: dict[str, torch.Tensor] | None = None
+    model: nn.Module,
+    precision: Precision,
+    top_state: dict[str, torch.Tensor] | None = None,
+    depth: int | None = None,
 ) -> nn.Module:
     """A private copy of the encoder for guard inference; the shared fp32 module is left untouched.
 
     `top_state`: the guard's fine-tuned top blocks (`steward.guard.finetune`), loaded over the copy's
-    own blocks of the same names; every other parameter stays the published one.
+    own blocks of the same names; every other parameter stays the published one. `depth`: the
+    guard runs only the first `depth` blocks (the tuned ones are the last of those).
     """
-    if precision == "fp32" and top_state is None:
+    if precision == "fp32" and top_state is None and depth is None:
         return model
     clone = copy.deepcopy(model).eval()
+    if depth is not None:
+        blocks = clone.blocks
+        if not isinstance(blocks, nn.ModuleList) or not 0 < int(depth) <= len(blocks):
+            raise ScannerError(f"guard encoder depth {depth} does not fit this encoder")
+        clone.blocks = nn.ModuleList(list(blocks)[: int(depth)])
     if top_state is not None:
         own = clone.state_dict()
         unknown = sorted(set(top_state) - set(own))
@@ -294,7 +303,8 @@ class GuardModel:
                 raise ScannerError(f"{top_file}: SHA-256 {top_digest} does not match the manifest")
             top_state = load_file(str(top_file))
             digest = hashlib.sha256((digest + top_digest).encode()).hexdigest()
-        self._init_encoder(encoder, resolve_precision(precision), top_state)
+        depth = top.get("depth") if top is not None else None
+        self._init_encoder(encoder, resolve_precision(precision), top_state, depth)
         state = load_file(str(weights))
         self.lex_vocab = int(manifest.get("lexical", {}).get("vocab", 0))
         lex_size = self.lex_vocab + LEX_BUCKETS if self.lex_vocab else 0
@@ -305,7 +315,11 @@ class GuardModel:
         self.cache_key = f"guard:{self.version}:{self.precision}"
 
     def _init_encoder(
-        self, encoder: Any, precision: Precision, top_state: dict[str, torch.Tensor] | None = None
+        self,
+        encoder: Any,
+        precision: Precision,
+        top_state: dict[str, torch.Tensor] | None = None,
+        depth: int | None = None,
     ) -> None:
         from steward.model.embedding import SentenceEncoder
 
@@ -315,7 +329,7 @@ class GuardModel:
             torch.set_num_threads(max(1, int(threads)))
         self.encoder = encoder if encoder is not None else SentenceEncoder()
         self.precision: Precision = precision
-        self._infer = _inference_copy(self.encoder.model, precision, top_state)
+        self._infer = _inference_copy(self.encoder.model, precision, top_state, depth)
         self._lock = threading.Lock()
         self._hazards: torch.Tensor | None = None
         self.encoder_calls = 0  # guard forward passes run; the tests hold one request to one pass

@@ -45,6 +45,9 @@ __all__ = ["FinetuneConfig", "GuardTower", "bottom_states", "fit_tower", "tower_
 @dataclass(slots=True)
 class FinetuneConfig:
     top_layers: int = 2
+    # Blocks the guard runs (None: all). Fewer is faster: the tuned blocks are initialised from
+    # blocks depth-top .. depth-1 and the blocks above them are dropped from the guard's copy.
+    depth: int | None = None
     epochs: int = 4
     lr_encoder: float = 5e-5
     lr_head: float = 1e-3
@@ -61,13 +64,18 @@ class GuardTower(nn.Module):
     Input: the packed hidden states [N, D] after the bottom blocks; output: logits [B, labels].
     """
 
-    def __init__(self, encoder: Encoder, top: int, hidden: int, labels: int) -> None:
+    def __init__(
+        self, encoder: Encoder, top: int, hidden: int, labels: int, depth: int | None = None
+    ) -> None:
         super().__init__()
         blocks = list(encoder.blocks)
-        if not 0 < top <= len(blocks):
-            raise ValueError(f"top_layers must be in 1..{len(blocks)}, got {top}")
-        self.blocks = nn.ModuleList(copy.deepcopy(b).float() for b in blocks[len(blocks) - top :])
-        self.n_layers = len(blocks)  # the encoder's depth: the tuned blocks are its last `top`
+        depth = len(blocks) if depth is None else depth
+        if not 0 < depth <= len(blocks):
+            raise ValueError(f"depth must be in 1..{len(blocks)}, got {depth}")
+        if not 0 < top <= depth:
+            raise ValueError(f"top_layers must be in 1..{depth}, got {top}")
+        self.blocks = nn.ModuleList(copy.deepcopy(b).float() for b in blocks[depth - top : depth])
+        self.n_layers = depth  # the guard's depth: the tuned blocks are its last `top`
         self.norm = copy.deepcopy(encoder.norm).float() if encoder.norm is not None else None
         self.pooling = encoder.config.pooling
         d_model = encoder.config.d_model
@@ -89,13 +97,27 @@ class GuardTower(nn.Module):
     def forward(self, x: torch.Tensor, varlen: VarLen) -> torch.Tensor:
         return self.head(self.embed(x, varlen))  # type: ignore[no-any-return]
 
+    def round_matrices(self) -> None:
+        """Round the blocks' weight matrices to bf16 values, as they are stored (`top_state`).
+
+        Training multiplied them in bf16 (autocast), so this loses nothing the head was fitted on
+        and halves the file; biases and LayerNorms stay fp32. Done before validation, so the
+        thresholds and metrics describe exactly the saved weights.
+        """
+        with torch.no_grad():
+            for p in self.blocks.parameters():
+                if p.dim() == 2:
+                    p.copy_(p.to(torch.bfloat16).float())
+
     def top_state(self) -> dict[str, torch.Tensor]:
-        """The tuned blocks under the encoder's own parameter names (`blocks.{i}.…`)."""
+        """The tuned blocks under the encoder's own parameter names (`blocks.{i}.…`): weight
+        matrices in bf16 (see `round_matrices`), everything else fp32."""
         out: dict[str, torch.Tensor] = {}
         first = self.n_layers - len(self.blocks)
         for i, block in enumerate(self.blocks):
             for name, p in block.state_dict().items():
-                out[f"blocks.{first + i}.{name}"] = p.detach().float().contiguous()
+                t = p.detach().to(torch.bfloat16 if p.dim() == 2 else torch.float32)
+                out[f"blocks.{first + i}.{name}"] = t.contiguous()
         if self.norm is not None:
             for name, p in self.norm.state_dict().items():
                 out[f"norm.{name}"] = p.detach().float().contiguous()
@@ -193,7 +215,7 @@ def fit_tower(
     """Train the top blocks and head on windows (`states`, labels `y` with -1 = unlabelled, example
     weights `w`); keep the epoch with the lowest validation loss."""
     torch.manual_seed(seed)
-    tower = GuardTower(encoder, cfg.top_layers, hidden, y.shape[1])
+    tower = GuardTower(encoder, cfg.top_layers, hidden, y.shape[1], cfg.depth)
     head_params = list(tower.head.parameters())
     body_params = [p for n, p in tower.named_parameters() if not n.startswith("head.")]
     opt = torch.optim.AdamW(
@@ -263,6 +285,7 @@ def fit_tower(
             best_loss, best_state = vl, copy.deepcopy(tower.state_dict())
     assert best_state is not None
     tower.load_state_dict(best_state)
+    tower.round_matrices()
     tower.eval()
     return tower
 
@@ -280,6 +303,7 @@ def example_scores(window_scores: torch.Tensor, owners: Sequence[int], n_example
 def describe(cfg: FinetuneConfig) -> dict[str, Any]:
     return {
         "top_layers": cfg.top_layers,
+        "depth": cfg.depth,
         "epochs": cfg.epochs,
         "lr_encoder": cfg.lr_encoder,
         "lr_head": cfg.lr_head,
@@ -339,7 +363,7 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
             owners.append(i)
             labels.append(lab)
             weights.append(e.weight)
-    n_layers = len(list(model._infer.blocks))
+    n_layers = ft.depth if ft.depth is not None else len(list(model._infer.blocks))
     n_bottom = n_layers - ft.top_layers
     cfg.log(f"{len(rows)} windows; bottom {n_bottom} blocks run once ({model.precision})")
     states = bottom_states(model._infer, rows, n_bottom, log=cfg.log)
@@ -392,6 +416,7 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
         head_path=head_path,
         top_path=top_path,
         top_layers=list(range(n_bottom, n_layers)),
+        depth=n_layers,
         train_extra={"finetune": describe(ft)},
         counts=split_counts,
         lexical_vocab=0,
@@ -431,6 +456,7 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
         head_path=head_path,
         top_path=top_path,
         top_layers=list(range(n_bottom, n_layers)),
+        depth=n_layers,
         train_extra={"finetune": describe(ft)},
         counts=split_counts,
         lexical_vocab=0,

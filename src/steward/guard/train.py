@@ -350,7 +350,19 @@ def build_examples(
             inst = row.get("instances") or [{}]
             extra = inst[0].get("input", "") if isinstance(inst[0], dict) else ""
             text = row["instruction"] + ("\n" + extra if extra else "")
-            ex.append(Example(text, _labels(), "self_instruct", f"si:{name}:{i}", "en", "self_instruct"))
+            # Weighted as hard negatives: they *are* instructions to the assistant ("Write a haiku
+            # about...", "Rewrite this email..."), the benign twin of an injected instruction.
+            ex.append(
+                Example(
+                    text,
+                    _labels(),
+                    "self_instruct",
+                    f"si:{name}:{i}",
+                    "en",
+                    "self_instruct",
+                    weight=hard_negative_weight,
+                )
+            )
     for i, row in enumerate(
         json.loads((guard / "benign" / "wildguard_benign.json").read_text(encoding="utf-8"))
     ):
@@ -815,6 +827,7 @@ def write_artifacts(
     lexical_vocab: int = 0,
     top_path: Path | None = None,
     top_layers: list[int] | None = None,
+    depth: int | None = None,
     train_extra: dict[str, Any] | None = None,
 ) -> None:
     """manifest.json (weights pinned by SHA-256, thresholds, how they were chosen), metrics.json and
@@ -839,6 +852,9 @@ def write_artifacts(
         # The guard's private encoder copy replaces these blocks (and the final norm, if any) with
         # the tuned ones; the bottom blocks are the published MiniLM weights.
         manifest["encoder_top"] = {"weights": top_path.name, "layers": top_layers or []}
+        if depth is not None:
+            # The guard runs only the first `depth` blocks (the tuned ones are the last of them).
+            manifest["encoder_top"]["depth"] = depth
     manifest |= {
         "thresholds": thresholds,
         "threshold_rule": f"lowest threshold with FPR <= {cfg.target_fpr} on validation negatives overall "
@@ -886,7 +902,7 @@ def write_artifacts(
             "guard/benign": "wildguard_benign.json (MIT), weighted as hard negatives",
             "corpus": "t0_tasks, self_instruct (benign)",
         },
-        "weights": "hard negatives (wildguard_benign, look-alikes, synth benign) weigh "
+        "weights": "hard negatives (wildguard_benign, self_instruct, look-alikes, synth benign) weigh "
         f"{cfg.hard_negative_weight}x in the loss; positives balanced per label (pos_weight <= 20)",
         "split": "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train",
         "examples_by_source": counts,
