@@ -20,8 +20,9 @@ def pipeline() -> Pipeline:
 
 _WEAK = pytest.mark.xfail(
     strict=True,
-    reason="known gap: MiniLM-L6's English vocabulary sees little of a Chinese instruction; held-out"
-    " injection recall on non-English CyberSecEval cases stays low (metrics.json, recall_by_language)",
+    reason="known gap: this hand-written Chinese override scores under the injection threshold;"
+    " MiniLM-L6's vocabulary is English-centred (held-out CyberSecEval recall per language 0.50-1.00,"
+    " metrics.json recall_by_language)",
 )
 ATTACKS = [
     (

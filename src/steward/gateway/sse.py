@@ -16,6 +16,7 @@ audit record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 
 from starlette.responses import Response
@@ -38,6 +39,7 @@ class EventStreamResponse(Response):
         pending: list[bytes] = []
         failure: list[Exception] = []
         finished = False
+        started = False
         waiter: asyncio.Future[None] | None = None
 
         def wake(_: object = None) -> None:
@@ -45,7 +47,8 @@ class EventStreamResponse(Response):
                 waiter.set_result(None)
 
         async def produce() -> None:
-            nonlocal finished
+            nonlocal finished, started
+            started = True
             try:
                 async for piece in self.events:
                     pending.append(piece)
@@ -62,11 +65,14 @@ class EventStreamResponse(Response):
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        producer = loop.create_task(produce())
-        listener = loop.create_task(disconnected())
-        listener.add_done_callback(wake)
+        producer: asyncio.Task[None] | None = None
+        listener: asyncio.Task[None] | None = None
         try:
+            start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            await send(start)
+            producer = loop.create_task(produce())
+            listener = loop.create_task(disconnected())
+            listener.add_done_callback(wake)
             while True:
                 if not pending and not finished and not listener.done():
                     waiter = loop.create_future()
@@ -84,7 +90,19 @@ class EventStreamResponse(Response):
                 elif finished:
                     raise failure[0]  # after everything the generator produced before it failed
         finally:
-            listener.cancel()
+            if listener is not None:
+                listener.cancel()
+            if producer is None:
+                producer = loop.create_task(produce())
+            if not started:
+                # The stream ended (cancelled, or the first send failed) before the producer's first
+                # step. A task cancelled before it runs never starts the generator, and an async
+                # generator that never started runs none of its cleanup: the request would be left
+                # unsettled and unaudited. One turn of the loop starts it; cancelling it then runs
+                # that cleanup like any client disconnect.
+                # Cancelled again meanwhile: the producer is still stopped and waited for below.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0)
             if not producer.done():
                 producer.cancel()
             try:
