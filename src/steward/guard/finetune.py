@@ -322,35 +322,20 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
     """
     from safetensors.torch import save_file
 
-    from .classifier import HEAD_LABELS, GuardModel
+    from .classifier import GuardModel
     from .train import (
         _tune_thresholds,
         _window_labels,
-        build_examples,
-        is_heldout,
-        is_validation,
-        limit_examples,
         metrics,
+        score_agreement,
+        split_examples,
         write_artifacts,
     )
 
     torch.manual_seed(cfg.seed)
-    examples = build_examples(
-        cfg.data_dir,
-        seed=cfg.seed,
-        t0_sample=cfg.t0_sample,
-        offensive_sample=cfg.offensive_sample,
-        synth_per_template=cfg.synth_per_template,
-        long_docs=cfg.long_docs,
-        hard_negative_weight=cfg.hard_negative_weight,
-    )
-    examples = limit_examples(examples, cfg.limit)
-    cfg.log(f"{len(examples)} examples from {cfg.data_dir}")
+    examples, split = split_examples(cfg)
     if model is None:
         model = GuardModel.encoder_only(precision=cfg.extra.get("precision", "auto"))
-    split = [
-        "test" if is_heldout(e.group) else "val" if is_validation(e.group) else "train" for e in examples
-    ]
     rows: list[list[int]] = []
     owners: list[int] = []
     labels: list[list[int]] = []
@@ -405,22 +390,25 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
     save_file(tower.top_state(), str(top_path))
     head_path = cfg.out_dir / "head.safetensors"
     save_file({k: v.contiguous() for k, v in tower.head.state_dict().items()}, str(head_path))
-    split_counts: dict[str, dict[str, int]] = {}
-    for e, s in zip(examples, split, strict=True):
-        split_counts.setdefault(e.source, {"train": 0, "val": 0, "test": 0})[s] += 1
-    write_artifacts(
-        cfg,
-        report,
-        thresholds,
-        dim=int(model.encoder.dim),
-        head_path=head_path,
-        top_path=top_path,
-        top_layers=list(range(n_bottom, n_layers)),
-        depth=n_layers,
-        train_extra={"finetune": describe(ft)},
-        counts=split_counts,
-        lexical_vocab=0,
-    )
+
+    def save() -> None:
+        write_artifacts(
+            cfg,
+            report,
+            thresholds,
+            dim=int(model.encoder.dim),
+            head_path=head_path,
+            top_path=top_path,
+            top_layers=list(range(n_bottom, n_layers)),
+            depth=n_layers,
+            train_extra={"finetune": describe(ft)},
+            examples=examples,
+            split=split,
+        )
+
+    save()  # the precision check below loads the model through its manifest
+    if not cfg.check_precisions:
+        return report
     # Reduced precision against fp32, through the inference path itself (GuardModel), held-out only.
     test_rows = [rows[k] for k in te]
     test_owner = [owners[k] for k in te]
@@ -431,34 +419,8 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
         gm = GuardModel(cfg.out_dir, precision=p)
         probs = gm.probabilities(gm.embed(test_rows))
         per_precision[p] = example_scores(probs, [pos[o] for o in test_owner], len(ex_ids))
-    ref = per_precision["fp32"]
-    agreement: dict[str, Any] = {}
-    for p in cfg.check_precisions:
-        low = per_precision[p]
-        r: dict[str, Any] = {"n": len(ex_ids)}
-        for j, cat in enumerate(HEAD_LABELS):
-            diff = (ref[:, j] - low[:, j]).abs()
-            t = thresholds[cat]
-            r[cat] = {
-                "max_abs_diff": round(float(diff.max()), 5) if len(diff) else 0.0,
-                "mean_abs_diff": round(float(diff.mean()), 6) if len(diff) else 0.0,
-                "decision_agreement": round(float(((ref[:, j] >= t) == (low[:, j] >= t)).float().mean()), 5)
-                if len(diff)
-                else 1.0,
-            }
-        agreement[p] = r
-    report["precision"] = agreement
-    write_artifacts(
-        cfg,
-        report,
-        thresholds,
-        dim=int(model.encoder.dim),
-        head_path=head_path,
-        top_path=top_path,
-        top_layers=list(range(n_bottom, n_layers)),
-        depth=n_layers,
-        train_extra={"finetune": describe(ft)},
-        counts=split_counts,
-        lexical_vocab=0,
-    )
+    report["precision"] = {
+        p: score_agreement(per_precision["fp32"], per_precision[p], thresholds) for p in cfg.check_precisions
+    }
+    save()
     return report

@@ -714,7 +714,13 @@ def precision_agreement(
     k = len(HEAD_LABELS)
     ref = _doc_scores(head, reference, k, feats)
     low = _doc_scores(head, embs, k, feats)
-    out: dict[str, Any] = {"n": len(examples)}
+    return score_agreement(ref, low, thresholds)
+
+
+def score_agreement(ref: torch.Tensor, low: torch.Tensor, thresholds: dict[str, float]) -> dict[str, Any]:
+    """Per category: largest and mean |score difference| of `low` against `ref` [examples, labels]
+    and the share of examples whose decision at the threshold is unchanged."""
+    out: dict[str, Any] = {"n": len(ref)}
     for j, cat in enumerate(HEAD_LABELS):
         diff = (ref[:, j] - low[:, j]).abs()
         t = thresholds[cat]
@@ -732,23 +738,10 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
     from safetensors.torch import save_file
 
     torch.manual_seed(cfg.seed)
-    examples = build_examples(
-        cfg.data_dir,
-        seed=cfg.seed,
-        t0_sample=cfg.t0_sample,
-        offensive_sample=cfg.offensive_sample,
-        synth_per_template=cfg.synth_per_template,
-        long_docs=cfg.long_docs,
-        hard_negative_weight=cfg.hard_negative_weight,
-    )
-    examples = limit_examples(examples, cfg.limit)
-    cfg.log(f"{len(examples)} examples from {cfg.data_dir}")
+    examples, split = split_examples(cfg)
     if model is None:
         model = GuardModel.encoder_only()
     embs = encode_examples(model, examples, cfg.cache_dir, cfg.log)
-    split = [
-        "test" if is_heldout(e.group) else "val" if is_validation(e.group) else "train" for e in examples
-    ]
     K = len(HEAD_LABELS)
 
     vocab = int(model.encoder.model.config.vocab_size) if cfg.lexical else 0
@@ -794,13 +787,37 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     weights = cfg.out_dir / "head.safetensors"
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(weights))
-    counts: dict[str, dict[str, int]] = {}
-    for e, s in zip(examples, split, strict=True):
-        counts.setdefault(e.source, {"train": 0, "val": 0, "test": 0})[s] += 1
     write_artifacts(
-        cfg, report, thresholds, dim=int(x.shape[1]), head_path=weights, counts=counts, lexical_vocab=vocab
+        cfg,
+        report,
+        thresholds,
+        dim=int(x.shape[1]),
+        head_path=weights,
+        examples=examples,
+        split=split,
+        lexical_vocab=vocab,
     )
     return report
+
+
+def split_examples(cfg: TrainConfig) -> tuple[list[Example], list[str]]:
+    """The configured examples (limited per source when `cfg.limit`) and each one's split:
+    "train", "val" or "test" (held out), by group hash."""
+    examples = build_examples(
+        cfg.data_dir,
+        seed=cfg.seed,
+        t0_sample=cfg.t0_sample,
+        offensive_sample=cfg.offensive_sample,
+        synth_per_template=cfg.synth_per_template,
+        long_docs=cfg.long_docs,
+        hard_negative_weight=cfg.hard_negative_weight,
+    )
+    examples = limit_examples(examples, cfg.limit)
+    cfg.log(f"{len(examples)} examples from {cfg.data_dir}")
+    split = [
+        "test" if is_heldout(e.group) else "val" if is_validation(e.group) else "train" for e in examples
+    ]
+    return examples, split
 
 
 def limit_examples(examples: list[Example], limit: int | None) -> list[Example]:
@@ -823,7 +840,8 @@ def write_artifacts(
     *,
     dim: int,
     head_path: Path,
-    counts: dict[str, dict[str, int]],
+    examples: Sequence[Example],
+    split: Sequence[str],
     lexical_vocab: int = 0,
     top_path: Path | None = None,
     top_layers: list[int] | None = None,
@@ -834,6 +852,9 @@ def write_artifacts(
     data_card.json in `cfg.out_dir`."""
     vocab = lexical_vocab
     weights = head_path
+    counts: dict[str, dict[str, int]] = {}
+    for e, part in zip(examples, split, strict=True):
+        counts.setdefault(e.source, {"train": 0, "val": 0, "test": 0})[part] += 1
     files = {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
     if top_path is not None:
         files[top_path.name] = hashlib.sha256(top_path.read_bytes()).hexdigest()
