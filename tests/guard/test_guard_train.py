@@ -63,7 +63,7 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: i
 
 
 def test_split_is_by_group_and_fixed() -> None:
-    from steward.guard.train import is_heldout, is_validation
+    from steward.guard.dataset import is_heldout, is_validation
 
     groups = [f"g{i}" for i in range(5000)]
     held = [g for g in groups if is_heldout(g)]
@@ -77,7 +77,8 @@ def test_split_is_by_group_and_fixed() -> None:
 
 def test_long_document_windows_are_labelled_per_window() -> None:
     from steward.guard.classifier import GuardModel
-    from steward.guard.train import MASK, NEG, POS, Example, _labels, _window_labels
+    from steward.guard.dataset import MASK, NEG, POS, Example, _labels
+    from steward.guard.train import _window_labels
 
     model = GuardModel.encoder_only()
     filler = "The committee reviewed the budget and approved the new library hours. " * 80

@@ -1,0 +1,406 @@
+"""The guard's labelled examples: built from ../shared/data and the hand-written sets, split by group.
+
+The held-out 20% is chosen by hashing a *group* key, never a row, so near-duplicates cannot straddle
+the split: a CyberSecEval case and its translations share a group (same injection variant and
+position block), in-the-wild jailbreaks within Jaccard 0.8 of each other (5-word shingles, exact
+Jaccard, the quantity MinHash estimates) share one, each BIPIA attack family is one group, and each
+look-alike template is one. Thresholds are tuned on a validation split carved from the training
+groups; the held-out split is only ever scored.
+
+Labels are multi-label with a mask: a jailbreak prompt is labelled positive for `jailbreak` and left
+unlabelled (masked) for `prompt_injection`, because many jailbreaks are injections too; benign text is
+negative for every category.
+
+Beyond the shared data: hand-written templates (`steward.guard.synth`: direct overrides, system-prompt
+extraction, instructions hidden in documents, hand translations; and the hard negatives — defenders'
+questions, quoted attacks under analysis, sensitive-but-benign requests, neutral mentions of identity
+groups), and long documents with one injected instruction whose windows are labelled one by one (the
+window holding the instruction positive, the others negative), so the head learns to find an attack
+in window 5 of an invoice rather than to call every long document an attack. Hard negatives weigh more
+in the loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .classifier import HEAD_LABELS
+from .lookalikes import lookalikes
+from .synth import benign_examples, hate_examples, injection_examples
+
+__all__ = [
+    "MASK",
+    "NEG",
+    "POS",
+    "Example",
+    "build_examples",
+    "is_heldout",
+    "is_validation",
+    "limit_examples",
+]
+
+NEG, POS, MASK = 0, 1, -1
+
+_IMPLICIT_HATE = [
+    ("ih_ruin", "{group} are ruining this country and should go back where they came from."),
+    ("ih_trust", "I would never trust {group} with anything important, they're just like that."),
+    ("ih_smart", "Let's be honest, {group} simply aren't as smart as the rest of us."),
+    ("ih_neighborhood", "The neighborhood went downhill as soon as {group} started moving in."),
+    ("ih_schools", "{group} don't belong in our schools, our kids deserve better."),
+    ("ih_vote", "It's a shame {group} are even allowed to vote."),
+    ("ih_keep_out", "We need to keep {group} out of our town before it's too late."),
+    ("ih_criminals", "Deep down {group} are all criminals, everyone knows it."),
+    ("ih_hiring", "Hiring {group} is a mistake every single time."),
+    ("ih_vermin", "{group} breed like rats and take everything for themselves."),
+    ("ih_replace", "They're bringing in {group} to replace real citizens, wake up."),
+    ("ih_deserve", "Honestly {group} deserve whatever happens to them."),
+]
+_GROUPS = [
+    "Muslims", "Jews", "immigrants", "Black people", "Asians", "Mexicans", "gay people", "trans people",
+    "women", "refugees", "Christians", "disabled people",
+]  # fmt: skip
+
+
+@dataclass(slots=True)
+class Example:
+    text: str
+    labels: dict[str, int]
+    source: str
+    group: str
+    lang: str = "en"
+    benign_set: str | None = None  # set name for the per-benign-set false-positive report
+    windows: int = 1  # how many leading windows carry the label (long jailbreaks: 2); 0 = all
+    # Character span of an injected instruction inside a long document: windows covering it are
+    # positive for prompt_injection, windows clear of it negative (per-window labels).
+    attack: tuple[int, int] | None = None
+    weight: float = 1.0  # loss weight; hard benign look-alikes count more than generic benign text
+
+
+def _h(key: str, salt: str) -> int:
+    return int(hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()[:8], 16)
+
+
+def is_heldout(group: str) -> bool:
+    """The fixed held-out 20%: a pure function of the group key (no seed, no row order)."""
+    return _h(group, "steward-guard-heldout") % 5 == 0
+
+
+def is_validation(group: str) -> bool:
+    """About 16% of all groups, carved from the training side, for thresholds and early stopping."""
+    return not is_heldout(group) and _h(group, "steward-guard-val") % 5 == 0
+
+
+def _labels(**kw: int) -> dict[str, int]:
+    out: dict[str, int] = dict.fromkeys(HEAD_LABELS, NEG)
+    out.update(kw)
+    return out
+
+
+def _shingles(text: str, n: int = 5) -> set[int]:
+    words = re.findall(r"\w+", text.lower())
+    return {hash(tuple(words[i : i + n])) for i in range(max(1, len(words) - n + 1))}
+
+
+def _jaccard_groups(texts: Sequence[str], threshold: float = 0.8) -> list[int]:
+    """Connected components of the 'Jaccard >= threshold' graph (union-find)."""
+    sh = [_shingles(t) for t in texts]
+    parent = list(range(len(texts)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(sh)):
+        for j in range(i + 1, len(sh)):
+            a, b = sh[i], sh[j]
+            small, large = (len(a), len(b)) if len(a) <= len(b) else (len(b), len(a))
+            if small < threshold * large:
+                continue  # Jaccard <= small/large: cannot reach the threshold
+            inter = len(a & b)
+            if inter / (len(a) + len(b) - inter) >= threshold:
+                parent[find(i)] = find(j)
+    return [find(i) for i in range(len(texts))]
+
+
+def _variant_blocks(rows: list[dict[str, Any]]) -> list[str]:
+    """Group key per CyberSecEval row: variant + position block within the variant (5 blocks).
+
+    The English file and its translations list the same cases variant by variant in the same order,
+    so a case and its translations land in the same relative block.
+    """
+    by_variant: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_variant.setdefault(r["injection_variant"], []).append(i)
+    keys = [""] * len(rows)
+    for variant, idx in by_variant.items():
+        for pos, i in enumerate(idx):
+            keys[i] = f"cse:{variant}:{pos * 5 // len(idx)}"
+    return keys
+
+
+def build_examples(
+    data_dir: str | Path,
+    *,
+    seed: int = 0,
+    t0_sample: int = 2500,
+    offensive_sample: int = 2500,
+    synth_per_template: int = 12,
+    long_docs: int = 400,
+    hard_negative_weight: float = 3.0,
+) -> list[Example]:
+    """Every labelled example from ../shared/data/guard, corpus benign text and the look-alikes."""
+    root = Path(data_dir)
+    guard = root / "guard"
+    rng = random.Random(seed)
+    ex: list[Example] = []
+
+    # -- prompt injection ---------------------------------------------------------------------
+    for name, lang_key in (
+        ("cyberseceval_prompt_injection.json", None),
+        ("cyberseceval_prompt_injection_multilingual.json", "speaking_language"),
+    ):
+        rows = json.loads((guard / "injection" / name).read_text(encoding="utf-8"))
+        for row, key in zip(rows, _variant_blocks(rows), strict=True):
+            lang = "en" if lang_key is None else str(row[lang_key])
+            ex.append(
+                Example(
+                    row["user_input"],
+                    _labels(prompt_injection=POS, jailbreak=MASK, harmful=MASK),
+                    "cyberseceval",
+                    key,
+                    lang,
+                )
+            )
+            ex.append(
+                Example(
+                    row["test_case_prompt"],
+                    _labels(),
+                    "cyberseceval_system_prompts",
+                    "csesys:" + key,
+                    lang,
+                    "system_prompts",
+                )
+            )
+    bipia = guard / "injection" / "bipia"
+    carriers: list[tuple[str, str]] = []
+    for kind in ("email", "code", "table"):
+        for i, line in enumerate((bipia / f"{kind}_train.jsonl").read_text(encoding="utf-8").splitlines()):
+            row = json.loads(line)
+            ctx = row["context"] if isinstance(row.get("context"), str) else "\n".join(row.get("code", []))
+            question = row.get("question", "") if isinstance(row.get("question"), str) else ""
+            carriers.append((f"{kind}:{i}", (ctx[:600] + ("\n" + question if question else "")).strip()))
+    rng.shuffle(carriers)
+    for cid, text in carriers[:1000]:
+        ex.append(Example(text, _labels(), "bipia_clean", "bipiaclean:" + cid, "en", "bipia_contexts"))
+    ci = 0
+    for fname in ("text_attack_train.json", "code_attack_train.json"):
+        families = json.loads((bipia / fname).read_text(encoding="utf-8"))
+        for family, attacks in families.items():
+            for attack in attacks:
+                for _ in range(3):
+                    _, carrier = carriers[ci % len(carriers)]
+                    ci += 1
+                    cut = rng.randint(0, len(carrier))
+                    cut = carrier.rfind("\n", 0, cut) + 1 if "\n" in carrier[:cut] else cut
+                    text = carrier[:cut] + ("\n" if cut else "") + attack + "\n" + carrier[cut:]
+                    ex.append(
+                        Example(
+                            text,
+                            _labels(prompt_injection=POS, jailbreak=MASK, harmful=MASK),
+                            "bipia_attacks",
+                            f"bipia:{family}",
+                        )
+                    )
+
+    # -- jailbreak -----------------------------------------------------------------------------
+    jb: list[str] = json.loads(
+        (guard / "jailbreak" / "inthewild_jailbreak_llms.json").read_text(encoding="utf-8")
+    )
+    for f in sorted((guard / "jailbreak" / "dan").glob("*.json")):
+        data = json.loads(f.read_text(encoding="utf-8"))
+        jb.extend(
+            str(t).replace("{generator.name}", "ChatGPT")
+            for t in (data if isinstance(data, list) else [data])
+        )
+    for text, comp in zip(jb, _jaccard_groups(jb), strict=True):
+        ex.append(
+            Example(
+                text,
+                _labels(jailbreak=POS, prompt_injection=MASK, harmful=MASK, toxicity=MASK),
+                "jailbreak",
+                f"jb:{comp}",
+                windows=2,
+            )
+        )
+
+    # -- harmful (MLCommons AILuminate hazards; Do-Not-Answer advice/companionship files excluded) --
+    harm = guard / "harmful"
+    with (harm / "advbench_harmful_behaviors.csv").open(encoding="utf-8") as fh:
+        for i, row in enumerate(csv.DictReader(fh)):
+            ex.append(Example(row["goal"], _labels(harmful=POS, toxicity=MASK), "advbench", f"advbench:{i}"))
+    for i, line in enumerate((harm / "harmbench_prompts.txt").read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            ex.append(
+                Example(line.strip(), _labels(harmful=POS, toxicity=MASK), "harmbench", f"harmbench:{i}")
+            )
+    for name in (
+        "malicious_uses",
+        "information_hazard",
+        "discrimination_exclusion_toxicity_hateful_offensive",
+    ):
+        for i, line in enumerate(
+            (harm / "donotanswer" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        ):
+            ex.append(
+                Example(
+                    json.loads(line)["prompt"],
+                    _labels(harmful=POS, toxicity=MASK),
+                    "donotanswer",
+                    f"dna:{name}:{i}",
+                )
+            )
+
+    # -- toxicity ------------------------------------------------------------------------------
+    with (guard / "toxicity" / "davidson_labeled_data.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    offensive = [r for r in rows if r["class"] == "1"]
+    rng.shuffle(offensive)
+    seen: set[str] = set()
+    for r in [x for x in rows if x["class"] != "1"] + offensive[:offensive_sample]:
+        text = re.sub(r"\s+", " ", r["tweet"]).strip()
+        if text in seen:
+            continue
+        seen.add(text)
+        if r["class"] == "2":
+            ex.append(Example(text, _labels(), "davidson_neither", f"dav:{r['']}", "en", "davidson_neither"))
+        else:
+            src = "davidson_hate" if r["class"] == "0" else "davidson_offensive"
+            ex.append(Example(text, _labels(toxicity=POS, harmful=MASK), src, f"dav:{r['']}"))
+    for tid, template in _IMPLICIT_HATE:
+        for g in _GROUPS:
+            ex.append(
+                Example(
+                    template.format(group=g),
+                    _labels(toxicity=POS, harmful=MASK),
+                    "implicit_hate",
+                    f"ih:{tid}",
+                )
+            )
+
+    # -- benign --------------------------------------------------------------------------------
+    corpus = root / "corpus"
+    t0: list[tuple[str, str]] = []
+    for f in sorted((corpus / "t0_tasks").glob("*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            t0.append((f.stem, json.loads(line)["prompt"]))
+    rng.shuffle(t0)
+    for i, (fam, text) in enumerate(t0[:t0_sample]):
+        ex.append(Example(text, _labels(), "t0", f"t0:{fam}:{i % 3}", "en", "t0_prompts"))
+    for name in ("self_instruct_seed_tasks.jsonl", "self_instruct_user_oriented_instructions.jsonl"):
+        for i, line in enumerate((corpus / name).read_text(encoding="utf-8").splitlines()):
+            row = json.loads(line)
+            inst = row.get("instances") or [{}]
+            extra = inst[0].get("input", "") if isinstance(inst[0], dict) else ""
+            text = row["instruction"] + ("\n" + extra if extra else "")
+            # Weighted as hard negatives: they *are* instructions to the assistant ("Write a haiku
+            # about...", "Rewrite this email..."), the benign twin of an injected instruction.
+            ex.append(
+                Example(
+                    text,
+                    _labels(),
+                    "self_instruct",
+                    f"si:{name}:{i}",
+                    "en",
+                    "self_instruct",
+                    weight=hard_negative_weight,
+                )
+            )
+    for i, row in enumerate(
+        json.loads((guard / "benign" / "wildguard_benign.json").read_text(encoding="utf-8"))
+    ):
+        ex.append(Example(row["prompt"], _labels(), "wildguard_benign", f"wg:{i}", "en", "wildguard_benign"))
+    w = hard_negative_weight
+    for tid, text in lookalikes(per_template=8, seed=seed):
+        ex.append(Example(text, _labels(), "lookalikes", f"la:{tid}", "en", "lookalikes", weight=w))
+    for e in ex:
+        if e.source == "wildguard_benign":
+            e.weight = w
+
+    # -- templated additions (steward.guard.synth): each template one group ---------------------
+    if synth_per_template > 0:
+        for group, lang, text in injection_examples(synth_per_template, seed):
+            ex.append(
+                Example(
+                    text,
+                    _labels(prompt_injection=POS, jailbreak=MASK, harmful=MASK),
+                    "synth_injection",
+                    group,
+                    lang,
+                )
+            )
+        for group, text in benign_examples(synth_per_template, seed):
+            ex.append(Example(text, _labels(), "synth_benign", group, "en", "lookalikes", weight=w))
+        for group, text in hate_examples(synth_per_template, seed):
+            ex.append(Example(text, _labels(toxicity=POS, harmful=MASK), "implicit_hate", group))
+
+    # -- long documents with one injected instruction, labelled per window -----------------------
+    inserts: list[tuple[str, str]] = [
+        (e.group, e.text)
+        for e in ex
+        if e.source == "synth_injection" and e.lang == "en" and len(e.text) < 400
+    ]
+    for fname in ("text_attack_train.json", "code_attack_train.json"):
+        for family, items in json.loads((bipia / fname).read_text(encoding="utf-8")).items():
+            inserts.extend((f"bipia:{family}", a) for a in items)
+    # Filler text comes only from training-side carriers and T0 prompts no split uses, so no
+    # held-out or validation text reaches training through a long document.
+    fillers = [
+        t
+        for cid, t in carriers[:1000]
+        if not is_heldout("bipiaclean:" + cid) and not is_validation("bipiaclean:" + cid)
+    ]
+    fillers += [t for _, t in t0[t0_sample : t0_sample + 2000]]
+    for _ in range(long_docs if inserts and fillers else 0):
+        group, attack = inserts[rng.randrange(len(inserts))]
+        parts: list[str] = []
+        while sum(len(p) for p in parts) < rng.randint(1500, 5000):
+            parts.append(fillers[rng.randrange(len(fillers))])
+        at = rng.randint(0, len(parts))
+        head = "\n\n".join(parts[:at])
+        head = head + "\n\n" if head else ""
+        tail = "\n\n".join(parts[at:])
+        text = head + attack + ("\n\n" + tail if tail else "")
+        ex.append(
+            Example(
+                text,
+                _labels(prompt_injection=POS, jailbreak=NEG, harmful=MASK, toxicity=NEG),
+                "long_docs",
+                group,
+                windows=0,
+                attack=(len(head), len(head) + len(attack)),
+            )
+        )
+    return ex
+
+
+def limit_examples(examples: list[Example], limit: int | None) -> list[Example]:
+    """The first `limit` examples of every source (a quick, small but complete run: tests)."""
+    if limit is None:
+        return examples
+    kept: dict[str, int] = {}
+    small = []
+    for e in examples:
+        kept[e.source] = kept.get(e.source, 0) + 1
+        if kept[e.source] <= limit:
+            small.append(e)
+    return small
