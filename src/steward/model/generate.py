@@ -34,7 +34,6 @@ from typing import Literal, cast
 
 import torch
 
-from .kv_cache import KVCache
 from .tokenizer import END, Tokenizer
 from .transformer import Decoder
 
@@ -323,29 +322,6 @@ def _prepare(
     return out, cfg
 
 
-def _compact(cache: KVCache, keep: torch.Tensor) -> None:
-    """Keep only the `keep` rows and drop the left-padding columns they all share.
-
-    Unlike `KVCache.select`, this copies only the filled part of the cache and moves it to column 0:
-    the shared padding disappears, so the remaining rows can run up to the full context (the decoder
-    counts padded columns against it) and attend over fewer keys.
-    """
-    L = cache.length
-    valid = cache.valid_count.index_select(0, keep)
-    shift = L - int(valid.max())
-    n = L - shift
-    shape = (cache.k.shape[0], keep.numel(), *cache.k.shape[2:])
-    k = cache.k.new_empty(shape)
-    v = cache.v.new_empty(shape)
-    k[:, :, :, :n] = cache.k[:, keep, :, shift:L]
-    v[:, :, :, :n] = cache.v[:, keep, :, shift:L]
-    key_valid = torch.zeros(keep.numel(), cache.max_len, dtype=torch.bool, device=cache.key_valid.device)
-    key_valid[:, :n] = cache.key_valid[keep, shift:L]
-    cache.k, cache.v, cache.key_valid, cache.valid_count = k, v, key_valid, valid
-    cache.length = n
-    cache.has_padding = not bool(key_valid[:, :n].all())
-
-
 def _token_str(tokenizer: Tokenizer, memo: dict[int, str], idx: int) -> str:
     s = memo.get(idx)
     if s is None:
@@ -501,7 +477,7 @@ def _run(
             if n_done and (4 * n_done >= len(live) or cache.length >= ctx):
                 keep = [j for j in range(len(live)) if not done[j]]
                 keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-                _compact(cache, keep_t)
+                cache.compact(keep_t)
                 sampler.keep(keep_t)
                 order = [order[j] for j in keep]
                 tok = tok.index_select(0, keep_t)

@@ -64,10 +64,25 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (finished sequences dropped from a batch)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
-        self.key_valid = self.key_valid[rows]
-        self.valid_count = self.valid_count[rows]
-        self.has_padding = not bool(self.key_valid[:, : self.length].all())
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep only the `keep` rows (finished sequences leave the batch) and drop the left-padding
+        columns they all share.
+
+        Only the filled part of the cache is copied, shifted to column 0: the shared padding goes, so
+        the remaining rows can run up to the full context (the decoder counts padded columns against
+        it) and attend over fewer keys.
+        """
+        L = self.length
+        valid = self.valid_count.index_select(0, keep)
+        shift = L - int(valid.max())
+        n = L - shift
+        shape = (self.k.shape[0], keep.numel(), *self.k.shape[2:])
+        k = self.k.new_empty(shape)
+        v = self.v.new_empty(shape)
+        k[:, :, :, :n] = self.k[:, keep, :, shift:L]
+        v[:, :, :, :n] = self.v[:, keep, :, shift:L]
+        key_valid = torch.zeros(keep.numel(), self.max_len, dtype=torch.bool, device=self.key_valid.device)
+        key_valid[:, :n] = self.key_valid[keep, shift:L]
+        self.k, self.v, self.key_valid, self.valid_count = k, v, key_valid, valid
+        self.length = n
+        self.has_padding = not bool(key_valid[:, :n].all())
