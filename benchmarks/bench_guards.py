@@ -2,7 +2,9 @@
 
 Quality: the classifier head's held-out metrics (models/guard/metrics.json, written by
 `steward guard train` on the fixed group-hashed 20% that is never trained or tuned on), how far the
-bf16/int8 encoder moves the head's scores from fp32 on that split, a small hand-written set of
+bf16/int8 encoder moves the head's scores from fp32 on that split, the whole default input pipeline
+(head plus the explainable injection rules, as a request meets them) on the same held-out texts,
+rebuilt from ../shared/data ($STEWARD_SHARED_DATA), a small hand-written set of
 attacks and benign look-alikes that appears in no training template (scored live), and PII F2 on the
 synthetic Faker set per language (Presidio's on the English set when its venv exists).
 
@@ -171,8 +173,57 @@ def quality(peer_presidio: Path | None) -> None:
                         f"| {p} | {cat} | {c['max_abs_diff']:.4f} | {c['mean_abs_diff']:.5f} | "
                         f"{c['decision_agreement']:.4f} |"
                     )
+    pipeline_heldout()
     unseen()
     pii(peer_presidio)
+
+
+def _shared_data() -> Path | None:
+    env = os.environ.get("STEWARD_SHARED_DATA")
+    path = Path(env) if env else ROOT.parent / "shared" / "data"
+    return path if (path / "guard").is_dir() else None
+
+
+def pipeline_heldout() -> None:
+    """The default policy's input verdicts on the held-out split: what a request meets, rules included."""
+    import torch
+
+    from steward.guard import Pipeline, ScanContext
+    from steward.guard.classifier import HEAD_LABELS
+    from steward.guard.dataset import build_examples, is_heldout
+    from steward.guard.train import metrics
+
+    data = _shared_data()
+    print("\n## Full input pipeline (default policy: head + injection rules), held-out 20%\n")
+    if data is None:
+        print("skipped: ../shared/data not found (set STEWARD_SHARED_DATA)")
+        return
+    examples = [e for e in build_examples(data) if is_heldout(e.group)]
+    pipeline = Pipeline()
+    flagged = torch.zeros(len(examples), len(HEAD_LABELS))
+    t = time.perf_counter()
+    for s in range(0, len(examples), 64):
+        part = examples[s : s + 64]
+        verdicts = pipeline.scan_texts([e.text for e in part], [ScanContext()] * len(part))
+        for i, v in enumerate(verdicts):
+            for j, cat in enumerate(HEAD_LABELS):
+                flagged[s + i, j] = float(cat in v.categories)
+    took = time.perf_counter() - t
+    # A category counts as flagged when the verdict lists it (any scanner of that category at or over
+    # its threshold), so the cut is 0.5 on 0/1 scores; TPR at 1% FPR needs scores and is left out.
+    m = metrics(flagged, examples, dict.fromkeys(HEAD_LABELS, 0.5))
+    print(f"{len(examples)} texts in {took:.0f} s")
+    print("| category | n+ | n- | precision | recall | F1 | FPR | worst benign set FPR |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cat, r in m.items():
+        worst = max(r["fpr_by_benign_set"].items(), key=lambda kv: kv[1]["fpr"], default=None)
+        w = f"{worst[0]} {worst[1]['fpr']:.3f} (n={worst[1]['n']})" if worst else "-"
+        print(
+            f"| {cat} | {r['n_pos']} | {r['n_neg']} | {r['precision']:.3f} | {r['recall']:.3f} | "
+            f"{r['f1']:.3f} | {r['fpr']:.4f} | {w} |"
+        )
+    srcs = ", ".join(f"{k} {v['recall']:.2f}" for k, v in m["prompt_injection"]["recall_by_source"].items())
+    print(f"\nprompt_injection recall by source: {srcs}")
 
 
 def unseen() -> None:
