@@ -345,13 +345,8 @@ def gemm_rate(n: int = 2048, reps: int = 10) -> float:
     """This machine's fp32 matrix-product rate now (FLOP/s, median of `reps` n x n products): the
     ceiling for a compute-bound fp32 encoder."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
+    t, _ = timed(lambda: torch.mm(a, b), reps)
+    return 2 * n**3 / t
 
 
 def encoder_linear_flops(model: Any, token_counts: list[int]) -> float:

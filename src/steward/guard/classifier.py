@@ -373,8 +373,12 @@ class GuardModel:
         fp32 whatever the encoder precision, so only the transformer blocks see reduced precision.
         An encoder without a packed path falls back to padded batches of similar length.
         """
+        return self._embed(rows, self._infer, batch_size, count=True)
+
+    def _embed(self, rows: list[list[int]], model: Any, batch_size: int, count: bool) -> torch.Tensor:
+        """`embed` through `model`: the guard's copy, or the published encoder (`published_embed`);
+        `count` adds each forward call to `encoder_calls`."""
         out = torch.empty(len(rows), self.encoder.dim)
-        model = self._infer
         pool = self.encoder.model
         forward_packed: Any = getattr(model, "forward_packed", None)
         with torch.inference_mode():
@@ -391,14 +395,14 @@ class GuardModel:
                     varlen = VarLen([len(rows[i]) for i in idx], max_runs=len(idx))
                     pooled = pool.pool_packed(forward_packed(flat, varlen).float(), varlen)
                     out[torch.tensor(idx)] = F.normalize(pooled, dim=-1)
-                    self.encoder_calls += 1
+                    self.encoder_calls += count
                 return out
             for idx in _length_batches(rows, batch_size):
                 ids, mask = self.encoder._pad([rows[i] for i in idx])
                 hidden = model(ids, mask).float()
                 pooled = pool.pool(hidden, mask)
                 out[torch.tensor(idx)] = F.normalize(pooled, dim=-1)
-                self.encoder_calls += 1
+                self.encoder_calls += count
         return out
 
     def probabilities(self, embeddings: torch.Tensor, rows: list[list[int]] | None = None) -> torch.Tensor:
@@ -448,19 +452,8 @@ class GuardModel:
 
     def published_embed(self, rows: list[list[int]]) -> torch.Tensor:
         """Embeddings of `rows` from the published (shared, fp32) encoder, whatever the guard runs."""
-        model = self.encoder.model
-        out = torch.empty(len(rows), self.encoder.dim)
-        with torch.inference_mode():
-            from steward.model.layers import VarLen
-
-            for s in range(0, len(rows), BATCH_ROWS):
-                part = rows[s : s + BATCH_ROWS]
-                flat = torch.tensor(list(itertools.chain.from_iterable(part)))
-                varlen = VarLen([len(r) for r in part], max_runs=len(part))
-                pooled = model.pool_packed(model.forward_packed(flat, varlen).float(), varlen)
-                out[s : s + len(part)] = F.normalize(pooled, dim=-1)
         self.hint_calls += 1
-        return out
+        return self._embed(rows, self.encoder.model, BATCH_ROWS, count=False)
 
     def hazard_of(self, embedding: torch.Tensor, row: list[int] | None = None) -> str:
         """Nearest AILuminate hazard description to a window: a zero-shot hint for harmful findings.

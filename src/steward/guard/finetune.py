@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steward.model.layers import VarLen
-from steward.model.transformer import Encoder
+from steward.model.transformer import Encoder, pool_packed
 
 from .classifier import GuardHead
 
@@ -86,13 +86,7 @@ class GuardTower(nn.Module):
             x = block(x, None, False, varlen=varlen)
         if self.norm is not None:
             x = self.norm(x)
-        x = x.float()
-        if self.pooling == "cls":
-            pooled = x[varlen.starts]
-        else:
-            sums = x.new_zeros(varlen.batch, x.shape[-1]).index_add_(0, varlen.segments, x)
-            pooled = sums / varlen.lengths.to(x.dtype)[:, None]
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(pool_packed(x.float(), varlen, self.pooling), dim=-1)
 
     def forward(self, x: torch.Tensor, varlen: VarLen) -> torch.Tensor:
         return self.head(self.embed(x, varlen))  # type: ignore[no-any-return]

@@ -494,12 +494,10 @@ def write_artifacts(
 ) -> None:
     """manifest.json (weights pinned by SHA-256, thresholds, how they were chosen), metrics.json and
     data_card.json in `cfg.out_dir`."""
-    vocab = lexical_vocab
-    weights = head_path
     counts: dict[str, dict[str, int]] = {}
     for e, part in zip(examples, split, strict=True):
         counts.setdefault(e.source, {"train": 0, "val": 0, "test": 0})[part] += 1
-    files = {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
+    files = {head_path.name: hashlib.sha256(head_path.read_bytes()).hexdigest()}
     if top_path is not None:
         files[top_path.name] = hashlib.sha256(top_path.read_bytes()).hexdigest()
     manifest: dict[str, Any] = {
@@ -509,8 +507,8 @@ def write_artifacts(
         "dim": dim,
         "hidden": cfg.hidden,
         "window_tokens": 256,
-        "lexical": {"vocab": vocab, "bigram_buckets": LEX_BUCKETS} if vocab else {},
-        "weights": weights.name,
+        "lexical": {"vocab": lexical_vocab, "bigram_buckets": LEX_BUCKETS} if lexical_vocab else {},
+        "weights": head_path.name,
         "sha256": files,
     }
     if top_path is not None:

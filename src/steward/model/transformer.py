@@ -314,10 +314,7 @@ class Encoder(nn.Module):
 
     def pool_packed(self, hidden: torch.Tensor, varlen: VarLen) -> torch.Tensor:
         """`pool` for packed hidden states [N, H]: [B, H], one row per sequence."""
-        if self.config.pooling == "cls":
-            return hidden[varlen.starts]
-        sums = hidden.new_zeros(varlen.batch, hidden.shape[-1]).index_add_(0, varlen.segments, hidden)
-        return sums / varlen.lengths.to(hidden.dtype)[:, None]
+        return pool_packed(hidden, varlen, self.config.pooling)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.pooling == "cls":
@@ -342,6 +339,15 @@ class Encoder(nn.Module):
         if self.classifier is None:
             raise ValueError("this encoder has no classification head (num_labels=0)")
         return linear(self.classifier, self.pool(self(input_ids, attention_mask), attention_mask))
+
+
+def pool_packed(hidden: torch.Tensor, varlen: VarLen, pooling: str) -> torch.Tensor:
+    """Packed hidden states [N, H] pooled per sequence: [B, H], the first token's state ("cls") or
+    the mean of the sequence's states (anything else)."""
+    if pooling == "cls":
+        return hidden[varlen.starts]
+    sums = hidden.new_zeros(varlen.batch, hidden.shape[-1]).index_add_(0, varlen.segments, hidden)
+    return sums / varlen.lengths.to(hidden.dtype)[:, None]
 
 
 def build_model(cfg: TransformerConfig) -> Decoder | Encoder:
