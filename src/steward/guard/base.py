@@ -179,6 +179,7 @@ class Registry:
 def default_registry() -> Registry:
     """Every built-in scanner. Classifier scanners load the trained heads lazily, on first scan."""
     from .classifier import ClassifierScanner
+    from .context_rules import ContextProbeScanner
     from .injection_rules import InjectionRulesScanner
     from .leak import PromptLeakScanner
     from .pii import PIIScanner
@@ -195,4 +196,5 @@ def default_registry() -> Registry:
         reg.register(cat, classifier(cat))
     reg.register("prompt_leak", lambda o: PromptLeakScanner(**o))
     reg.register("injection_rules", lambda o: InjectionRulesScanner(**o))
+    reg.register("context_probe", lambda o: ContextProbeScanner(**o))
     return reg

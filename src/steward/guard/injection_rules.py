@@ -56,6 +56,74 @@ RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
 )
+
+# The override in the languages CyberSecEval's translations and most deployments meet. Imperative
+# verb forms only ("olvida", not "olvidé": "I forgot the assembly instructions" is benign), and the
+# noun may come before the verb only in the languages that put the object first (Hindi, Turkish,
+# Japanese, Korean, Bengali: "पिछले निर्देशों को अनदेखा करें", "以前の指示を無視"), never in English-like
+# word order ("follow the instructions and ignore the noise" is benign). "Forget" counts only where
+# the form is an imperative: 忘记/忘れ, quên and ลืม also mean "forgot", so they are left out.
+_TRANSLATED: dict[str, tuple[str, str]] = {
+    "es": (
+        r"ignora|ignore|ignoren|ignorad|olvida|olvide|olviden|olvidad|omite|omita|descarta|descarte|desestima",
+        r"instrucciones|indicaciones|reglas|órdenes|directrices",
+    ),
+    "fr": (
+        r"ignore|ignorez|oublie|oubliez|néglige|négligez|ne tiens pas compte|ne tenez pas compte",
+        r"instructions|consignes|règles|directives",
+    ),
+    "it": (
+        r"ignora|ignorate|ignori|dimentica|dimenticate|dimentichi|trascura|trascurate",
+        r"istruzioni|regole|indicazioni|direttive",
+    ),
+    "pt": (
+        r"ignore|ignora|ignorem|esqueça|esqueca|esquece|esqueçam|desconsidere|desconsidera",
+        r"instruções|instrucoes|regras|orientações|diretrizes",
+    ),
+    "de": (
+        r"ignoriere|ignorier|ignorieren sie|vergiss|vergessen sie|missachte|missachten sie",
+        r"anweisungen|anweisung|instruktionen|regeln|vorgaben|richtlinien",
+    ),
+    "el": (r"αγνόησε|αγνοήστε|ξέχασε|ξεχάστε|παράβλεψε|παραβλέψτε", r"οδηγίες|οδηγιών|εντολές|κανόνες"),
+    "ru": (
+        r"игнорируй|игнорируйте|проигнорируй|проигнорируйте|забудь|забудьте|не обращай внимания",
+        r"инструкци\w*|указани\w*|правил\w*|установк\w*",
+    ),
+    "tr": (r"yoksay\w*|görmezden gel\w*|unut\b|unutun\b|dikkate alma\w*", r"talimat\w*|kural\w*|yönerge\w*"),
+    "id": (r"abaikan|lupakan|acuhkan", r"instruksi|perintah|aturan|petunjuk"),
+    "tl": (r"kalimutan|balewalain|huwag pansinin|wag pansinin", r"tagubilin|instruksyon|panuto|utos"),
+    "vi": (r"bỏ qua|phớt lờ|lờ đi", r"hướng dẫn|chỉ dẫn|chỉ thị|quy tắc"),
+    "ar": (r"تجاهل|تجاهلي|انس|انسى|إنسى|تغاضى|تغاضَ", r"التعليمات|تعليمات|تعليماتك|الأوامر|القواعد|الإرشادات"),
+    "hi": (r"अनदेखा|नज़रअंदाज़|नजरअंदाज|भूल जाओ|भूल जाएं|भूल जाइए", r"निर्देश\w*|नियम\w*"),
+    "bn": (r"উপেক্ষা|ভুলে যান|ভুলে যাও|অগ্রাহ্য", r"নির্দেশ\w*"),
+    "ja": (r"無視", r"指示|命令|ルール|指令|設定"),
+    "ko": (r"무시", r"지시|명령|규칙|지침"),
+    "zh": (r"忽略|无视|無視|忽視|不要理会|不要理會", r"指令|指示|说明|說明|规则|規則|命令"),
+    "th": (r"เพิกเฉย|ไม่ต้องสนใจ|ละเว้น", r"คำสั่ง|คำแนะนำ|กฎ"),
+}
+
+
+_OBJECT_FIRST = frozenset({"hi", "tr", "ja", "ko", "bn"})
+
+
+def _override(lang: str, verbs: str, nouns: str) -> str:
+    # Within one clause (no . ! ? 。 ！ ？ । or newline between verb and noun), at most 30 characters
+    # apart; a verb must start a word (no boundary test for scripts written without spaces).
+    gap = r"[^.\n!?。！？।]{0,30}?"
+    verb_first = rf"(?<!\w)(?:{verbs}){gap}(?:{nouns})"
+    return rf"(?:{verb_first}|(?:{nouns}){gap}(?:{verbs}))" if lang in _OBJECT_FIRST else verb_first
+
+
+RULES += (
+    (
+        "instruction override (translated)",
+        re.compile("|".join(_override(k, v, n) for k, (v, n) in _TRANSLATED.items()), re.IGNORECASE),
+    ),
+)
+_TRANSLATED_NOUNS = tuple(
+    sorted({w.replace("\\w*", "").replace("\\b", "") for _, n in _TRANSLATED.values() for w in n.split("|")})
+)
+
 # Per rule, words every match contains (as substrings of `ascii_fold(text)`): a rule runs only on
 # text that has one word of each group, so ordinary text skips the case-insensitive scans.
 _GATES: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -95,6 +163,7 @@ _GATES: dict[str, tuple[tuple[str, ...], ...]] = {
         ("prompt", "instructions", "message", "rules", "guidelines", "configuration"),
     ),
     "new instructions injected": (("instructions", "prompt", "directive", "override"),),
+    "instruction override (translated)": (_TRANSLATED_NOUNS,),
 }
 _QUOTES = "\"'“”‘’«»「」`"
 
