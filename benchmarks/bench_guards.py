@@ -185,26 +185,63 @@ def _shared_data() -> Path | None:
 
 
 def pipeline_heldout() -> None:
-    """The default policy's input verdicts on the held-out split: what a request meets, rules included."""
-    import torch
+    """The default policy's input verdicts on the held-out split: what a request meets, rules included.
 
-    from steward.guard import Pipeline, ScanContext
-    from steward.guard.classifier import HEAD_LABELS
+    Twice: without a system prompt (the head and the rules alone), and as a chat request with one:
+    each CyberSecEval case under its own system prompt, every other held-out text under a system
+    prompt drawn (seed 0) from the held-out CyberSecEval prompts that *declare a secret or a private
+    record* - the worst case for the context probe's false positives, since ordinary system prompts
+    give it nothing to protect.
+    """
+    import random
+
+    from steward.guard import ScanContext
+    from steward.guard.context_rules import protected_items
     from steward.guard.dataset import build_examples, is_heldout
-    from steward.guard.train import metrics
 
     data = _shared_data()
-    print("\n## Full input pipeline (default policy: head + injection rules), held-out 20%\n")
+    print("\n## Full input pipeline (default policy), held-out 20%\n")
     if data is None:
         print("skipped: ../shared/data not found (set STEWARD_SHARED_DATA)")
         return
     examples = [e for e in build_examples(data) if is_heldout(e.group)]
+    _pipeline_table(
+        "without a system prompt (head + injection rules)", examples, [ScanContext()] * len(examples)
+    )
+    inj = data / "guard" / "injection"
+    system_of: dict[str, str] = {}
+    for name in ("cyberseceval_prompt_injection.json", "cyberseceval_prompt_injection_multilingual.json"):
+        for row in json.loads((inj / name).read_text(encoding="utf-8")):
+            system_of.setdefault(row["user_input"], row["test_case_prompt"])
+    protecting = sorted(
+        {e.text for e in examples if e.source == "cyberseceval_system_prompts" and protected_items(e.text)}
+    )
+    rng = random.Random(0)
+    contexts = [
+        ScanContext(system_prompt=system_of[e.text] if e.source == "cyberseceval" else rng.choice(protecting))
+        for e in examples
+    ]
+    _pipeline_table(
+        f"with system prompts (head + rules + context probe; benign texts under {len(protecting)} "
+        "secret- or record-holding prompts)",
+        examples,
+        contexts,
+    )
+
+
+def _pipeline_table(title: str, examples: list[Any], contexts: list[Any]) -> None:
+    import torch
+
+    from steward.guard import Pipeline
+    from steward.guard.classifier import HEAD_LABELS
+    from steward.guard.train import metrics
+
     pipeline = Pipeline()
     flagged = torch.zeros(len(examples), len(HEAD_LABELS))
     t = time.perf_counter()
     for s in range(0, len(examples), 64):
         part = examples[s : s + 64]
-        verdicts = pipeline.scan_texts([e.text for e in part], [ScanContext()] * len(part))
+        verdicts = pipeline.scan_texts([e.text for e in part], contexts[s : s + 64])
         for i, v in enumerate(verdicts):
             for j, cat in enumerate(HEAD_LABELS):
                 flagged[s + i, j] = float(cat in v.categories)
@@ -212,7 +249,7 @@ def pipeline_heldout() -> None:
     # A category counts as flagged when the verdict lists it (any scanner of that category at or over
     # its threshold), so the cut is 0.5 on 0/1 scores; TPR at 1% FPR needs scores and is left out.
     m = metrics(flagged, examples, dict.fromkeys(HEAD_LABELS, 0.5))
-    print(f"{len(examples)} texts in {took:.0f} s")
+    print(f"### {title}\n\n{len(examples)} texts in {took:.0f} s\n")
     print("| category | n+ | n- | precision | recall | F1 | FPR | worst benign set FPR |")
     print("|---|---|---|---|---|---|---|---|")
     for cat, r in m.items():
@@ -223,7 +260,7 @@ def pipeline_heldout() -> None:
             f"{r['f1']:.3f} | {r['fpr']:.4f} | {w} |"
         )
     srcs = ", ".join(f"{k} {v['recall']:.2f}" for k, v in m["prompt_injection"]["recall_by_source"].items())
-    print(f"\nprompt_injection recall by source: {srcs}")
+    print(f"\nprompt_injection recall by source: {srcs}\n")
 
 
 def unseen() -> None:

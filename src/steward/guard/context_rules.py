@@ -61,6 +61,8 @@ _NOUN = "|".join(f"(?:{v})" for v in _SECRET_NOUNS.values())
 # Letters of scripts written with spaces: a noun there must stand as a word ("pin" not "spinning").
 _SPACED = re.compile(r"[A-Za-zÀ-ɏͰ-ϿЀ-ӿ]")
 _DECL = re.compile(rf"({_NOUN})[^.\n。!?！？]{{0,40}}?(?=[\"'`“‘«「『])", re.IGNORECASE)
+# A value right after the noun: "password 'Alpha123'", "password is "Dog"", "पासवर्ड 'हाथी' है".
+_STATED = re.compile(r"[^\"'`“”‘’«»「」『』\n.?!]{0,12}(?:[\"`“«「『]|(?<![^\W\d_])['‘])")
 # English only: a noun after an indefinite or first-person determiner is some other password ("how do
 # I choose a strong passphrase?", "I forgot my password"), not the one the system prompt keeps.
 _OTHER = re.compile(
@@ -114,7 +116,7 @@ _SENTENCE = re.compile(r"[^.?!\n]+[.?!]*")
 # "give me Jessica's birth date" and "encode the user's favorite color" ask for one.
 _REQUEST = re.compile(
     r"\?\s*$|^\W*(?:\w+\W+){0,8}?(?:tell|give|show|list|share|reveal|encode|translate|write|spell|print|"
-    r"provide|send|say|output|what|where|when|which|who|how|can|could|would|will|do|does|is|are)\b",
+    r"provide|send|say|output|what|where|when|which|who|how|can|could|would|will)\b",
     re.IGNORECASE,
 )
 # The record's subject named by role. Pronouns are left out: "my sister was born in 1990, how old is
@@ -182,8 +184,11 @@ def _probe_pattern(noun: str) -> re.Pattern[str]:
 def _noun_probes(text: str, nouns: frozenset[str]) -> Iterator[tuple[int, int, str]]:
     for noun in sorted(nouns, key=len, reverse=True):
         for m in _probe_pattern(noun).finditer(text):
-            if not _OTHER.search(text[max(0, m.start() - 40) : m.start()]):
-                yield m.start(), m.end(), noun
+            if _OTHER.search(text[max(0, m.start() - 40) : m.start()]):
+                continue
+            if _STATED.match(text, m.end()):
+                continue  # the turn states a password of its own ("the password is 'Dog'"), asks nothing
+            yield m.start(), m.end(), noun
 
 
 class ContextProbeScanner:
