@@ -48,6 +48,16 @@ RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
     (
+        "override of everything before",
+        re.compile(
+            r"\b(?:ignore|disregard|forget)\s+(?:everything|all|anything)\s+(?:that\s+)?"
+            r"(?:(?:you(?:'ve|\s+have|\s+were|\s+are)?\s+(?:been\s+)?(?:told|instructed|given|taught|programmed)"
+            r"|I\s+(?:said|told\s+you|wrote)\s+(?:before|earlier))"
+            r"|(?:written\s+|said\s+|stated\s+)?(?:above|before\s+this|prior\s+to\s+this|previously|so\s+far)\b)",
+            re.IGNORECASE,
+        ),
+    ),
+    (
         "new instructions injected",
         re.compile(
             r"\b(?:new|updated|real|actual)\s+(?:instructions|system\s+prompt|directives?)\s*:"
@@ -162,6 +172,7 @@ _GATES: dict[str, tuple[tuple[str, ...], ...]] = {
         ),
         ("prompt", "instructions", "message", "rules", "guidelines", "configuration"),
     ),
+    "override of everything before": (("ignore", "disregard", "forget"), ("everything", "all", "anything")),
     "new instructions injected": (("instructions", "prompt", "directive", "override"),),
     "instruction override (translated)": (_TRANSLATED_NOUNS,),
 }
