@@ -45,7 +45,7 @@ def verdict_json(verdict: Verdict) -> dict[str, Any]:
     }
 
 
-def _parse_line(line: str, lineno: int) -> tuple[str, Role]:
+def _parse_line(line: str, lineno: int) -> tuple[str, Role, str | None]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -55,7 +55,10 @@ def _parse_line(line: str, lineno: int) -> tuple[str, Role]:
     role = obj.get("role", "user")
     if role not in ROLES:
         raise ValueError(f"line {lineno}: role must be one of {', '.join(ROLES)}, got {role!r}")
-    return obj["text"], cast("Role", role)
+    system = obj.get("system_prompt")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f'line {lineno}: "system_prompt" must be a string')
+    return obj["text"], cast("Role", role), system
 
 
 def _batches(stream: TextIO, size: int) -> Iterator[list[tuple[int, str]]]:
@@ -77,18 +80,17 @@ def scan_jsonl(pipeline: Any, stream: TextIO, out: TextIO, base: ScanContext, ba
 
     status = 0
     for batch in _batches(stream, batch_size):
-        parsed: list[tuple[str, Role] | str] = []
+        parsed: list[tuple[str, Role, str | None] | str] = []
         for lineno, line in batch:
             try:
                 parsed.append(_parse_line(line, lineno))
             except ValueError as exc:
                 parsed.append(str(exc))
         good = [p for p in parsed if isinstance(p, tuple)]
-        verdicts = iter(
-            pipeline.scan_texts([t for t, _ in good], [replace(base, role=r) for _, r in good], "input")
-            if good
-            else []
-        )
+        contexts = [
+            replace(base, role=r, system_prompt=base.system_prompt if sp is None else sp) for _, r, sp in good
+        ]
+        verdicts = iter(pipeline.scan_texts([t for t, _, _ in good], contexts, "input") if good else [])
         for p in parsed:
             if isinstance(p, str):
                 out.write(json.dumps({"error": p}, ensure_ascii=False) + "\n")
@@ -112,12 +114,20 @@ def register(app: typer.Typer) -> None:
             None, metavar="TEXT", help="text to scan; '-' or omitted reads stdin"
         ),
         jsonl: Path | None = typer.Option(
-            None, "--jsonl", help='file of {"text": ..., "role": ...} lines (- for stdin)', allow_dash=True
+            None,
+            "--jsonl",
+            help='file of {"text": ..., "role": ..., "system_prompt": ...} lines (- for stdin)',
+            allow_dash=True,
         ),
         policy: Path | None = typer.Option(None, "--policy", help="policy YAML (default: built-in)"),
         tenant: str = typer.Option("default", "--tenant", help="tenant whose policy applies"),
         route: str = typer.Option("default", "--route", help="route whose policy applies"),
         role: str = typer.Option("user", "--role", help="user | document | system"),
+        system_prompt: str | None = typer.Option(
+            None,
+            "--system-prompt",
+            help="the system prompt the text is sent under (context_probe asks what it keeps secret)",
+        ),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="texts per encoder batch"),
     ) -> None:
         """Scan text with the guards; print findings as JSON (exit 0 allowed, 1 blocked, 2 error)."""
@@ -129,7 +139,7 @@ def register(app: typer.Typer) -> None:
         if jsonl is not None and text is not None:
             raise ValueError("give TEXT or --jsonl, not both")
         pipeline = Pipeline(policy)
-        base = ScanContext(tenant=tenant, route=route, role=cast("Role", role))
+        base = ScanContext(tenant=tenant, route=route, role=cast("Role", role), system_prompt=system_prompt)
         if jsonl is not None:
             if str(jsonl) == "-":
                 status = scan_jsonl(pipeline, sys.stdin, sys.stdout, base, batch_size)
