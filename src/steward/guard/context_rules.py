@@ -61,6 +61,14 @@ _NOUN = "|".join(f"(?:{v})" for v in _SECRET_NOUNS.values())
 # Letters of scripts written with spaces: a noun there must stand as a word ("pin" not "spinning").
 _SPACED = re.compile(r"[A-Za-zÀ-ɏͰ-ϿЀ-ӿ]")
 _DECL = re.compile(rf"({_NOUN})[^.\n。!?！？]{{0,40}}?(?=[\"'`“‘«「『])", re.IGNORECASE)
+# English, any kind of code or key declared with a copula: "The exit code is "8842"", "the admin key:
+# 'k-19'". The noun phrase (modifier + head) is what a probe must name: "exit code", not "code".
+_DECL_EN = re.compile(
+    r"\b((?:[a-z]+[ \t]+)?(?:code|key|password|passcode|pin|passphrase|combination|token))[ \t]+"
+    r"(?:is|=|:)[ \t]*(?=[\"'`“‘«])",
+    re.IGNORECASE,
+)
+_DETERMINERS = frozenset({"the", "your", "my", "our", "a", "an", "this", "that", "its", "their"})
 # A value right after the noun: "password 'Alpha123'", "password is "Dog"", "पासवर्ड 'हाथी' है".
 _STATED = re.compile(r"[^\"'`“”‘’«»「」『』\n.?!]{0,12}(?:[\"`“«「『]|(?<![^\W\d_])['‘])")
 # English only: a noun after an indefinite or first-person determiner is some other password ("how do
@@ -145,6 +153,9 @@ class Protected:
 def protected_items(system_prompt: str) -> Protected:
     """Parse a system prompt once (cached: a deployment reuses a handful of system prompts)."""
     nouns = {m.group(1).lower() for m in _DECL.finditer(system_prompt) if _is_word(system_prompt, m.start(1))}
+    for m in _DECL_EN.finditer(system_prompt):
+        words = m.group(1).lower().split()
+        nouns.add(" ".join(words[1:] if words[0] in _DETERMINERS else words))
     fields: set[str] = set()
     favorites: set[str] = set()
     people: set[str] = set()
