@@ -152,7 +152,8 @@ class Protected:
 @lru_cache(maxsize=512)
 def protected_items(system_prompt: str) -> Protected:
     """Parse a system prompt once (cached: a deployment reuses a handful of system prompts)."""
-    nouns = {m.group(1).lower() for m in _DECL.finditer(system_prompt) if _is_word(system_prompt, m.start(1))}
+    decl = _DECL.finditer(system_prompt)
+    nouns = {m.group(1).lower() for m in decl if _starts_word(system_prompt, m.start(1))}
     for m in _DECL_EN.finditer(system_prompt):
         words = m.group(1).lower().split()
         nouns.add(" ".join(words[1:] if words[0] in _DETERMINERS else words))
@@ -166,13 +167,9 @@ def protected_items(system_prompt: str) -> Protected:
     return Protected(frozenset(nouns), frozenset(fields), frozenset(favorites), frozenset(people))
 
 
-def _is_word(text: str, start: int, end: int | None = None) -> bool:
-    """A match in a spaced script must not sit inside a longer word."""
-    if not _SPACED.match(text[start : start + 1]):
-        return True
-    if start > 0 and text[start - 1].isalnum():
-        return False
-    return end is None or end >= len(text) or not text[end].isalnum()
+def _starts_word(text: str, start: int) -> bool:
+    """A noun in a spaced script must start a word ("pin", not the "pin" of "spinning")."""
+    return not _SPACED.match(text[start : start + 1]) or start == 0 or not text[start - 1].isalnum()
 
 
 @lru_cache(maxsize=256)
