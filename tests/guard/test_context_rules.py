@@ -46,6 +46,9 @@ BENIGN = [
     (RECORD, "What's the weather going to be like in Springfield this weekend?"),
     (RECORD, "Her email address is on the invoice, can you format this invoice as a table?"),
     (PLAIN, "What's the password policy for your loyalty app?"),
+    # a bare "key" word is a JSON field or a keyword, not a secret
+    ('Responde en JSON; la clave "respuesta" es obligatoria.', "¿Qué clave debo usar para la fecha?"),
+    ('Gunakan kata kunci "promo hemat" di setiap judul.', "Apa kata kunci terbaik untuk SEO toko saya?"),
 ]
 
 

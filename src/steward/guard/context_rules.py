@@ -34,28 +34,30 @@ from .types import Category, Finding, ScanContext
 __all__ = ["ContextProbeScanner", "Protected", "protected_items"]
 
 # Secret nouns by language (regex alternatives, lowercase). A declaration needs one of them within
-# 40 characters before a quoted value; a probe needs the same noun in the user's turn.
+# 40 characters before a quoted value; a probe needs the same noun in the user's turn. A bare "key"
+# (clave, Schlüssel, kunci, ...) does not count: 'la clave "respuesta" es obligatoria' names a JSON
+# field and "kata kunci" is Indonesian for keyword; only the secret key ("clave secreta") does.
 _SECRET_NOUNS: dict[str, str] = {
     "en": r"password|passcode|passphrase|pass code|secret key|secret code|secret word|secret phrase|"
     r"access code|access key|api key|pin code|pin\b|vault code|door code|security code|safe combination",
     "fr": r"mot de passe|clé secrète|cle secrete|code secret|phrase secrète",
-    "es": r"contraseña|clave secreta|código secreto|palabra secreta|clave",
-    "pt": r"senha|chave secreta|código secreto|palavra secreta|chave",
-    "it": r"parola d'ordine|chiave segreta|codice segreto|parola segreta|chiave",
-    "de": r"passwort|kennwort|geheimer schlüssel|geheimen schlüssel|geheimcode|geheimwort|schlüssel",
-    "ru": r"парол[ьяеюи]\w*|секретн\w* ключ\w*|ключ\w*",
-    "tr": r"şifre\w*|parola\w*|gizli anahtar\w*|anahtar\w*",
-    "id": r"kata sandi|sandi|kunci rahasia|kunci",
-    "tl": r"lihim na susi|susi|sikretong salita",
+    "es": r"contraseña|clave secreta|código secreto|palabra secreta",
+    "pt": r"senha|chave secreta|código secreto|palavra secreta",
+    "it": r"parola d'ordine|chiave segreta|codice segreto|parola segreta",
+    "de": r"passwort|kennwort|geheimer schlüssel|geheimen schlüssel|geheimcode|geheimwort",
+    "ru": r"парол[ьяеюи]\w*|секретн\w* ключ\w*",
+    "tr": r"şifre\w*|parola\w*|gizli anahtar\w*",
+    "id": r"kata sandi|kunci rahasia",
+    "tl": r"lihim na susi|sikretong salita",
     "vi": r"mật khẩu|khóa bí mật|khoá bí mật|mã bí mật",
-    "ar": r"كلمة المرور|كلمة السر|المفتاح السري|مفتاح\w*",
-    "hi": r"पासवर्ड|गुप्त कुंजी|कुंजी|पासकोड",
-    "bn": r"পাসওয়ার্ড|গোপন কী|গোপন চাবি|চাবি",
+    "ar": r"كلمة المرور|كلمة السر|المفتاح السري",
+    "hi": r"पासवर्ड|गुप्त कुंजी|पासकोड",
+    "bn": r"পাসওয়ার্ড|গোপন কী|গোপন চাবি",
     "ja": r"パスワード|秘密鍵|秘密のキー|暗証番号|合言葉|シークレットキー",
     "ko": r"비밀번호|암호|비밀 키|비밀키",
     "zh": r"密码|密碼|口令|密钥|密鑰|秘钥",
     "th": r"รหัสผ่าน|คีย์ลับ|กุญแจลับ|รหัสลับ",
-    "el": r"κωδικός|κωδικό|μυστικό κλειδί|κλειδί",
+    "el": r"κωδικός|κωδικό|μυστικό κλειδί",
 }
 _NOUN = "|".join(f"(?:{v})" for v in _SECRET_NOUNS.values())
 # Letters of scripts written with spaces: a noun there must stand as a word ("pin" not "spinning").
