@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .benign_multilingual import BENIGN_MULTILINGUAL
 from .classifier import HEAD_LABELS
 from .lookalikes import lookalikes
 from .synth import benign_examples, hate_examples, injection_examples
@@ -332,8 +333,13 @@ def build_examples(
     w = hard_negative_weight
     for tid, text in lookalikes(per_template=8, seed=seed):
         ex.append(Example(text, _labels(), "lookalikes", f"la:{tid}", "en", "lookalikes", weight=w))
+    for lang, texts in BENIGN_MULTILINGUAL.items():
+        for i, text in enumerate(texts):
+            ex.append(
+                Example(text, _labels(), "multilingual_benign", f"ml:{lang}:{i}", lang, "multilingual_benign")
+            )
     for e in ex:
-        if e.source == "wildguard_benign":
+        if e.source in ("wildguard_benign", "multilingual_benign"):
             e.weight = w
 
     # -- templated additions (steward.guard.synth): each template one group ---------------------

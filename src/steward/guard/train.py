@@ -551,7 +551,9 @@ def write_artifacts(
         "data_root": "../shared/data (guard/, corpus/) + steward.guard.lookalikes"
         " + implicit-hate templates in steward.guard.train + steward.guard.synth (hand-written"
         " injection templates and translations, defenders' questions, quoted attacks, sensitive-but-"
-        "benign requests, neutral group mentions, more implicit hate) + long documents built from"
+        "benign requests, neutral group mentions, more implicit hate) + steward.guard.benign_multilingual"
+        " (340 hand-written everyday requests in the 17 languages of CyberSecEval's translations)"
+        " + long documents built from"
         " training-side BIPIA contexts and unused T0 prompts with one injected instruction,"
         " labelled per window",
         "files_used": {
@@ -565,7 +567,8 @@ def write_artifacts(
             "guard/benign": "wildguard_benign.json (MIT), weighted as hard negatives",
             "corpus": "t0_tasks, self_instruct (benign)",
         },
-        "weights": "hard negatives (wildguard_benign, self_instruct, look-alikes, synth benign) weigh "
+        "weights": "hard negatives (wildguard_benign, multilingual_benign, self_instruct, look-alikes, "
+        "synth benign) weigh "
         f"{cfg.hard_negative_weight}x in the loss; positives balanced per label (pos_weight <= 20)",
         "split": "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train",
         "examples_by_source": counts,
