@@ -92,3 +92,19 @@ def test_long_document_windows_are_labelled_per_window() -> None:
     assert n >= 4
     assert labels[0] == NEG and labels[-1] == POS
     assert set(labels) <= {NEG, POS, MASK}
+
+
+def test_threshold_is_the_best_f1_at_or_above_the_fpr_bound() -> None:
+    import torch
+
+    from steward.guard.train import MASK, NEG, POS, _best_f1_above
+
+    scores = torch.tensor([0.9, 0.8, 0.6, 0.3, 0.2, 0.95])
+    labels = [POS, POS, NEG, POS, NEG, MASK]  # the masked 0.95 counts for nothing
+    # F1 at 0.9: 0.5; 0.8: 0.8; 0.6: 0.667; 0.3: 0.857; 0.2 and the bound 0.1: 0.75
+    assert _best_f1_above(scores, labels, 0.1) == pytest.approx(0.3)
+    # never under the FPR bound, even when a lower threshold scores better
+    assert _best_f1_above(scores, labels, 0.5) == pytest.approx(0.8)
+    # flat F1 keeps the lowest threshold (recall); no positives: the bound itself
+    assert _best_f1_above(torch.tensor([0.9, 0.7]), [POS, POS], 0.2) == pytest.approx(0.2)
+    assert _best_f1_above(torch.tensor([0.9, 0.7]), [NEG, NEG], 0.4) == pytest.approx(0.4)

@@ -307,9 +307,12 @@ def _tune_thresholds(
     target_fpr: float,
     set_fpr: dict[tuple[str, str], float] | None = None,
 ) -> dict[str, float]:
-    """Per category: the lowest threshold meeting the FPR target on validation negatives overall
-    *and* on each benign set (so a small, hard set such as wildguard_benign is not averaged away
-    by thousands of easy tweets). Only validation examples are ever passed in."""
+    """Per category: the FPR bound — the lowest threshold meeting the FPR target on validation
+    negatives overall *and* on each benign set (so a small, hard set such as wildguard_benign is not
+    averaged away by thousands of easy tweets) — then, at or above it, the threshold with the best
+    validation F1. The bound alone is fragile where benign scores sit far below the positives: any
+    threshold above the few dozen benign scores of the smallest set passes, and the lowest one
+    (jailbreak: 0.16) keeps every borderline text. Only validation examples are ever passed in."""
     set_fpr = set_fpr or {}
     out: dict[str, float] = {}
     for j, cat in enumerate(HEAD_LABELS):
@@ -327,8 +330,38 @@ def _tune_thresholds(
             neg.sort(reverse=True)
             k = int(set_fpr.get((cat, name), target_fpr) * len(neg))
             t = max(t, neg[k] + 1e-4 if k < len(neg) else 0.05)
-        out[cat] = round(min(0.99, t), 4)
+        t = min(0.99, t)
+        out[cat] = round(_best_f1_above(scores[:, j], [e.labels[cat] for e in examples], t), 4)
     return out
+
+
+def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float) -> float:
+    """The threshold >= `bound` (among `bound` and the scores above it, capped at 0.99) with the best
+    F1 on the labelled examples; the lowest of equals, so recall is kept when F1 is flat."""
+    kept = sorted(
+        ((float(s), y) for s, y in zip(scores.tolist(), labels, strict=True) if y != MASK), reverse=True
+    )
+    n_pos = sum(1 for _, y in kept if y == POS)
+    if n_pos == 0:
+        return bound
+    # Sweep from the highest score down: at each distinct score c, (tp, fp) count everything >= c.
+    best, best_f1 = bound, -1.0
+    tp = fp = 0
+    candidates: list[tuple[float, float]] = []
+    for i, (s, y) in enumerate(kept):
+        tp += y == POS
+        fp += y == NEG
+        if bound <= s <= 0.99 and (i + 1 == len(kept) or kept[i + 1][0] < s):
+            candidates.append((s, 2 * tp / (2 * tp + fp + (n_pos - tp))))
+    at_bound = (
+        sum(1 for s, y in kept if s >= bound and y == POS),
+        sum(1 for s, y in kept if s >= bound and y == NEG),
+    )
+    candidates.append((bound, 2 * at_bound[0] / (2 * at_bound[0] + at_bound[1] + (n_pos - at_bound[0]))))
+    for c, f1 in sorted(candidates):
+        if f1 > best_f1 + 1e-12:
+            best, best_f1 = c, f1
+    return best
 
 
 def _window_labels(model: GuardModel, e: Example, n: int) -> list[list[int]]:
@@ -520,9 +553,9 @@ def write_artifacts(
             manifest["encoder_top"]["depth"] = depth
     manifest |= {
         "thresholds": thresholds,
-        "threshold_rule": f"lowest threshold with FPR <= {cfg.target_fpr} on validation negatives overall "
-        "and on each benign set of >= 20 validation examples; exceptions: "
-        + ", ".join(f"{c}/{b} <= {v}" for (c, b), v in sorted(cfg.set_fpr.items())),
+        "threshold_rule": "best validation F1 at or above the lowest threshold with FPR <= "
+        f"{cfg.target_fpr} on validation negatives overall and on each benign set of >= 20 validation "
+        "examples; exceptions: " + ", ".join(f"{c}/{b} <= {v}" for (c, b), v in sorted(cfg.set_fpr.items())),
         "inference_precision": "bf16 where the CPU has AMX/AVX512-BF16, else fp32 "
         "(STEWARD_GUARD_PRECISION); agreement with fp32 in metrics.json['precision']",
         "train": {
