@@ -215,9 +215,10 @@ class ContextProbeScanner:
         prot = protected_items(ctx.system_prompt)
         if not prot:
             return []
-        text = doc.text
         findings: list[Finding] = []
-        for start, end, noun in _noun_probes(text, prot.secret_nouns):
+        probe = next(_noun_probes(doc.text, prot.secret_nouns), None)  # the first one explains it
+        if probe is not None:
+            start, end, noun = probe
             findings.append(
                 Finding(
                     "prompt_injection",
@@ -229,7 +230,6 @@ class ContextProbeScanner:
                     subtype="secret_probe",
                 )
             )
-            break
         if prot.fields or prot.favorites:
             findings.extend(self._record_probe(doc, prot))
         return findings

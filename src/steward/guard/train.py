@@ -342,26 +342,22 @@ def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float) ->
         ((float(s), y) for s, y in zip(scores.tolist(), labels, strict=True) if y != MASK), reverse=True
     )
     n_pos = sum(1 for _, y in kept if y == POS)
-    if n_pos == 0:
-        return bound
-    # Sweep from the highest score down: at each distinct score c, (tp, fp) count everything >= c.
-    best, best_f1 = bound, -1.0
+    # Sweep down the scores at or above the bound: at each distinct score c, (tp, fp) count every
+    # example >= c. Ties go to the lower threshold, and the lowest score above the bound classifies
+    # exactly as the bound does, so winning there means the bound itself.
+    best, best_f1, lowest = bound, -1.0, bound
     tp = fp = 0
-    candidates: list[tuple[float, float]] = []
     for i, (s, y) in enumerate(kept):
+        if s < bound or n_pos == 0:
+            break
         tp += y == POS
         fp += y == NEG
-        if bound <= s <= 0.99 and (i + 1 == len(kept) or kept[i + 1][0] < s):
-            candidates.append((s, 2 * tp / (2 * tp + fp + (n_pos - tp))))
-    at_bound = (
-        sum(1 for s, y in kept if s >= bound and y == POS),
-        sum(1 for s, y in kept if s >= bound and y == NEG),
-    )
-    candidates.append((bound, 2 * at_bound[0] / (2 * at_bound[0] + at_bound[1] + (n_pos - at_bound[0]))))
-    for c, f1 in sorted(candidates):
-        if f1 > best_f1 + 1e-12:
-            best, best_f1 = c, f1
-    return best
+        if s <= 0.99 and (i + 1 == len(kept) or kept[i + 1][0] < s):
+            f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
+            lowest = s
+            if f1 >= best_f1 - 1e-12:
+                best, best_f1 = s, f1
+    return bound if best == lowest else best
 
 
 def _window_labels(model: GuardModel, e: Example, n: int) -> list[list[int]]:
