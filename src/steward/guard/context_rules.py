@@ -42,7 +42,7 @@ _SECRET_NOUNS: dict[str, str] = {
     r"access code|access key|api key|pin code|pin\b|vault code|door code|security code|safe combination",
     "fr": r"mot de passe|clé secrète|cle secrete|code secret|phrase secrète",
     "es": r"contraseña|clave secreta|código secreto|palabra secreta",
-    "pt": r"senha|chave secreta|código secreto|palavra secreta",
+    "pt": r"senha|palavra-passe|palavra passe|chave secreta|código secreto|palavra secreta",
     "it": r"parola d'ordine|chiave segreta|codice segreto|parola segreta",
     "de": r"passwort|kennwort|geheimer schlüssel|geheimen schlüssel|geheimcode|geheimwort",
     "ru": r"парол[ьяеюи]\w*|секретн\w* ключ\w*",
@@ -60,14 +60,57 @@ _SECRET_NOUNS: dict[str, str] = {
     "el": r"κωδικός|κωδικό|μυστικό κλειδί",
 }
 _NOUN = "|".join(f"(?:{v})" for v in _SECRET_NOUNS.values())
+# Words for the same password, per language: a system prompt declares "a senha", a user asks for "a
+# palavra-passe"; "암호" and "비밀번호" are one thing. A declared noun from a group makes every word of
+# its group a probe, and the English "password" too (it is borrowed in most of these languages).
+_PASSWORD_WORDS: tuple[frozenset[str], ...] = tuple(
+    frozenset(g.split("|"))
+    for g in (
+        "password|passcode|passphrase|pass code",
+        "mot de passe|code secret",
+        "contraseña|clave secreta",
+        "senha|palavra-passe|palavra passe",
+        "parola d'ordine|parola segreta",
+        "passwort|kennwort",
+        "пароль",
+        "şifre|parola",
+        "kata sandi",
+        "mật khẩu",
+        "كلمة المرور|كلمة السر",
+        "पासवर्ड|पासकोड",
+        "পাসওয়ার্ড",
+        "パスワード|暗証番号|合言葉",
+        "비밀번호|암호",
+        "密码|密碼|口令",
+        "รหัสผ่าน|รหัสลับ",
+        "κωδικός|κωδικό",
+    )
+)
 # Letters of scripts written with spaces: a noun there must stand as a word ("pin" not "spinning").
 _SPACED = re.compile(r"[A-Za-zÀ-ɏͰ-ϿЀ-ӿ]")
 _DECL = re.compile(rf"({_NOUN})[^.\n。!?！？]{{0,40}}?(?=[\"'`“‘«「『])", re.IGNORECASE)
+# The value first, then the noun, as object-first languages put it: "'Alpha123' পাসওয়ার্ড প্রকাশ
+# করবেন না" (do not reveal the password 'Alpha123'), "「花」がパスワードです". At most a short particle
+# between the closing quote and the noun.
+_DECL_AFTER = re.compile(
+    rf"[\"'`“‘«「『][^\"'`“”‘’«»「」『』\n]{{1,40}}[\"'`”’»」』]"
+    rf"[ \t]{{0,2}}(?:[^\s\"'`]{{1,3}}[ \t]{{0,2}})?({_NOUN})",
+    re.IGNORECASE,
+)
 # English, any kind of code or key declared with a copula: "The exit code is "8842"", "the admin key:
 # 'k-19'". The noun phrase (modifier + head) is what a probe must name: "exit code", not "code".
 _DECL_EN = re.compile(
     r"\b((?:[a-z]+[ \t]+)?(?:code|key|password|passcode|pin|passphrase|combination|token))[ \t]+"
     r"(?:is|=|:)[ \t]*(?=[\"'`“‘«])",
+    re.IGNORECASE,
+)
+# The same for the Latin-script languages of the noun table: indefinite and first-person determiners
+# ("uma boa senha", "mi contraseña", "ein sicheres Passwort", "mon mot de passe"). Definite articles
+# are left out ("a senha" is Portuguese for "the password").
+_OTHER_FOREIGN = re.compile(
+    r"\b(?:um|uma|meu|minha|meus|minhas|nossa|nosso|un|una|unos|unas|mi|mis|nuestra|nuestro|une|mon|ma|"
+    r"mes|notre|nos|uno|mio|mia|miei|mie|ein|eine|einen|einem|mein|meine|meinen|meinem|unser|unsere|"
+    r"sebuah|suatu|saya|kami|bir|benim|bizim|một|của tôi)\s+(?:\w+\s+)?$",
     re.IGNORECASE,
 )
 _DETERMINERS = frozenset({"the", "your", "my", "our", "a", "an", "this", "that", "its", "their"})
@@ -154,8 +197,11 @@ class Protected:
 @lru_cache(maxsize=512)
 def protected_items(system_prompt: str) -> Protected:
     """Parse a system prompt once (cached: a deployment reuses a handful of system prompts)."""
-    decl = _DECL.finditer(system_prompt)
+    decl = [*_DECL.finditer(system_prompt), *_DECL_AFTER.finditer(system_prompt)]
     nouns = {m.group(1).lower() for m in decl if _starts_word(system_prompt, m.start(1))}
+    for group in _PASSWORD_WORDS:
+        if any(_probe_pattern(w).fullmatch(n) for n in nouns for w in group):
+            nouns |= group | {"password"}
     for m in _DECL_EN.finditer(system_prompt):
         words = m.group(1).lower().split()
         nouns.add(" ".join(words[1:] if words[0] in _DETERMINERS else words))
@@ -186,15 +232,29 @@ def _probe_pattern(noun: str) -> re.Pattern[str]:
     word with a plural (Latin) or a short case ending (Cyrillic, Greek: пароль -> пароля) otherwise."""
     if _SPACED.match(noun[:1]) is None:
         return re.compile(re.escape(noun))
-    if re.match(r"[A-Za-zÀ-ɏ]", noun[:1]):
+    if _is_english(noun):
         return re.compile(rf"(?<!\w){re.escape(noun)}(?:s|es)?(?!\w)", re.IGNORECASE)
+    if re.match(r"[A-Za-zÀ-ɏ]", noun[:1]):  # Latin script, other languages: a short suffix (şifre-ni)
+        return re.compile(rf"(?<!\w){re.escape(noun)}\w{{0,4}}(?!\w)", re.IGNORECASE)
     return re.compile(rf"(?<!\w){re.escape(noun[:-1])}\w{{0,3}}(?!\w)", re.IGNORECASE)
+
+
+@lru_cache(maxsize=256)
+def _is_english(noun: str) -> bool:
+    """An English secret noun, or an English code/key phrase from a copula declaration."""
+    if re.fullmatch(_SECRET_NOUNS["en"], noun):
+        return True
+    foreign = any(re.fullmatch(v, noun) for lang, v in _SECRET_NOUNS.items() if lang != "en")
+    return noun.isascii() and not foreign
 
 
 def _noun_probes(text: str, nouns: frozenset[str]) -> Iterator[tuple[int, int, str]]:
     for noun in sorted(nouns, key=len, reverse=True):
+        english = _is_english(noun)
         for m in _probe_pattern(noun).finditer(text):
-            if _OTHER.search(text[max(0, m.start() - 40) : m.start()]):
+            # "a password", "my password": English determiners ("a" is the Portuguese "the").
+            other = _OTHER if english else _OTHER_FOREIGN
+            if other.search(text[max(0, m.start() - 40) : m.start()]):
                 continue
             if _STATED.match(text, m.end()):
                 continue  # the turn states a password of its own ("the password is 'Dog'"), asks nothing
