@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from itertools import pairwise
 
 from .base import Match, ascii_fold, may_contain, scan_with_detectors
 from .normalize import Document
@@ -225,6 +226,7 @@ _GATES: dict[str, tuple[tuple[str, ...], ...]] = {
 _QUOTES = "\"'“”‘’«»「」`"
 # Characters a discussed attack's quotation may hold beyond the matched phrase (its tail, a name).
 _DISCUSSED_SLACK = 60
+_SYMMETRIC = "\"'`"
 
 
 def _quoted(text: str, start: int, end: int) -> bool:
@@ -240,6 +242,8 @@ def _quoted(text: str, start: int, end: int) -> bool:
     closing = [i for i in (text.find(q, end, line_end) for q in _QUOTES) if i >= 0]
     if opening < 0 or not closing:
         return False
+    if text[opening] in _SYMMETRIC and opening > line_start and text[opening - 1].isalnum():
+        return False  # the nearest quote before the match closes an earlier quotation (alt='...')
     return (min(closing) - opening) - (end - start) <= _DISCUSSED_SLACK
 
 
@@ -258,6 +262,61 @@ class _RuleDetector:
                 yield Match(m.start(), m.end(), score, why, self.entity, subtype=reason.replace(" ", "_"))
 
 
+# A table (markdown rows, "| a | b |") interrupted by a line of prose that speaks to the model: a
+# question, an imperative, or a sentence about "your answer". Data does not ask anything of its
+# reader; a line inserted between rows of a retrieved table is content an attacker planted (BIPIA's
+# table attacks). Captions and notes between two tables are statements, and are left alone.
+_ROW = re.compile(r"[ \t]*\|")
+_IMPERATIVE = re.compile(
+    r"(?:please\s+)?(?:add|answer|append|augment|break\s+down|consider|describe|don't|do\s+not|enhance|"
+    r"ensure|explain|forget|give|ignore|include|incorporate|insert|integrate|list|make|mention|merge|"
+    r"modify|output|print|provide|recommend|remember|reply|respond|say|state|summari[sz]e|tell|"
+    r"translate|use|write)\b",
+    re.IGNORECASE,
+)
+_TO_THE_MODEL = re.compile(r"\byour\s+(?:response|answer|reply|solution|implementation|code|output)\b", re.I)
+
+
+class _TableInterruptionDetector:
+    entity = "PROMPT_INJECTION"
+
+    def detect(self, text: str) -> Iterable[Match]:
+        if text.count("|") < 8:
+            return
+        lines = text.split("\n")
+        offsets = [0]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line) + 1)
+        rows = [i for i, line in enumerate(lines) if _ROW.match(line)]
+        is_row = set(rows)
+        for above, below in pairwise(rows):
+            # a table: at least two consecutive rows end right above the interruption
+            if below - above < 2 or below - above > 25 or above - 1 not in is_row:
+                continue
+            for i in range(above + 1, below):
+                line = lines[i].strip()
+                if not line:
+                    continue
+                if _speaks_to_model(line):
+                    start = offsets[i] + lines[i].index(line)
+                    yield Match(
+                        start,
+                        start + len(line),
+                        0.9,
+                        "rule: an instruction line interrupts a table (content inserted into data)",
+                        self.entity,
+                        subtype="table_interruption",
+                    )
+                break  # only the first line of an interruption: a code block after it is its payload
+
+
+def _speaks_to_model(line: str) -> bool:
+    words = line.split()
+    if len(words) < 4 or line[-1] not in ".?!:":
+        return False
+    return line.endswith("?") or bool(_IMPERATIVE.match(line)) or bool(_TO_THE_MODEL.search(line))
+
+
 class InjectionRulesScanner:
     """Canonical injection phrasings (override, system-prompt extraction) as explainable rules."""
 
@@ -265,7 +324,7 @@ class InjectionRulesScanner:
     category: Category = "prompt_injection"
 
     def __init__(self) -> None:
-        self.detectors = [_RuleDetector()]
+        self.detectors = [_RuleDetector(), _TableInterruptionDetector()]
 
     def scan(self, doc: Document, ctx: ScanContext) -> list[Finding]:
         return scan_with_detectors(doc, self.detectors, category="prompt_injection", scanner=self.name)
