@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from itertools import pairwise
 
-from .base import Match, ascii_fold, may_contain, scan_with_detectors
+from .base import Match, PatternDetector, ascii_fold, may_contain, scan_with_detectors
 from .normalize import Document
 from .types import Category, Finding, ScanContext
 
@@ -324,7 +324,7 @@ class InjectionRulesScanner:
     category: Category = "prompt_injection"
 
     def __init__(self) -> None:
-        self.detectors = [_RuleDetector(), _TableInterruptionDetector()]
+        self.detectors: list[PatternDetector] = [_RuleDetector(), _TableInterruptionDetector()]
 
     def scan(self, doc: Document, ctx: ScanContext) -> list[Finding]:
         return scan_with_detectors(doc, self.detectors, category="prompt_injection", scanner=self.name)
