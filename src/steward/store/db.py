@@ -73,11 +73,21 @@ def begin_immediate(dbapi_conn: Any, wait_s: float = SQLITE_LOCK_WAIT_S) -> None
     connections and 2 workers). Transactions here last well under a millisecond; polling at
     0.1-1 ms gets the lock within about one transaction of its release.
     """
+    _execute_when_unlocked(dbapi_conn, "BEGIN IMMEDIATE", wait_s)
+
+
+def _execute_when_unlocked(dbapi_conn: Any, sql: str, wait_s: float = SQLITE_LOCK_WAIT_S) -> None:
+    """Run `sql`, retrying while SQLite answers "locked"/"busy", polling finely up to `wait_s`.
+
+    Also for `PRAGMA journal_mode=WAL` on a new database: two processes opening it at once both
+    read the schema, and the one that then needs the exclusive lock gets SQLITE_BUSY at once (SQLite
+    skips the busy handler where waiting could deadlock), so the connect-time timeout never helps.
+    """
     deadline = 0.0
     attempt = 0
     while True:
         try:
-            dbapi_conn.execute("BEGIN IMMEDIATE")
+            dbapi_conn.execute(sql)
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
@@ -120,7 +130,7 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
             # Python's sqlite3 opens transactions lazily; take control so BEGIN IMMEDIATE works.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _execute_when_unlocked(dbapi_conn, "PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             # No busy handler: every transaction starts with BEGIN IMMEDIATE (below), the only
