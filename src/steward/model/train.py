@@ -139,8 +139,15 @@ class Dist:
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        # After a finished run every rank meets here before any tears the group down: a rank that
+        # destroyed its gloo group while the other was still finishing made the other abort at exit
+        # ("terminate called without an active exception", exit -6) in about one run in six. A rank
+        # that failed does not wait: its peers are stuck in a collective, and exiting lets torchrun
+        # stop them.
         if self.enabled and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -581,10 +588,13 @@ def run(
 ) -> dict[str, Any]:
     """Train; return the final metrics. `stop_after` ends the run early at that step (for tests)."""
     d = Dist()
+    finished = False
     try:
-        return _run(cfg, d, resume=resume, stop_after=stop_after, progress=progress)
+        result = _run(cfg, d, resume=resume, stop_after=stop_after, progress=progress)
+        finished = True
+        return result
     finally:
-        d.close()
+        d.close(finished)
 
 
 def _run(
