@@ -26,7 +26,7 @@ and the trace never carry the secret in clear. The scanner does nothing without 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -442,10 +442,8 @@ class ContextProbeScanner:
                 continue
             if not (_ABOUT_SUBJECT.search(part) or any(p.search(part) for p in people)):
                 continue
-            for field, pattern in asks:
-                m = pattern.search(part)
-                if m:
-                    return sent.start() + m.start(), sent.start() + m.end(), field
+            if asked := _field_asked(sent, asks):
+                return asked
         return None
 
 
@@ -457,8 +455,17 @@ def _record_probe_intl(text: str, prot: Protected) -> tuple[int, int, str] | Non
         part = sent.group()
         if not (_SUBJECT_INTL.search(part) or any(n.search(part) for n in first_names)):
             continue
-        for field, pattern in _FIELDS_INTL:
-            m = pattern.search(part)
-            if m:
-                return sent.start() + m.start(), sent.start() + m.end(), field
+        if asked := _field_asked(sent, _FIELDS_INTL):
+            return asked
+    return None
+
+
+def _field_asked(
+    sent: re.Match[str], fields: Sequence[tuple[str, re.Pattern[str]]]
+) -> tuple[int, int, str] | None:
+    """The first field a sentence asks for: its span in the turn and its name."""
+    for field, pattern in fields:
+        m = pattern.search(sent.group())
+        if m:
+            return sent.start() + m.start(), sent.start() + m.end(), field
     return None
