@@ -274,6 +274,7 @@ _IMPERATIVE = re.compile(
     r"translate|use|write)\b",
     re.IGNORECASE,
 )
+_CLOSERS = "\"'”’»)]」』` "
 _TO_THE_MODEL = re.compile(r"\byour\s+(?:response|answer|reply|solution|implementation|code|output)\b", re.I)
 
 
@@ -290,8 +291,11 @@ class _TableInterruptionDetector:
         rows = [i for i, line in enumerate(lines) if _ROW.match(line)]
         is_row = set(rows)
         for above, below in pairwise(rows):
-            # a table: at least two consecutive rows end right above the interruption
-            if below - above < 2 or below - above > 25 or above - 1 not in is_row:
+            # a table: two consecutive rows right above the interruption or right below it (the
+            # line may follow the header, or split a row in two: "| O\n<instruction>\npponent |")
+            if below - above < 2 or below - above > 25:
+                continue
+            if above - 1 not in is_row and below + 1 not in is_row:
                 continue
             for i in range(above + 1, below):
                 line = lines[i].strip()
@@ -312,9 +316,10 @@ class _TableInterruptionDetector:
 
 def _speaks_to_model(line: str) -> bool:
     words = line.split()
-    if len(words) < 4 or line[-1] not in ".?!:":
+    end = line.rstrip(_CLOSERS)  # "... French: 'Hello, how are you?'" ends a sentence too
+    if len(words) < 4 or not end or end[-1] not in ".?!:":
         return False
-    return line.endswith("?") or bool(_IMPERATIVE.match(line)) or bool(_TO_THE_MODEL.search(line))
+    return end.endswith("?") or bool(_IMPERATIVE.match(line)) or bool(_TO_THE_MODEL.search(line))
 
 
 class InjectionRulesScanner:
