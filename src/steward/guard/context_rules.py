@@ -170,7 +170,8 @@ _FIELDS: dict[str, tuple[re.Pattern[str], re.Pattern[str]]] = {
     "birth date": (
         re.compile(r"\bborn\b|\bdate of birth\b|\bbirthday\b", re.IGNORECASE),
         re.compile(
-            r"\bbirth\s*(?:date|day|place|year)\b|\bdate of birth\b|\bwhen\b[^.?!\n]{0,40}?\bborn\b"
+            r"\bbirth\s*(?:date|day|place|year|month)s?\b|\b(?:date|year|month|place) of birth\b"
+            r"|\bwhen\b[^.?!\n]{0,40}?\bborn\b"
             r"|\bhow old\b",
             re.IGNORECASE,
         ),
