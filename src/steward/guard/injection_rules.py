@@ -76,6 +76,18 @@ RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
     (
+        "instructions set aside",
+        re.compile(
+            # "rules" and "constraints" only as the model's ("regardless of the previous rules in this
+            # game" is about a game)
+            r"\b(?:regardless|irrespective)\s+of\s+(?:(?:all|any|the)\s+)?(?:(?:(?:your|my|these|those|previous|"
+            r"prior|earlier|preceding|original|above|initial|system|developer|safety)\s+){1,2}"
+            r"(?:instructions|guidelines|directives|programming|prompts?)"
+            r"|(?:your\s+|(?:system|safety|developer)\s+)(?:\w+\s+)?(?:rules|constraints|restrictions))\b",
+            re.IGNORECASE,
+        ),
+    ),
+    (
         "new instructions injected",
         re.compile(
             r"\b(?:new|updated|real|actual)\s+(?:instructions|system\s+prompt|directives?)\s*:"
@@ -220,6 +232,7 @@ _GATES: dict[str, tuple[tuple[str, ...], ...]] = {
         ("ignore", "disregard", "forget", "discard", "drop", "throw", "attention", "heed"),
         ("everything", "all", "anything"),
     ),
+    "instructions set aside": (("regardless", "irrespective"),),
     "new instructions injected": (("instructions", "prompt", "directive", "override"),),
     "instruction override (translated)": (_TRANSLATED_NOUNS,),
 }
