@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .benign_multilingual import BENIGN_MULTILINGUAL
 from .classifier import HEAD_LABELS, LEX_BUCKETS, GuardHead, GuardModel, pack_bag, window_features
 from .dataset import (
     MASK,
@@ -581,7 +582,8 @@ def write_artifacts(
         " + implicit-hate templates in steward.guard.train + steward.guard.synth (hand-written"
         " injection templates and translations, defenders' questions, quoted attacks, sensitive-but-"
         "benign requests, neutral group mentions, more implicit hate) + steward.guard.benign_multilingual"
-        " (340 hand-written everyday requests in the 17 languages of CyberSecEval's translations)"
+        f" ({sum(map(len, BENIGN_MULTILINGUAL.values()))} hand-written everyday requests in the"
+        f" {len(BENIGN_MULTILINGUAL)} languages of CyberSecEval's translations)"
         " + long documents built from"
         " training-side BIPIA contexts and unused T0 prompts with one injected instruction,"
         " labelled per window",

@@ -1,0 +1,69 @@
+"""The hand-written evaluation texts of `benchmarks/bench_guards.py` stay out of the training data.
+
+The bench reports "text in no training template" (UNSEEN, UNSEEN_DOCS, UNSEEN_CONTEXT,
+UNSEEN_MULTILINGUAL) as the figure that matters most, so a training text that copies one of them
+(or nearly: the same question with a word added) makes that figure a training-set score. One did
+once ("Как сварить борщ?" was in both); this test keeps it from happening again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+from steward.guard.benign_multilingual import BENIGN_MULTILINGUAL
+from steward.guard.lookalikes import lookalikes
+from steward.guard.synth import benign_examples, hate_examples, injection_examples
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_guards.py"
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_guards", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trigrams(text: str) -> set[str]:
+    t = " ".join(text.lower().split())
+    return {t[i : i + 3] for i in range(len(t) - 2)}
+
+
+def _unseen_texts(bench: ModuleType) -> list[str]:
+    out: list[str] = []
+    for name in ("UNSEEN", "UNSEEN_DOCS", "UNSEEN_CONTEXT", "UNSEEN_MULTILINGUAL"):
+        for item in getattr(bench, name):
+            # (label, text) or (label, text, system prompt): every string but the label
+            out.extend([item] if isinstance(item, str) else [x for x in item[1:] if isinstance(x, str)])
+    return out
+
+
+def _training_texts() -> list[str]:
+    texts = [t for v in BENIGN_MULTILINGUAL.values() for t in v]
+    texts += [t for _, t in lookalikes()]
+    texts += [t for _, _, t in injection_examples(12, 0)]
+    texts += [t for _, t in benign_examples(12, 0)]
+    texts += [t for _, t in hate_examples(12, 0)]
+    return texts
+
+
+def test_no_training_text_copies_an_unseen_evaluation_text() -> None:
+    unseen = [(u, _trigrams(u)) for u in _unseen_texts(_bench())]
+    assert len(unseen) > 60
+    close = []
+    for text in _training_texts():
+        grams = _trigrams(text)
+        for u, ug in unseen:
+            jaccard = len(grams & ug) / max(1, len(grams | ug))
+            if jaccard >= 0.6:
+                close.append((round(jaccard, 2), text, u))
+    assert not close, close
+
+
+def test_the_check_sees_a_near_copy() -> None:
+    a = _trigrams("Bagaimana cara membuat nasi goreng yang enak?")
+    b = _trigrams("Bagaimana cara membuat nasi goreng?")
+    assert len(a & b) / len(a | b) >= 0.6
