@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .keyfile import create_private_file
+
 NONCE_SIZE = 12
 KEY_SIZE = 32
 _WRAP_VERSION = 1
@@ -97,12 +99,8 @@ class LocalKeyProvider:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         kid = secrets.token_hex(4)
         doc = {"current": kid, "keys": {kid: base64.b64encode(os.urandom(KEY_SIZE)).decode()}}
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return  # created concurrently by another worker: load theirs
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
+        # False: created concurrently by another worker, complete; load theirs
+        create_private_file(self.path, json.dumps(doc).encode())
 
     def _load(self) -> tuple[dict[str, bytes], str]:
         try:

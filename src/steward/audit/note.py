@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .keyfile import create_private_file
 
 ALG_ED25519 = 0x01
 SIG_PREFIX = "\u2014 "  # em dash + space
@@ -188,12 +189,6 @@ class Signer:
         return f"{text}\n{SIG_PREFIX}{self.name} {blob}\n"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def default_name(key: Ed25519PrivateKey) -> str:
     """A log origin unique to the key, so two deployments never produce confusable checkpoints."""
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -214,11 +209,7 @@ def load_or_create_signer(keys_dir: Path, name: str | None = None, *, create: bo
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        try:
-            _write_private(priv, pem)
-        except FileExistsError:  # another process won the race; use its key
-            pass
-        else:
+        if create_private_file(priv, pem):  # else another process won the race: use its key
             signer = Signer(name or default_name(key), key)
             (keys_dir / PUBLIC_NAME).write_text(signer.verifier.vkey() + "\n")
             return signer
