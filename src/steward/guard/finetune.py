@@ -44,7 +44,7 @@ __all__ = ["FinetuneConfig", "GuardTower", "bottom_states", "fit_tower", "tower_
 
 @dataclass(slots=True)
 class FinetuneConfig:
-    top_layers: int = 4
+    top_layers: int = 3
     # Blocks the guard runs (None: all). Fewer is faster: the tuned blocks are initialised from
     # blocks depth-top .. depth-1 and the blocks above them are dropped from the guard's copy.
     depth: int | None = None
