@@ -163,6 +163,30 @@ RULES += (
         re.compile("|".join(_override(k, v, n) for k, (v, n) in _TRANSLATED.items()), re.IGNORECASE),
     ),
 )
+# "Regardless of the previous instructions" in the languages of `_TRANSLATED`: the same setting-aside
+# as the English rule, with the earlier instructions named as earlier ("previous", "anteriores",
+# "sebelumnya"), so "regardless of the weather" passes. Tasks are left out, as in English ("regardless
+# of previous tasks on the board, fix the login bug first" is a work request).
+_SET_ASIDE_TRANSLATED = (
+    r"independientemente\s+de\s+(?:las\s+|los\s+)?(?:instrucciones|indicaciones|órdenes|reglas)\s+"
+    r"(?:anteriores|previas)",
+    r"independentemente\s+d[aoe]s?\s+(?:instruções|instrucoes|orientações|regras)\s+anteriores",
+    r"(?:indépendamment\s+des|quelles\s+que\s+soient\s+les)\s+(?:instructions|consignes|règles)\s+"
+    r"(?:précédentes|antérieures)",
+    r"indipendentemente\s+da(?:lle|i|gli)\s+(?:istruzioni|indicazioni|regole)\s+precedenti",
+    r"(?:unabhängig\s+von\s+den|ungeachtet\s+der)\s+(?:vorherigen|früheren|bisherigen|vorigen)\s+"
+    r"(?:Anweisungen|Instruktionen|Regeln)",
+    r"önceki\s+(?:talimat|kural|yönerge)\w*\s+(?:bağımsız\s+olarak|bakılmaksızın)",
+    r"terlepas\s+dari\s+(?:instruksi|perintah|aturan|petunjuk)\s+sebelumnya",
+    r"независимо\s+от\s+(?:предыдущих|прежних)\s+(?:инструкций|указаний|правил)",
+    r"bất\s+kể\s+(?:các\s+)?(?:hướng\s+dẫn|chỉ\s+dẫn|quy\s+tắc)\s+trước",
+)
+RULES += (
+    (
+        "instructions set aside (translated)",
+        re.compile("|".join(_SET_ASIDE_TRANSLATED), re.IGNORECASE),
+    ),
+)
 _TRANSLATED_NOUNS = tuple(
     sorted({w.replace("\\w*", "").replace("\\b", "") for _, n in _TRANSLATED.values() for w in n.split("|")})
 )
@@ -233,6 +257,19 @@ _GATES: dict[str, tuple[tuple[str, ...], ...]] = {
         ("everything", "all", "anything"),
     ),
     "instructions set aside": (("regardless", "irrespective"),),
+    "instructions set aside (translated)": (
+        (
+            "independ",
+            "quelles que",
+            "indipendent",
+            "unabhängig",
+            "ungeachtet",
+            "önceki",
+            "terlepas",
+            "независимо",
+            "bất kể",
+        ),
+    ),
     "new instructions injected": (("instructions", "prompt", "directive", "override"),),
     "instruction override (translated)": (_TRANSLATED_NOUNS,),
 }
