@@ -67,8 +67,8 @@ RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "override of everything before",
         re.compile(
-            r"\b(?:ignore|disregard|forget|discard|drop|throw\s+out|pay\s+no\s+(?:attention|heed)\s+to)\s+"
-            r"(?:everything|all|anything)\s+(?:that\s+)?"
+            r"\b(?:ignore|disregard|forget|discard|drop|throw\s+out|set\s+aside|put\s+aside|"
+            r"pay\s+no\s+(?:attention|heed)\s+to)\s+(?:everything|all|anything|whatever)\s+(?:that\s+)?"
             r"(?:(?:you(?:'ve|\s+have|\s+were|\s+are)?\s+(?:been\s+)?(?:told|instructed|given|taught|programmed)"
             r"|I\s+(?:said|told\s+you|wrote)\s+(?:before|earlier))"
             r"|(?:written\s+|said\s+|stated\s+)?(?:above|before\s+this|prior\s+to\s+this|previously|so\s+far)\b)",
@@ -253,8 +253,8 @@ _GATES: dict[str, tuple[tuple[str, ...], ...]] = {
         ("above", "before", "preceding"),
     ),
     "override of everything before": (
-        ("ignore", "disregard", "forget", "discard", "drop", "throw", "attention", "heed"),
-        ("everything", "all", "anything"),
+        ("ignore", "disregard", "forget", "discard", "drop", "throw", "aside", "attention", "heed"),
+        ("everything", "all", "anything", "whatever"),
     ),
     "instructions set aside": (("regardless", "irrespective"),),
     "instructions set aside (translated)": (
