@@ -108,3 +108,29 @@ def test_threshold_is_the_best_f1_at_or_above_the_fpr_bound() -> None:
     # flat F1 keeps the lowest threshold (recall); no positives: the bound itself
     assert _best_f1_above(torch.tensor([0.9, 0.7]), [POS, POS], 0.2) == pytest.approx(0.2)
     assert _best_f1_above(torch.tensor([0.9, 0.7]), [NEG, NEG], 0.4) == pytest.approx(0.4)
+
+
+def test_training_reads_the_text_the_pipeline_scores(shared_data: Path) -> None:
+    """Train/serve skew: the pipeline normalises before the classifier, so training must too.
+
+    Reading raw text, the head learned the full-width "？" of hand-written Chinese questions (the
+    pipeline folds it to "?") as a benign cue; at serving time that cue was gone.
+    """
+    from steward.guard.dataset import Example, _labels, build_examples
+    from steward.guard.normalize import normalise
+
+    e = Example("哪些室内植物适合放在卧室？", _labels(), "multilingual_benign", "t", "zh")
+    assert e.model_text == normalise(e.text, decode=False).text
+    assert e.model_text.endswith("?") and e.text.endswith("？")  # raw text kept for reports
+    hidden = Example("ig\u200bnore this", _labels(), "t", "t")
+    assert hidden.model_text == "ignore this"
+
+    examples = build_examples(shared_data, long_docs=40)
+    assert any(x.model_text != x.text for x in examples)
+    for x in examples:
+        assert x.model_text == normalise(x.text, decode=False).text
+        if x.attack is not None:
+            # long documents are built from normalised pieces: the span indexes what the model reads
+            assert x.text == x.model_text
+            a0, a1 = x.attack
+            assert 0 <= a0 < a1 <= len(x.model_text)

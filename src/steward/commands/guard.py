@@ -1,6 +1,6 @@
 """`steward guard train`: train the guard classifier on ../shared/data and write models/guard/.
 
-By default the encoder's top blocks are fine-tuned together with the head (`--top-layers 3`, see
+By default the encoder's top blocks are fine-tuned together with the head (`--top-layers 4`, see
 `steward.guard.finetune`); `--top-layers 0` trains only a head on frozen sentence embeddings, which
 are cached (by text hash) under --cache so refitting the head with other hyper-parameters is quick.
 """
@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
             None, "--epochs", min=1, help="passes over the data (default: 4 fine-tuning, 60 head only)"
         ),
         top_layers: int = typer.Option(
-            3, "--top-layers", min=0, help="encoder blocks fine-tuned with the head (0: frozen encoder)"
+            4, "--top-layers", min=0, help="encoder blocks fine-tuned with the head (0: frozen encoder)"
         ),
         depth: int | None = typer.Option(
             None, "--depth", min=1, help="encoder blocks the guard runs (default: all; fewer is faster)"

@@ -35,6 +35,7 @@ from typing import Any
 from .benign_multilingual import BENIGN_MULTILINGUAL
 from .classifier import HEAD_LABELS
 from .lookalikes import lookalikes
+from .normalize import normalise
 from .synth import benign_examples, hate_examples, injection_examples
 
 __all__ = [
@@ -83,6 +84,17 @@ class Example:
     # positive for prompt_injection, windows clear of it negative (per-window labels).
     attack: tuple[int, int] | None = None
     weight: float = 1.0  # loss weight; hard benign look-alikes count more than generic benign text
+    # The text as the classifier reads it when serving: the pipeline normalises before it scores
+    # (`normalise(text, decode=False).text`: NFKC, invisible characters dropped, homoglyphs folded),
+    # so training reads the same string. Reading the raw text taught the head cues it never sees
+    # at serving time: CJK is mostly [UNK] to the English vocabulary, and the full-width "？" of the
+    # hand-written Chinese benign questions (folded to "?" when serving) told them from
+    # CyberSecEval's Chinese attacks. `text` stays raw: reports and the pipeline start from it.
+    model_text: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.model_text:
+            self.model_text = normalise(self.text, decode=False).text
 
 
 def _h(key: str, salt: str) -> int:
@@ -360,22 +372,23 @@ def build_examples(
             ex.append(Example(text, _labels(toxicity=POS, harmful=MASK), "implicit_hate", group))
 
     # -- long documents with one injected instruction, labelled per window -----------------------
+    # Built from normalised pieces, so the attack span indexes the text the model reads.
     inserts: list[tuple[str, str]] = [
-        (e.group, e.text)
+        (e.group, e.model_text)
         for e in ex
         if e.source == "synth_injection" and e.lang == "en" and len(e.text) < 400
     ]
     for fname in ("text_attack_train.json", "code_attack_train.json"):
         for family, items in json.loads((bipia / fname).read_text(encoding="utf-8")).items():
-            inserts.extend((f"bipia:{family}", a) for a in items)
+            inserts.extend((f"bipia:{family}", _model_text(a)) for a in items)
     # Filler text comes only from training-side carriers and T0 prompts no split uses, so no
     # held-out or validation text reaches training through a long document.
     fillers = [
-        t
+        _model_text(t)
         for cid, t in carriers[:1000]
         if not is_heldout("bipiaclean:" + cid) and not is_validation("bipiaclean:" + cid)
     ]
-    fillers += [t for _, t in t0[t0_sample : t0_sample + 2000]]
+    fillers += [_model_text(t) for _, t in t0[t0_sample : t0_sample + 2000]]
     for _ in range(long_docs if inserts and fillers else 0):
         group, attack = inserts[rng.randrange(len(inserts))]
         parts: list[str] = []
@@ -386,6 +399,8 @@ def build_examples(
         head = head + "\n\n" if head else ""
         tail = "\n\n".join(parts[at:])
         text = head + attack + ("\n\n" + tail if tail else "")
+        if _model_text(text) != text:  # normalisation is per character, so pieces compose
+            raise AssertionError("a long document changed under normalisation; its attack span would drift")
         ex.append(
             Example(
                 text,
@@ -397,6 +412,10 @@ def build_examples(
             )
         )
     return ex
+
+
+def _model_text(text: str) -> str:
+    return normalise(text, decode=False).text
 
 
 def limit_examples(examples: list[Example], limit: int | None) -> list[Example]:

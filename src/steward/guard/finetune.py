@@ -44,7 +44,7 @@ __all__ = ["FinetuneConfig", "GuardTower", "bottom_states", "fit_tower", "tower_
 
 @dataclass(slots=True)
 class FinetuneConfig:
-    top_layers: int = 3
+    top_layers: int = 4
     # Blocks the guard runs (None: all). Fewer is faster: the tuned blocks are initialised from
     # blocks depth-top .. depth-1 and the blocks above them are dropped from the guard's copy.
     depth: int | None = None
@@ -335,7 +335,7 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
     labels: list[list[int]] = []
     weights: list[float] = []
     for i, e in enumerate(examples):
-        wins = model.windows(e.text)
+        wins = model.windows(e.model_text)
         n = min(len(wins), e.windows) if e.windows else len(wins)
         for (chunk, _), lab in zip(wins[:n], _window_labels(model, e, n), strict=True):
             rows.append(chunk)

@@ -90,7 +90,7 @@ class TrainConfig:
 
 
 def _example_key(e: Example) -> str:
-    return hashlib.sha256(f"{e.windows}\x00{e.text}".encode()).hexdigest()
+    return hashlib.sha256(f"{e.windows}\x00{e.model_text}".encode()).hexdigest()
 
 
 def encode_examples(
@@ -111,13 +111,13 @@ def encode_examples(
     for e in examples:
         k = _example_key(e)
         if k not in n_windows:
-            wins = len(model.windows(e.text))
+            wins = len(model.windows(e.model_text))
             n_windows[k] = min(wins, e.windows) if e.windows else wins
     todo = [e for e in {_example_key(e): e for e in examples}.values() if _example_key(e) not in cache]
     rows: list[list[int]] = []
     owners: list[str] = []
     for e in todo:
-        for chunk, _ in model.windows(e.text)[: n_windows[_example_key(e)]]:
+        for chunk, _ in model.windows(e.model_text)[: n_windows[_example_key(e)]]:
             rows.append(chunk)
             owners.append(_example_key(e))
     if rows:
@@ -369,7 +369,7 @@ def _window_labels(model: GuardModel, e: Example, n: int) -> list[list[int]]:
     a0, a1 = e.attack
     j = HEAD_LABELS.index("prompt_injection")
     out = []
-    for _, (s, t) in model.windows(e.text)[:n]:
+    for _, (s, t) in model.windows(e.model_text)[:n]:
         row = list(base)
         if s <= a0 and a1 <= t:
             row[j] = POS
@@ -435,7 +435,7 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
     # Each example's window features (token unigrams + hashed bigrams), for the windows embedded.
     feats: list[list[torch.Tensor]] = []
     for e, emb in zip(examples, embs, strict=True):
-        rows = [chunk for chunk, _ in model.windows(e.text)[: len(emb)]]
+        rows = [chunk for chunk, _ in model.windows(e.model_text)[: len(emb)]]
         feats.append([window_features(r, vocab) for r in rows] if vocab else [])
 
     def stack(part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -598,6 +598,8 @@ def write_artifacts(
             "guard/benign": "wildguard_benign.json (MIT), weighted as hard negatives",
             "corpus": "t0_tasks, self_instruct (benign)",
         },
+        "text": "each text as the pipeline hands it to the classifier: normalise(text, decode=False) "
+        "(NFKC, invisible and tag characters dropped, homoglyphs folded); reports keep the raw text",
         "weights": "hard negatives (wildguard_benign, multilingual_benign, self_instruct, look-alikes, "
         "synth benign) weigh "
         f"{cfg.hard_negative_weight}x in the loss; positives balanced per label (pos_weight <= 20)",
