@@ -94,7 +94,7 @@ class Example:
 
     def __post_init__(self) -> None:
         if not self.model_text:
-            self.model_text = normalise(self.text, decode=False).text
+            self.model_text = _model_text(self.text)
 
 
 def _h(key: str, salt: str) -> int:
@@ -398,19 +398,17 @@ def build_examples(
         head = "\n\n".join(parts[:at])
         head = head + "\n\n" if head else ""
         tail = "\n\n".join(parts[at:])
-        text = head + attack + ("\n\n" + tail if tail else "")
-        if _model_text(text) != text:  # normalisation is per character, so pieces compose
-            raise AssertionError("a long document changed under normalisation; its attack span would drift")
-        ex.append(
-            Example(
-                text,
-                _labels(prompt_injection=POS, jailbreak=NEG, harmful=MASK, toxicity=NEG),
-                "long_docs",
-                group,
-                windows=0,
-                attack=(len(head), len(head) + len(attack)),
-            )
+        doc = Example(
+            head + attack + ("\n\n" + tail if tail else ""),
+            _labels(prompt_injection=POS, jailbreak=NEG, harmful=MASK, toxicity=NEG),
+            "long_docs",
+            group,
+            windows=0,
+            attack=(len(head), len(head) + len(attack)),
         )
+        if doc.model_text != doc.text:  # normalisation is per character, so pieces compose
+            raise AssertionError("a long document changed under normalisation; its attack span would drift")
+        ex.append(doc)
     return ex
 
 
