@@ -152,7 +152,7 @@ _OTHER = re.compile(
     re.IGNORECASE,
 )
 
-# The user's own account: a sentence that asks how to reset, recover or change a password *and* names
+# The user's own account: a sentence that resets, recovers or has forgotten a password *and* names
 # an account or a service ("How do I reset the password of my Gmail?", "Como eu redefino a senha do
 # meu email no hotmail?", "제 구글 계정 비밀번호를 잊어버렸어요", "كيف أعمل reset لكلمة المرور الخاصة
 # بحسابي على Outlook؟") is about a password the user holds, not the one the system prompt keeps. Both
