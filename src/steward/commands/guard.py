@@ -92,4 +92,36 @@ def register(app: typer.Typer) -> None:
         }
         print(json.dumps({"heldout": summary}, indent=2))
 
+    @guard_app.command("train-multilingual")
+    def train_multilingual_command(
+        data: Path = typer.Option(Path("../shared/data"), "--data", help="data root (guard/, corpus/)"),
+        head: Path = typer.Option(Path("models/guard"), "--head", help="trained guard head to extend"),
+        cache: Path = typer.Option(
+            Path("runs/guard_cache_e5"), "--cache", help="multilingual embedding cache directory"
+        ),
+        seed: int = typer.Option(0, "--seed"),
+        threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads"),
+    ) -> None:
+        """Add the multilingual reader (multilingual-e5-small + head) to a trained guard head."""
+        import torch
+
+        from steward.guard.multilingual import train_multilingual
+
+        if not (data / "guard").is_dir():
+            raise FileNotFoundError(f"{data}/guard not found (pass --data)")
+        if not (head / "manifest.json").is_file():
+            raise FileNotFoundError(f"{head}/manifest.json not found: train the main head first")
+        torch.set_num_threads(threads)
+        report = train_multilingual(
+            data, head, cache, seed=seed, log=lambda m: print(m, file=sys.stderr, flush=True)
+        )
+        summary = {
+            part: {
+                cat: {k: m[k] for k in ("precision", "recall", "f1", "threshold")}
+                for cat, m in report["heldout"][part].items()
+            }
+            for part in ("main_head", "combined")
+        }
+        print(json.dumps({"heldout_routed": summary}, indent=2))
+
     app.add_typer(guard_app, name="guard")

@@ -205,8 +205,10 @@ def _inference_copy(
     precision: Precision,
     top_state: dict[str, torch.Tensor] | None = None,
     depth: int | None = None,
+    in_place: bool = False,
 ) -> nn.Module:
-    """A private copy of the encoder for guard inference; the shared fp32 module is left untouched.
+    """A private copy of the encoder for guard inference; the shared fp32 module is left untouched
+    (`in_place`: converted itself, for an encoder nothing else uses, such as the multilingual one).
 
     `top_state`: the guard's fine-tuned top blocks (`steward.guard.finetune`), loaded over the copy's
     own blocks of the same names; every other parameter stays the published one. `depth`: the
@@ -214,7 +216,7 @@ def _inference_copy(
     """
     if precision == "fp32" and top_state is None and depth is None:
         return model
-    clone = copy.deepcopy(model).eval()
+    clone = (model if in_place else copy.deepcopy(model)).eval()
     if depth is not None:
         blocks = clone.blocks
         if not isinstance(blocks, nn.ModuleList) or not 0 < int(depth) <= len(blocks):
@@ -275,8 +277,17 @@ class GuardModel:
     `encoder_only` (training) defaults to fp32 so the training embeddings are the reference ones.
     """
 
+    # A MultilingualReader (`steward.guard.multilingual`) when the manifest has one, else None.
+    multilingual: Any
+    version: str
+    cache_key: str
+
     def __init__(
-        self, head_dir: str | Path | None = None, encoder: Any = None, precision: str | None = None
+        self,
+        head_dir: str | Path | None = None,
+        encoder: Any = None,
+        precision: str | None = None,
+        multilingual: bool = True,
     ) -> None:
         from safetensors.torch import load_file
 
@@ -311,6 +322,15 @@ class GuardModel:
         self.head = GuardHead(int(manifest["dim"]), int(manifest["hidden"]), len(self.labels), lex_size)
         self.head.load_state_dict(state)
         self.head.eval()
+        # The multilingual reader (`steward.guard.multilingual`): multilingual-e5-small and its own
+        # head, run on texts the language router does not send to English alone.
+        if multilingual and manifest.get("multilingual") is not None:
+            from .multilingual import load_reader
+
+            reader = load_reader(directory, manifest, self.precision, self.thresholds)
+            self.multilingual = reader
+            if reader is not None:
+                digest = hashlib.sha256((digest + str(reader.version)).encode()).hexdigest()
         self.version = digest[:16]
         self.cache_key = f"guard:{self.version}:{self.precision}"
 
@@ -320,6 +340,7 @@ class GuardModel:
         precision: Precision,
         top_state: dict[str, torch.Tensor] | None = None,
         depth: int | None = None,
+        in_place: bool = False,
     ) -> None:
         from steward.model.embedding import SentenceEncoder
 
@@ -329,9 +350,13 @@ class GuardModel:
             torch.set_num_threads(max(1, int(threads)))
         self.encoder = encoder if encoder is not None else SentenceEncoder()
         self.precision: Precision = precision
-        self._infer = _inference_copy(self.encoder.model, precision, top_state, depth)
+        self._infer = _inference_copy(self.encoder.model, precision, top_state, depth, in_place)
         self._lock = threading.Lock()
         self._hazards: torch.Tensor | None = None
+        # Token ids every window starts with after [CLS]: none for MiniLM; multilingual-e5 was trained
+        # with "query: " / "passage: " in front of every text (`steward.guard.multilingual`).
+        self.prefix_ids: list[int] = []
+        self.multilingual = None
         self.encoder_calls = 0  # guard forward passes run; the tests hold one request to one pass
         self.hint_calls = 0  # published-encoder passes for hazard hints (harmful findings only)
 
@@ -351,13 +376,14 @@ class GuardModel:
         ids, offsets = enc.ids, enc.offsets
         if not ids:
             return []
-        body = WINDOW_TOKENS - 2
+        prefix = self.prefix_ids
+        body = WINDOW_TOKENS - 2 - len(prefix)
         stride = STRIDE_TOKENS
         out: list[tuple[list[int], tuple[int, int]]] = []
         start = 0
         while True:
             end = min(len(ids), start + body)
-            chunk = [self.encoder.cls_id, *ids[start:end], self.encoder.sep_id]
+            chunk = [self.encoder.cls_id, *prefix, *ids[start:end], self.encoder.sep_id]
             out.append((chunk, (offsets[start][0], offsets[end - 1][1])))
             if end >= len(ids):
                 break
@@ -412,7 +438,19 @@ class GuardModel:
             return torch.sigmoid(self.head(embeddings, bag))
 
     def score_documents(self, docs: list[Document]) -> None:
-        """Fill `doc.cache[self.cache_key]` for every document in one batched encoder pass."""
+        """Fill `doc.cache[self.cache_key]` for every document in one batched encoder pass, and the
+        multilingual reader's entry for those the language router sends to it as well."""
+        self._score_documents(docs)
+        ml = getattr(self, "multilingual", None)
+        if ml is not None:
+            from .multilingual import routed
+
+            todo = [doc for doc in docs if ml.cache_key not in doc.cache]
+            ml._score_documents([doc for doc in todo if routed(doc.text)])
+            for doc in todo:
+                doc.cache.setdefault(ml.cache_key, None)
+
+    def _score_documents(self, docs: list[Document]) -> None:
         key = self.cache_key
         rows: list[list[int]] = []
         owners: list[tuple[int, Span, bool]] = []
@@ -525,17 +563,37 @@ class ClassifierScanner:
         if model.cache_key not in doc.cache:
             model.score_documents([doc])
         scores: WindowScores = doc.cache[model.cache_key]
+        j = model.labels.index(self.category)
+        reader: GuardModel = model
+        col = scores.probs[:, j]
+        note = ""
+        ml = model.multilingual
+        ml_scores: WindowScores | None = doc.cache.get(ml.cache_key) if ml is not None else None
+        if (
+            ml is not None
+            and self.category in ml.categories
+            and ml_scores is not None
+            and ml_scores.probs.shape[0]
+        ):
+            # Either reader may flag; e5 scores are on the main head's scale after `calibrated`.
+            k = ml.labels.index(self.category)
+            ml_col = ml.calibrated(ml_scores.probs)[:, k]
+            if not col.numel() or float(ml_col.max()) > float(col.max()):
+                raw = float(ml_scores.probs[:, k].max())
+                note = (
+                    f" (multilingual reader: p={raw:.2f}, its threshold {ml.thresholds[self.category]:.2f})"
+                )
+                reader, scores, col = ml, ml_scores, ml_col
         if scores.probs.shape[0] == 0:
             return []
-        col = scores.probs[:, model.labels.index(self.category)]
         best = int(col.argmax())
         score = float(col[best])
         span = scores.spans[best]
         where = "decoded text" if scores.decoded[best] else f"characters {span.start}-{span.end}"
-        reason = f"{self.category.replace('_', ' ')} classifier p={score:.2f} on {where}"
+        reason = f"{self.category.replace('_', ' ')} classifier p={score:.2f} on {where}{note}"
         subtype = None
         if self.category == "harmful" and self.hazard_hint and score >= 0.5:
-            subtype = model.hazard_of(scores.embeddings[best], scores.rows[best])
+            subtype = reader.hazard_of(scores.embeddings[best], scores.rows[best])
             reason += f"; nearest hazard: {subtype}"
         return [
             Finding(

@@ -307,6 +307,7 @@ def _tune_thresholds(
     examples: Sequence[Example],
     target_fpr: float,
     set_fpr: dict[tuple[str, str], float] | None = None,
+    cap: float = 0.99,
 ) -> dict[str, float]:
     """Per category: the FPR bound — the lowest threshold meeting the FPR target on validation
     negatives overall *and* on each benign set (so a small, hard set such as wildguard_benign is not
@@ -331,13 +332,14 @@ def _tune_thresholds(
             neg.sort(reverse=True)
             k = int(set_fpr.get((cat, name), target_fpr) * len(neg))
             t = max(t, neg[k] + 1e-4 if k < len(neg) else 0.05)
-        t = min(0.99, t)
-        out[cat] = round(_best_f1_above(scores[:, j], [e.labels[cat] for e in examples], t), 4)
+        t = min(cap, t)
+        labels = [e.labels[cat] for e in examples]
+        out[cat] = round(_best_f1_above(scores[:, j], labels, t, cap), 6 if cap > 0.99 else 4)
     return out
 
 
-def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float) -> float:
-    """The threshold >= `bound` (among `bound` and the scores above it, capped at 0.99) with the best
+def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float, cap: float = 0.99) -> float:
+    """The threshold >= `bound` (among `bound` and the scores above it, capped at `cap`) with the best
     F1 on the labelled examples; the lowest of equals, so recall is kept when F1 is flat."""
     kept = sorted(
         ((float(s), y) for s, y in zip(scores.tolist(), labels, strict=True) if y != MASK), reverse=True
@@ -353,7 +355,7 @@ def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float) ->
             break
         tp += y == POS
         fp += y == NEG
-        if s <= 0.99 and (i + 1 == len(kept) or kept[i + 1][0] < s):
+        if s <= cap and (i + 1 == len(kept) or kept[i + 1][0] < s):
             f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
             lowest = s
             if f1 >= best_f1 - 1e-12:

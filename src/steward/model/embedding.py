@@ -112,9 +112,14 @@ class SentenceEncoder:
                 f"{directory}: no tokenizer (tokenizer.json or vocab.txt); "
                 "sentence embeddings need the model's own tokenizer"
             )
-        cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        if cls_id is None or sep_id is None:
-            raise ModelLoadError(f"{directory}: tokenizer lacks [CLS] or [SEP]")
+        # BERT's WordPiece marks a sequence [CLS] ... [SEP]; XLM-R's SentencePiece (multilingual-e5)
+        # marks it <s> ... </s>.
+        for cls_token, sep_token in (("[CLS]", "[SEP]"), ("<s>", "</s>")):
+            cls_id, sep_id = tokenizer.token_to_id(cls_token), tokenizer.token_to_id(sep_token)
+            if cls_id is not None and sep_id is not None:
+                break
+        else:
+            raise ModelLoadError(f"{directory}: tokenizer lacks [CLS]/[SEP] (or <s>/</s>)")
         st_config = _read_json(directory / "sentence_bert_config.json")
         if max_seq_length is None:
             declared = st_config.get("max_seq_length")
