@@ -31,6 +31,8 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: i
     args = ["guard", "train", "--data", str(DATA), "--out", str(out), "--cache", str(tmp_path / "cache")]
     args += ["--limit", "6", "--long-docs", "3", "--synth-per-template", "1", "--epochs", "3"]
     args += ["--hidden", "16", "--no-precision-check", "--threads", "2", "--top-layers", str(top_layers)]
+    if top_layers:  # the multilingual reader once, on the head-only run
+        args.append("--no-multilingual")
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
     summary = json.loads(r.stdout)
@@ -53,9 +55,14 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: i
         assert manifest["encoder_top"]["layers"] == [4, 5]
         assert model.tuned and model._infer is not model.encoder.model
         assert "finetune" in manifest["train"]
+        assert "multilingual" not in manifest and model.multilingual is None
     else:
         assert "encoder_top" not in manifest and not model.tuned
         assert model._infer is model.encoder.model
+        part = manifest["multilingual"]
+        assert set(part["thresholds"]) == set(model.labels) and model.multilingual is not None
+        assert set(part["categories"]) <= set(model.labels)
+        assert "multilingual" in json.loads((out / "metrics.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert any(m["n_pos"] > 0 and m["n_neg"] > 0 for m in metrics["heldout"].values())
     card = json.loads((out / "data_card.json").read_text())

@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
         ),
         no_precision_check: bool = typer.Option(False, "--no-precision-check"),
         lexical: bool = typer.Option(False, "--lexical", help="add the token unigram/bigram linear path"),
+        multilingual: bool = typer.Option(
+            True, "--multilingual/--no-multilingual", help="then add the multilingual reader (e5 head)"
+        ),
     ) -> None:
         """Train the injection/jailbreak/harmful/toxicity head; print held-out metrics."""
         import torch
@@ -86,6 +89,20 @@ def register(app: typer.Typer) -> None:
             report = train_guard(cfg, ft)
         else:
             report = train_head(cfg)
+        if multilingual:
+            # A retrained main head changes the OR the e5 thresholds were chosen with: retrain both.
+            from steward.guard.multilingual import train_multilingual
+
+            train_multilingual(
+                data,
+                out,
+                cache / "e5",
+                seed=seed,
+                log=cfg.log,
+                limit=limit,
+                long_docs=long_docs,
+                synth_per_template=synth_per_template,
+            )
         summary = {
             cat: {k: m[k] for k in ("precision", "recall", "f1", "fpr", "tpr_at_1pct_fpr", "threshold")}
             for cat, m in report["heldout"].items()

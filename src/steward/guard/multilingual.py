@@ -155,10 +155,19 @@ def _doc_max(model: GuardModel, texts: Sequence[str], limit: Sequence[int]) -> t
 
 
 def train_multilingual(
-    data_dir: Path, head_dir: Path, cache_dir: Path, seed: int = 0, log: Any = print
+    data_dir: Path,
+    head_dir: Path,
+    cache_dir: Path,
+    seed: int = 0,
+    log: Any = print,
+    *,
+    limit: int | None = None,
+    long_docs: int = 400,
+    synth_per_template: int = 12,
 ) -> dict[str, Any]:
     """Fit the e5 head on every training example, choose its thresholds on routed validation
-    examples (OR with the main head of `head_dir`), score held-out, and add it to `head_dir`."""
+    examples (OR with the main head of `head_dir`), score held-out, and add it to `head_dir`.
+    `limit`, `long_docs`, `synth_per_template`: as the main head was trained (the same examples)."""
     from safetensors.torch import save_file
 
     from .train import (
@@ -175,7 +184,16 @@ def train_multilingual(
     torch.manual_seed(seed)
     manifest_path = head_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    cfg = TrainConfig(data_dir=data_dir, out_dir=head_dir, cache_dir=cache_dir, seed=seed, log=log)
+    cfg = TrainConfig(
+        data_dir=data_dir,
+        out_dir=head_dir,
+        cache_dir=cache_dir,
+        seed=seed,
+        log=log,
+        limit=limit,
+        long_docs=long_docs,
+        synth_per_template=synth_per_template,
+    )
     examples, split = split_examples(cfg)
     reader = GuardModel.encoder_only(encoder=_e5_encoder(), precision="fp32")
     reader.prefix_ids = list(reader.encoder.tokenizer.inner.encode(E5_PREFIX, add_special_tokens=False).ids)
