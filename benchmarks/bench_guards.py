@@ -467,25 +467,28 @@ def pii(presidio_venv: Path | None) -> None:
         )
 
 
+def _repeat(base: str, words: int) -> str:
+    parts = base.split()
+    return " ".join(parts[i % len(parts)] for i in range(words))
+
+
 def _texts(tokens: int) -> str:
-    base = (
+    return _repeat(
         "Please summarise the attached quarterly report for the board. Contact Jane Miller at "
         "jane.miller@example.com or +1 415 555 0134 if anything is unclear; the figures for the "
-        "northern region were revised after the audit and the marketing budget moved to Q3. "
+        "northern region were revised after the audit and the marketing budget moved to Q3. ",
+        int(tokens * 0.75),
     )
-    words = base.split()
-    return " ".join(words[i % len(words)] for i in range(int(tokens * 0.75)))
 
 
 def _texts_es(tokens: int) -> str:
-    """Spanish of about `tokens` multilingual-e5 tokens: routed to the multilingual reader too."""
-    base = (
+    """Spanish of about `tokens` MiniLM tokens: routed to the multilingual reader too."""
+    return _repeat(
         "Por favor, resume el informe trimestral adjunto para la junta directiva. Las cifras de la "
         "región norte se revisaron después de la auditoría y el presupuesto de marketing pasó al "
-        "tercer trimestre. "
+        "tercer trimestre. ",
+        int(tokens * 0.6),
     )
-    words = base.split()
-    return " ".join(words[i % len(words)] for i in range(int(tokens * 0.6)))
 
 
 def speed(runs: int, presidio_venv: Path | None, llmguard_venv: Path | None) -> None:

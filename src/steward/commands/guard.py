@@ -118,6 +118,10 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads"),
+        top_layers: int = typer.Option(
+            0, "--top-layers", min=0, max=12, help="e5 blocks fine-tuned with the head (0: frozen e5)"
+        ),
+        epochs: int = typer.Option(3, "--epochs", min=1, help="fine-tuning passes (with --top-layers)"),
     ) -> None:
         """Add the multilingual reader (multilingual-e5-small + head) to a trained guard head."""
         import torch
@@ -130,7 +134,13 @@ def register(app: typer.Typer) -> None:
             raise FileNotFoundError(f"{head}/manifest.json not found: train the main head first")
         torch.set_num_threads(threads)
         report = train_multilingual(
-            data, head, cache, seed=seed, log=lambda m: print(m, file=sys.stderr, flush=True)
+            data,
+            head,
+            cache,
+            seed=seed,
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+            top_layers=top_layers,
+            epochs=epochs,
         )
         summary = {
             part: {

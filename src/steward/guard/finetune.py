@@ -39,7 +39,7 @@ from steward.model.transformer import Encoder, pool_packed
 
 from .classifier import GuardHead
 
-__all__ = ["FinetuneConfig", "GuardTower", "bottom_states", "fit_tower", "tower_scores"]
+__all__ = ["FinetuneConfig", "GuardTower", "bottom_states", "fit_tower", "labelled_windows", "tower_scores"]
 
 
 @dataclass(slots=True)
@@ -294,6 +294,27 @@ def example_scores(window_scores: torch.Tensor, owners: Sequence[int], n_example
     return out
 
 
+def labelled_windows(
+    model: Any, examples: Sequence[Any]
+) -> tuple[list[list[int]], list[int], list[list[int]], list[float]]:
+    """Each example's leading windows (token ids), owning example, per-window labels and weight."""
+    from .train import _window_labels
+
+    rows: list[list[int]] = []
+    owners: list[int] = []
+    labels: list[list[int]] = []
+    weights: list[float] = []
+    for i, e in enumerate(examples):
+        wins = model.windows(e.model_text)
+        n = min(len(wins), e.windows) if e.windows else len(wins)
+        for (chunk, _), lab in zip(wins[:n], _window_labels(model, e, n), strict=True):
+            rows.append(chunk)
+            owners.append(i)
+            labels.append(lab)
+            weights.append(e.weight)
+    return rows, owners, labels, weights
+
+
 def describe(cfg: FinetuneConfig) -> dict[str, Any]:
     return {
         "top_layers": cfg.top_layers,
@@ -319,7 +340,6 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
     from .classifier import GuardModel
     from .train import (
         _tune_thresholds,
-        _window_labels,
         metrics,
         score_agreement,
         split_examples,
@@ -330,18 +350,7 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
     examples, split = split_examples(cfg)
     if model is None:
         model = GuardModel.encoder_only(precision=cfg.extra.get("precision", "auto"))
-    rows: list[list[int]] = []
-    owners: list[int] = []
-    labels: list[list[int]] = []
-    weights: list[float] = []
-    for i, e in enumerate(examples):
-        wins = model.windows(e.model_text)
-        n = min(len(wins), e.windows) if e.windows else len(wins)
-        for (chunk, _), lab in zip(wins[:n], _window_labels(model, e, n), strict=True):
-            rows.append(chunk)
-            owners.append(i)
-            labels.append(lab)
-            weights.append(e.weight)
+    rows, owners, labels, weights = labelled_windows(model, examples)
     n_layers = ft.depth if ft.depth is not None else len(list(model._infer.blocks))
     n_bottom = n_layers - ft.top_layers
     cfg.log(f"{len(rows)} windows; bottom {n_bottom} blocks run once ({model.precision})")

@@ -35,6 +35,7 @@ __all__ = ["MultilingualReader", "calibrate", "load_reader", "train_multilingual
 
 E5_PREFIX = "query:"  # multilingual-e5's input convention ("query: " / "passage: ")
 WEIGHTS = "multilingual_head.safetensors"
+TOP_WEIGHTS = "multilingual_top.safetensors"
 CAP = 0.9999  # highest threshold the tuning may choose
 MIN_POSITIVES = 20  # routed validation positives a category needs to be read by this reader
 
@@ -62,11 +63,7 @@ class MultilingualReader(GuardModel):
         from safetensors.torch import load_file
 
         weights = directory / str(part["weights"])
-        if not weights.is_file():
-            raise ScannerError(f"{weights}: the multilingual head named by the manifest is missing")
-        digest = _sha256(weights)
-        if digest != part.get("sha256"):
-            raise ScannerError(f"{weights}: SHA-256 {digest} does not match the manifest")
+        digest = _checked(weights, part.get("sha256"), "the multilingual head")
         if encoder is None:
             from steward.model.e5 import default_e5_file
             from steward.model.io import ModelLoadError, sha256_file
@@ -82,9 +79,16 @@ class MultilingualReader(GuardModel):
                     f"trained on (SHA-256 {source}, manifest {expected})"
                 )
             encoder = _e5_encoder()
+        top_state: dict[str, torch.Tensor] | None = None
+        top = part.get("encoder_top")
+        if top is not None:
+            top_file = directory / str(top["weights"])
+            top_digest = _checked(top_file, top.get("sha256"), "the tuned e5 blocks")
+            top_state = load_file(str(top_file))
+            digest = hashlib.sha256((digest + top_digest).encode()).hexdigest()
         # The e5 encoder serves only this reader: converted in place, not copied (~400 MB fp32).
-        self._init_encoder(encoder, precision, in_place=True)
-        self.prefix_ids = list(self.encoder.tokenizer.inner.encode(E5_PREFIX, add_special_tokens=False).ids)
+        self._init_encoder(encoder, precision, top_state, in_place=True)
+        self.prefix_ids = _prefix(self)
         self.labels = tuple(part.get("labels", HEAD_LABELS))
         self.thresholds = {k: float(v) for k, v in part["thresholds"].items()}
         # The categories this reader may flag (others lack non-English validation data).
@@ -101,6 +105,20 @@ class MultilingualReader(GuardModel):
 
     def calibrated(self, probs: torch.Tensor) -> torch.Tensor:
         return calibrate(probs, self._own, self._main)
+
+
+def _checked(path: Path, expected: Any, what: str) -> str:
+    """SHA-256 of a file the manifest names, which must exist and match."""
+    if not path.is_file():
+        raise ScannerError(f"{path}: {what} named by the manifest is missing")
+    digest = _sha256(path)
+    if digest != expected:
+        raise ScannerError(f"{path}: SHA-256 {digest} does not match the manifest")
+    return digest
+
+
+def _prefix(model: GuardModel) -> list[int]:
+    return list(model.encoder.tokenizer.inner.encode(E5_PREFIX, add_special_tokens=False).ids)
 
 
 def _e5_encoder() -> Any:
@@ -164,10 +182,14 @@ def train_multilingual(
     limit: int | None = None,
     long_docs: int = 400,
     synth_per_template: int = 12,
+    top_layers: int = 0,
+    epochs: int = 3,
 ) -> dict[str, Any]:
     """Fit the e5 head on every training example, choose its thresholds on routed validation
     examples (OR with the main head of `head_dir`), score held-out, and add it to `head_dir`.
-    `limit`, `long_docs`, `synth_per_template`: as the main head was trained (the same examples)."""
+    `limit`, `long_docs`, `synth_per_template`: as the main head was trained (the same examples).
+    `top_layers` > 0 fine-tunes e5's top blocks with the head (`steward.guard.finetune`) instead of
+    fitting the head on frozen embeddings."""
     from safetensors.torch import save_file
 
     from .train import (
@@ -195,31 +217,81 @@ def train_multilingual(
         synth_per_template=synth_per_template,
     )
     examples, split = split_examples(cfg)
-    reader = GuardModel.encoder_only(encoder=_e5_encoder(), precision="fp32")
-    reader.prefix_ids = list(reader.encoder.tokenizer.inner.encode(E5_PREFIX, add_special_tokens=False).ids)
-    embs = encode_examples(reader, examples, cache_dir, log)
+    K = len(HEAD_LABELS)
+    top_state: dict[str, torch.Tensor] | None = None
+    top_info: dict[str, Any] = {}
+    if top_layers:
+        from .finetune import (
+            FinetuneConfig,
+            bottom_states,
+            example_scores,
+            fit_tower,
+            labelled_windows,
+            tower_scores,
+        )
 
-    def stack(part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        xs, ys, ws = [], [], []
-        for e, emb, s in zip(examples, embs, split, strict=True):
-            if s == part and len(emb):
-                xs.append(emb)
-                ys.append(torch.tensor(_window_labels(reader, e, len(emb))))
-                ws.append(torch.full((len(emb),), e.weight))
-        return torch.cat(xs), torch.cat(ys), torch.cat(ws)
+        reader = GuardModel.encoder_only(encoder=_e5_encoder(), precision="auto")
+        reader.prefix_ids = _prefix(reader)
+        rows, owners, labels, weights = labelled_windows(reader, examples)
+        n_layers = int(reader.encoder.model.config.n_layers)
+        ft = FinetuneConfig(top_layers=top_layers, epochs=epochs)
+        log(f"multilingual reader: {len(rows)} windows; bottom {n_layers - top_layers} blocks run once")
+        states = bottom_states(reader._infer, rows, n_layers - top_layers, log=log)
+        tr = [k for k, o in enumerate(owners) if split[o] == "train"]
+        va = [k for k, o in enumerate(owners) if split[o] == "val"]
+        yy = torch.tensor(labels, dtype=torch.long)
+        ww = torch.tensor(weights)
+        tower = fit_tower(
+            reader.encoder.model,
+            [states[k] for k in tr],
+            yy[tr],
+            ww[tr],
+            [states[k] for k in va],
+            yy[va],
+            ft,
+            cfg.hidden,
+            seed,
+            log,
+        )
+        head = tower.head
+        top_state = tower.top_state()
+        top_info = {"layers": list(range(n_layers - top_layers, n_layers)), "epochs": epochs}
+        scored = [k for k, o in enumerate(owners) if split[o] != "train"]
+        win = tower_scores(tower, [states[k] for k in scored], ft)
+        doc = example_scores(win, [owners[k] for k in scored], len(examples))
 
-    x, y, w = stack("train")
-    xv, yv, _ = stack("val")
-    # Frozen e5 vectors crowd into a narrow cone (cosines 0.75-0.9 between unrelated texts):
-    # standardise per dimension, then fold the affine map into the first layer so the saved head is
-    # a plain GuardHead on raw embeddings.
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    log(f"multilingual head: {len(x)} train windows, {len(xv)} validation windows")
-    head = _fit((x - mean) / std, y, cfg, (xv - mean) / std, yv, w)
-    with torch.no_grad():
-        w1 = head.fc1.weight / std
-        head.fc1.bias.sub_(w1 @ mean)
-        head.fc1.weight.copy_(w1)
+        def ml_scores(keep: list[int]) -> torch.Tensor:
+            return doc[torch.tensor(keep, dtype=torch.long)] if keep else torch.zeros(0, K)
+
+    else:
+        reader = GuardModel.encoder_only(encoder=_e5_encoder(), precision="fp32")
+        reader.prefix_ids = _prefix(reader)
+        embs = encode_examples(reader, examples, cache_dir, log)
+
+        def stack(part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            xs, ys, ws = [], [], []
+            for e, emb, s in zip(examples, embs, split, strict=True):
+                if s == part and len(emb):
+                    xs.append(emb)
+                    ys.append(torch.tensor(_window_labels(reader, e, len(emb))))
+                    ws.append(torch.full((len(emb),), e.weight))
+            return torch.cat(xs), torch.cat(ys), torch.cat(ws)
+
+        x, y, w = stack("train")
+        xv, yv, _ = stack("val")
+        # Frozen e5 vectors crowd into a narrow cone (cosines 0.75-0.9 between unrelated texts):
+        # standardise per dimension, then fold the affine map into the first layer so the saved
+        # head is a plain GuardHead on raw embeddings.
+        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+        log(f"multilingual head: {len(x)} train windows, {len(xv)} validation windows")
+        head = _fit((x - mean) / std, y, cfg, (xv - mean) / std, yv, w)
+        with torch.no_grad():
+            w1 = head.fc1.weight / std
+            head.fc1.bias.sub_(w1 @ mean)
+            head.fc1.weight.copy_(w1)
+
+        def ml_scores(keep: list[int]) -> torch.Tensor:
+            return _doc_scores(head, [embs[i] for i in keep], K)
 
     main = GuardModel(head_dir, precision="fp32", multilingual=False)
     main_t = torch.tensor([main.thresholds[c] for c in HEAD_LABELS])
@@ -229,7 +301,7 @@ def train_multilingual(
     for name in ("val", "test"):
         keep = [i for i, s in enumerate(split) if s == name and routed(examples[i].model_text)]
         part_ex = [examples[i] for i in keep]
-        ml = _doc_scores(head, [embs[i] for i in keep], len(HEAD_LABELS))
+        ml = ml_scores(keep)
         base = _doc_max(main, [e.model_text for e in part_ex], [e.windows for e in part_ex])
         flagged = base >= main_t
         # OR: an example the main head flags counts as flagged at any e5 threshold.
@@ -252,6 +324,15 @@ def train_multilingual(
             "combined": metrics(eff, part_ex, own),
         }
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(head_dir / WEIGHTS))
+    top_path = head_dir / TOP_WEIGHTS
+    if top_state is not None:
+        save_file(top_state, str(top_path))
+        top_info |= {
+            "weights": TOP_WEIGHTS,
+            "sha256": hashlib.sha256(top_path.read_bytes()).hexdigest(),
+        }
+    elif top_path.exists():
+        top_path.unlink()
     from steward.model.e5 import default_e5_file
 
     source = default_e5_file()
@@ -261,17 +342,20 @@ def train_multilingual(
         "encoder_source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
         "router": f"{ROUTER}: scored when the top language is not English",
         "labels": list(HEAD_LABELS),
-        "dim": int(x.shape[1]),
+        "dim": int(head.fc1.in_features),
         "hidden": cfg.hidden,
         "weights": WEIGHTS,
         "sha256": hashlib.sha256((head_dir / WEIGHTS).read_bytes()).hexdigest(),
         "thresholds": own,
         "categories": enabled,
+        **({"encoder_top": top_info} if top_state is not None else {}),
         "threshold_rule": "on routed validation examples, OR with the main head (an example it flags "
         "counts as flagged): the main head's rule and FPR bounds",
         "combination": "either reader at or over its threshold; e5 scores mapped piecewise linearly "
         "so its threshold lands on the main one",
-        "train": {"seed": seed, "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        "train": {"seed": seed, "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        if top_state is None
+        else {"seed": seed, "finetune": top_info},
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     card_path = head_dir / "data_card.json"
