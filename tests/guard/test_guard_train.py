@@ -63,6 +63,18 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: i
         assert set(part["thresholds"]) == set(model.labels) and model.multilingual is not None
         assert set(part["categories"]) <= set(model.labels)
         assert "multilingual" in json.loads((out / "metrics.json").read_text())
+        assert "encoder_top" not in part  # a frozen main head gets a frozen reader
+        # the committed kind: e5's top blocks tuned with the reader's head
+        args = ["guard", "train-multilingual", "--data", str(DATA), "--head", str(out)]
+        args += ["--cache", str(tmp_path / "e5"), "--top-layers", "2", "--epochs", "1", "--limit", "6"]
+        args += ["--long-docs", "3", "--synth-per-template", "1", "--threads", "2"]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+        assert set(json.loads(r.stdout)["heldout_routed"]) == {"main_head", "combined"}
+        part = json.loads((out / "manifest.json").read_text())["multilingual"]
+        assert part["encoder_top"]["layers"] == [10, 11]
+        tuned = GuardModel(out, precision="fp32").multilingual
+        assert tuned is not None and tuned.version != model.multilingual.version
     metrics = json.loads((out / "metrics.json").read_text())
     assert any(m["n_pos"] > 0 and m["n_neg"] > 0 for m in metrics["heldout"].values())
     card = json.loads((out / "data_card.json").read_text())

@@ -15,6 +15,10 @@ import typer
 
 __all__ = ["register"]
 
+# The committed multilingual reader: e5's top 4 of 12 blocks fine-tuned with its head for 3 epochs.
+ML_TOP_LAYERS = 4
+ML_EPOCHS = 3
+
 
 def register(app: typer.Typer) -> None:
     guard_app = typer.Typer(help="Guard models: train the classifier head.", no_args_is_help=True)
@@ -102,6 +106,8 @@ def register(app: typer.Typer) -> None:
                 limit=limit,
                 long_docs=long_docs,
                 synth_per_template=synth_per_template,
+                top_layers=ML_TOP_LAYERS if top_layers else 0,  # a frozen main head: a frozen reader
+                epochs=ML_EPOCHS,
             )
         summary = {
             cat: {k: m[k] for k in ("precision", "recall", "f1", "fpr", "tpr_at_1pct_fpr", "threshold")}
@@ -119,9 +125,14 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads"),
         top_layers: int = typer.Option(
-            0, "--top-layers", min=0, max=12, help="e5 blocks fine-tuned with the head (0: frozen e5)"
+            ML_TOP_LAYERS, "--top-layers", min=0, max=12, help="e5 blocks tuned with the head (0: frozen)"
         ),
-        epochs: int = typer.Option(3, "--epochs", min=1, help="fine-tuning passes (with --top-layers)"),
+        epochs: int = typer.Option(ML_EPOCHS, "--epochs", min=1, help="passes (with --top-layers)"),
+        limit: int | None = typer.Option(
+            None, "--limit", min=1, help="keep only N examples per source (as the main head was trained)"
+        ),
+        long_docs: int = typer.Option(400, "--long-docs", min=0, help="as the main head was trained"),
+        synth_per_template: int = typer.Option(12, "--synth-per-template", min=0),
     ) -> None:
         """Add the multilingual reader (multilingual-e5-small + head) to a trained guard head."""
         import torch
@@ -141,6 +152,9 @@ def register(app: typer.Typer) -> None:
             log=lambda m: print(m, file=sys.stderr, flush=True),
             top_layers=top_layers,
             epochs=epochs,
+            limit=limit,
+            long_docs=long_docs,
+            synth_per_template=synth_per_template,
         )
         summary = {
             part: {
