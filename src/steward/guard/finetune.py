@@ -39,7 +39,15 @@ from steward.model.transformer import Encoder, pool_packed
 
 from .classifier import GuardHead
 
-__all__ = ["FinetuneConfig", "GuardTower", "bottom_states", "fit_tower", "labelled_windows", "tower_scores"]
+__all__ = [
+    "FinetuneConfig",
+    "GuardTower",
+    "bottom_states",
+    "fit_split",
+    "fit_tower",
+    "labelled_windows",
+    "tower_scores",
+]
 
 
 @dataclass(slots=True)
@@ -315,6 +323,28 @@ def labelled_windows(
     return rows, owners, labels, weights
 
 
+def fit_split(
+    encoder: Encoder,
+    states: Sequence[torch.Tensor],
+    owners: Sequence[int],
+    split: Sequence[str],
+    labels: Sequence[list[int]],
+    weights: Sequence[float],
+    cfg: FinetuneConfig,
+    hidden: int,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> GuardTower:
+    """`fit_tower` on the windows whose example is in the "train" split, validated on "val"."""
+    tr = [k for k, o in enumerate(owners) if split[o] == "train"]
+    va = [k for k, o in enumerate(owners) if split[o] == "val"]
+    y = torch.tensor(list(labels), dtype=torch.long)
+    w = torch.tensor(list(weights))
+    return fit_tower(
+        encoder, [states[k] for k in tr], y[tr], w[tr], [states[k] for k in va], y[va], cfg, hidden, seed, log
+    )
+
+
 def describe(cfg: FinetuneConfig) -> dict[str, Any]:
     return {
         "top_layers": cfg.top_layers,
@@ -356,23 +386,10 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
     cfg.log(f"{len(rows)} windows; bottom {n_bottom} blocks run once ({model.precision})")
     states = bottom_states(model._infer, rows, n_bottom, log=cfg.log)
 
-    def part(name: str) -> list[int]:
-        return [k for k, o in enumerate(owners) if split[o] == name]
-
-    tr, va, te = part("train"), part("val"), part("test")
-    y = torch.tensor(labels, dtype=torch.long)
-    w = torch.tensor(weights)
-    tower = fit_tower(
-        model.encoder.model,
-        [states[k] for k in tr],
-        y[tr],
-        w[tr],
-        [states[k] for k in va],
-        y[va],
-        ft,
-        cfg.hidden,
-        cfg.seed,
-        cfg.log,
+    va = [k for k, o in enumerate(owners) if split[o] == "val"]
+    te = [k for k, o in enumerate(owners) if split[o] == "test"]
+    tower = fit_split(
+        model.encoder.model, states, owners, split, labels, weights, ft, cfg.hidden, cfg.seed, cfg.log
     )
 
     def doc_scores(idx: list[int]) -> tuple[list[Any], torch.Tensor]:

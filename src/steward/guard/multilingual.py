@@ -225,7 +225,7 @@ def train_multilingual(
             FinetuneConfig,
             bottom_states,
             example_scores,
-            fit_tower,
+            fit_split,
             labelled_windows,
             tower_scores,
         )
@@ -237,21 +237,8 @@ def train_multilingual(
         ft = FinetuneConfig(top_layers=top_layers, epochs=epochs)
         log(f"multilingual reader: {len(rows)} windows; bottom {n_layers - top_layers} blocks run once")
         states = bottom_states(reader._infer, rows, n_layers - top_layers, log=log)
-        tr = [k for k, o in enumerate(owners) if split[o] == "train"]
-        va = [k for k, o in enumerate(owners) if split[o] == "val"]
-        yy = torch.tensor(labels, dtype=torch.long)
-        ww = torch.tensor(weights)
-        tower = fit_tower(
-            reader.encoder.model,
-            [states[k] for k in tr],
-            yy[tr],
-            ww[tr],
-            [states[k] for k in va],
-            yy[va],
-            ft,
-            cfg.hidden,
-            seed,
-            log,
+        tower = fit_split(
+            reader.encoder.model, states, owners, split, labels, weights, ft, cfg.hidden, seed, log
         )
         head = tower.head
         top_state = tower.top_state()
