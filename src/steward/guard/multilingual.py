@@ -4,9 +4,11 @@ Why a second reader and not a second language in the first: the guard's MiniLM r
 WordPiece, so most non-English attacks reach it as [UNK] runs and word fragments. On validation its
 prompt-injection recall was 0.46 for Hindi, 0.00 for Russian, 0.14 for Indonesian. A head on
 *frozen* multilingual-e5-small embeddings (standardised, the same MLP) reached 0.81 / 0.78 / 0.29 on
-the same examples, and 0.65 injection recall overall against MiniLM's 0.49 — but e5 is twice as
-deep, so it only runs where `steward.guard.language` routes a text away from English. English
-traffic keeps its speed and its (fine-tuned) classifier.
+the same examples, and 0.65 injection recall overall against MiniLM's 0.49. The committed reader
+goes further the way the main head did: e5's top 4 of 12 blocks are fine-tuned with its head
+(`steward.guard.finetune`; held-out routed injection recall 0.81 at P 0.98). e5 is twice as deep as
+MiniLM, so it only runs where `steward.guard.language` routes a text away from English; English
+traffic keeps its speed and its classifier.
 
 The two readers are combined as OR: a category fires when either reader's score reaches its
 threshold. The e5 head's thresholds are chosen on the *routed* validation examples with that OR in
