@@ -113,3 +113,22 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_conversion(
     # the temporary conversion (~400 MB) is gone once the weights are loaded
     assert blocker.is_file()
     assert not list(Path(tempfile.gettempdir()).glob("steward-e5-*"))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda part: part.pop("dim"),
+        lambda part: part.update(thresholds="high"),
+        lambda part: part.update(hidden=7),  # the saved head does not have that shape
+    ],
+    ids=["missing-field", "wrong-type", "wrong-shape"],
+)
+def test_a_malformed_multilingual_entry_is_a_clear_error(tmp_path: Path, edit: object) -> None:
+    head = tmp_path / "guard"
+    shutil.copytree(default_head_dir(), head)
+    manifest = json.loads((head / "manifest.json").read_text())
+    edit(manifest["multilingual"])  # type: ignore[operator]
+    (head / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ScannerError, match="malformed 'multilingual' entry"):
+        GuardModel(head)

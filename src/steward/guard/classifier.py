@@ -441,7 +441,7 @@ class GuardModel:
         """Fill `doc.cache[self.cache_key]` for every document in one batched encoder pass, and the
         multilingual reader's entry for those the language router sends to it as well."""
         self._score_documents(docs)
-        ml = getattr(self, "multilingual", None)
+        ml = self.multilingual
         if ml is not None:
             from .multilingual import routed
 

@@ -143,9 +143,17 @@ def load_reader(
     part = manifest.get("multilingual")
     if part is None:
         return None
-    if not isinstance(part, dict) or "weights" not in part or "thresholds" not in part:
-        raise ScannerError(f"{directory}/manifest.json: malformed 'multilingual' entry")
-    return MultilingualReader(directory, part, precision, main_thresholds)
+    where = f"{directory}/manifest.json: malformed 'multilingual' entry"
+    if not isinstance(part, dict) or "weights" not in part or not isinstance(part.get("thresholds"), dict):
+        raise ScannerError(where)
+    from steward.model.io import ModelLoadError
+
+    try:
+        return MultilingualReader(directory, part, precision, main_thresholds)
+    except ModelLoadError as exc:  # the e5 weights themselves (package missing, file corrupt)
+        raise ScannerError(f"multilingual reader: {exc}") from exc
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # fields, head shapes
+        raise ScannerError(f"{where} ({type(exc).__name__}: {exc})") from exc
 
 
 def routed(text: str) -> bool:
