@@ -305,7 +305,15 @@ def _pipeline_table(title: str, examples: list[Any], contexts: list[Any]) -> Non
             f"{r['f1']:.3f} | {r['fpr']:.4f} | {w} |"
         )
     srcs = ", ".join(f"{k} {v['recall']:.2f}" for k, v in m["prompt_injection"]["recall_by_source"].items())
-    print(f"\nprompt_injection recall by source: {srcs}\n")
+    print(f"\nprompt_injection recall by source: {srcs}")
+    # Every benign set, not only the worst: a second set over its bound hides behind the first.
+    for cat in ("prompt_injection+jailbreak", "harmful"):
+        sets = m[cat]["fpr_by_benign_set"]
+        line = ", ".join(
+            f"{k} {v['fpr']:.3f} ({round(v['fpr'] * v['n'])}/{v['n']})" for k, v in sorted(sets.items())
+        )
+        print(f"{cat} FPR by benign set: {line}")
+    print()
 
 
 def unseen() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 from steward.guard.benign_multilingual import BENIGN_MULTILINGUAL
+from steward.guard.benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
 from steward.guard.lookalikes import lookalikes
 from steward.guard.synth import benign_examples, hate_examples, injection_examples
 
@@ -43,6 +44,7 @@ def _unseen_texts(bench: ModuleType) -> list[str]:
 
 def _training_texts() -> list[str]:
     texts = [t for v in BENIGN_MULTILINGUAL.values() for t in v]
+    texts += [t for v in BENIGN_MULTILINGUAL_CHAT.values() for t in v]
     texts += [t for _, t in lookalikes()]
     texts += [t for _, _, t in injection_examples(12, 0)]
     texts += [t for _, t in benign_examples(12, 0)]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .benign_multilingual import BENIGN_MULTILINGUAL
+from .benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
 from .classifier import HEAD_LABELS
 from .lookalikes import lookalikes
 from .normalize import normalise
@@ -350,8 +351,13 @@ def build_examples(
             ex.append(
                 Example(text, _labels(), "multilingual_benign", f"ml:{lang}:{i}", lang, "multilingual_benign")
             )
+    for lang, texts in BENIGN_MULTILINGUAL_CHAT.items():
+        for i, text in enumerate(texts):
+            ex.append(
+                Example(text, _labels(), "multilingual_chat", f"mc:{lang}:{i}", lang, "multilingual_chat")
+            )
     for e in ex:
-        if e.source in ("wildguard_benign", "multilingual_benign"):
+        if e.source in ("wildguard_benign", "multilingual_benign", "multilingual_chat"):
             e.weight = w
 
     # -- templated additions (steward.guard.synth): each template one group ---------------------

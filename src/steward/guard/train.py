@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .benign_multilingual import BENIGN_MULTILINGUAL
+from .benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
 from .classifier import HEAD_LABELS, LEX_BUCKETS, GuardHead, GuardModel, pack_bag, window_features
 from .dataset import (
     MASK,
@@ -586,6 +587,9 @@ def write_artifacts(
         "benign requests, neutral group mentions, more implicit hate) + steward.guard.benign_multilingual"
         f" ({sum(map(len, BENIGN_MULTILINGUAL.values()))} hand-written everyday requests in the"
         f" {len(BENIGN_MULTILINGUAL)} languages of CyberSecEval's translations)"
+        " + steward.guard.benign_multilingual_chat"
+        f" ({sum(map(len, BENIGN_MULTILINGUAL_CHAT.values()))} messages and documents in the same"
+        " languages by other writers)"
         " + long documents built from"
         " training-side BIPIA contexts and unused T0 prompts with one injected instruction,"
         " labelled per window",
@@ -602,7 +606,8 @@ def write_artifacts(
         },
         "text": "each text as the pipeline hands it to the classifier: normalise(text, decode=False) "
         "(NFKC, invisible and tag characters dropped, homoglyphs folded); reports keep the raw text",
-        "weights": "hard negatives (wildguard_benign, multilingual_benign, self_instruct, look-alikes, "
+        "weights": "hard negatives (wildguard_benign, multilingual_benign, multilingual_chat, self_instruct, "
+        "look-alikes, "
         "synth benign) weigh "
         f"{cfg.hard_negative_weight}x in the loss; positives balanced per label (pos_weight <= 20)",
         "split": "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train",
