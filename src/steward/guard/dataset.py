@@ -346,18 +346,16 @@ def build_examples(
     w = hard_negative_weight
     for tid, text in lookalikes(per_template=8, seed=seed):
         ex.append(Example(text, _labels(), "lookalikes", f"la:{tid}", "en", "lookalikes", weight=w))
-    for lang, texts in BENIGN_MULTILINGUAL.items():
-        for i, text in enumerate(texts):
-            ex.append(
-                Example(text, _labels(), "multilingual_benign", f"ml:{lang}:{i}", lang, "multilingual_benign")
-            )
-    for lang, texts in BENIGN_MULTILINGUAL_CHAT.items():
-        for i, text in enumerate(texts):
-            ex.append(
-                Example(text, _labels(), "multilingual_chat", f"mc:{lang}:{i}", lang, "multilingual_chat")
-            )
+    # Hand-written non-English benign sets, each its own benign set in reports; each text one group.
+    for name, key, by_lang in (
+        ("multilingual_benign", "ml", BENIGN_MULTILINGUAL),
+        ("multilingual_chat", "mc", BENIGN_MULTILINGUAL_CHAT),
+    ):
+        for lang, texts in by_lang.items():
+            for i, text in enumerate(texts):
+                ex.append(Example(text, _labels(), name, f"{key}:{lang}:{i}", lang, name, weight=w))
     for e in ex:
-        if e.source in ("wildguard_benign", "multilingual_benign", "multilingual_chat"):
+        if e.source == "wildguard_benign":
             e.weight = w
 
     # -- templated additions (steward.guard.synth): each template one group ---------------------
