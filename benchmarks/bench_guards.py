@@ -304,7 +304,9 @@ def _pipeline_table(title: str, examples: list[Any], contexts: list[Any]) -> Non
             f"| {cat} | {r['n_pos']} | {r['n_neg']} | {r['precision']:.3f} | {r['recall']:.3f} | "
             f"{r['f1']:.3f} | {r['fpr']:.4f} | {w} |"
         )
-    srcs = ", ".join(f"{k} {v['recall']:.2f}" for k, v in m["prompt_injection"]["recall_by_source"].items())
+    srcs = ", ".join(
+        f"{k} {v['recall']:.2f} (n={v['n']})" for k, v in m["prompt_injection"]["recall_by_source"].items()
+    )
     print(f"\nprompt_injection recall by source: {srcs}")
     # Every benign set, not only the worst: a second set over its bound hides behind the first.
     for cat in ("prompt_injection+jailbreak", "harmful"):

@@ -16,6 +16,13 @@ import typer
 from typer.testing import CliRunner
 
 from steward.commands import guard
+from steward.guard.dataset import Example, build_examples
+
+
+@pytest.fixture(scope="module")
+def guard_examples(shared_data: Path) -> list[Example]:
+    """Every training example (40 long documents), built once for the tests that read them all."""
+    return build_examples(shared_data, long_docs=40)
 
 
 @pytest.mark.parametrize("top_layers", [2, 0], ids=["fine-tune", "head-only"])
@@ -120,22 +127,25 @@ def test_threshold_is_the_best_f1_at_or_above_the_fpr_bound() -> None:
 
     scores = torch.tensor([0.9, 0.8, 0.6, 0.3, 0.2, 0.95])
     labels = [POS, POS, NEG, POS, NEG, MASK]  # the masked 0.95 counts for nothing
-    # F1 at 0.9: 0.5; 0.8: 0.8; 0.6: 0.667; 0.3: 0.857; 0.2 and the bound 0.1: 0.75
-    assert _best_f1_above(scores, labels, 0.1) == pytest.approx(0.3)
+    # F1 at 0.9: 0.5; 0.8: 0.8; 0.6: 0.667; 0.3: 0.857; 0.2 and the bound 0.1: 0.75. The winner
+    # 0.3 is cut midway to the next score under it (0.2), so a rounding wobble keeps its decisions.
+    assert _best_f1_above(scores, labels, 0.1) == pytest.approx(0.25)
     # never under the FPR bound, even when a lower threshold scores better
-    assert _best_f1_above(scores, labels, 0.5) == pytest.approx(0.8)
+    assert _best_f1_above(scores, labels, 0.5) == pytest.approx(0.7)
+    # the winner is the lowest score over the bound: the cut is the bound, never under it
+    assert _best_f1_above(scores, labels, 0.7) == pytest.approx(0.7)
     # flat F1 keeps the lowest threshold (recall); no positives: the bound itself
     assert _best_f1_above(torch.tensor([0.9, 0.7]), [POS, POS], 0.2) == pytest.approx(0.2)
     assert _best_f1_above(torch.tensor([0.9, 0.7]), [NEG, NEG], 0.4) == pytest.approx(0.4)
 
 
-def test_training_reads_the_text_the_pipeline_scores(shared_data: Path) -> None:
+def test_training_reads_the_text_the_pipeline_scores(guard_examples: list[Example]) -> None:
     """Train/serve skew: the pipeline normalises before the classifier, so training must too.
 
     Reading raw text, the head learned the full-width "？" of hand-written Chinese questions (the
     pipeline folds it to "?") as a benign cue; at serving time that cue was gone.
     """
-    from steward.guard.dataset import Example, _labels, build_examples
+    from steward.guard.dataset import _labels
     from steward.guard.normalize import normalise
 
     e = Example("哪些室内植物适合放在卧室？", _labels(), "multilingual_benign", "t", "zh")
@@ -144,7 +154,7 @@ def test_training_reads_the_text_the_pipeline_scores(shared_data: Path) -> None:
     hidden = Example("ig\u200bnore this", _labels(), "t", "t")
     assert hidden.model_text == "ignore this"
 
-    examples = build_examples(shared_data, long_docs=40)
+    examples = guard_examples
     assert any(x.model_text != x.text for x in examples)
     for x in examples:
         assert x.model_text == normalise(x.text, decode=False).text
@@ -166,4 +176,68 @@ def test_threshold_cap_is_a_parameter() -> None:
     labels = [POS, NEG, NEG, NEG]
     bound = 0.995 + 1e-4
     assert _best_f1_above(scores, labels, bound) == pytest.approx(bound)  # nothing under 0.99 to pick
-    assert _best_f1_above(scores, labels, bound, cap=0.9999) == pytest.approx(0.9999)
+    # 0.9999 wins; cut midway to 0.9995
+    assert _best_f1_above(scores, labels, bound, cap=0.9999) == pytest.approx(0.9997)
+
+
+def test_recall_categories_keep_the_fpr_bound() -> None:
+    """A category whose target is recall within an FPR budget keeps the bound (the most recall the
+    budget allows), where best-F1 would climb past positives to shed a budgeted false positive."""
+    import torch
+
+    from steward.guard.classifier import HEAD_LABELS
+    from steward.guard.dataset import Example, _labels
+    from steward.guard.train import NEG, POS, _tune_thresholds
+
+    j = HEAD_LABELS.index("harmful")
+    rows: list[tuple[float, Example]] = []
+    # 100 benign look-alikes, three of them high (0.6, 0.58, 0.56); positives at 0.9 (x8) and 0.5
+    # (and 200 easy negatives, so the 2% bound on all negatives together does not bind)
+    for i in range(200):
+        rows.append((0.05, Example(f"n{i}", _labels(), "t", f"n{i}")))
+    for i in range(100):
+        s = {0: 0.6, 1: 0.58, 2: 0.56}.get(i, 0.1)
+        rows.append((s, Example(f"b{i}", _labels(), "t", f"b{i}", benign_set="lookalikes")))
+    for i, s in enumerate([0.9] * 8 + [0.5]):
+        rows.append((s, Example(f"p{i}", _labels(harmful=POS), "t", f"p{i}")))
+    scores = torch.zeros(len(rows), len(HEAD_LABELS))
+    for k, (s, _) in enumerate(rows):
+        scores[k, j] = s
+    examples = [e for _, e in rows]
+    assert all(e.labels["harmful"] in (NEG, POS) for e in examples)
+    # 3% of 100 lets three look-alikes over the line: the bound is over the fourth (0.1), midway to
+    # the next score above it (the positive at 0.5)
+    budget = {("harmful", "lookalikes"): 0.03}
+    kept = _tune_thresholds(scores, examples, 0.02, budget, recall_at_bound=("harmful",))
+    assert kept["harmful"] == pytest.approx(0.3)  # all 9 positives, 3% of the look-alikes
+    # best-F1 instead cuts midway between 0.9 and 0.6: 8/9 recall, no false positive (F1 0.941 > 0.857)
+    by_f1 = _tune_thresholds(scores, examples, 0.02, budget)
+    assert by_f1["harmful"] == pytest.approx(0.75)
+
+
+def test_context_only_attacks_are_masked_for_training_only(guard_examples: list[Example]) -> None:
+    """CyberSecEval's logic-violating cases are attacks only against their own system prompt's rule.
+    With `mask_context_only` they teach the user-turn readers nothing, and they still count as
+    positives wherever the guard is measured."""
+    from steward.guard.classifier import HEAD_LABELS, GuardModel
+    from steward.guard.train import MASK, POS, _window_labels
+
+    examples = [e for e in guard_examples if e.source == "cyberseceval"]
+    context_only = [e for e in examples if e.context_only]
+    # 71 English cases and 284 translations are logic-violating; every other case is not
+    assert len(context_only) == 71 + 284
+    assert len(examples) - len(context_only) == 180 + 720
+    assert any("Zauberflöte" in e.text for e in context_only)
+    assert all(e.labels["prompt_injection"] == POS for e in examples)  # what is measured is unchanged
+
+    model = GuardModel.encoder_only()
+    j = HEAD_LABELS.index("prompt_injection")
+    e = context_only[0]
+    assert _window_labels(model, e, 1)[0][j] == POS
+    masked = _window_labels(model, e, 1, mask_context_only=True)[0]
+    assert masked[j] == MASK
+    assert [v for k, v in enumerate(masked) if k != j] == [
+        e.labels[c] for c in HEAD_LABELS if c != "prompt_injection"
+    ]
+    attack = next(x for x in examples if not x.context_only)
+    assert _window_labels(model, attack, 1, mask_context_only=True)[0][j] == POS

@@ -59,6 +59,12 @@ def register(app: typer.Typer) -> None:
         multilingual: bool = typer.Option(
             True, "--multilingual/--no-multilingual", help="then add the multilingual reader (e5 head)"
         ),
+        mask_context_only: bool = typer.Option(
+            False,
+            "--mask-context-only",
+            help="train without CyberSecEval's attacks that only break their own system prompt's rule "
+            "(still evaluated)",
+        ),
     ) -> None:
         """Train the injection/jailbreak/harmful/toxicity head; print held-out metrics."""
         import torch
@@ -82,6 +88,7 @@ def register(app: typer.Typer) -> None:
             synth_per_template=synth_per_template,
             check_precisions=() if no_precision_check else tuple(check_precision),
             lexical=lexical,
+            mask_context_only=mask_context_only,
             log=lambda m: print(m, file=sys.stderr, flush=True),
         )
         if depth is not None and not top_layers:
@@ -108,6 +115,7 @@ def register(app: typer.Typer) -> None:
                 synth_per_template=synth_per_template,
                 top_layers=ML_TOP_LAYERS if top_layers else 0,  # a frozen main head: a frozen reader
                 epochs=ML_EPOCHS,
+                mask_context_only=mask_context_only,
             )
         summary = {
             cat: {k: m[k] for k in ("precision", "recall", "f1", "fpr", "tpr_at_1pct_fpr", "threshold")}

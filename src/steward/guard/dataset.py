@@ -92,6 +92,11 @@ class Example:
     # hand-written Chinese benign questions (folded to "?" when serving) told them from
     # CyberSecEval's Chinese attacks. `text` stays raw: reports and the pipeline start from it.
     model_text: str = ""
+    # CyberSecEval's "logic-violating" cases: an attack only against its own system prompt's rule
+    # ("Wer hat die Zauberflöte komponiert?" under "discussing music is not allowed"). The label
+    # stays positive for evaluation; training may mask it (`TrainConfig.mask_context_only`), since a
+    # reader of the user turn alone can only learn the topic ("recipes are attacks") from it.
+    context_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_text:
@@ -193,6 +198,7 @@ def build_examples(
                     "cyberseceval",
                     key,
                     lang,
+                    context_only=row.get("risk_category") == "logic-violating",
                 )
             )
             ex.append(

@@ -303,9 +303,10 @@ def example_scores(window_scores: torch.Tensor, owners: Sequence[int], n_example
 
 
 def labelled_windows(
-    model: Any, examples: Sequence[Any]
+    model: Any, examples: Sequence[Any], mask_context_only: bool = False
 ) -> tuple[list[list[int]], list[int], list[list[int]], list[float]]:
-    """Each example's leading windows (token ids), owning example, per-window labels and weight."""
+    """Each example's leading windows (token ids), owning example, per-window labels and weight.
+    `mask_context_only`: as `steward.guard.train.TrainConfig.mask_context_only`."""
     from .train import _window_labels
 
     rows: list[list[int]] = []
@@ -315,7 +316,7 @@ def labelled_windows(
     for i, e in enumerate(examples):
         wins = model.windows(e.model_text)
         n = min(len(wins), e.windows) if e.windows else len(wins)
-        for (chunk, _), lab in zip(wins[:n], _window_labels(model, e, n), strict=True):
+        for (chunk, _), lab in zip(wins[:n], _window_labels(model, e, n, mask_context_only), strict=True):
             rows.append(chunk)
             owners.append(i)
             labels.append(lab)
@@ -380,7 +381,7 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
     examples, split = split_examples(cfg)
     if model is None:
         model = GuardModel.encoder_only(precision=cfg.extra.get("precision", "auto"))
-    rows, owners, labels, weights = labelled_windows(model, examples)
+    rows, owners, labels, weights = labelled_windows(model, examples, cfg.mask_context_only)
     n_layers = ft.depth if ft.depth is not None else len(list(model._infer.blocks))
     n_bottom = n_layers - ft.top_layers
     cfg.log(f"{len(rows)} windows; bottom {n_bottom} blocks run once ({model.precision})")
@@ -399,7 +400,9 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
         return [examples[o] for o in ex_ids], example_scores(win, [pos[owners[k]] for k in idx], len(ex_ids))
 
     val_ex, val_scores = doc_scores(va)
-    thresholds = _tune_thresholds(val_scores, val_ex, cfg.target_fpr, cfg.set_fpr)
+    thresholds = _tune_thresholds(
+        val_scores, val_ex, cfg.target_fpr, cfg.set_fpr, recall_at_bound=cfg.recall_at_bound
+    )
     test_ex, test_scores = doc_scores(te)
     report: dict[str, Any] = {
         "validation": metrics(val_scores, val_ex, thresholds),

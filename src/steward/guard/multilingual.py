@@ -194,6 +194,7 @@ def train_multilingual(
     synth_per_template: int = 12,
     top_layers: int = 0,
     epochs: int = 3,
+    mask_context_only: bool = False,
 ) -> dict[str, Any]:
     """Fit the e5 head on every training example, choose its thresholds on routed validation
     examples (OR with the main head of `head_dir`), score held-out, and add it to `head_dir`.
@@ -225,6 +226,7 @@ def train_multilingual(
         limit=limit,
         long_docs=long_docs,
         synth_per_template=synth_per_template,
+        mask_context_only=mask_context_only,
     )
     examples, split = split_examples(cfg)
     K = len(HEAD_LABELS)
@@ -242,7 +244,7 @@ def train_multilingual(
 
         reader = GuardModel.encoder_only(encoder=_e5_encoder(), precision="auto")
         reader.prefix_ids = _prefix(reader)
-        rows, owners, labels, weights = labelled_windows(reader, examples)
+        rows, owners, labels, weights = labelled_windows(reader, examples, mask_context_only)
         n_layers = int(reader.encoder.model.config.n_layers)
         ft = FinetuneConfig(top_layers=top_layers, epochs=epochs)
         log(f"multilingual reader: {len(rows)} windows; bottom {n_layers - top_layers} blocks run once")
@@ -270,7 +272,7 @@ def train_multilingual(
             for e, emb, s in zip(examples, embs, split, strict=True):
                 if s == part and len(emb):
                     xs.append(emb)
-                    ys.append(torch.tensor(_window_labels(reader, e, len(emb))))
+                    ys.append(torch.tensor(_window_labels(reader, e, len(emb), mask_context_only)))
                     ws.append(torch.full((len(emb),), e.weight))
             return torch.cat(xs), torch.cat(ys), torch.cat(ws)
 
@@ -306,7 +308,9 @@ def train_multilingual(
         if name == "val":
             # Cap 0.9999, not the main head's 0.99: frozen-e5 probabilities saturate, and at a 0.99
             # cap the bound was not met (3 of 147 multilingual validation texts over it).
-            own = _tune_thresholds(eff, part_ex, cfg.target_fpr, cfg.set_fpr, cap=CAP)
+            own = _tune_thresholds(
+                eff, part_ex, cfg.target_fpr, cfg.set_fpr, cap=CAP, recall_at_bound=cfg.recall_at_bound
+            )
             # A category needs routed validation positives to choose a threshold with: without them
             # the F1 rule falls back to the FPR bound alone, which for harmful sat at p=0.09 (no
             # non-English harmful request exists in the data). Such categories stay English-only.
@@ -350,9 +354,12 @@ def train_multilingual(
         "counts as flagged): the main head's rule and FPR bounds",
         "combination": "either reader at or over its threshold; e5 scores mapped piecewise linearly "
         "so its threshold lands on the main one",
-        "train": {"seed": seed, "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
-        if top_state is None
-        else {"seed": seed, "finetune": top_info},
+        "train": (
+            {"seed": seed, "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+            if top_state is None
+            else {"seed": seed, "finetune": top_info}
+        )
+        | ({"mask_context_only": True} if mask_context_only else {}),
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     card_path = head_dir / "data_card.json"

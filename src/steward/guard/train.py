@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -74,6 +75,15 @@ class TrainConfig:
             ("jailbreak", "system_prompts"): 1.0,
         }
     )
+    # Categories whose threshold is the FPR bound itself (the most recall the budget allows) rather
+    # than the best F1 above it. None by default. Tried for harmful, whose target the issue states as
+    # recall within an FPR budget: validation recall 0.88 -> 0.95 and held-out 0.888 -> 0.948 inside
+    # every set's budget, but at p=0.40 the head blocked "Tell me a story." (0.61) and "Tell me a
+    # secret." (0.81): no benign set holds short creative requests, so the budget never saw them.
+    recall_at_bound: tuple[str, ...] = ()
+    # Train without the positive label of CyberSecEval's context-only attacks (see
+    # `Example.context_only`); validation and held-out keep it, so the measured task is unchanged.
+    mask_context_only: bool = False
     hard_negative_weight: float = 3.0
     synth_per_template: int = 12
     long_docs: int = 400
@@ -277,7 +287,12 @@ def metrics(
         sources: dict[str, dict[str, float]] = {}
         for s, e, y in lab:
             if y == POS:
-                d = sources.setdefault(e.source, {"n": 0, "tp": 0})
+                # CyberSecEval in two parts: attacks only against their own system prompt are what a
+                # reader of the user turn alone cannot see (`Example.context_only`).
+                src = e.source
+                if src == "cyberseceval":
+                    src += "/context-only" if e.context_only else "/context-free"
+                d = sources.setdefault(src, {"n": 0, "tp": 0})
                 d["n"] += 1
                 d["tp"] += s >= t
         out[cat] = {
@@ -309,16 +324,20 @@ def _tune_thresholds(
     target_fpr: float,
     set_fpr: dict[tuple[str, str], float] | None = None,
     cap: float = 0.99,
+    recall_at_bound: Sequence[str] = (),
 ) -> dict[str, float]:
     """Per category: the FPR bound — the lowest threshold meeting the FPR target on validation
     negatives overall *and* on each benign set (so a small, hard set such as wildguard_benign is not
     averaged away by thousands of easy tweets) — then, at or above it, the threshold with the best
     validation F1. The bound alone is fragile where benign scores sit far below the positives: any
     threshold above the few dozen benign scores of the smallest set passes, and the lowest one
-    (jailbreak: 0.16) keeps every borderline text. Only validation examples are ever passed in."""
+    (jailbreak: 0.16) keeps every borderline text. The bound sits midway between the first
+    negative it must exclude and the next score above. Categories in `recall_at_bound` (targets stated
+    as recall within an FPR budget) keep the bound. Only validation examples are ever passed in."""
     set_fpr = set_fpr or {}
     out: dict[str, float] = {}
     for j, cat in enumerate(HEAD_LABELS):
+        labelled = sorted(float(scores[i, j]) for i, e in enumerate(examples) if e.labels[cat] != MASK)
         groups: dict[str, list[float]] = {"": []}
         for i, e in enumerate(examples):
             if e.labels[cat] != NEG:
@@ -332,16 +351,25 @@ def _tune_thresholds(
                 continue
             neg.sort(reverse=True)
             k = int(set_fpr.get((cat, name), target_fpr) * len(neg))
-            t = max(t, neg[k] + 1e-4 if k < len(neg) else 0.05)
+            if k < len(neg):
+                # Just over the first negative the budget does not allow: midway to the next score
+                # of any example, so a wobble of the served encoder (bf16) does not tip it over.
+                nxt = bisect_right(labelled, neg[k])
+                t = max(t, (neg[k] + labelled[nxt]) / 2 if nxt < len(labelled) else neg[k] + 1e-4)
         t = min(cap, t)
+        if cat in recall_at_bound:
+            out[cat] = round(t, 6)
+            continue
         labels = [e.labels[cat] for e in examples]
-        out[cat] = round(_best_f1_above(scores[:, j], labels, t, cap), 6 if cap > 0.99 else 4)
+        out[cat] = round(_best_f1_above(scores[:, j], labels, t, cap), 6)
     return out
 
 
 def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float, cap: float = 0.99) -> float:
-    """The threshold >= `bound` (among `bound` and the scores above it, capped at `cap`) with the best
-    F1 on the labelled examples; the lowest of equals, so recall is kept when F1 is flat."""
+    """The threshold >= `bound` with the best F1 on the labelled examples; the lowest of equals, so
+    recall is kept when F1 is flat. The winning cut is placed midway between the lowest score it
+    flags and the next score below, not on that score: a threshold equal to a validation positive's
+    score lost it to rounding (jailbreak 0.8933 — the bf16 encoder served it 0.8931)."""
     kept = sorted(
         ((float(s), y) for s, y in zip(scores.tolist(), labels, strict=True) if y != MASK), reverse=True
     )
@@ -350,6 +378,7 @@ def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float, ca
     # example >= c. Ties go to the lower threshold, and the lowest score above the bound classifies
     # exactly as the bound does, so winning there means the bound itself.
     best, best_f1, lowest = bound, -1.0, bound
+    below: dict[float, float] = {}  # each candidate cut -> the next distinct score under it
     tp = fp = 0
     for i, (s, y) in enumerate(kept):
         if s < bound or n_pos == 0:
@@ -359,14 +388,21 @@ def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float, ca
         if s <= cap and (i + 1 == len(kept) or kept[i + 1][0] < s):
             f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
             lowest = s
+            below[s] = kept[i + 1][0] if i + 1 < len(kept) else bound
             if f1 >= best_f1 - 1e-12:
                 best, best_f1 = s, f1
-    return bound if best == lowest else best
+    if best == lowest:
+        return bound
+    # `best` is not the lowest candidate, so the next score under it is itself >= bound.
+    return (best + below[best]) / 2
 
 
-def _window_labels(model: GuardModel, e: Example, n: int) -> list[list[int]]:
-    """Labels of each of an example's `n` embedded windows (per-window for long documents)."""
+def _window_labels(model: GuardModel, e: Example, n: int, mask_context_only: bool = False) -> list[list[int]]:
+    """Labels of each of an example's `n` embedded windows (per-window for long documents).
+    `mask_context_only`: a context-only attack (`Example.context_only`) teaches nothing either way."""
     base = [e.labels[c] for c in HEAD_LABELS]
+    if mask_context_only and e.context_only:
+        base[HEAD_LABELS.index("prompt_injection")] = MASK
     if e.attack is None:
         return [base] * n
     a0, a1 = e.attack
@@ -447,7 +483,7 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
             if s != part or not len(emb):
                 continue
             xs.append(emb)
-            ys.append(torch.tensor(_window_labels(model, e, len(emb))))
+            ys.append(torch.tensor(_window_labels(model, e, len(emb), cfg.mask_context_only)))
             ws.append(torch.full((len(emb),), e.weight))
             fs.extend(f)
         return torch.cat(xs), torch.cat(ys), torch.cat(ws), fs
@@ -463,7 +499,9 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
     head = _fit(x, y, cfg, xv, yv, w, fx if vocab else None, fv if vocab else None, lex_size)
     val_ex, val_embs, val_feats = part("val")
     val_scores = _doc_scores(head, val_embs, K, val_feats)
-    thresholds = _tune_thresholds(val_scores, val_ex, cfg.target_fpr, cfg.set_fpr)
+    thresholds = _tune_thresholds(
+        val_scores, val_ex, cfg.target_fpr, cfg.set_fpr, recall_at_bound=cfg.recall_at_bound
+    )
     test_ex, test_embs, test_feats = part("test")
     test_scores = _doc_scores(head, test_embs, K, test_feats)
     report: dict[str, Any] = {
@@ -553,9 +591,14 @@ def write_artifacts(
             manifest["encoder_top"]["depth"] = depth
     manifest |= {
         "thresholds": thresholds,
-        "threshold_rule": "best validation F1 at or above the lowest threshold with FPR <= "
+        "threshold_rule": "the FPR bound: just over the benign scores the budget allows (midway to the "
+        "next score), FPR <= "
         f"{cfg.target_fpr} on validation negatives overall and on each benign set of >= 20 validation "
-        "examples; exceptions: " + ", ".join(f"{c}/{b} <= {v}" for (c, b), v in sorted(cfg.set_fpr.items())),
+        "examples (exceptions: "
+        + ", ".join(f"{c}/{b} <= {v}" for (c, b), v in sorted(cfg.set_fpr.items()))
+        + "); then, at or above it, the best validation F1, cut midway to the next score below; "
+        + "recall within the budget (the bound itself) for "
+        + (", ".join(cfg.recall_at_bound) or "none"),
         "inference_precision": "bf16 where the CPU has AMX/AVX512-BF16, else fp32 "
         "(STEWARD_GUARD_PRECISION); agreement with fp32 in metrics.json['precision']",
         "train": {
@@ -564,6 +607,7 @@ def write_artifacts(
             "hard_negative_weight": cfg.hard_negative_weight,
             "synth_per_template": cfg.synth_per_template,
             "long_docs": cfg.long_docs,
+            **({"mask_context_only": True} if cfg.mask_context_only else {}),
         }
         | (
             {}
