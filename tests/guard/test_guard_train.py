@@ -40,6 +40,8 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: i
     args += ["--hidden", "16", "--no-precision-check", "--threads", "2", "--top-layers", str(top_layers)]
     if top_layers:  # the multilingual reader once, on the head-only run
         args.append("--no-multilingual")
+    else:  # and that run without the context-only attack labels, recorded for both readers
+        args.append("--mask-context-only")
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
     summary = json.loads(r.stdout)
@@ -63,6 +65,7 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: i
         assert model.tuned and model._infer is not model.encoder.model
         assert "finetune" in manifest["train"]
         assert "multilingual" not in manifest and model.multilingual is None
+        assert "mask_context_only" not in manifest["train"]  # the default trains on every label
     else:
         assert "encoder_top" not in manifest and not model.tuned
         assert model._infer is model.encoder.model
@@ -71,6 +74,7 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: i
         assert set(part["categories"]) <= set(model.labels)
         assert "multilingual" in json.loads((out / "metrics.json").read_text())
         assert "encoder_top" not in part  # a frozen main head gets a frozen reader
+        assert manifest["train"]["mask_context_only"] is True and part["train"]["mask_context_only"] is True
         # the committed kind: e5's top blocks tuned with the reader's head
         args = ["guard", "train-multilingual", "--data", str(DATA), "--head", str(out)]
         args += ["--cache", str(tmp_path / "e5"), "--top-layers", "2", "--epochs", "1", "--limit", "6"]
@@ -80,6 +84,7 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: i
         assert set(json.loads(r.stdout)["heldout_routed"]) == {"main_head", "combined"}
         part = json.loads((out / "manifest.json").read_text())["multilingual"]
         assert part["encoder_top"]["layers"] == [10, 11]
+        assert part["train"]["mask_context_only"] is True  # as the main head was trained
         tuned = GuardModel(out, precision="fp32").multilingual
         assert tuned is not None and tuned.version != model.multilingual.version
     metrics = json.loads((out / "metrics.json").read_text())

@@ -194,13 +194,14 @@ def train_multilingual(
     synth_per_template: int = 12,
     top_layers: int = 0,
     epochs: int = 3,
-    mask_context_only: bool = False,
+    mask_context_only: bool | None = None,
 ) -> dict[str, Any]:
     """Fit the e5 head on every training example, choose its thresholds on routed validation
     examples (OR with the main head of `head_dir`), score held-out, and add it to `head_dir`.
     `limit`, `long_docs`, `synth_per_template`: as the main head was trained (the same examples).
     `top_layers` > 0 fine-tunes e5's top blocks with the head (`steward.guard.finetune`) instead of
-    fitting the head on frozen embeddings."""
+    fitting the head on frozen embeddings. `mask_context_only` (default: as the main head was
+    trained, from its manifest): train without CyberSecEval's context-only attack labels."""
     from safetensors.torch import save_file
 
     from .train import (
@@ -217,6 +218,8 @@ def train_multilingual(
     torch.manual_seed(seed)
     manifest_path = head_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if mask_context_only is None:
+        mask_context_only = bool(manifest.get("train", {}).get("mask_context_only", False))
     cfg = TrainConfig(
         data_dir=data_dir,
         out_dir=head_dir,
