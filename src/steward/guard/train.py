@@ -378,7 +378,7 @@ def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float, ca
     # example >= c. Ties go to the lower threshold, and the lowest score above the bound classifies
     # exactly as the bound does, so winning there means the bound itself.
     best, best_f1, lowest = bound, -1.0, bound
-    below: dict[float, float] = {}  # each candidate cut -> the next distinct score under it
+    best_next = bound  # the next distinct score under `best`
     tp = fp = 0
     for i, (s, y) in enumerate(kept):
         if s < bound or n_pos == 0:
@@ -388,13 +388,13 @@ def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float, ca
         if s <= cap and (i + 1 == len(kept) or kept[i + 1][0] < s):
             f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
             lowest = s
-            below[s] = kept[i + 1][0] if i + 1 < len(kept) else bound
             if f1 >= best_f1 - 1e-12:
                 best, best_f1 = s, f1
+                best_next = kept[i + 1][0] if i + 1 < len(kept) else bound
     if best == lowest:
         return bound
     # `best` is not the lowest candidate, so the next score under it is itself >= bound.
-    return (best + below[best]) / 2
+    return (best + best_next) / 2
 
 
 def _window_labels(model: GuardModel, e: Example, n: int, mask_context_only: bool = False) -> list[list[int]]:
