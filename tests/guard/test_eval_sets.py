@@ -12,20 +12,26 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+from steward.guard.benign_everyday import EVERYDAY_REQUESTS
 from steward.guard.benign_multilingual import BENIGN_MULTILINGUAL
 from steward.guard.benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
 from steward.guard.lookalikes import lookalikes
 from steward.guard.synth import benign_examples, hate_examples, injection_examples
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_guards.py"
+CLASSIFIER_TESTS = Path(__file__).resolve().parent / "test_classifier.py"
 
 
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_guards", BENCH)
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench() -> ModuleType:
+    return _load("bench_guards", BENCH)
 
 
 def _trigrams(text: str) -> set[str]:
@@ -39,12 +45,16 @@ def _unseen_texts(bench: ModuleType) -> list[str]:
         for item in getattr(bench, name):
             # (label, text) or (label, text, system prompt): every string but the label
             out.extend([item] if isinstance(item, str) else [x for x in item[1:] if isinstance(x, str)])
+    # The committed head's own unseen cases (tests/guard/test_classifier.py) are evaluation text too.
+    tests = _load("guard_classifier_cases", CLASSIFIER_TESTS)
+    out.extend(tests._text(p) for p in [*tests.ATTACKS, *tests.BENIGN])
     return out
 
 
 def _training_texts() -> list[str]:
     texts = [t for v in BENIGN_MULTILINGUAL.values() for t in v]
     texts += [t for v in BENIGN_MULTILINGUAL_CHAT.values() for t in v]
+    texts += EVERYDAY_REQUESTS
     texts += [t for _, t in lookalikes()]
     texts += [t for _, _, t in injection_examples(12, 0)]
     texts += [t for _, t in benign_examples(12, 0)]

@@ -54,7 +54,7 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: i
     }
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["hidden"] == 16
-    assert all(0.0 < t <= 0.99 for t in manifest["thresholds"].values())
+    assert all(0.0 < t <= 0.9999 for t in manifest["thresholds"].values())
 
     from steward.guard.classifier import GuardModel
 
@@ -170,19 +170,36 @@ def test_training_reads_the_text_the_pipeline_scores(guard_examples: list[Exampl
             assert 0 <= a0 < a1 <= len(x.model_text)
 
 
-def test_threshold_cap_is_a_parameter() -> None:
-    """The main head's thresholds stop at 0.99; the multilingual reader's saturating scores need a
-    higher cap to meet the FPR bound at all."""
+def test_threshold_cap_lets_the_bound_decide() -> None:
+    """Saturating scores (frozen e5, and a fine-tuned head on some T0 prompts) need a cap above 0.99
+    to meet the FPR bound at all; the cap is a parameter and the default is THRESHOLD_CAP."""
     import torch
 
-    from steward.guard.train import NEG, POS, _best_f1_above
+    from steward.guard.classifier import HEAD_LABELS
+    from steward.guard.dataset import Example
+    from steward.guard.train import NEG, POS, THRESHOLD_CAP, _best_f1_above, _tune_thresholds
 
     scores = torch.tensor([0.9999, 0.9995, 0.9993, 0.995])
     labels = [POS, NEG, NEG, NEG]
     bound = 0.995 + 1e-4
-    assert _best_f1_above(scores, labels, bound) == pytest.approx(bound)  # nothing under 0.99 to pick
+    assert _best_f1_above(scores, labels, bound, cap=0.99) == pytest.approx(bound)  # nothing under 0.99
     # 0.9999 wins; cut midway to 0.9995
-    assert _best_f1_above(scores, labels, bound, cap=0.9999) == pytest.approx(0.9997)
+    assert THRESHOLD_CAP == 0.9999
+    assert _best_f1_above(scores, labels, bound) == pytest.approx(0.9997)
+
+    # 100 benign texts, 3 of them over 0.99 (budget 2%: two may pass), 10 positives at 0.9998.
+    exs, rows = [], []
+    for i in range(100):
+        exs.append(Example(f"b{i}", {c: NEG for c in HEAD_LABELS}, "t0", f"b{i}", benign_set="t0"))
+        rows.append([0.995 if i < 3 else 0.1] * len(HEAD_LABELS))
+    for i in range(10):
+        exs.append(Example(f"p{i}", {c: POS for c in HEAD_LABELS}, "attack", f"p{i}"))
+        rows.append([0.9998] * len(HEAD_LABELS))
+    s = torch.tensor(rows)
+    capped = _tune_thresholds(s, exs, 0.02, cap=0.99)["prompt_injection"]
+    assert capped == 0.99  # the bound is silently missed: 3/100 benign over the threshold
+    t = _tune_thresholds(s, exs, 0.02)["prompt_injection"]
+    assert 0.995 < t < 0.9998  # all three benign texts under it, every positive over it
 
 
 def test_recall_categories_keep_the_fpr_bound() -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .benign_everyday import EVERYDAY_REQUESTS
 from .benign_multilingual import BENIGN_MULTILINGUAL
 from .benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
 from .classifier import HEAD_LABELS
@@ -360,6 +361,10 @@ def build_examples(
         for lang, texts in by_lang.items():
             for i, text in enumerate(texts):
                 ex.append(Example(text, _labels(), name, f"{key}:{lang}:{i}", lang, name, weight=w))
+    # Short everyday English requests ("Write a short story.", "Tell me a secret."): the shortest,
+    # vaguest turns, which no other benign set holds; each text one group.
+    for i, text in enumerate(EVERYDAY_REQUESTS):
+        ex.append(Example(text, _labels(), "everyday", f"ev:{i}", "en", "everyday", weight=w))
     for e in ex:
         if e.source == "wildguard_benign":
             e.weight = w

@@ -38,7 +38,6 @@ __all__ = ["MultilingualReader", "calibrate", "load_reader", "train_multilingual
 E5_PREFIX = "query:"  # multilingual-e5's input convention ("query: " / "passage: ")
 WEIGHTS = "multilingual_head.safetensors"
 TOP_WEIGHTS = "multilingual_top.safetensors"
-CAP = 0.9999  # highest threshold the tuning may choose
 MIN_POSITIVES = 20  # routed validation positives a category needs to be read by this reader
 
 
@@ -309,10 +308,10 @@ def train_multilingual(
         # OR: an example the main head flags counts as flagged at any e5 threshold.
         eff = torch.where(flagged, torch.ones_like(ml), ml)
         if name == "val":
-            # Cap 0.9999, not the main head's 0.99: frozen-e5 probabilities saturate, and at a 0.99
-            # cap the bound was not met (3 of 147 multilingual validation texts over it).
+            # The tuning's cap (train.THRESHOLD_CAP, 0.9999): frozen-e5 probabilities saturate, and
+            # at a 0.99 cap the bound was not met (3 of 147 multilingual validation texts over it).
             own = _tune_thresholds(
-                eff, part_ex, cfg.target_fpr, cfg.set_fpr, cap=CAP, recall_at_bound=cfg.recall_at_bound
+                eff, part_ex, cfg.target_fpr, cfg.set_fpr, recall_at_bound=cfg.recall_at_bound
             )
             # A category needs routed validation positives to choose a threshold with: without them
             # the F1 rule falls back to the FPR bound alone, which for harmful sat at p=0.09 (no

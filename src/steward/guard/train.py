@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .benign_everyday import EVERYDAY_REQUESTS
 from .benign_multilingual import BENIGN_MULTILINGUAL
 from .benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
 from .classifier import HEAD_LABELS, LEX_BUCKETS, GuardHead, GuardModel, pack_bag, window_features
@@ -40,6 +41,7 @@ __all__ = [
     "MASK",
     "NEG",
     "POS",
+    "THRESHOLD_CAP",
     "Example",
     "TrainConfig",
     "build_examples",
@@ -48,6 +50,12 @@ __all__ = [
     "limit_examples",
     "train_head",
 ]
+
+# The highest threshold the tuning may choose. It was 0.99 for the MiniLM head and 0.9999 for the
+# multilingual reader (frozen-e5 probabilities saturate). A fine-tuned head saturates too: one run
+# scored 9 of 342 validation T0 prompts over 0.99 for prompt_injection, so at a 0.99 cap the 2% bound
+# was silently not met. One cap for both readers, high enough that the bound always decides.
+THRESHOLD_CAP = 0.9999
 
 
 @dataclass(slots=True)
@@ -323,7 +331,7 @@ def _tune_thresholds(
     examples: Sequence[Example],
     target_fpr: float,
     set_fpr: dict[tuple[str, str], float] | None = None,
-    cap: float = 0.99,
+    cap: float = THRESHOLD_CAP,
     recall_at_bound: Sequence[str] = (),
 ) -> dict[str, float]:
     """Per category: the FPR bound — the lowest threshold meeting the FPR target on validation
@@ -365,7 +373,9 @@ def _tune_thresholds(
     return out
 
 
-def _best_f1_above(scores: torch.Tensor, labels: Sequence[int], bound: float, cap: float = 0.99) -> float:
+def _best_f1_above(
+    scores: torch.Tensor, labels: Sequence[int], bound: float, cap: float = THRESHOLD_CAP
+) -> float:
     """The threshold >= `bound` with the best F1 on the labelled examples; the lowest of equals, so
     recall is kept when F1 is flat. The winning cut is placed midway between the lowest score it
     flags and the next score below, not on that score: a threshold equal to a validation positive's
@@ -633,7 +643,9 @@ def write_artifacts(
         f" {len(BENIGN_MULTILINGUAL)} languages of CyberSecEval's translations)"
         " + steward.guard.benign_multilingual_chat"
         f" ({sum(map(len, BENIGN_MULTILINGUAL_CHAT.values()))} messages and documents in the same"
-        " languages by other writers)"
+        " languages by other writers) + steward.guard.benign_everyday"
+        f" ({len(EVERYDAY_REQUESTS)} short everyday English requests: stories, jokes, small talk,"
+        " follow-ups)"
         " + long documents built from"
         " training-side BIPIA contexts and unused T0 prompts with one injected instruction,"
         " labelled per window",
@@ -650,7 +662,8 @@ def write_artifacts(
         },
         "text": "each text as the pipeline hands it to the classifier: normalise(text, decode=False) "
         "(NFKC, invisible and tag characters dropped, homoglyphs folded); reports keep the raw text",
-        "weights": "hard negatives (wildguard_benign, multilingual_benign, multilingual_chat, self_instruct, "
+        "weights": "hard negatives (wildguard_benign, multilingual_benign, multilingual_chat, everyday, "
+        "self_instruct, "
         "look-alikes, "
         "synth benign) weigh "
         f"{cfg.hard_negative_weight}x in the loss; positives balanced per label (pos_weight <= 20)",
