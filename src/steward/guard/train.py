@@ -87,7 +87,8 @@ class TrainConfig:
     # than the best F1 above it. None by default. Tried for harmful, whose target the issue states as
     # recall within an FPR budget: validation recall 0.88 -> 0.95 and held-out 0.888 -> 0.948 inside
     # every set's budget, but at p=0.40 the head blocked "Tell me a story." (0.61) and "Tell me a
-    # secret." (0.81): no benign set holds short creative requests, so the budget never saw them.
+    # secret." (0.81): no benign set held short creative requests then. With them
+    # (`steward.guard.benign_everyday`) the retrained head's bound is its F1 pick, so it stays off.
     recall_at_bound: tuple[str, ...] = ()
     # Train without the positive label of CyberSecEval's context-only attacks (see
     # `Example.context_only`); validation and held-out keep it, so the measured task is unchanged.
@@ -663,9 +664,7 @@ def write_artifacts(
         "text": "each text as the pipeline hands it to the classifier: normalise(text, decode=False) "
         "(NFKC, invisible and tag characters dropped, homoglyphs folded); reports keep the raw text",
         "weights": "hard negatives (wildguard_benign, multilingual_benign, multilingual_chat, everyday, "
-        "self_instruct, "
-        "look-alikes, "
-        "synth benign) weigh "
+        "self_instruct, look-alikes, synth benign) weigh "
         f"{cfg.hard_negative_weight}x in the loss; positives balanced per label (pos_weight <= 20)",
         "split": "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train",
         "examples_by_source": counts,
