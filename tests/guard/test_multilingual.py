@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from steward.guard import Pipeline, ScanContext
-from steward.guard.classifier import GuardModel, default_head_dir, get_guard_model
+from steward.guard.classifier import _MODELS, GuardModel, default_head_dir, get_guard_model, head_key
 from steward.guard.multilingual import calibrate
 from steward.guard.types import ScannerError
 
@@ -131,4 +131,92 @@ def test_a_malformed_multilingual_entry_is_a_clear_error(tmp_path: Path, edit: o
     edit(manifest["multilingual"])  # type: ignore[operator]
     (head / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ScannerError, match="malformed 'multilingual' entry"):
+        GuardModel(head)
+
+
+def _reader_maxima(model: GuardModel, text: str, category: str) -> tuple[float, float]:
+    from steward.guard.normalize import normalise
+
+    doc = normalise(text)
+    model.score_documents([doc])
+    ml = model.multilingual
+    assert ml is not None
+    main = float(doc.cache[model.cache_key].probs[:, model.labels.index(category)].max())
+    e5 = float(doc.cache[ml.cache_key].probs[:, ml.labels.index(category)].max())
+    return main, e5
+
+
+# Non-English turns of both kinds, so the two readers disagree on some of them.
+MIXED = [*ATTACKS, *BENIGN, "Xin chào! Bạn có thể giải thích cách tính lãi kép không?"]
+
+
+def test_a_routed_score_is_the_mean_of_both_readers_or_e5_alone() -> None:
+    from steward.guard.classifier import ClassifierScanner
+    from steward.guard.normalize import normalise
+
+    model = get_guard_model()
+    ml = model.multilingual
+    assert ml is not None and ml.combine == "mean" and "prompt_injection" in ml.categories
+    manifest = json.loads((default_head_dir() / "manifest.json").read_text(encoding="utf-8"))
+    own = manifest["multilingual"]["thresholds"]["prompt_injection"]
+    alone = manifest["multilingual"]["alone"]["prompt_injection"]
+    scanner = ClassifierScanner("prompt_injection")
+    k = ml.labels.index("prompt_injection")
+    for text in MIXED:
+        main, e5 = _reader_maxima(model, text, "prompt_injection")
+        [finding] = scanner.scan(normalise(text), ScanContext())
+        expected = max(ml.calibrated_one((main + e5) / 2, k), ml.alone_one(e5, k))
+        assert finding.score == pytest.approx(expected, abs=1e-6), (text, main, e5)
+        # flagged exactly when the mean reaches its threshold or e5 reaches its own
+        flagged = finding.score >= model.thresholds["prompt_injection"]
+        assert flagged == ((main + e5) / 2 >= own or e5 >= alone), (text, main, e5)
+
+
+def test_without_an_alone_threshold_e5_never_flags_alone() -> None:
+    model = get_guard_model()
+    ml = model.multilingual
+    assert ml is not None
+    saved = ml._alone.clone()
+    try:
+        ml._alone.fill_(2.0)  # what a manifest without 'alone' loads
+        assert ml.alone_one(0.99999, 0) == 0.0
+    finally:
+        ml._alone.copy_(saved)
+    k = ml.labels.index("prompt_injection")
+    at = float(saved[k])
+    assert ml.alone_one(at, k) == pytest.approx(model.thresholds["prompt_injection"], abs=1e-6)
+
+
+def test_a_manifest_without_combine_keeps_the_or(tmp_path: Path) -> None:
+    """Heads trained before the mean keep the rule their thresholds were chosen for."""
+    from steward.guard.classifier import ClassifierScanner
+    from steward.guard.normalize import normalise
+
+    head = tmp_path / "guard"
+    shutil.copytree(default_head_dir(), head)
+    manifest = json.loads((head / "manifest.json").read_text())
+    del manifest["multilingual"]["combine"]
+    (head / "manifest.json").write_text(json.dumps(manifest))
+    model = get_guard_model(head)
+    try:
+        ml = model.multilingual
+        assert ml is not None and ml.combine == "or"
+        scanner = ClassifierScanner("prompt_injection", head_dir=str(head))
+        k = ml.labels.index("prompt_injection")
+        for text in MIXED:
+            main, e5 = _reader_maxima(model, text, "prompt_injection")
+            [finding] = scanner.scan(normalise(text), ScanContext())
+            e5_on_main = ml.calibrated_one(e5, k)
+            assert finding.score == pytest.approx(max(main, e5_on_main), abs=1e-6), text
+    finally:
+        _MODELS.pop(head_key(head), None)  # a second guard model (~350 MB) need not outlive the test
+
+
+def test_an_unknown_combination_is_a_clear_error(tmp_path: Path) -> None:
+    head = tmp_path / "guard"
+    shutil.copytree(default_head_dir(), head)
+    manifest = json.loads((head / "manifest.json").read_text())
+    manifest["multilingual"]["combine"] = "max"
+    (head / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ScannerError, match=r"malformed 'multilingual' entry.*combine must be"):
         GuardModel(head)

@@ -566,6 +566,10 @@ class ClassifierScanner:
         j = model.labels.index(self.category)
         reader: GuardModel = model
         col = scores.probs[:, j]
+        if scores.probs.shape[0] == 0:
+            return []
+        best = int(col.argmax())
+        score = float(col[best])
         note = ""
         ml = model.multilingual
         ml_scores: WindowScores | None = doc.cache.get(ml.cache_key) if ml is not None else None
@@ -575,19 +579,28 @@ class ClassifierScanner:
             and ml_scores is not None
             and ml_scores.probs.shape[0]
         ):
-            # Either reader may flag; e5 scores are on the main head's scale after `calibrated`.
             k = ml.labels.index(self.category)
-            ml_col = ml.calibrated(ml_scores.probs)[:, k]
-            if not col.numel() or float(ml_col.max()) > float(col.max()):
-                raw = float(ml_scores.probs[:, k].max())
+            ml_best = int(ml_scores.probs[:, k].argmax())
+            raw = float(ml_scores.probs[ml_best, k])
+            if ml.combine == "mean":
+                # A routed text: the mean of both readers, or e5 alone, on the main scale
+                # (`steward.guard.multilingual`).
+                mean = (score + raw) / 2
                 note = (
-                    f" (multilingual reader: p={raw:.2f}, its threshold {ml.thresholds[self.category]:.2f})"
+                    f" (mean of MiniLM p={score:.2f} and multilingual reader: p={raw:.2f} is {mean:.2f}, "
+                    f"its threshold {ml.thresholds[self.category]:.2f}; the multilingual reader alone: "
+                    f"threshold {float(ml._alone[k]):.2f})"
                 )
-                reader, scores, col = ml, ml_scores, ml_col
-        if scores.probs.shape[0] == 0:
-            return []
-        best = int(col.argmax())
-        score = float(col[best])
+                score = max(ml.calibrated_one(mean, k), ml.alone_one(raw, k))
+                if raw > float(col[best]):  # the span and hazard hint of the surer reader
+                    reader, scores, best = ml, ml_scores, ml_best
+            else:
+                # OR (older manifests): either reader may flag, e5 on the main scale.
+                cal = float(ml.calibrated_one(raw, k))
+                if cal > score:
+                    own = ml.thresholds[self.category]
+                    note = f" (multilingual reader: p={raw:.2f}, its threshold {own:.2f})"
+                    reader, scores, best, score = ml, ml_scores, ml_best, cal
         span = scores.spans[best]
         where = "decoded text" if scores.decoded[best] else f"characters {span.start}-{span.end}"
         reason = f"{self.category.replace('_', ' ')} classifier p={score:.2f} on {where}{note}"

@@ -10,12 +10,18 @@ goes further the way the main head did: e5's top 4 of 12 blocks are fine-tuned w
 MiniLM, so it only runs where `steward.guard.language` routes a text away from English; English
 traffic keeps its speed and its classifier.
 
-The two readers are combined as OR: a category fires when either reader's score reaches its
-threshold. The e5 head's thresholds are chosen on the *routed* validation examples with that OR in
-view (an example the MiniLM head already flags counts as flagged whatever e5 says), under the same
-FPR bounds per benign set as the main head. So that policies keep one threshold per category, an e5
-probability is mapped onto the main head's scale, piecewise linearly with its threshold landing on
-the main threshold; a finding says which reader scored it and both raw numbers.
+For a routed text the two readers' scores are averaged (per category, each reader's highest window),
+and the mean is held to a threshold of its own, chosen on the *routed* validation examples under the
+same FPR bounds per benign set as the main head. Until 2026-12-03 they were OR-ed (either reader at
+its threshold fired), and most false positives on non-English text were then MiniLM's: to it a
+Vietnamese or Bengali request is a run of [UNK] pieces, which it has seen mostly in CyberSecEval's
+translated attacks, and under OR the e5 reader could not overrule it. Averaged, neither reader flags
+alone unless it is sure enough to carry the other: on validation (pipeline with system prompts) the
+mean gave injection+jailbreak F1 0.936 against OR's 0.929 (false positives 24 -> 17, recall equal),
+and a weighted mean at 0.3/0.4/0.6 was no better. So that policies keep one threshold per
+category, the mean is mapped onto the main head's scale, piecewise linearly with its threshold
+landing on the main threshold; a finding says both readers' raw numbers. A manifest without
+`combine` (written before the change) keeps the OR.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +45,8 @@ E5_PREFIX = "query:"  # multilingual-e5's input convention ("query: " / "passage
 WEIGHTS = "multilingual_head.safetensors"
 TOP_WEIGHTS = "multilingual_top.safetensors"
 MIN_POSITIVES = 20  # routed validation positives a category needs to be read by this reader
+Combine = Literal["mean", "or"]
+COMBINE: Combine = "mean"  # what `train_multilingual` writes (older manifests: "or", the default)
 
 
 def calibrate(p: torch.Tensor, own: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
@@ -103,9 +111,27 @@ class MultilingualReader(GuardModel):
         self.cache_key = f"guard-ml:{self.version}:{self.precision}"
         self._own = torch.tensor([self.thresholds[c] for c in self.labels])
         self._main = torch.tensor([main_thresholds[c] for c in self.labels])
+        combine = part.get("combine", "or")
+        if combine not in ("mean", "or"):
+            raise ValueError(f"combine must be 'mean' or 'or', not {combine!r}")
+        self.combine: Combine = combine
+        # e5's own threshold when it flags alone (with `mean`); older manifests have none
+        alone = part.get("alone") or {}
+        self._alone = torch.tensor([float(alone.get(c, 2.0)) for c in self.labels])
 
     def calibrated(self, probs: torch.Tensor) -> torch.Tensor:
         return calibrate(probs, self._own, self._main)
+
+    def calibrated_one(self, p: float, k: int) -> float:
+        """One score of label column `k` on the main head's scale."""
+        return float(calibrate(torch.tensor([p]), self._own[k : k + 1], self._main[k : k + 1])[0])
+
+    def alone_one(self, p: float, k: int) -> float:
+        """e5's score of label column `k` on the main head's scale by its `alone` threshold (0 where
+        the manifest has none: e5 then never flags alone)."""
+        if float(self._alone[k]) > 1.0:
+            return 0.0
+        return float(calibrate(torch.tensor([p]), self._alone[k : k + 1], self._main[k : k + 1])[0])
 
 
 def _checked(path: Path, expected: Any, what: str) -> str:
@@ -196,7 +222,8 @@ def train_multilingual(
     mask_context_only: bool | None = None,
 ) -> dict[str, Any]:
     """Fit the e5 head on every training example, choose its thresholds on routed validation
-    examples (OR with the main head of `head_dir`), score held-out, and add it to `head_dir`.
+    examples (for the mean of its score and `head_dir`'s main head's), score held-out, and add it
+    to `head_dir`.
     `limit`, `long_docs`, `synth_per_template`: as the main head was trained (the same examples).
     `top_layers` > 0 fine-tunes e5's top blocks with the head (`steward.guard.finetune`) instead of
     fitting the head on frozen embeddings. `mask_context_only` (default: as the main head was
@@ -295,23 +322,32 @@ def train_multilingual(
             return _doc_scores(head, [embs[i] for i in keep], K)
 
     main = GuardModel(head_dir, precision="fp32", multilingual=False)
-    main_t = torch.tensor([main.thresholds[c] for c in HEAD_LABELS])
     report: dict[str, Any] = {"router": ROUTER}
     own: dict[str, float] = {}
+    alone: dict[str, float] = {}
     enabled: list[str] = []
     for name in ("val", "test"):
         keep = [i for i, s in enumerate(split) if s == name and routed(examples[i].model_text)]
         part_ex = [examples[i] for i in keep]
         ml = ml_scores(keep)
         base = _doc_max(main, [e.model_text for e in part_ex], [e.windows for e in part_ex])
-        flagged = base >= main_t
-        # OR: an example the main head flags counts as flagged at any e5 threshold.
-        eff = torch.where(flagged, torch.ones_like(ml), ml)
+        mean = (base + ml) / 2  # COMBINE: the mean, as `ClassifierScanner` reads a routed text
         if name == "val":
             # The tuning's cap (train.THRESHOLD_CAP, 0.9999): frozen-e5 probabilities saturate, and
             # at a 0.99 cap the bound was not met (3 of 147 multilingual validation texts over it).
             own = _tune_thresholds(
-                eff, part_ex, cfg.target_fpr, cfg.set_fpr, recall_at_bound=cfg.recall_at_bound
+                mean, part_ex, cfg.target_fpr, cfg.set_fpr, recall_at_bound=cfg.recall_at_bound
+            )
+            # Then e5 alone, with the mean's flags counted as flags (the same rule and bounds): the
+            # reader built for these languages may still flag what MiniLM, reading [UNK] pieces,
+            # pulls under the mean.
+            by_mean = mean >= torch.tensor([own[c] for c in HEAD_LABELS])
+            alone = _tune_thresholds(
+                torch.where(by_mean, torch.ones_like(ml), ml),
+                part_ex,
+                cfg.target_fpr,
+                cfg.set_fpr,
+                recall_at_bound=cfg.recall_at_bound,
             )
             # A category needs routed validation positives to choose a threshold with: without them
             # the F1 rule falls back to the FPR bound alone, which for harmful sat at p=0.09 (no
@@ -319,12 +355,15 @@ def train_multilingual(
             positives = {c: sum(e.labels[c] == 1 for e in part_ex) for c in HEAD_LABELS}
             enabled = [c for c in HEAD_LABELS if positives[c] >= MIN_POSITIVES]
             report["validation_positives"] = positives
+        flagged = (mean >= torch.tensor([own[c] for c in HEAD_LABELS])) | (
+            ml >= torch.tensor([alone[c] for c in HEAD_LABELS])
+        )
         label = "validation" if name == "val" else "heldout"
         report[label] = {
             "routed_examples": len(part_ex),
             "main_head": metrics(base, part_ex, main.thresholds),
-            "multilingual_head": metrics(ml, part_ex, own),
-            "combined": metrics(eff, part_ex, own),
+            "multilingual_head": metrics(ml, part_ex, alone),
+            "combined": metrics(flagged.float(), part_ex, dict.fromkeys(HEAD_LABELS, 0.5)),
         }
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(head_dir / WEIGHTS))
     top_path = head_dir / TOP_WEIGHTS
@@ -350,12 +389,16 @@ def train_multilingual(
         "weights": WEIGHTS,
         "sha256": hashlib.sha256((head_dir / WEIGHTS).read_bytes()).hexdigest(),
         "thresholds": own,
+        "alone": alone,
         "categories": enabled,
         **({"encoder_top": top_info} if top_state is not None else {}),
-        "threshold_rule": "on routed validation examples, OR with the main head (an example it flags "
-        "counts as flagged): the main head's rule and FPR bounds",
-        "combination": "either reader at or over its threshold; e5 scores mapped piecewise linearly "
-        "so its threshold lands on the main one",
+        "threshold_rule": "on routed validation examples, the main head's rule and FPR bounds: first for "
+        "the mean of the two readers' scores ('thresholds'), then for e5 alone with the mean's flags "
+        "counted as flags ('alone')",
+        "combine": COMBINE,
+        "combination": "the mean of the two readers' scores (each its highest window) at or over "
+        "'thresholds', or e5's at or over 'alone'; either mapped piecewise linearly so its threshold "
+        "lands on the main one",
         "train": (
             {"seed": seed, "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
             if top_state is None
