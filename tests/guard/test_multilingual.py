@@ -176,12 +176,12 @@ def test_without_an_alone_threshold_e5_never_flags_alone() -> None:
     model = get_guard_model()
     ml = model.multilingual
     assert ml is not None
-    saved = ml._alone.clone()
+    saved = ml.alone_thresholds.clone()
     try:
-        ml._alone.fill_(2.0)  # what a manifest without 'alone' loads
+        ml.alone_thresholds.fill_(2.0)  # what a manifest without 'alone' loads
         assert ml.alone_one(0.99999, 0) == 0.0
     finally:
-        ml._alone.copy_(saved)
+        ml.alone_thresholds.copy_(saved)
     k = ml.labels.index("prompt_injection")
     at = float(saved[k])
     assert ml.alone_one(at, k) == pytest.approx(model.thresholds["prompt_injection"], abs=1e-6)

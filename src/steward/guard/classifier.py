@@ -589,7 +589,7 @@ class ClassifierScanner:
                 note = (
                     f" (mean of MiniLM p={score:.2f} and multilingual reader: p={raw:.2f} is {mean:.2f}, "
                     f"its threshold {ml.thresholds[self.category]:.2f}; the multilingual reader alone: "
-                    f"threshold {float(ml._alone[k]):.2f})"
+                    f"threshold {float(ml.alone_thresholds[k]):.2f})"
                 )
                 score = max(ml.calibrated_one(mean, k), ml.alone_one(raw, k))
                 if raw > float(col[best]):  # the span and hazard hint of the surer reader

@@ -10,18 +10,19 @@ goes further the way the main head did: e5's top 4 of 12 blocks are fine-tuned w
 MiniLM, so it only runs where `steward.guard.language` routes a text away from English; English
 traffic keeps its speed and its classifier.
 
-For a routed text the two readers' scores are averaged (per category, each reader's highest window),
-and the mean is held to a threshold of its own, chosen on the *routed* validation examples under the
-same FPR bounds per benign set as the main head. Until 2026-12-03 they were OR-ed (either reader at
-its threshold fired), and most false positives on non-English text were then MiniLM's: to it a
-Vietnamese or Bengali request is a run of [UNK] pieces, which it has seen mostly in CyberSecEval's
-translated attacks, and under OR the e5 reader could not overrule it. Averaged, neither reader flags
-alone unless it is sure enough to carry the other: on validation (pipeline with system prompts) the
-mean gave injection+jailbreak F1 0.936 against OR's 0.929 (false positives 24 -> 17, recall equal),
-and a weighted mean at 0.3/0.4/0.6 was no better. So that policies keep one threshold per
-category, the mean is mapped onto the main head's scale, piecewise linearly with its threshold
-landing on the main threshold; a finding says both readers' raw numbers. A manifest without
-`combine` (written before the change) keeps the OR.
+A routed text fires when the mean of the two readers' scores (per category, each reader's highest
+window) reaches the mean's threshold, or when e5's score alone reaches e5's own; both are chosen on
+the *routed* validation examples under the same FPR bounds per benign set as the main head (the
+mean's first, then e5's with the mean's flags counted as flags). MiniLM cannot flag a routed text
+on its own (at MiniLM 1.0 the mean of the committed head still needs e5 at 0.41). Until
+2026-12-03 the readers were OR-ed, and most false positives on non-English text were then
+MiniLM's: to it a Vietnamese or Bengali request is a run of [UNK] pieces, which it has seen mostly
+in CyberSecEval's translated attacks. The mean alone fixed that but halved e5's sure
+verdicts on attacks MiniLM cannot read (a Japanese "show your system prompt": e5 0.999, MiniLM
+0.03), hence e5 alone as the second way in. Validation pipeline injection+jailbreak F1: OR 0.929,
+mean 0.935, mean or e5 alone 0.938. So that policies keep one threshold per category, both scores
+are mapped onto the main head's scale, piecewise linearly with their thresholds landing on the main
+threshold; a finding says both readers' raw numbers. A manifest without `combine` keeps the OR.
 """
 
 from __future__ import annotations
@@ -115,9 +116,10 @@ class MultilingualReader(GuardModel):
         if combine not in ("mean", "or"):
             raise ValueError(f"combine must be 'mean' or 'or', not {combine!r}")
         self.combine: Combine = combine
-        # e5's own threshold when it flags alone (with `mean`); older manifests have none
+        # e5's own threshold per label when it flags alone (with `mean`); 2.0 (never) where the
+        # manifest has none
         alone = part.get("alone") or {}
-        self._alone = torch.tensor([float(alone.get(c, 2.0)) for c in self.labels])
+        self.alone_thresholds = torch.tensor([float(alone.get(c, 2.0)) for c in self.labels])
 
     def calibrated(self, probs: torch.Tensor) -> torch.Tensor:
         return calibrate(probs, self._own, self._main)
@@ -129,9 +131,9 @@ class MultilingualReader(GuardModel):
     def alone_one(self, p: float, k: int) -> float:
         """e5's score of label column `k` on the main head's scale by its `alone` threshold (0 where
         the manifest has none: e5 then never flags alone)."""
-        if float(self._alone[k]) > 1.0:
+        if float(self.alone_thresholds[k]) > 1.0:
             return 0.0
-        return float(calibrate(torch.tensor([p]), self._alone[k : k + 1], self._main[k : k + 1])[0])
+        return float(calibrate(torch.tensor([p]), self.alone_thresholds[k : k + 1], self._main[k : k + 1])[0])
 
 
 def _checked(path: Path, expected: Any, what: str) -> str:
