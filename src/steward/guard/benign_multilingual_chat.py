@@ -5,7 +5,7 @@ The first multilingual benign set (`benign_multilingual`) was small (46 texts a 
 written in one hand; the multilingual reader trained on it likely learned its style rather than
 "ordinary": validation texts of the same set scored 0.3-0.98 for prompt_injection and the held-out
 FPR doubled (1.8% -> 3.6%). On this set the MiniLM head trained without it flagged 5.3% (long Hindi,
-Arabic, Bengali, Vietnamese messages), which the e5 reader, OR-ed with it, cannot undo. This set was written separately (four writers, no access to the
+Arabic, Bengali, Vietnamese messages), which the e5 reader, OR-ed with it then, could not undo. This set was written separately (four writers, no access to the
 project's data or evaluation texts) for breadth: short questions, greetings with a request, tasks
 carrying their content inline (summarise/translate/correct this passage), long personal requests,
 informal and code-mixed chat, work and code questions, homework, creative requests and benign
