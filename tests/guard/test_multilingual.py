@@ -121,8 +121,10 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_conversion(
         lambda part: part.pop("dim"),
         lambda part: part.update(thresholds="high"),
         lambda part: part.update(hidden=7),  # the saved head does not have that shape
+        lambda part: part.update(alone="high"),
+        lambda part: part.update(alone={"prompt_injection": "high"}),
     ],
-    ids=["missing-field", "wrong-type", "wrong-shape"],
+    ids=["missing-field", "wrong-type", "wrong-shape", "alone-not-a-map", "alone-not-a-number"],
 )
 def test_a_malformed_multilingual_entry_is_a_clear_error(tmp_path: Path, edit: object) -> None:
     head = tmp_path / "guard"

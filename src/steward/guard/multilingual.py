@@ -119,6 +119,8 @@ class MultilingualReader(GuardModel):
         # e5's own threshold per label when it flags alone (with `mean`); 2.0 (never) where the
         # manifest has none
         alone = part.get("alone") or {}
+        if not isinstance(alone, dict):
+            raise ValueError(f"alone must map labels to thresholds, not {type(alone).__name__}")
         self.alone_thresholds = torch.tensor([float(alone.get(c, 2.0)) for c in self.labels])
 
     def calibrated(self, probs: torch.Tensor) -> torch.Tensor:
