@@ -156,10 +156,13 @@ def _word_start(lang: str) -> str:
     return "" if lang in _UNSPACED else r"(?<!\w)"
 
 
+# Within one clause (no . ! ? 。 ！ ？ । or newline between verb and noun), at most 30 characters apart.
+_CLAUSE_GAP = r"[^.\n!?。！？।]{0,30}?"
+
+
 def _override(lang: str, verbs: str, nouns: str) -> str:
-    # Within one clause (no . ! ? 。 ！ ？ । or newline between verb and noun), at most 30 characters
-    # apart; a verb must start a word (no boundary test for scripts written without spaces).
-    gap = r"[^.\n!?。！？।]{0,30}?"
+    # A verb must start a word (no boundary test for scripts written without spaces).
+    gap = _CLAUSE_GAP
     verb_first = rf"{_NOT_NEGATED}{_word_start(lang)}(?:{verbs}){gap}(?:{nouns})"
     return rf"(?:{verb_first}|(?:{nouns}){gap}(?:{verbs}))" if lang in _OBJECT_FIRST else verb_first
 
@@ -364,7 +367,7 @@ _EXTRACT_TRANSLATED: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 
 def _extraction(lang: str, verbs: str, nouns: str) -> str:
-    gap = r"[^.\n!?。！？।]{0,30}?"
+    gap = _CLAUSE_GAP
     start = _word_start(lang)
     return rf"{_NOT_NEGATED}{start}(?:{verbs}){gap}(?:{nouns})|(?:{nouns}){gap}{start}(?:{verbs})"
 

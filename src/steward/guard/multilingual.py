@@ -123,19 +123,20 @@ class MultilingualReader(GuardModel):
             raise ValueError(f"alone must map labels to thresholds, not {type(alone).__name__}")
         self.alone_thresholds = torch.tensor([float(alone.get(c, 2.0)) for c in self.labels])
 
-    def calibrated(self, probs: torch.Tensor) -> torch.Tensor:
-        return calibrate(probs, self._own, self._main)
+    def _on_main(self, p: float, cut: torch.Tensor, k: int) -> float:
+        return float(calibrate(torch.tensor([p]), cut[k : k + 1], self._main[k : k + 1])[0])
 
     def calibrated_one(self, p: float, k: int) -> float:
-        """One score of label column `k` on the main head's scale."""
-        return float(calibrate(torch.tensor([p]), self._own[k : k + 1], self._main[k : k + 1])[0])
+        """A score of label column `k` (the mean, or e5's under an OR manifest) on the main head's
+        scale, its threshold landing on the main one."""
+        return self._on_main(p, self._own, k)
 
     def alone_one(self, p: float, k: int) -> float:
         """e5's score of label column `k` on the main head's scale by its `alone` threshold (0 where
         the manifest has none: e5 then never flags alone)."""
         if float(self.alone_thresholds[k]) > 1.0:
             return 0.0
-        return float(calibrate(torch.tensor([p]), self.alone_thresholds[k : k + 1], self._main[k : k + 1])[0])
+        return self._on_main(p, self.alone_thresholds, k)
 
 
 def _checked(path: Path, expected: Any, what: str) -> str:
