@@ -1,10 +1,10 @@
 """The hand-written evaluation texts of `benchmarks/bench_guards.py` stay out of the training data.
 
 The bench reports "text in no training template" (UNSEEN, UNSEEN_DOCS, UNSEEN_CONTEXT,
-UNSEEN_MULTILINGUAL, UNSEEN_EXTRACTION) as the figure that matters most, so a training text that
-copies one of them (or nearly: the same question with a word added) makes that figure a
-training-set score. One did
-once ("Как сварить борщ?" was in both); this test keeps it from happening again.
+UNSEEN_MULTILINGUAL, UNSEEN_EXTRACTION, UNSEEN_PROMPTING) as the figure that matters most, so a
+training text that copies one of them (or nearly: the same question with a word added) makes that
+figure a training-set score. One did once ("Как сварить борщ?" was in both); this test keeps it
+from happening again.
 """
 
 from __future__ import annotations
@@ -42,9 +42,16 @@ def _trigrams(text: str) -> set[str]:
 
 def _unseen_texts(bench: ModuleType) -> list[str]:
     out: list[str] = []
-    for name in ("UNSEEN", "UNSEEN_DOCS", "UNSEEN_CONTEXT", "UNSEEN_MULTILINGUAL", "UNSEEN_EXTRACTION"):
+    for name in (
+        "UNSEEN",
+        "UNSEEN_DOCS",
+        "UNSEEN_CONTEXT",
+        "UNSEEN_MULTILINGUAL",
+        "UNSEEN_EXTRACTION",
+        "UNSEEN_PROMPTING",
+    ):
         for item in getattr(bench, name):
-            # (label, text) or (label, text, system prompt): every string but the label
+            # (label, text), (language, text) or (label, text, system prompt): every string but the first
             out.extend([item] if isinstance(item, str) else [x for x in item[1:] if isinstance(x, str)])
     # The committed head's own unseen cases (tests/guard/test_classifier.py) are evaluation text too.
     tests = _load("guard_classifier_cases", CLASSIFIER_TESTS)
