@@ -177,9 +177,9 @@ UNSEEN_EXTRACTION: list[tuple[str | None, str]] = [
 # "instructions", "first message", "previous", "reveal" in their ordinary sense, very short tasks
 # (capitals, "translate this") and neutral requests that mention identity groups. Written on
 # 2026-12-03 by another writer (a helper session that saw none of the repository). The brief named
-# these kinds because the extraction set above showed such turns flagged; no rule or threshold was
-# chosen on them. A head retrained with them as training text was rejected on validation (see
-# docs/architecture.md), so they stay evaluation text.
+# these kinds because the extraction set above showed such turns flagged; no threshold was chosen on
+# them, and five rule false positives they exposed were fixed. A head retrained with them as training
+# text was rejected on validation (docs/architecture.md), so they stay evaluation text.
 UNSEEN_PROMPTING: list[tuple[str, str]] = [
     (lang, text)
     for lang, texts in json.loads(
