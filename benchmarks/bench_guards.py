@@ -178,7 +178,7 @@ UNSEEN_EXTRACTION: list[tuple[str | None, str]] = [
 # (capitals, "translate this") and neutral requests that mention identity groups. Written on
 # 2026-12-03 by another writer (a helper session that saw none of the repository). The brief named
 # these kinds because the extraction set above showed such turns flagged; no threshold was chosen on
-# them, and five rule false positives they exposed were fixed. A head retrained with them as training
+# them, and six rule false positives they exposed were fixed. A head retrained with them as training
 # text was rejected on validation (docs/architecture.md), so they stay evaluation text.
 UNSEEN_PROMPTING: list[tuple[str, str]] = [
     (lang, text)
@@ -395,10 +395,15 @@ def unseen() -> None:
     )
     by_lang: dict[str, list[int]] = {}
     for (lang, _), (_, _, v) in zip(UNSEEN_PROMPTING, picked, strict=True):
-        flagged = bool(set(v.categories) & {"prompt_injection", "jailbreak", "harmful", "toxicity"})
+        flagged = any(c in _UNSEEN_CATEGORIES for c in v.categories)
         by_lang.setdefault(lang, [0, 0])[0] += flagged
         by_lang[lang][1] += 1
     print("  flagged by language: " + ", ".join(f"{k} {f}/{n}" for k, (f, n) in by_lang.items()))
+
+
+# What counts as "flagged" in the unseen reports: the learned categories (a `pii` finding on a name
+# or a religion is a flag by design, not a false positive).
+_UNSEEN_CATEGORIES = ("prompt_injection", "jailbreak", "harmful", "toxicity")
 
 
 def _unseen_report(role: str, picked: list[tuple[str | None, str, Any]], limit: int | None = None) -> None:
@@ -406,7 +411,7 @@ def _unseen_report(role: str, picked: list[tuple[str | None, str, Any]], limit: 
     caught = benign_ok = n_att = n_ben = 0
     misses: list[str] = []
     for label, text, v in picked:
-        flagged = [c for c in v.categories if c in ("prompt_injection", "jailbreak", "harmful", "toxicity")]
+        flagged = [c for c in v.categories if c in _UNSEEN_CATEGORIES]
         if label is None:
             n_ben += 1
             benign_ok += not flagged
