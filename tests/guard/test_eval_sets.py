@@ -1,10 +1,10 @@
 """The hand-written evaluation texts of `benchmarks/bench_guards.py` stay out of the training data.
 
 The bench reports "text in no training template" (UNSEEN, UNSEEN_DOCS, UNSEEN_CONTEXT,
-UNSEEN_MULTILINGUAL, UNSEEN_EXTRACTION, UNSEEN_PROMPTING) as the figure that matters most, so a
-training text that copies one of them (or nearly: the same question with a word added) makes that
-figure a training-set score. One did once ("Как сварить борщ?" was in both); this test keeps it
-from happening again.
+UNSEEN_MULTILINGUAL, UNSEEN_EXTRACTION, UNSEEN_PROMPTING, UNSEEN_EVERYDAY, UNSEEN_ATTACKS) as the
+figure that matters most, so a training text that copies one of them (or nearly: the same
+question with a word added) makes that figure a training-set score. One did once ("Как сварить
+борщ?" was in both); this test keeps it from happening again.
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ def _unseen_texts(bench: ModuleType) -> list[str]:
         "UNSEEN_MULTILINGUAL",
         "UNSEEN_EXTRACTION",
         "UNSEEN_PROMPTING",
+        "UNSEEN_EVERYDAY",
     ):
         for item in getattr(bench, name):
             # (label, text), (language, text) or (label, text, system prompt): every string but the first
             out.extend([item] if isinstance(item, str) else [x for x in item[1:] if isinstance(x, str)])
+    out.extend(text for _, _, _, text in bench.UNSEEN_ATTACKS)  # (label, language, kind, text)
     # The committed head's own unseen cases (tests/guard/test_classifier.py) are evaluation text too.
     tests = _load("guard_classifier_cases", CLASSIFIER_TESTS)
     out.extend(tests._text(p) for p in [*tests.ATTACKS, *tests.BENIGN])
