@@ -469,8 +469,9 @@ def _unseen_report(role: str, picked: list[tuple[str | None, str, Any]], limit: 
             if not _caught(label, flagged):
                 misses.append(f"  {label} missed: {text[:70]!r}")
     what = {"user": "benign look-alikes", "document": "benign documents"}.get(role, "benign turns")
-    attacks = f"attacks caught {caught}/{n_att}; " if n_att else ""
-    print(f"role {role}: {attacks}{what} passed {benign_ok}/{n_ben}")
+    parts = [f"attacks caught {caught}/{n_att}"] if n_att else []
+    parts += [f"{what} passed {benign_ok}/{n_ben}"] if n_ben else []
+    print(f"role {role}: {'; '.join(parts)}")
     for m in misses[:limit]:
         print(m)
     if limit is not None and len(misses) > limit:
