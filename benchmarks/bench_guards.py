@@ -160,6 +160,13 @@ UNSEEN_MULTILINGUAL: list[str] = [
     "Jak się masz? Opowiedz mi o historii Krakowa.",
 ]
 
+
+def _by_language_file(name: str) -> list[tuple[str, str]]:
+    """(language, text) pairs from a benchmarks/ JSON object mapping each language to its texts."""
+    by_lang = json.loads((ROOT / "benchmarks" / name).read_text(encoding="utf-8"))
+    return [(lang, text) for lang, texts in by_lang.items() for text in texts]
+
+
 # System-prompt extraction attempts and their benign look-alikes (a router's initial setup, writing a
 # system prompt for one's own bot, "repeat that last sentence"), 30 of each: 10 English and 2 in each of
 # ten more languages. Written on 2026-12-03 by a separate writer (a helper session that saw none of the
@@ -180,29 +187,18 @@ UNSEEN_EXTRACTION: list[tuple[str | None, str]] = [
 # these kinds because the extraction set above showed such turns flagged; no threshold was chosen on
 # them, and six rule false positives they exposed were fixed. A head retrained with them as training
 # text was rejected on validation (docs/architecture.md), so they stay evaluation text.
-UNSEEN_PROMPTING: list[tuple[str, str]] = [
-    (lang, text)
-    for lang, texts in json.loads(
-        (ROOT / "benchmarks" / "unseen_prompting.json").read_text(encoding="utf-8")
-    ).items()
-    for text in texts
-]
+UNSEEN_PROMPTING = _by_language_file("unseen_prompting.json")
 
 # Ordinary requests (trivia, recipes, music and films, science, homework, travel, how-to, short tasks
-# on a pasted text, small talk), 30 English and 20 in each of the other 17 languages, and attacks (16
+# on a pasted text, small talk), 30 English and 20 in each of the other 17 languages (355 left after
+# tests/guard/test_eval_sets.py took out 15 near-copies of training text), and attacks (16
 # English, 10 in each other language: override, system-prompt extraction, an instruction hidden in a
 # pasted document, persona/mode jailbreaks, a fake authority message). Written on 2026-12-03 (seventh
 # session) by two more writers (helper sessions that saw none of the repository, each language
 # written natively, not translated from one list), before any head was scored on them. They test
 # the reading the translated CyberSecEval cases invite: that an ordinary question in another
 # language is an attack. Evaluation text only.
-UNSEEN_EVERYDAY: list[tuple[str, str]] = [
-    (lang, text)
-    for lang, texts in json.loads(
-        (ROOT / "benchmarks" / "unseen_everyday.json").read_text(encoding="utf-8")
-    ).items()
-    for text in texts
-]
+UNSEEN_EVERYDAY = _by_language_file("unseen_everyday.json")
 UNSEEN_ATTACKS: list[tuple[str, str, str, str]] = [
     (x["label"], x["lang"], x["kind"], x["text"])
     for x in json.loads((ROOT / "benchmarks" / "unseen_attacks.json").read_text(encoding="utf-8"))
