@@ -17,6 +17,7 @@ from steward.guard.benign_everyday import EVERYDAY_REQUESTS
 from steward.guard.benign_multilingual import BENIGN_MULTILINGUAL
 from steward.guard.benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
 from steward.guard.lookalikes import lookalikes
+from steward.guard.multilingual_attacks import ML_ATTACKS, ML_LOOKALIKES
 from steward.guard.synth import benign_examples, hate_examples, injection_examples
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_guards.py"
@@ -65,6 +66,8 @@ def _training_texts() -> list[str]:
     texts = [t for v in BENIGN_MULTILINGUAL.values() for t in v]
     texts += [t for v in BENIGN_MULTILINGUAL_CHAT.values() for t in v]
     texts += EVERYDAY_REQUESTS
+    texts += [t for kinds in ML_ATTACKS.values() for v in kinds.values() for t in v]
+    texts += [t for v in ML_LOOKALIKES.values() for t in v]
     texts += [t for _, t in lookalikes()]
     texts += [t for _, _, t in injection_examples(12, 0)]
     texts += [t for _, t in benign_examples(12, 0)]
