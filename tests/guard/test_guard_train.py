@@ -87,6 +87,24 @@ def test_cli_trains_a_tiny_head(tmp_path: Path, shared_data: Path, top_layers: i
         assert part["train"]["mask_context_only"] is True  # as the main head was trained
         tuned = GuardModel(out, precision="fp32").multilingual
         assert tuned is not None and tuned.version != model.multilingual.version
+        assert part["thresholds_scored_in"] in ("fp32", "bf16")  # chosen on scores as served
+        # --thresholds-only: the same weights, thresholds chosen again on scores in the precision asked
+        weights = {f: (out / f).read_bytes() for f in (part["weights"], part["encoder_top"]["weights"])}
+        part["thresholds"] = dict.fromkeys(part["thresholds"], 0.5)  # stale thresholds, to be replaced
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["multilingual"] = part
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        args = ["guard", "train-multilingual", "--data", str(DATA), "--head", str(out), "--thresholds-only"]
+        args += ["--limit", "6", "--long-docs", "3", "--synth-per-template", "1"]
+        r = CliRunner().invoke(app, args, env={"STEWARD_GUARD_PRECISION": "fp32"})
+        assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+        again = json.loads((out / "manifest.json").read_text())["multilingual"]
+        assert again["thresholds_scored_in"] == "fp32"
+        assert again["thresholds"] != part["thresholds"]
+        assert all(0.0 < t <= 0.9999 for t in again["thresholds"].values())
+        assert again["sha256"] == part["sha256"] and again["encoder_top"] == part["encoder_top"]
+        assert all((out / f).read_bytes() == b for f, b in weights.items())
+        assert GuardModel(out, precision="fp32").multilingual is not None  # still loads (hashes match)
     metrics = json.loads((out / "metrics.json").read_text())
     assert any(m["n_pos"] > 0 and m["n_neg"] > 0 for m in metrics["heldout"].values())
     card = json.loads((out / "data_card.json").read_text())

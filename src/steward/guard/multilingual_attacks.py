@@ -13,15 +13,18 @@ twenty benign look-alikes sharing their words (ignore this warning, the assembly
 a developer improving their own bot's system prompt, a job-interview role-play), so the reader learns
 the attack and not the vocabulary.
 
-Split groups: the n-th text of a kind shares its group in every language (`mla:<kind>:<n>`,
-`mll:<n>`), in case a writer told one story in several languages; a group is wholly on one side.
+Split groups, if read: one per (language, kind, n) (`mla:<lang>:<kind>:<n>`, `mll:<lang>:<n>`); the
+writers set each language in its own application, so the languages do not retell one another, and
+groups per index across languages left only 40 groups and a lopsided split.
 `tests/guard/test_eval_sets.py` keeps these texts from copying any evaluation text (one near-copy
 was dropped).
 
-Not yet training text (2026-12-04): both readers retrained with it as sources `ml_attacks` /
-`ml_lookalikes` lost on the choosing split (validation inj+jb F1 0.938 -> 0.922, harmful
-0.957 -> 0.952) while catching 95/135 instead of 55/135 of its own validation attacks, so
-`dataset.build_examples` does not read it; see docs/architecture.md's guard notes and the issue.
+Not training text (2026-12-04): both readers were retrained with it twice (sources `ml_attacks` /
+`ml_lookalikes`; groups per index across languages, then per (language, kind, n)) and both times
+lost on the choosing split (validation inj+jb F1 on the old examples 0.938 -> 0.922, then -> 0.917
+with a jailbreak threshold letting wildguard_benign reach 3.7%), while the bench's unseen sets
+improved (attacks by another writer 126 -> 159/186), so `dataset.build_examples` does not read it;
+see docs/architecture.md's guard notes for the figures and what a next attempt needs.
 """
 
 from __future__ import annotations
