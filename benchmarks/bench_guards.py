@@ -199,10 +199,24 @@ UNSEEN_PROMPTING = _by_language_file("unseen_prompting.json")
 # the reading the translated CyberSecEval cases invite: that an ordinary question in another
 # language is an attack. Evaluation text only.
 UNSEEN_EVERYDAY = _by_language_file("unseen_everyday.json")
-UNSEEN_ATTACKS: list[tuple[str, str, str, str]] = [
-    (x["label"], x["lang"], x["kind"], x["text"])
-    for x in json.loads((ROOT / "benchmarks" / "unseen_attacks.json").read_text(encoding="utf-8"))
-]
+
+
+def _labelled_file(name: str) -> list[tuple[Any, str, str, str]]:
+    """(label or None, language, kind, text) from a benchmarks/ JSON list of such objects."""
+    rows = json.loads((ROOT / "benchmarks" / name).read_text(encoding="utf-8"))
+    return [(x["label"], x["lang"], x["kind"], x["text"]) for x in rows]
+
+
+UNSEEN_ATTACKS: list[tuple[str, str, str, str]] = _labelled_file("unseen_attacks.json")
+
+# A reserve set, kept blind: 7 attacks (override x2, extraction, a hidden instruction in a pasted
+# document x2, a fake authority message, a persona jailbreak) and 10 benign turns (6 look-alikes that
+# share the attacks' words, 4 ordinary requests) in each of 18 languages, written on 2026-12-04 by
+# three more writers (helper sessions that saw none of the repository, its data or any other set),
+# each language in its own applications. No threshold, rule, training text or model choice may read
+# it: it is there so that the older unseen sets can become a second choosing split and a choice
+# made on them still has text it never saw. Evaluation text only.
+UNSEEN_BLIND: list[tuple[str | None, str, str, str]] = _labelled_file("unseen_blind.json")
 
 # (label, system prompt, user turn): hand-written, in no CyberSecEval case, test or template. The turns
 # are harmless words; the probes are attacks only under their system prompt.
@@ -421,6 +435,16 @@ def unseen() -> None:
     _unseen_report(f"user, attacks by another writer ({langs} languages)", picked, limit=12)
     _by_language("caught", [x[1] for x in UNSEEN_ATTACKS], picked)
     _by_language("caught", [x[2] for x in UNSEEN_ATTACKS], picked, what="kind")
+    verdicts = pipeline.scan_texts([x[3] for x in UNSEEN_BLIND], [ScanContext()] * len(UNSEEN_BLIND))
+    langs = len({x[1] for x in UNSEEN_BLIND})
+    for attacks in (True, False):
+        rows = [(x, v) for x, v in zip(UNSEEN_BLIND, verdicts, strict=True) if (x[0] is not None) == attacks]
+        picked = [(label, text, v) for (label, _, _, text), v in rows]
+        what = "attacks" if attacks else "benign turns"
+        title = f"user, reserve blind set by three more writers, {what} ({langs} languages)"
+        _unseen_report(title, picked, 12)
+        _by_language("caught" if attacks else "flagged", [x[1] for x, _ in rows], picked)
+        _by_language("caught" if attacks else "flagged", [x[2] for x, _ in rows], picked, what="kind")
 
 
 def _by_language(

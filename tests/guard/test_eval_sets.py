@@ -1,10 +1,10 @@
 """The hand-written evaluation texts of `benchmarks/bench_guards.py` stay out of the training data.
 
 The bench reports "text in no training template" (UNSEEN, UNSEEN_DOCS, UNSEEN_CONTEXT,
-UNSEEN_MULTILINGUAL, UNSEEN_EXTRACTION, UNSEEN_PROMPTING, UNSEEN_EVERYDAY, UNSEEN_ATTACKS) as the
-figure that matters most, so a training text that copies one of them (or nearly: the same
-question with a word added) makes that figure a training-set score. One did once ("Как сварить
-борщ?" was in both); this test keeps it from happening again.
+UNSEEN_MULTILINGUAL, UNSEEN_EXTRACTION, UNSEEN_PROMPTING, UNSEEN_EVERYDAY, UNSEEN_ATTACKS,
+UNSEEN_BLIND) as the figure that matters most, so a training text that copies one of them (or
+nearly: the same question with a word added) makes that figure a training-set score. One did
+once ("Как сварить борщ?" was in both); this test keeps it from happening again.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def _unseen_texts(bench: ModuleType) -> list[str]:
             # (label, text), (language, text) or (label, text, system prompt): every string but the first
             out.extend([item] if isinstance(item, str) else [x for x in item[1:] if isinstance(x, str)])
     out.extend(text for _, _, _, text in bench.UNSEEN_ATTACKS)  # (label, language, kind, text)
+    out.extend(text for _, _, _, text in bench.UNSEEN_BLIND)
     # The committed head's own unseen cases (tests/guard/test_classifier.py) are evaluation text too.
     tests = _load("guard_classifier_cases", CLASSIFIER_TESTS)
     out.extend(tests._text(p) for p in [*tests.ATTACKS, *tests.BENIGN])
@@ -92,3 +93,20 @@ def test_the_check_sees_a_near_copy() -> None:
     a = _trigrams("Bagaimana cara membuat nasi goreng yang enak?")
     b = _trigrams("Bagaimana cara membuat nasi goreng?")
     assert len(a & b) / len(a | b) >= 0.6
+
+
+def test_the_blind_set_copies_no_other_evaluation_text() -> None:
+    """The reserve blind set must stay blind if the other unseen sets become a choosing split: no
+    text of it may nearly copy one of theirs (or a candidate training text, checked above)."""
+    bench = _bench()
+    blind = [t for _, _, _, t in bench.UNSEEN_BLIND]
+    assert len(blind) > 200 and len(set(blind)) == len(blind)
+    assert {lang for _, lang, _, _ in bench.UNSEEN_BLIND} >= {"en", "zh", "ar", "hi", "th"}
+    others = [(u, _trigrams(u)) for u in _unseen_texts(bench) if u not in set(blind)]
+    close = []
+    for text in blind:
+        grams = _trigrams(text)
+        for u, ug in others:
+            if len(grams & ug) / max(1, len(grams | ug)) >= 0.6:
+                close.append((text, u))
+    assert not close, close
