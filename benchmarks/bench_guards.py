@@ -16,6 +16,7 @@ texts in their own virtualenvs when present (`--presidio-venv`, `--llmguard-venv
 skipped with the reason printed.
 
     .venv/bin/python benchmarks/bench_guards.py [--runs 50] [--threads 2] [--precision auto]
+    make bench-guards   # builds the peers' venvs (.bench-venv-presidio, .bench-venv-llmguard) first
 """
 
 from __future__ import annotations
@@ -552,7 +553,7 @@ print(json.dumps(res))
 
 def _peer(venv: Path | None, script: str, args: list[str], label: str) -> Any | None:
     if venv is None or not (venv / "bin" / "python").is_file():
-        print(f"\n{label}: skipped (no venv at {venv}; create one with pip -c constraints.txt)")
+        print(f"\n{label}: skipped (no venv at {venv}; `make bench-guards` builds it)")
         return None
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     try:
@@ -711,8 +712,8 @@ def main() -> None:
     ap.add_argument("--precision", default=None, help="encoder precision: auto, bf16, int8, fp32")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
-    ap.add_argument("--presidio-venv", type=Path, default=Path("/tmp/gw/venv_presidio"))
-    ap.add_argument("--llmguard-venv", type=Path, default=Path("/tmp/gw/venv_llmguard"))
+    ap.add_argument("--presidio-venv", type=Path, default=ROOT / ".bench-venv-presidio")
+    ap.add_argument("--llmguard-venv", type=Path, default=ROOT / ".bench-venv-llmguard")
     args = ap.parse_args()
     if args.precision:
         os.environ["STEWARD_GUARD_PRECISION"] = args.precision

@@ -281,3 +281,55 @@ def test_context_only_attacks_are_masked_for_training_only(guard_examples: list[
     ]
     attack = next(x for x in examples if not x.context_only)
     assert _window_labels(model, attack, 1, mask_context_only=True)[0][j] == POS
+
+
+def test_injection_and_jailbreak_are_bounded_together() -> None:
+    """Each category alone within 2% of a benign set can still flag 4% of it between them: the pair
+    is bounded as one verdict, raising whichever threshold costs the pair less F1."""
+    import torch
+
+    from steward.guard.classifier import HEAD_LABELS
+    from steward.guard.dataset import Example, _labels
+    from steward.guard.train import POS, _tune_thresholds
+
+    ji, jj = HEAD_LABELS.index("prompt_injection"), HEAD_LABELS.index("jailbreak")
+    rows: list[tuple[float, float, Example]] = []
+    for i in range(400):  # easy negatives: the overall 2% bound never binds
+        rows.append((0.01, 0.01, Example(f"n{i}", _labels(), "t", f"n{i}")))
+    # 100 look-alikes: two high for injection only (0.8, 0.78), two others high for jailbreak only
+    for i in range(100):
+        si = {0: 0.8, 1: 0.78}.get(i, 0.05)
+        sj = {2: 0.7, 3: 0.68}.get(i, 0.05)
+        rows.append((si, sj, Example(f"b{i}", _labels(), "t", f"b{i}", benign_set="lookalikes")))
+    # injection attacks: ten at 0.95, four at 0.75-0.72 (under the look-alikes' 0.78); jailbreaks:
+    # ten at 0.95 and six at 0.66-0.61 (under the jailbreak look-alikes). Alone, best F1 keeps the
+    # low ones and with them the look-alikes.
+    for i, s in enumerate([0.95] * 10 + [0.75, 0.74, 0.73, 0.72]):
+        rows.append((s, 0.01, Example(f"pi{i}", _labels(prompt_injection=POS), "t", f"pi{i}")))
+    for i, s in enumerate([0.95] * 10 + [0.66, 0.65, 0.64, 0.63, 0.62, 0.61]):
+        rows.append((0.01, s, Example(f"pj{i}", _labels(jailbreak=POS), "t", f"pj{i}")))
+    scores = torch.zeros(len(rows), len(HEAD_LABELS))
+    for k, (si, sj, _) in enumerate(rows):
+        scores[k, ji], scores[k, jj] = si, sj
+    examples = [e for _, _, e in rows]
+
+    def union_fp(t: dict[str, float]) -> int:
+        return sum(
+            1
+            for k, e in enumerate(examples)
+            if e.benign_set and (scores[k, ji] >= t["prompt_injection"] or scores[k, jj] >= t["jailbreak"])
+        )
+
+    alone = _tune_thresholds(scores, examples, 0.02)
+    # Alone, each category keeps its two look-alikes (2/100 each is within 2%) and all its positives
+    assert alone["prompt_injection"] < 0.72 and alone["jailbreak"] < 0.61
+    assert union_fp(alone) == 4
+    both = _tune_thresholds(scores, examples, 0.02, unions=(("prompt_injection", "jailbreak"),))
+    assert union_fp(both) <= 2
+    # Cheapest: lifting jailbreak over its two look-alikes costs six positives, lifting injection
+    # over its two costs four; the joint F1 picks injection
+    assert 0.8 < both["prompt_injection"] < 0.95
+    assert both["jailbreak"] == alone["jailbreak"]
+    # Other categories are untouched
+    for c in ("harmful", "toxicity"):
+        assert both[c] == alone[c]

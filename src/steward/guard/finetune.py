@@ -401,7 +401,12 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
 
     val_ex, val_scores = doc_scores(va)
     thresholds = _tune_thresholds(
-        val_scores, val_ex, cfg.target_fpr, cfg.set_fpr, recall_at_bound=cfg.recall_at_bound
+        val_scores,
+        val_ex,
+        cfg.target_fpr,
+        cfg.set_fpr,
+        recall_at_bound=cfg.recall_at_bound,
+        unions=cfg.unions,
     )
     test_ex, test_scores = doc_scores(te)
     report: dict[str, Any] = {

@@ -446,7 +446,12 @@ def choose_thresholds(
             # The tuning's cap (train.THRESHOLD_CAP, 0.9999): e5 probabilities saturate, and at a
             # 0.99 cap the bound was not met (3 of 147 multilingual validation texts over it).
             own = _tune_thresholds(
-                mean, part_ex, cfg.target_fpr, cfg.set_fpr, recall_at_bound=cfg.recall_at_bound
+                mean,
+                part_ex,
+                cfg.target_fpr,
+                cfg.set_fpr,
+                recall_at_bound=cfg.recall_at_bound,
+                unions=cfg.unions,
             )
             # Then e5 alone, with the mean's flags counted as flags (the same rule and bounds): the
             # reader built for these languages may still flag what MiniLM, reading [UNK] pieces,
@@ -458,6 +463,7 @@ def choose_thresholds(
                 cfg.target_fpr,
                 cfg.set_fpr,
                 recall_at_bound=cfg.recall_at_bound,
+                unions=cfg.unions,
             )
             # A category needs routed validation positives to choose a threshold with: without them
             # the F1 rule falls back to the FPR bound alone, which for harmful sat at p=0.09 (no

@@ -90,6 +90,9 @@ class TrainConfig:
     # secret." (0.81): no benign set held short creative requests then. With them
     # (`steward.guard.benign_everyday`) the retrained head's bound is its F1 pick, so it stays off.
     recall_at_bound: tuple[str, ...] = ()
+    # Category pairs whose *union* must meet each FPR budget (`_bound_union`): the pipeline answers
+    # with one verdict, and the issue states the injection + jailbreak target jointly.
+    unions: tuple[tuple[str, str], ...] = (("prompt_injection", "jailbreak"),)
     # Train without the positive label of CyberSecEval's context-only attacks (see
     # `Example.context_only`); validation and held-out keep it, so the measured task is unchanged.
     mask_context_only: bool = False
@@ -334,6 +337,7 @@ def _tune_thresholds(
     set_fpr: dict[tuple[str, str], float] | None = None,
     cap: float = THRESHOLD_CAP,
     recall_at_bound: Sequence[str] = (),
+    unions: Sequence[tuple[str, str]] = (),
 ) -> dict[str, float]:
     """Per category: the FPR bound — the lowest threshold meeting the FPR target on validation
     negatives overall *and* on each benign set (so a small, hard set such as wildguard_benign is not
@@ -342,7 +346,10 @@ def _tune_thresholds(
     threshold above the few dozen benign scores of the smallest set passes, and the lowest one
     (jailbreak: 0.16) keeps every borderline text. The bound sits midway between the first
     negative it must exclude and the next score above. Categories in `recall_at_bound` (targets stated
-    as recall within an FPR budget) keep the bound. Only validation examples are ever passed in."""
+    as recall within an FPR budget) keep the bound. Pairs in `unions` (injection and jailbreak: one
+    verdict to a caller, one target in the issue) are then bounded *together* (`_bound_union`): each
+    category alone within 2% let their union reach 3.7% on wildguard_benign. Only validation
+    examples are ever passed in."""
     set_fpr = set_fpr or {}
     out: dict[str, float] = {}
     for j, cat in enumerate(HEAD_LABELS):
@@ -371,7 +378,80 @@ def _tune_thresholds(
             continue
         labels = [e.labels[cat] for e in examples]
         out[cat] = round(_best_f1_above(scores[:, j], labels, t, cap), 6)
+    for a, b in unions:
+        out |= _bound_union(scores, examples, out, (a, b), target_fpr, set_fpr, cap)
     return out
+
+
+def _bound_union(
+    scores: torch.Tensor,
+    examples: Sequence[Example],
+    thresholds: dict[str, float],
+    pair: tuple[str, str],
+    target_fpr: float,
+    set_fpr: dict[tuple[str, str], float],
+    cap: float = THRESHOLD_CAP,
+) -> dict[str, float]:
+    """Raise one of the pair's thresholds at a time until the negatives of both (overall and each
+    benign set of >= 20) flagged by *either* stay within budget; a set's budget is the tighter of
+    the two categories' (system prompts: exempt for both, so exempt). Each step lifts the threshold
+    whose raise keeps the pair's joint F1 higher, just over the lowest flagged negative of an
+    over-budget set (midway to the next score, as the per-category bound). Stops at `cap`: a set
+    that cannot be met is left as close as the cap allows, never looped on."""
+    ja, jb = HEAD_LABELS.index(pair[0]), HEAD_LABELS.index(pair[1])
+    sa: list[float] = scores[:, ja].tolist()
+    sb: list[float] = scores[:, jb].tolist()
+    t = {pair[0]: thresholds[pair[0]], pair[1]: thresholds[pair[1]]}
+    neg = [i for i, e in enumerate(examples) if e.labels[pair[0]] == NEG and e.labels[pair[1]] == NEG]
+    pos = [i for i, e in enumerate(examples) if POS in (e.labels[pair[0]], e.labels[pair[1]])]
+    groups: dict[str, list[int]] = {"": neg}
+    for i in neg:
+        if examples[i].benign_set:
+            groups.setdefault(str(examples[i].benign_set), []).append(i)
+    budget = {
+        name: int(min(set_fpr.get((c, name), target_fpr) for c in pair) * len(idx))
+        for name, idx in groups.items()
+        if not name or len(idx) >= 20
+    }
+    ladder = {
+        c: sorted(float(scores[i, j]) for i, e in enumerate(examples) if e.labels[c] != MASK)
+        for c, j in ((pair[0], ja), (pair[1], jb))
+    }
+
+    def flagged(i: int, th: dict[str, float]) -> bool:
+        return sa[i] >= th[pair[0]] or sb[i] >= th[pair[1]]
+
+    def joint_f1(th: dict[str, float]) -> float:
+        tp = sum(flagged(i, th) for i in pos)
+        fp = sum(flagged(i, th) for i in neg)
+        return 2 * tp / max(1, 2 * tp + fp + (len(pos) - tp))
+
+    while True:
+        over = [
+            i
+            for name, k in budget.items()
+            if sum(flagged(i, t) for i in groups[name]) > k
+            for i in groups[name]
+            if flagged(i, t)
+        ]
+        if not over:
+            return {c: round(v, 6) for c, v in t.items()}
+        options = []
+        for c, s in ((pair[0], sa), (pair[1], sb)):
+            above = [s[i] for i in over if s[i] >= t[c]]
+            if not above:
+                continue
+            low = min(above)
+            nxt = bisect_right(ladder[c], low)
+            raised = (low + ladder[c][nxt]) / 2 if nxt < len(ladder[c]) else low + 1e-4
+            if raised > cap:
+                continue
+            th = t | {c: raised}
+            options.append((joint_f1(th), -raised, c, raised))
+        if not options:
+            return {c: round(v, 6) for c, v in t.items()}
+        _, _, c, raised = max(options)
+        t[c] = raised
 
 
 def _best_f1_above(
@@ -511,7 +591,12 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
     val_ex, val_embs, val_feats = part("val")
     val_scores = _doc_scores(head, val_embs, K, val_feats)
     thresholds = _tune_thresholds(
-        val_scores, val_ex, cfg.target_fpr, cfg.set_fpr, recall_at_bound=cfg.recall_at_bound
+        val_scores,
+        val_ex,
+        cfg.target_fpr,
+        cfg.set_fpr,
+        recall_at_bound=cfg.recall_at_bound,
+        unions=cfg.unions,
     )
     test_ex, test_embs, test_feats = part("test")
     test_scores = _doc_scores(head, test_embs, K, test_feats)
@@ -609,7 +694,9 @@ def write_artifacts(
         + ", ".join(f"{c}/{b} <= {v}" for (c, b), v in sorted(cfg.set_fpr.items()))
         + "); then, at or above it, the best validation F1, cut midway to the next score below; "
         + "recall within the budget (the bound itself) for "
-        + (", ".join(cfg.recall_at_bound) or "none"),
+        + (", ".join(cfg.recall_at_bound) or "none")
+        + "; bounded jointly (either flags, within each budget): "
+        + (", ".join(" + ".join(u) for u in cfg.unions) or "none"),
         "inference_precision": "bf16 where the CPU has AMX/AVX512-BF16, else fp32 "
         "(STEWARD_GUARD_PRECISION); agreement with fp32 in metrics.json['precision']",
         "train": {
