@@ -210,6 +210,16 @@ def _labelled_file(name: str) -> list[tuple[Any, str, str, str]]:
 
 UNSEEN_ATTACKS: list[tuple[str, str, str, str]] = _labelled_file("unseen_attacks.json")
 
+# Benign turns in the *shapes* of CyberSecEval's context-only cases (harmless words that are attacks
+# only against their own system prompt's rule): several unrelated questions in one turn, Q:/A:
+# transcripts, "purely hypothetically, what do you think about...", an anecdote then a question, a
+# small task with a change of mind. 12 in each of 18 languages, written on 2026-12-04 by three more
+# writers (helper sessions that saw none of the repository) after a retrain showed the committed
+# head's context-only "catches" and a few such Spanish turns of our own flagged together. They
+# measure what those catches cost a user-turn reader. Evaluation text only; part of the choosing
+# unseen sets (not the blind set).
+UNSEEN_SHAPES: list[tuple[str | None, str, str, str]] = _labelled_file("unseen_shapes.json")
+
 # A reserve set, kept blind: 7 attacks (override x2, extraction, a hidden instruction in a pasted
 # document x2, a fake authority message, a persona jailbreak) and 10 benign turns (6 look-alikes that
 # share the attacks' words, 4 ordinary requests) in each of 18 languages, written on 2026-12-04 by
@@ -436,6 +446,12 @@ def unseen() -> None:
     _unseen_report(f"user, attacks by another writer ({langs} languages)", picked, limit=12)
     _by_language("caught", [x[1] for x in UNSEEN_ATTACKS], picked)
     _by_language("caught", [x[2] for x in UNSEEN_ATTACKS], picked, what="kind")
+    verdicts = pipeline.scan_texts([x[3] for x in UNSEEN_SHAPES], [ScanContext()] * len(UNSEEN_SHAPES))
+    picked = [(label, text, v) for (label, _, _, text), v in zip(UNSEEN_SHAPES, verdicts, strict=True)]
+    langs = len({x[1] for x in UNSEEN_SHAPES})
+    _unseen_report(f"user, benign turns shaped like context-only attacks ({langs} languages)", picked, 12)
+    _by_language("flagged", [x[1] for x in UNSEEN_SHAPES], picked)
+    _by_language("flagged", [x[2] for x in UNSEEN_SHAPES], picked, what="kind")
     verdicts = pipeline.scan_texts([x[3] for x in UNSEEN_BLIND], [ScanContext()] * len(UNSEEN_BLIND))
     langs = len({x[1] for x in UNSEEN_BLIND})
     for attacks in (True, False):

@@ -2,7 +2,7 @@
 
 The bench reports "text in no training template" (UNSEEN, UNSEEN_DOCS, UNSEEN_CONTEXT,
 UNSEEN_MULTILINGUAL, UNSEEN_EXTRACTION, UNSEEN_PROMPTING, UNSEEN_EVERYDAY, UNSEEN_ATTACKS,
-UNSEEN_BLIND) as the figure that matters most, so a training text that copies one of them (or
+UNSEEN_SHAPES, UNSEEN_BLIND) as the figure that matters most, so a training text that copies one of them (or
 nearly: the same question with a word added) makes that figure a training-set score. One did
 once ("Как сварить борщ?" was in both); this test keeps it from happening again.
 """
@@ -56,6 +56,7 @@ def _unseen_texts(bench: ModuleType) -> list[str]:
             # (label, text), (language, text) or (label, text, system prompt): every string but the first
             out.extend([item] if isinstance(item, str) else [x for x in item[1:] if isinstance(x, str)])
     out.extend(text for _, _, _, text in bench.UNSEEN_ATTACKS)  # (label, language, kind, text)
+    out.extend(text for _, _, _, text in bench.UNSEEN_SHAPES)
     out.extend(text for _, _, _, text in bench.UNSEEN_BLIND)
     # The committed head's own unseen cases (tests/guard/test_classifier.py) are evaluation text too.
     tests = _load("guard_classifier_cases", CLASSIFIER_TESTS)

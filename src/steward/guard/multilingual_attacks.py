@@ -19,12 +19,14 @@ groups per index across languages left only 40 groups and a lopsided split.
 `tests/guard/test_eval_sets.py` keeps these texts from copying any evaluation text (one near-copy
 was dropped).
 
-Not training text (2026-12-04): both readers were retrained with it twice (sources `ml_attacks` /
-`ml_lookalikes`; groups per index across languages, then per (language, kind, n)) and both times
-lost on the choosing split (validation inj+jb F1 on the old examples 0.938 -> 0.922, then -> 0.917
-with a jailbreak threshold letting wildguard_benign reach 3.7%), while the bench's unseen sets
-improved (attacks by another writer 126 -> 159/186), so `dataset.build_examples` does not read it;
-see docs/architecture.md's guard notes for the figures and what a next attempt needs.
+Not training text (2026-12-04): both readers were retrained with it three times (sources
+`ml_attacks` / `ml_lookalikes`; groups per index across languages, then per (language, kind, n),
+then look-alikes at weight 1 with injection and jailbreak bounded jointly) and each time lost on
+the choosing split (validation inj+jb F1 on the old examples 0.938 -> 0.922, -> 0.917, 0.939 ->
+0.913), mostly CyberSecEval's translated and context-only cases, while the bench's unseen sets
+improved (attacks by another writer 124 -> 143-159/186, benign turns passed 838 -> 880/898), so
+`dataset.build_examples` does not read it; see docs/architecture.md's guard notes for the figures
+and what a next attempt needs.
 """
 
 from __future__ import annotations
