@@ -16,6 +16,7 @@ from types import ModuleType
 from steward.guard.benign_everyday import EVERYDAY_REQUESTS
 from steward.guard.benign_multilingual import BENIGN_MULTILINGUAL
 from steward.guard.benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
+from steward.guard.benign_shapes import BENIGN_SHAPES
 from steward.guard.lookalikes import lookalikes
 from steward.guard.multilingual_attacks import ML_ATTACKS, ML_LOOKALIKES
 from steward.guard.synth import benign_examples, hate_examples, injection_examples
@@ -70,6 +71,7 @@ def _training_texts() -> list[str]:
     texts += EVERYDAY_REQUESTS
     texts += [t for kinds in ML_ATTACKS.values() for v in kinds.values() for t in v]
     texts += [t for v in ML_LOOKALIKES.values() for t in v]
+    texts += [t for v in BENIGN_SHAPES.values() for t in v]
     texts += [t for _, t in lookalikes()]
     texts += [t for _, _, t in injection_examples(12, 0)]
     texts += [t for _, t in benign_examples(12, 0)]
