@@ -370,8 +370,7 @@ def _tune_thresholds(
             if k < len(neg):
                 # Just over the first negative the budget does not allow: midway to the next score
                 # of any example, so a wobble of the served encoder (bf16) does not tip it over.
-                nxt = bisect_right(labelled, neg[k])
-                t = max(t, (neg[k] + labelled[nxt]) / 2 if nxt < len(labelled) else neg[k] + 1e-4)
+                t = max(t, _just_over(labelled, neg[k]))
         t = min(cap, t)
         if cat in recall_at_bound:
             out[cat] = round(t, 6)
@@ -381,6 +380,13 @@ def _tune_thresholds(
     for a, b in unions:
         out |= _bound_union(scores, examples, out, (a, b), target_fpr, set_fpr, cap)
     return out
+
+
+def _just_over(ladder: Sequence[float], score: float) -> float:
+    """A cut just over `score`: midway to the next higher score of `ladder` (every labelled example's
+    score, sorted), so a wobble of the served encoder (bf16) does not tip that text back over."""
+    nxt = bisect_right(ladder, score)
+    return (score + ladder[nxt]) / 2 if nxt < len(ladder) else score + 1e-4
 
 
 def _bound_union(
@@ -441,9 +447,7 @@ def _bound_union(
             above = [s[i] for i in over if s[i] >= t[c]]
             if not above:
                 continue
-            low = min(above)
-            nxt = bisect_right(ladder[c], low)
-            raised = (low + ladder[c][nxt]) / 2 if nxt < len(ladder[c]) else low + 1e-4
+            raised = _just_over(ladder[c], min(above))
             if raised > cap:
                 continue
             th = t | {c: raised}
