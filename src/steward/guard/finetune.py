@@ -370,10 +370,10 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
 
     from .classifier import GuardModel
     from .train import (
-        _tune_thresholds,
         metrics,
         score_agreement,
         split_examples,
+        tune_for,
         write_artifacts,
     )
 
@@ -400,14 +400,7 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
         return [examples[o] for o in ex_ids], example_scores(win, [pos[owners[k]] for k in idx], len(ex_ids))
 
     val_ex, val_scores = doc_scores(va)
-    thresholds = _tune_thresholds(
-        val_scores,
-        val_ex,
-        cfg.target_fpr,
-        cfg.set_fpr,
-        recall_at_bound=cfg.recall_at_bound,
-        unions=cfg.unions,
-    )
+    thresholds = tune_for(cfg, val_scores, val_ex)
     test_ex, test_scores = doc_scores(te)
     report: dict[str, Any] = {
         "validation": metrics(val_scores, val_ex, thresholds),

@@ -421,7 +421,7 @@ def choose_thresholds(
     threshold of 0.9624 chosen in fp32 put the first multilingual benign set at 4/147, over its
     2% bound, on the very split the bound was enforced on."""
     from .classifier import resolve_precision
-    from .train import _tune_thresholds, metrics
+    from .train import metrics, tune_for
 
     served: Precision = resolve_precision(precision)
     manifest_path = head_dir / "manifest.json"
@@ -445,26 +445,12 @@ def choose_thresholds(
         if name == "val":
             # The tuning's cap (train.THRESHOLD_CAP, 0.9999): e5 probabilities saturate, and at a
             # 0.99 cap the bound was not met (3 of 147 multilingual validation texts over it).
-            own = _tune_thresholds(
-                mean,
-                part_ex,
-                cfg.target_fpr,
-                cfg.set_fpr,
-                recall_at_bound=cfg.recall_at_bound,
-                unions=cfg.unions,
-            )
+            own = tune_for(cfg, mean, part_ex)
             # Then e5 alone, with the mean's flags counted as flags (the same rule and bounds): the
             # reader built for these languages may still flag what MiniLM, reading [UNK] pieces,
             # pulls under the mean.
             by_mean = mean >= torch.tensor([own[c] for c in HEAD_LABELS])
-            alone = _tune_thresholds(
-                torch.where(by_mean, torch.ones_like(ml), ml),
-                part_ex,
-                cfg.target_fpr,
-                cfg.set_fpr,
-                recall_at_bound=cfg.recall_at_bound,
-                unions=cfg.unions,
-            )
+            alone = tune_for(cfg, torch.where(by_mean, torch.ones_like(ml), ml), part_ex)
             # A category needs routed validation positives to choose a threshold with: without them
             # the F1 rule falls back to the FPR bound alone, which for harmful sat at p=0.09 (no
             # non-English harmful request exists in the data). Such categories stay English-only.

@@ -382,6 +382,15 @@ def _tune_thresholds(
     return out
 
 
+def tune_for(cfg: TrainConfig, scores: torch.Tensor, examples: Sequence[Example]) -> dict[str, float]:
+    """`_tune_thresholds` under a training run's rule (its FPR bounds, recall-at-bound categories
+    and bounded unions): one place, so the main head and both stages of the multilingual reader
+    cannot drift apart in how they choose."""
+    return _tune_thresholds(
+        scores, examples, cfg.target_fpr, cfg.set_fpr, recall_at_bound=cfg.recall_at_bound, unions=cfg.unions
+    )
+
+
 def _just_over(ladder: Sequence[float], score: float) -> float:
     """A cut just over `score`: midway to the next higher score of `ladder` (every labelled example's
     score, sorted), so a wobble of the served encoder (bf16) does not tip that text back over."""
@@ -594,14 +603,7 @@ def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, A
     head = _fit(x, y, cfg, xv, yv, w, fx if vocab else None, fv if vocab else None, lex_size)
     val_ex, val_embs, val_feats = part("val")
     val_scores = _doc_scores(head, val_embs, K, val_feats)
-    thresholds = _tune_thresholds(
-        val_scores,
-        val_ex,
-        cfg.target_fpr,
-        cfg.set_fpr,
-        recall_at_bound=cfg.recall_at_bound,
-        unions=cfg.unions,
-    )
+    thresholds = tune_for(cfg, val_scores, val_ex)
     test_ex, test_embs, test_feats = part("test")
     test_scores = _doc_scores(head, test_embs, K, test_feats)
     report: dict[str, Any] = {
