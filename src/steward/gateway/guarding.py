@@ -63,51 +63,72 @@ class Guard:
         from steward.guard import Pipeline
 
         self.pipeline = Pipeline(policies)
-        self._bound: set[tuple[str, str]] = set()
+        self._file = self.pipeline.policies  # the policy file's own bindings
+        self._stored: dict[str, str] = {}  # tenant -> policy named in the store, as last applied
 
-    def _bind(self, p: Principal) -> None:
-        """Honour the tenant's policy from the store as a binding (once per tenant and policy)."""
-        name = p.tenant_policy
-        if not name or (p.tenant, name) in self._bound:
+    def bind(self, p: Principal) -> None:
+        """Honour the tenant's policy from the store as a binding of all its routes. Checked on every
+        request, so a change made with `PUT /admin/tenants/{id}` (or a policy cleared with "") takes
+        effect at the tenant's next request, and a cleared one gives the policy file's binding back."""
+        name = p.tenant_policy or None
+        if self._stored.get(p.tenant) == name:
             return
-        ps = self.pipeline.policies
-        if name not in ps.policies:
+        if name is not None and name not in self._file.policies:
             raise APIError(
                 500, f"tenant {p.tenant!r} names unknown guard policy {name!r}", code="policy_not_found"
             )
         from steward.guard.policy import Binding
 
-        others = [b for b in ps.bindings if not (b.tenant == p.tenant and b.route == "*")]
-        self.pipeline.policies = ps.model_copy(
-            update={"bindings": [*others, Binding(tenant=p.tenant, route="*", policy=name)]}
-        )
-        self._bound.add((p.tenant, name))
+        stored = dict(self._stored)
+        if name is None:
+            stored.pop(p.tenant, None)
+        else:
+            stored[p.tenant] = name
+        kept = [b for b in self._file.bindings if not (b.tenant in stored and b.route == "*")]
+        added = [Binding(tenant=t, route="*", policy=n) for t, n in sorted(stored.items())]
+        self.pipeline.policies = self._file.model_copy(update={"bindings": [*kept, *added]})
+        self._stored = stored
 
     def policy_names(self) -> list[str]:
         return sorted(self.pipeline.policies.policies)
 
     async def scan_input(self, route: str, body: dict[str, Any], p: Principal, trace: Trace) -> InputResult:
+        """Scan everything of the request that reaches the model: chat turns (system, user, earlier
+        assistant turns and documents, by the policy), completion prompts and `suffix`, embedding
+        inputs. Raises a 400 when the policy blocks, naming the categories or why nothing was
+        scanned; redacts the body in place when the policy redacts."""
         from steward.guard import Action, ScanContext
+        from steward.guard.pipeline import content_text
 
-        self._bind(p)
+        self.bind(p)
         canary = None
         system = None
         if route == "chat":
             messages = body["messages"]
             for m in messages:
-                if m.get("role") in ("system", "developer") and isinstance(m.get("content"), str):
-                    system = (system + "\n" if system else "") + m["content"]
+                text = content_text(m.get("content")) if m.get("role") in ("system", "developer") else None
+                if text is not None:
+                    system = (system + "\n" if system else "") + text
             if system is not None:
                 # A canary the model never needs: seeing it in an answer proves the system prompt leaked.
                 canary = "stw-canary-" + secrets.token_hex(6)
                 for m in messages:
-                    if m.get("role") in ("system", "developer") and isinstance(m.get("content"), str):
-                        m["content"] = f"{m['content']}\n[{canary}]"
+                    if (
+                        m.get("role") in ("system", "developer")
+                        and content_text(m.get("content")) is not None
+                    ):
+                        if isinstance(m["content"], str):
+                            m["content"] = f"{m['content']}\n[{canary}]"
+                        else:
+                            m["content"] = [*m["content"], {"type": "text", "text": f"[{canary}]"}]
                         break
-            scan_msgs = messages  # system turns get PII and secrets scans only (the policy engine)
+            scan_msgs = messages  # the policy engine decides what each role is scanned for
         else:
-            prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+            key = "input" if route == "embeddings" else "prompt"
+            prompts = body[key] if isinstance(body[key], list) else [body[key]]
             scan_msgs = [{"role": "user", "content": t} for t in prompts]
+            if isinstance(body.get("suffix"), str):
+                scan_msgs.append({"role": "user", "content": body["suffix"]})
         ctx = ScanContext(
             tenant=p.tenant, route=route, system_prompt=system, canary=canary, request_id=trace.request_id
         )
@@ -115,18 +136,15 @@ class Guard:
         trace.guard.append({"stage": "input", **v.to_trace()})
         trace.policy_version = f"{v.policy_name}@{v.policy_version[:12]}"
         if v.blocked:
-            cats = ", ".join(v.categories) or "scanner error"
-            raise APIError(
-                400,
-                f"the request was blocked by content policy {v.policy_name!r} ({cats})",
-                code="content_policy_violation",
-            )
+            raise APIError(400, _blocked_message(v), code="content_policy_violation")
         if v.action is Action.REDACT and v.messages is not None:
             if route == "chat":
                 body["messages"] = v.messages
             else:
                 texts = [m["content"] for m in v.messages]
-                body["prompt"] = texts if isinstance(body["prompt"], list) else texts[0]
+                if isinstance(body.get("suffix"), str):
+                    body["suffix"] = texts.pop()
+                body[key] = texts if isinstance(body[key], list) else texts[0]
         return InputResult(ctx, v.vault)
 
     async def scan_output(self, route: str, out: dict[str, Any], inp: InputResult, trace: Trace) -> None:
@@ -151,3 +169,18 @@ class Guard:
 
     def stream(self, inp: InputResult) -> StreamScan:
         return StreamScan(self, inp.ctx, inp.vault)
+
+
+def _blocked_message(v: Any) -> str:
+    """Why a request was blocked, without any of its text: the categories that fired, or, when the
+    policy failed closed, what kept the text from being scanned. A size or type error is named (it
+    says nothing of the content); a scanner's own exception is not echoed to the caller."""
+    head = f"the request was blocked by content policy {v.policy_name!r}"
+    if v.categories:
+        return f"{head} ({', '.join(v.categories)})"
+    unscanned = sorted(
+        f"{where.removesuffix('.input')}: {why}" for where, why in v.errors.items() if where.endswith("input")
+    )
+    if unscanned:
+        return f"{head}: the text was not scanned ({'; '.join(unscanned)})"
+    return f"{head}: a scanner failed, and the policy fails closed"

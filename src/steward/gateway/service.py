@@ -310,7 +310,7 @@ class Gateway:
             body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
         t = trace.mark("auth", t)
         inp = None
-        if self.guard is not None and route != "embeddings":
+        if self.guard is not None:
             inp = await self.guard.scan_input(route, body, principal, trace)
             t = trace.mark("guard_input", t)
         call = Call(body=body, upstream_model=body["model"], request_id=trace.request_id)
@@ -397,13 +397,15 @@ class Gateway:
         return json_response(200, out, headers)
 
     async def _scan_chunk(
-        self, scan: Any, chunk: dict[str, Any], cut: set[int], n_choices: int
+        self, scan: Any, chunk: dict[str, Any], cut: set[int], n_choices: int, sent: dict[int, list[str]]
     ) -> tuple[list[dict[str, Any]], bool]:
         """Pass one backend chunk through the stream guards.
 
         Text is released only once it has been scanned (so it may come out in a later chunk); a
         choice whose guard cuts gets `finish_reason: "content_filter"` and nothing after it. Returns
-        the chunks to send, and whether every choice has been cut (the stream then ends).
+        the chunks to send, and whether every choice has been cut (the stream then ends). What is
+        released is added to `sent`, which is what the audit payload stores: the text the client
+        got (secrets masked), never the backend's text before redaction or after a cut.
         """
         out: list[dict[str, Any]] = []
         for c in chunk["choices"]:
@@ -427,6 +429,8 @@ class Gateway:
                 if r.cut:
                     cut.add(i)
                     finish = "content_filter"
+            if released:
+                sent.setdefault(i, []).append(released)
             nc = dict(c)
             if is_chat:
                 rest = {k: v for k, v in delta.items() if k != "content"}
@@ -550,7 +554,7 @@ class Gateway:
                         counted += len(chunk["choices"])
                         for c in chunk["choices"]:
                             piece = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
-                            if piece:
+                            if piece and scan is None:
                                 texts.setdefault(int(c.get("index", 0)), []).append(piece)
                         if unbounded and res is not None and counted >= reserved:
                             if not await self.limiter.extend(res, {"tokens": STREAM_CHUNK_TOKENS}):
@@ -570,7 +574,9 @@ class Gateway:
                                             {**c, "finish_reason": "length"} for c in chunk["choices"]
                                         ],
                                     }
-                                    out_chunks, _ = await self._scan_chunk(scan, held, cut_choices, n_choices)
+                                    out_chunks, _ = await self._scan_chunk(
+                                        scan, held, cut_choices, n_choices, texts
+                                    )
                                     stop = {**chunk, "choices": []}
                                     for oc in out_chunks:
                                         yield b"data: " + orjson.dumps(oc) + b"\n\n"
@@ -583,7 +589,9 @@ class Gateway:
                                 return
                             reserved += STREAM_CHUNK_TOKENS
                         if scan is not None:
-                            out_chunks, stop_now = await self._scan_chunk(scan, chunk, cut_choices, n_choices)
+                            out_chunks, stop_now = await self._scan_chunk(
+                                scan, chunk, cut_choices, n_choices, texts
+                            )
                             for oc in out_chunks:
                                 yield b"data: " + orjson.dumps(oc) + b"\n\n"
                             if stop_now:

@@ -108,6 +108,15 @@ async def list_tenants(request: Request) -> Response:
 async def update_tenant(tenant_id: str, request: Request) -> Response:
     async def go(gw: Gateway, _p: Principal, trace: Trace) -> tuple[int, Any]:
         spec: TenantUpdate = gw.parse(TenantUpdate, await request.body())
+        if spec.policy and gw.guard is not None and spec.policy not in gw.guard.policy_names():
+            # Caught here, not at the tenant's next request (which would then fail closed).
+            known = ", ".join(gw.guard.policy_names())
+            raise APIError(
+                400,
+                f"unknown guard policy {spec.policy!r}; known: {known}",
+                param="policy",
+                code="invalid_value",
+            )
         try:
             out = await asyncio.to_thread(
                 gw.keys.set_tenant,

@@ -109,12 +109,13 @@ async def moderations(request: Request) -> Response:
 
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         ctxs = [ScanContext(tenant=p.tenant, route="moderations", request_id=trace.request_id) for _ in texts]
-        gw.guard._bind(p)
+        gw.guard.bind(p)
         verdicts = await asyncio.to_thread(gw.guard.pipeline.scan_texts, texts, ctxs, "input")
         for v in verdicts:
             trace.guard.append({"stage": "moderation", **v.to_trace()})
         trace.model = "steward-guard"
         trace.policy_version = f"{verdicts[0].policy_name}@{verdicts[0].policy_version[:12]}"
+        _refuse_unscanned(verdicts)
         return 200, {
             "id": "modr-" + secrets.token_hex(12),
             "model": req.model or "steward-guard",
@@ -122,3 +123,28 @@ async def moderations(request: Request) -> Response:
         }
 
     return await gw.traced(trace, work)
+
+
+def _refuse_unscanned(verdicts: list[Any]) -> None:
+    """A moderation result says what the detectors found; for a text they did not read it would say
+    "clean" with nothing behind it. So an input over the scan limit is a 400 naming it, and a
+    scanner failure a 503; the policy's `fail_closed` does not apply here, since nothing is let
+    through either way, only a verdict would be invented."""
+    for i, v in enumerate(verdicts):
+        if "input" in v.errors:
+            raise APIError(400, f"input[{i}]: {v.errors['input']}", param="input", code="input_too_long")
+    for i, v in enumerate(verdicts):
+        if v.errors:
+            raise APIError(
+                503,
+                f"input[{i}] could not be scanned (failed: {', '.join(sorted(v.errors))}); no result is "
+                "given for text the detectors did not read",
+                code="scanner_unavailable",
+            )
+        if not v.scanned:
+            raise APIError(
+                400,
+                f"content policy {v.policy_name!r} runs no input scanners, so there is nothing to "
+                "moderate with",
+                code="no_scanners",
+            )
