@@ -378,6 +378,19 @@ def test_redacting_a_content_parts_message_keeps_its_parts() -> None:
     assert content[0]["text"] == "my key AKIAIOSFODNN7EXAMPLE"  # the caller's request is not mutated
 
 
+def test_text_encoded_deeper_than_the_decoder_reads_is_not_called_scanned() -> None:
+    from steward.guard.normalize import MAX_DECODE_DEPTH
+
+    payload = b"my key AKIAIOSFODNN7EXAMPLE"
+    for _ in range(MAX_DECODE_DEPTH):
+        payload = base64.b64encode(payload)
+    v = Pipeline(PATTERN_POLICY).scan_text("see " + payload.decode())
+    assert v.action is Action.REDACT and v.scanned  # three layers: read, and the key is found
+    assert [f.entity for f in v.findings] == ["AWS_ACCESS_KEY"] and v.text == "see [AWS_ACCESS_KEY]"
+    v = Pipeline(PATTERN_POLICY).scan_text("see " + base64.b64encode(payload).decode())
+    assert v.blocked and not v.scanned and "decode" in v.errors  # four: fail closed, saying why
+
+
 def test_scanner_protocol_is_satisfied() -> None:
     from steward.guard import Scanner
 

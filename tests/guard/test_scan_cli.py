@@ -120,3 +120,81 @@ def test_a_system_prompt_lets_the_context_probe_judge_the_turn(app: typer.Typer)
     assert any(f["entity"] == "SECRET_PROBE" for f in first["findings"])
     assert not any(f["entity"] == "SECRET_PROBE" for f in second["findings"])
     assert third == {"error": 'line 3: "system_prompt" must be a string'}
+
+
+def test_jsonl_a_line_that_breaks_the_parser_is_that_lines_error(app: typer.Typer, policy: Path) -> None:
+    """A line nested too deeply for the JSON parser (RecursionError, not a JSONDecodeError) is one
+    error line; the lines around it are still scanned, from a file and from stdin alike."""
+    deep = "[" * 100_000 + "]" * 100_000
+    data = '{"text": "ok"}\n' + deep + '\n{"text": "AKIAIOSFODNN7EXAMPLE"}\n{"text": ' + deep + "}\n"
+    data += '{"text": "x", "n": ' + "9" * 5000 + "}\n"  # ValueError from int(), not a JSONDecodeError
+    for source in ("file", "stdin"):
+        if source == "file":
+            f = Path(policy).with_name("deep.jsonl")
+            f.write_text(data, encoding="utf-8")
+            code, out, err = run(app, ["scan", "--policy", str(policy), "--jsonl", str(f)])
+        else:
+            code, out, err = run(app, ["scan", "--policy", str(policy), "--jsonl", "-"], stdin=data)
+        assert code == 2 and len(out) == 5, (source, code, out, err)
+        lines = [json.loads(x) for x in out]
+        assert lines[0]["flagged"] is False and lines[2]["categories"] == ["secrets"]
+        for n in (2, 4, 5):
+            assert set(lines[n - 1]) == {"error"} and lines[n - 1]["error"].startswith(f"line {n}: not JSON")
+            assert f"steward: error: line {n}: not JSON" in err
+
+
+def test_jsonl_blank_lines_are_error_lines_so_output_stays_aligned(app: typer.Typer, policy: Path) -> None:
+    data = '{"text": "first"}\n\n   \t\n{"text": "AKIAIOSFODNN7EXAMPLE"}\n'
+    code, out, err = run(app, ["scan", "--policy", str(policy), "--jsonl", "-"], stdin=data)
+    assert code == 2 and len(out) == 4
+    assert json.loads(out[1]) == {"error": "line 2: empty line"}
+    assert json.loads(out[2]) == {"error": "line 3: empty line"}
+    assert json.loads(out[3])["categories"] == ["secrets"]
+    assert "steward: error: line 2: empty line" in err
+
+
+def test_jsonl_a_utf8_bom_is_not_part_of_the_first_line(
+    app: typer.Typer, policy: Path, tmp_path: Path
+) -> None:
+    body = '{"text": "mail jane@example.com"}\n{"text": "plain"}\n'
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    for args, stdin in (([str(f)], None), (["-"], b"\xef\xbb\xbf" + body.encode("utf-8"))):
+        r = CliRunner().invoke(app, ["scan", "--policy", str(policy), "--jsonl", *args], input=stdin)
+        out = r.stdout.splitlines()
+        assert r.exit_code == 0 and len(out) == 2, (args, r.stdout, r.stderr)
+        first = json.loads(out[0])
+        assert "error" not in first and first["findings"][0]["entity"] == "EMAIL_ADDRESS"
+        assert (first["findings"][0]["start"], first["findings"][0]["end"]) == (5, 21)
+
+
+def test_an_entity_actions_typo_is_a_policy_error(app: typer.Typer, tmp_path: Path) -> None:
+    p = tmp_path / "typo.yaml"
+    p.write_text(
+        "version: 1\npolicies:\n  default:\n"
+        "    input: [{scanner: secrets, action: flag, entity_actions: {AWS_KEY: block}}]\n",
+        encoding="utf-8",
+    )
+    r = CliRunner().invoke(app, ["scan", "--policy", str(p), "my key AKIAIOSFODNN7EXAMPLE"])
+    assert r.exit_code != 0 and r.stdout == ""
+    message = str(r.exception)
+    assert "\n" not in message and "'AWS_KEY'" in message and "'secrets'" in message
+    assert "AWS_ACCESS_KEY" in message
+
+
+def test_jsonl_any_failure_reading_a_line_stays_on_that_line(
+    app: typer.Typer, policy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = scan._parse_line
+
+    def flaky(line: str, lineno: int) -> object:
+        if lineno == 2:
+            raise KeyError("boom")
+        return real(line, lineno)
+
+    monkeypatch.setattr(scan, "_parse_line", flaky)
+    data = '{"text": "ok"}\n{"text": "ok"}\n{"text": "AKIAIOSFODNN7EXAMPLE"}\n'
+    code, out, _ = run(app, ["scan", "--policy", str(policy), "--jsonl", "-"], stdin=data)
+    assert code == 2 and len(out) == 3
+    assert json.loads(out[1]) == {"error": "line 2: KeyError: 'boom'"}
+    assert json.loads(out[2])["categories"] == ["secrets"]

@@ -2,12 +2,15 @@
 
 stdout carries exactly one JSON line per input and nothing else, so the output can be joined line
 by line with the input file; logs and errors go to stderr. With --jsonl, lines are scanned in
-batches so that the classifier's encoder runs on many texts at once. Exit status: 0 when every input
-is allowed, 1 when any is blocked, 2 when any input (or the command itself) is in error.
+batches so that the classifier's encoder runs on many texts at once; a line that cannot be read (not
+JSON, nested too deeply, blank, a wrong field) gets `{"error": "line N: ..."}` in its place and the
+rest of the file is still scanned. A leading UTF-8 byte-order mark is ignored. Exit status: 0 when
+every input is allowed, 1 when any is blocked, 2 when any input (or the command itself) is in error.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -46,10 +49,16 @@ def verdict_json(verdict: Verdict) -> dict[str, Any]:
 
 
 def _parse_line(line: str, lineno: int) -> tuple[str, Role, str | None]:
+    if not line.strip():
+        raise ValueError(f"line {lineno}: empty line")
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"line {lineno}: not JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ValueError(f"line {lineno}: not JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than the interpreter converts
+        raise ValueError(f"line {lineno}: not JSON: {' '.join(str(exc).split())}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise ValueError(f'line {lineno}: expected an object with a string "text"')
     role = obj.get("role", "user")
@@ -64,9 +73,9 @@ def _parse_line(line: str, lineno: int) -> tuple[str, Role, str | None]:
 def _batches(stream: TextIO, size: int) -> Iterator[list[tuple[int, str]]]:
     batch: list[tuple[int, str]] = []
     for lineno, line in enumerate(stream, 1):
-        if not line.strip():
-            continue  # blank lines are not inputs
-        batch.append((lineno, line))
+        if lineno == 1 and line.startswith("\ufeff"):
+            line = line[1:]  # a byte-order mark read by a plain utf-8 decoder is not part of the line
+        batch.append((lineno, line))  # blank lines too: each input line gets its output line
         if len(batch) >= size:
             yield batch
             batch = []
@@ -84,8 +93,11 @@ def scan_jsonl(pipeline: Any, stream: TextIO, out: TextIO, base: ScanContext, ba
         for lineno, line in batch:
             try:
                 parsed.append(_parse_line(line, lineno))
-            except ValueError as exc:
-                parsed.append(str(exc))
+            except Exception as exc:  # whatever goes wrong with one line is that line's error
+                message = " ".join(str(exc).split())
+                if not (isinstance(exc, ValueError) and message.startswith(f"line {lineno}: ")):
+                    message = f"line {lineno}: {type(exc).__name__}: {message or 'no detail'}"
+                parsed.append(message)
         good = [p for p in parsed if isinstance(p, tuple)]
         contexts = [
             replace(base, role=r, system_prompt=base.system_prompt if sp is None else sp) for _, r, sp in good
@@ -105,6 +117,19 @@ def scan_jsonl(pipeline: Any, stream: TextIO, out: TextIO, base: ScanContext, ba
                 status = 1
         out.flush()
     return status
+
+
+def _scan_stdin(pipeline: Any, base: ScanContext, batch_size: int) -> int:
+    """`scan_jsonl` over stdin decoded as the file is (utf-8-sig, undecodable bytes kept as
+    surrogates); the wrapper is detached afterwards so that stdin itself stays open."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text-only stdin (replaced by the caller): read it as it is
+        return scan_jsonl(pipeline, sys.stdin, sys.stdout, base, batch_size)
+    stream = io.TextIOWrapper(buffer, encoding="utf-8-sig", errors="surrogateescape")
+    try:
+        return scan_jsonl(pipeline, stream, sys.stdout, base, batch_size)
+    finally:
+        stream.detach()
 
 
 def register(app: typer.Typer) -> None:
@@ -142,11 +167,11 @@ def register(app: typer.Typer) -> None:
         base = ScanContext(tenant=tenant, route=route, role=cast("Role", role), system_prompt=system_prompt)
         if jsonl is not None:
             if str(jsonl) == "-":
-                status = scan_jsonl(pipeline, sys.stdin, sys.stdout, base, batch_size)
+                status = _scan_stdin(pipeline, base, batch_size)
             else:
                 if not jsonl.is_file():
                     raise FileNotFoundError(f"--jsonl file not found: {jsonl}")
-                with jsonl.open(encoding="utf-8", errors="surrogateescape") as fh:
+                with jsonl.open(encoding="utf-8-sig", errors="surrogateescape") as fh:
                     status = scan_jsonl(pipeline, fh, sys.stdout, base, batch_size)
             raise typer.Exit(status)
         if text is None or text == "-":

@@ -48,7 +48,12 @@ def may_contain(text: str, literals: Iterable[str], folded: str | None = None) -
 
 @runtime_checkable
 class Scanner(Protocol):
-    """Anything that finds problems in text. `category` is the category its findings carry."""
+    """Anything that finds problems in text. `category` is the category its findings carry.
+
+    A scanner may also have `entities`, the set of `Finding.entity` names it can report (with the
+    options it was built with); otherwise its registry entry may declare them. Policies check their
+    `entity_actions` keys against that set, so a misspelt entity is a load error.
+    """
 
     name: str
     category: Category
@@ -156,11 +161,25 @@ class Registry:
 
     def __init__(self) -> None:
         self._factories: dict[str, ScannerFactory] = {}
+        self._entities: dict[str, frozenset[str]] = {}
 
-    def register(self, name: str, factory: ScannerFactory) -> None:
+    def register(self, name: str, factory: ScannerFactory, entities: Iterable[str] | None = None) -> None:
+        """Add a scanner. `entities`: the entity names it reports, for scanners that do not say so
+        themselves (an `entities` attribute on the scanner wins)."""
         if name in self._factories:
             raise ValueError(f"scanner {name!r} is already registered")
         self._factories[name] = factory
+        if entities is not None:
+            self._entities[name] = frozenset(entities)
+
+    def entities(self, name: str, scanner: Scanner | None = None) -> frozenset[str] | None:
+        """The entity names scanner `name` can report: `scanner.entities` when the instance has
+        them (they may depend on its options), else what its registration declared; None when
+        neither says."""
+        own = getattr(scanner, "entities", None)
+        if isinstance(own, (set, frozenset)):
+            return frozenset(own)
+        return self._entities.get(name)
 
     def names(self) -> list[str]:
         return sorted(self._factories)
@@ -186,6 +205,8 @@ def default_registry() -> Registry:
     from .secrets import SecretsScanner
 
     reg = Registry()
+    # pii and secrets carry their own `entities`; the others report fixed names, declared here and
+    # checked against what they emit in tests/guard/test_detectors.py.
     reg.register("pii", lambda o: PIIScanner(**o))
     reg.register("secrets", lambda o: SecretsScanner(**o))
 
@@ -193,8 +214,14 @@ def default_registry() -> Registry:
         return lambda o: ClassifierScanner(category, **o)
 
     for cat in ("prompt_injection", "jailbreak", "harmful", "toxicity"):
-        reg.register(cat, classifier(cat))
-    reg.register("prompt_leak", lambda o: PromptLeakScanner(**o))
-    reg.register("injection_rules", lambda o: InjectionRulesScanner(**o))
-    reg.register("context_probe", lambda o: ContextProbeScanner(**o))
+        reg.register(cat, classifier(cat), entities=[cat.upper()])
+    reg.register(
+        "prompt_leak", lambda o: PromptLeakScanner(**o), entities=["CANARY", "SYSTEM_PROMPT_OVERLAP"]
+    )
+    reg.register("injection_rules", lambda o: InjectionRulesScanner(**o), entities=["PROMPT_INJECTION"])
+    reg.register(
+        "context_probe",
+        lambda o: ContextProbeScanner(**o),
+        entities=["SECRET_PROBE", "PRIVATE_RECORD_PROBE"],
+    )
     return reg

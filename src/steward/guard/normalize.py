@@ -7,7 +7,13 @@ tag characters that smuggle ASCII), and encodings (base64, hex). Scanners theref
 * the *normalised* text: NFKC per character, invisible characters removed, homoglyphs folded to
   Latin inside words that already contain Latin letters (so Russian or Greek prose is untouched);
 * *decoded segments*: base64/hex runs that decode to readable text, and the ASCII hidden in tag
-  characters, each tied to the span of original text it came from.
+  characters, each tied to the span of original text it came from. Every run is decoded (no cap on
+  how many, so harmless decoy runs cannot crowd out the one that carries a payload), and decoded
+  text is searched for runs again, up to `MAX_DECODE_DEPTH` layers (base64 of base64, hex inside
+  base64, base64 in tag characters). A layer of base64 is 3/4 the length of its source and one of
+  hex 1/2, so the decoded text of all layers stays within a small multiple of the text: the cost
+  is bounded by the text's length, not by a count. Runs still encoded below the last layer are
+  counted in `Document.undecoded`, so a deeper payload is visible rather than silently unread.
 
 Every normalised character remembers the original index it came from, so a finding is always
 reported in the caller's offsets, never in an internal representation.
@@ -49,19 +55,23 @@ _HOMOGLYPHS = {
 }  # fmt: skip
 
 _BASE64_RUN = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}(?![A-Za-z0-9+/=_-])")
-_HEX_RUN = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[ :]?){8,}(?![0-9A-Fa-f])")
+# Eight or more hex pairs, optionally separated; the run ends on a pair, never on a separator.
+_HEX_RUN = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[ :]?){7,}[0-9A-Fa-f]{2}(?![0-9A-Fa-f])")
 _WORD = re.compile(r"\w+")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 _HOMOGLYPH_CHAR = re.compile("[" + "".join(_HOMOGLYPHS) + "]")
 
-MAX_DECODED_SEGMENTS = 16
+# Layers of encoding read: a run inside decoded text is decoded again, down to this many layers.
+MAX_DECODE_DEPTH = 3
 
 
 @dataclass(slots=True)
 class Segment:
     """Text decoded from part of the original (base64, hex, tag characters).
 
-    Findings inside it map to `origin`, the whole span of original text it was decoded from.
+    Findings inside it map to `origin`, the whole span of original text it was decoded from; for
+    nested encodings that is the outermost run. `kind` names the layers, outermost first
+    ("base64", "base64+hex", "unicode_tags+base64").
     """
 
     text: str
@@ -74,7 +84,9 @@ class Document:
     """One text prepared for scanning, shared by all scanners of one request.
 
     `cache` lets expensive shared work (the encoder pass, the classifier probabilities) happen once
-    per document whichever scanner asks first.
+    per document whichever scanner asks first. `undecoded` counts encoded runs found inside the
+    last decoded layer (`MAX_DECODE_DEPTH`) and not read: non-zero means part of the text was not
+    scanned in clear.
     """
 
     original: str
@@ -82,6 +94,7 @@ class Document:
     offsets: list[int]
     segments: list[Segment] = field(default_factory=list)
     cache: dict[str, Any] = field(default_factory=dict)
+    undecoded: int = 0
 
     def to_original(self, start: int, end: int) -> Span:
         """Map a [start, end) range of the normalised text to the original text."""
@@ -104,7 +117,13 @@ def _printable_ratio(text: str) -> float:
     return good / len(text)
 
 
+def _readable(decoded: str) -> bool:
+    """Decoded text worth scanning as text: mostly letters and spaces."""
+    return sum(c.isalpha() or c.isspace() for c in decoded) >= 0.4 * len(decoded)
+
+
 def _decode_base64(run: str) -> str | None:
+    """The printable UTF-8 text a base64 run encodes, or None (readable or not: see `_decode_all`)."""
     body = run.rstrip("=")
     if len(body) < 16 or body.isdigit() or body.isalpha():
         return None  # plain words or numbers are not worth decoding
@@ -114,22 +133,61 @@ def _decode_base64(run: str) -> str | None:
         decoded = raw.decode("utf-8")
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
-    letters = sum(c.isalpha() or c.isspace() for c in decoded)
-    if _printable_ratio(decoded) < 0.95 or letters < 0.4 * len(decoded):
-        return None
-    return decoded
+    return decoded if _printable_ratio(decoded) >= 0.95 else None
 
 
 def _decode_hex(run: str) -> str | None:
+    """The printable UTF-8 text a hex run encodes, or None."""
     digits = re.sub(r"[ :]", "", run)
     try:
         decoded = bytes.fromhex(digits[: len(digits) // 2 * 2]).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
         return None
-    letters = sum(c.isalpha() or c.isspace() for c in decoded)
-    if _printable_ratio(decoded) < 0.95 or letters < 0.4 * len(decoded):
-        return None
-    return decoded
+    return decoded if _printable_ratio(decoded) >= 0.95 else None
+
+
+_DECODERS = ((_BASE64_RUN, _decode_base64, "base64"), (_HEX_RUN, _decode_hex, "hex"))
+
+
+def _runs(text: str) -> list[tuple[int, int, str, str]]:
+    """(start, end, decoded text, kind) of every run in `text` that decodes to printable text."""
+    found = []
+    for pattern, decoder, kind in _DECODERS:
+        for m in pattern.finditer(text):
+            decoded = decoder(m.group())
+            if decoded:
+                found.append((m.start(), m.end(), decoded, kind))
+    return found
+
+
+def _decode_all(doc: Document, hidden: Segment | None) -> None:
+    """Fill `doc.segments` with every decoded run, layer by layer, down to `MAX_DECODE_DEPTH`.
+
+    A decoded run becomes a segment when it is readable. Any printable decoded text is searched
+    again for runs, so an intermediate layer that is itself an encoding (hex digits, a base64
+    string) is peeled off even though it is not readable. Nested segments keep the origin of the
+    outermost run, exactly as one layer maps to the run it was decoded from.
+    """
+    # (text, its origin, its kind) of one layer; layer 0 is the normalised text (origin None: each
+    # run maps through `to_original`), and hidden tag text is a first layer of its own.
+    layer: list[tuple[str, Span | None, str]] = [(doc.text, None, "")]
+    if hidden is not None:
+        doc.segments.append(hidden)
+    for depth in range(1, MAX_DECODE_DEPTH + 1):
+        below: list[tuple[str, Span | None, str]] = []
+        for text, origin, outer in layer:
+            for start, end, decoded, kind in _runs(text):
+                span = doc.to_original(start, end) if origin is None else origin
+                kind = f"{outer}+{kind}" if outer else kind
+                if _readable(decoded):
+                    doc.segments.append(Segment(decoded, span, kind))
+                below.append((decoded, span, kind))
+        if depth == 1 and hidden is not None:
+            below.append((hidden.text, hidden.origin, hidden.kind))
+        layer = below
+        if not layer:
+            return
+    doc.undecoded = sum(len(_runs(text)) for text, _, _ in layer)
 
 
 def normalise(text: str, *, decode: bool = True) -> Document:
@@ -191,17 +249,9 @@ def normalise(text: str, *, decode: bool = True) -> Document:
                     chars[j] = _HOMOGLYPHS.get(chars[j], chars[j])
         normalised = "".join(chars)
     doc = Document(original=text, text=normalised, offsets=offsets)
-    if hidden:
-        doc.segments.append(Segment("".join(hidden), Span(hidden_start, hidden_end), "unicode_tags"))
+    tags = Segment("".join(hidden), Span(hidden_start, hidden_end), "unicode_tags") if hidden else None
     if decode:
-        for pattern, decoder, kind in (
-            (_BASE64_RUN, _decode_base64, "base64"),
-            (_HEX_RUN, _decode_hex, "hex"),
-        ):
-            for m in pattern.finditer(normalised):
-                if len(doc.segments) >= MAX_DECODED_SEGMENTS:
-                    break
-                decoded = decoder(m.group())
-                if decoded:
-                    doc.segments.append(Segment(decoded, doc.to_original(m.start(), m.end()), kind))
+        _decode_all(doc, tags)
+    elif tags is not None:
+        doc.segments.append(tags)
     return doc

@@ -985,7 +985,8 @@ QUASI_ENTITIES = ("LOCATION", "ZIP_CODE", "AGE", "DATE", "ORGANIZATION", "NRP")
 
 
 class PIIScanner:
-    """PII in English and Chinese text. `entities` restricts which entity types are reported."""
+    """PII in English and Chinese text. `entities` restricts which entity types are reported; it is
+    also the set a policy's `entity_actions` may name for this scanner."""
 
     name = "pii"
     category: Category = "pii"

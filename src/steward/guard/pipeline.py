@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from .base import Registry, Scanner, default_registry
 from .classifier import ClassifierScanner
-from .normalize import Document, normalise
+from .normalize import MAX_DECODE_DEPTH, Document, normalise
 from .pii import QUASI
 from .policy import Policy, PolicySet, ScannerSpec, load_policy_set
 from .redact import RedactionMode, Vault, redact_many
@@ -137,6 +137,13 @@ class Pipeline:
                 )
             else:
                 it.doc = normalise(it.text)
+                if it.doc.undecoded:
+                    # Scanned as far as it decodes, but not reported as scanned: a payload may sit
+                    # under the last layer read (fail-closed policies block).
+                    it.errors["decode"] = (
+                        f"{it.doc.undecoded} encoded run(s) nested deeper than {MAX_DECODE_DEPTH} "
+                        "layers were not decoded"
+                    )
         per = (time.perf_counter() - t) * 1000 / max(1, len(items))
         for lat in latency:
             lat["normalise"] = per
@@ -182,7 +189,7 @@ class Pipeline:
         scores: dict[str, float] = {}
         thresholds: dict[str, float] = {}
         fail_block = False
-        if "input" in it.errors:
+        if "input" in it.errors or "decode" in it.errors:
             fail_block = pol.fail_closed
         for spec in specs:
             if it.doc is None:

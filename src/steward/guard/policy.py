@@ -3,13 +3,15 @@
 A policy set names policies and binds them to (tenant, route) pairs; the most specific binding wins
 (tenant+route, then tenant, then route, then `default`). Each policy lists input and output scanners
 with a threshold and an action. Validation happens at load time against the scanner registry, so a
-typo in a scanner name or a threshold of 1.5 is an error when the gateway starts, never a silently
-unguarded request. The version is the SHA-256 of the canonical JSON of the *validated* policy, so
-reformatting the YAML does not change it, and every verdict names the exact policy it applied.
+typo in a scanner name, an `entity_actions` key the scanner never reports, or a threshold of 1.5 is
+an error when the gateway starts, never a silently unguarded request. The version is the SHA-256 of
+the canonical JSON of the *validated* policy, so reformatting the YAML does not change it, and every
+verdict names the exact policy it applied.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -100,7 +102,8 @@ class PolicySet(BaseModel):
         return self
 
     def check_scanners(self, registry: Registry) -> None:
-        """Every scanner named exists and accepts its options (constructed once, then dropped)."""
+        """Every scanner named exists and accepts its options (constructed once, then dropped), and
+        every `entity_actions` key is an entity that scanner, with those options, can report."""
         for name, pol in self.policies.items():
             for direction, specs in (("input", pol.input), ("output", pol.output)):
                 for i, spec in enumerate(specs):
@@ -110,9 +113,11 @@ class PolicySet(BaseModel):
                             f"{where}: unknown scanner {spec.scanner!r}; known: {', '.join(registry.names())}"
                         )
                     try:
-                        registry.create(spec.scanner, spec.options)
+                        scanner = registry.create(spec.scanner, spec.options)
                     except (TypeError, ValueError) as exc:
                         raise PolicyError(f"{where}: bad options for {spec.scanner}: {exc}") from exc
+                    if spec.entity_actions:
+                        _check_entity_actions(where, spec, registry, scanner)
 
     def select(self, tenant: str, route: str) -> tuple[str, Policy]:
         """The most specific binding: tenant+route > tenant > route > 'default'."""
@@ -126,6 +131,32 @@ class PolicySet(BaseModel):
                     best = (rank, b.policy)
         name = best[1] if best else "default"
         return name, self.policies[name]
+
+
+def _check_entity_actions(where: str, spec: ScannerSpec, registry: Registry, scanner: Any) -> None:
+    """Each `entity_actions` key names an entity the spec's scanner reports. A scanner that declares
+    no entity set is not checked (a third-party scanner registered without one)."""
+    known = registry.entities(spec.scanner, scanner)
+    if known is None:
+        return
+    for key in spec.entity_actions:
+        if key in known:
+            continue
+        qualifier = ""
+        if spec.options:  # a name the scanner reports only without these options
+            try:
+                everything = registry.entities(spec.scanner, registry.create(spec.scanner)) or frozenset()
+            except (TypeError, ValueError):
+                everything = frozenset()
+            qualifier = " with its options" if key in everything else ""
+        names = sorted(known)
+        close = difflib.get_close_matches(key.upper(), names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        raise PolicyError(
+            f"{where}: entity_actions key {key!r} is not an entity scanner {spec.scanner!r} reports"
+            f"{qualifier}{hint}; it reports: {shown}"
+        )
 
 
 def _format_validation(exc: ValidationError, source: str) -> str:

@@ -17,7 +17,7 @@ from .base import Match, PatternDetector, ascii_fold, may_contain, scan_with_det
 from .normalize import Document
 from .types import Category, Finding, ScanContext
 
-__all__ = ["SecretsScanner", "shannon_entropy"]
+__all__ = ["SECRET_ENTITIES", "SecretsScanner", "shannon_entropy"]
 
 
 def shannon_entropy(s: str) -> float:
@@ -175,11 +175,19 @@ def default_detectors() -> list[PatternDetector]:
     return [ProviderKeyDetector(), PrivateKeyDetector(), JwtDetector(), ContextualSecretDetector()]
 
 
+# Every entity name the detectors above report: what a policy's `entity_actions` may name.
+# tests/guard/test_detectors.py checks it against what they emit on varied text, both ways.
+SECRET_ENTITIES = frozenset(
+    [e for e, _, _, _ in _PROVIDERS] + ["PRIVATE_KEY", "JWT", "SECRET", "PASSWORD", "BEARER_TOKEN"]
+)
+
+
 class SecretsScanner:
     """Credentials in prompts, documents or answers."""
 
     name = "secrets"
     category: Category = "secrets"
+    entities: frozenset[str] = SECRET_ENTITIES
 
     def __init__(self) -> None:
         self.detectors = default_detectors()
