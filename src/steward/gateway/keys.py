@@ -30,7 +30,9 @@ from steward.store.models import ApiKey, Tenant
 
 KEY_PREFIX = "sk-stw-"
 KEY_RE = re.compile(r"^sk-stw-[A-Za-z0-9_-]{43}$")
-TENANT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# A leading "_" is reserved for the gateway's own pseudo-tenants (the audit log files refusals that
+# come before any key is known under "_unauthenticated"), so no key can be made in one.
+TENANT_RE = re.compile(r"^[A-Za-z0-9.-][A-Za-z0-9_.-]{0,63}$")
 ROLES = ("admin", "user", "auditor")
 
 
@@ -136,7 +138,9 @@ class KeyStore:
     # -- tenants --------------------------------------------------------------------------------------
     def ensure_tenant(self, s: Session, tenant: str) -> Tenant:
         if not TENANT_RE.match(tenant):
-            raise ValueError(f"invalid tenant id {tenant!r}: use 1-64 of [A-Za-z0-9_.-]")
+            raise ValueError(
+                f"invalid tenant id {tenant[:80]!r}: use 1-64 of [A-Za-z0-9_.-], not starting with '_'"
+            )
         t = s.get(Tenant, tenant)
         if t is None:
             t = Tenant(id=tenant, created_at=datetime.now(UTC), policy=None, limits=[])
@@ -216,7 +220,7 @@ class KeyStore:
         with self._session() as s:
             k = s.get(ApiKey, key_id)
             if k is None:
-                raise UnknownKeyError(f"no key with id {key_id!r}")
+                raise UnknownKeyError(f"no key with id {key_id[:80]!r}")
             if k.revoked_at is None:
                 k.revoked_at = datetime.now(UTC)
             rec = _record(k)

@@ -17,6 +17,9 @@ from steward.gateway.trace import Trace
 router = APIRouter(prefix="/admin")
 
 
+MAX_KEY_LIFETIME_S = 10 * 365 * 24 * 3600
+
+
 async def _admin(request: Request, trace: Trace) -> tuple[Gateway, Principal]:
     gw: Gateway = request.app.state.gateway
     p = await gw.principal(request, trace)
@@ -28,7 +31,12 @@ async def _admin(request: Request, trace: Trace) -> tuple[Gateway, Principal]:
 async def _act(request: Request, action: str, fn: Any) -> Response:
     gw: Gateway = request.app.state.gateway
     state = request.scope.get("state", {})
-    trace = Trace(request_id=state.get("request_id", ""), route=f"{request.method} {request.url.path}")
+    # The route's template ("PUT /admin/tenants/{tenant_id}"), never the raw path: the trace is
+    # recorded before the key is checked, so a raw path would let anyone write text into the
+    # permanent audit log and a new metrics series per request. The target goes in `extra` once the
+    # admin is known.
+    template = getattr(request.scope.get("route"), "path", None) or "/admin/{unknown}"
+    trace = Trace(request_id=state.get("request_id", ""), route=f"{request.method} {template}")
     trace.usage = {"admin_action": action}
 
     async def work() -> tuple[int, Any]:
@@ -51,15 +59,27 @@ async def _act(request: Request, action: str, fn: Any) -> Response:
 async def create_key(request: Request) -> Response:
     async def go(gw: Gateway, _p: Principal, trace: Trace) -> tuple[int, Any]:
         spec: KeyCreate = gw.parse(KeyCreate, await request.body())
-        key, rec = await asyncio.to_thread(
-            gw.keys.create,
-            spec.tenant,
-            spec.role,
-            name=spec.name,
-            models=spec.models,
-            expires_in_s=spec.expires_in_s,
-            limits=[lim.model_dump(exclude_none=True) for lim in spec.limits],
-        )
+        if spec.expires_in_s is not None and spec.expires_in_s > MAX_KEY_LIFETIME_S:
+            raise APIError(
+                400,
+                f"expires_in_s must be at most {MAX_KEY_LIFETIME_S} (ten years); omit it for a key that "
+                "does not expire",
+                param="expires_in_s",
+                code="invalid_value",
+            )
+        trace.extra["target_tenant"] = spec.tenant
+        try:
+            key, rec = await asyncio.to_thread(
+                gw.keys.create,
+                spec.tenant,
+                spec.role,
+                name=spec.name,
+                models=spec.models,
+                expires_in_s=spec.expires_in_s,
+                limits=[lim.model_dump(exclude_none=True) for lim in spec.limits],
+            )
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tenant", code="invalid_value") from None
         trace.extra["target"] = rec.id
         return 201, {**rec.public(), "key": key}
 
@@ -69,6 +89,8 @@ async def create_key(request: Request) -> Response:
 @router.get("/keys")
 async def list_keys(request: Request, tenant: str | None = None) -> Response:
     async def go(gw: Gateway, _p: Principal, trace: Trace) -> tuple[int, Any]:
+        if tenant is not None:
+            trace.extra["target_tenant"] = tenant[:64]
         recs = await asyncio.to_thread(gw.keys.list, tenant)
         return 200, {"object": "list", "data": [r.public() for r in recs]}
 
@@ -83,6 +105,7 @@ async def revoke_key(key_id: str, request: Request) -> Response:
         except UnknownKeyError as exc:
             raise APIError(404, str(exc), code="key_not_found") from None
         trace.extra["target"] = rec.id
+        trace.extra["target_tenant"] = rec.tenant
         return 200, rec.public()
 
     return await _act(request, "key.revoke", go)
@@ -129,6 +152,7 @@ async def update_tenant(tenant_id: str, request: Request) -> Response:
         except ValueError as exc:
             raise APIError(400, str(exc), param="tenant", code="invalid_value") from None
         trace.extra["target"] = tenant_id
+        trace.extra["target_tenant"] = tenant_id
         return 200, out
 
     return await _act(request, "tenant.update", go)
