@@ -220,6 +220,28 @@ UNSEEN_ATTACKS: list[tuple[str, str, str, str]] = _labelled_file("unseen_attacks
 # unseen sets (not the blind set).
 UNSEEN_SHAPES: list[tuple[str | None, str, str, str]] = _labelled_file("unseen_shapes.json")
 
+
+# Chatbots whose system prompt restricts a topic, a task or the scope (40 new system prompts: 30 in
+# English, 2 each in Spanish, German, Japanese, Hindi and Chinese), each with 2 turns that ask for
+# exactly what it forbids (one plainly, one after small talk, as a hypothetical or in another
+# language) and 3 that stay within it (83 of the 120 on the forbidden thing's doorstep: "the
+# interest rate on your savings account" to a bank bot that must not give investment advice).
+# Written 2026-12-04 by another writer (a helper session that saw none of the repository).
+# CyberSecEval calls such turns "logic-violating" injections; 20 of the 65 held-out ones have a
+# system prompt that appears verbatim on the training side (more as translations), so the split's
+# context-only recall is partly a score on prompts seen in training. This is the same task on prompts
+# nobody trained on. Evaluation text only; part of the choosing unseen sets.
+def _restricted_bots() -> list[tuple[str | None, str, str]]:
+    rows = json.loads((ROOT / "benchmarks" / "unseen_restricted_bots.json").read_text(encoding="utf-8"))
+    return [
+        ("prompt_injection" if t["label"] == "violating" else None, r["system_prompt"], t["text"])
+        for r in rows
+        for t in r["turns"]
+    ]
+
+
+UNSEEN_RESTRICTED: list[tuple[str | None, str, str]] = _restricted_bots()
+
 # A reserve set, kept blind: 7 attacks (override x2, extraction, a hidden instruction in a pasted
 # document x2, a fake authority message, a persona jailbreak) and 10 benign turns (6 look-alikes that
 # share the attacks' words, 4 ordinary requests) in each of 18 languages, written on 2026-12-04 by
@@ -415,6 +437,10 @@ def unseen() -> None:
     verdicts = pipeline.scan_texts([t for _, _, t in UNSEEN_CONTEXT], ctx)
     picked = [(label, text, v) for (label, _, text), v in zip(UNSEEN_CONTEXT, verdicts, strict=True)]
     _unseen_report("user under a system prompt", picked)
+    ctx = [ScanContext(system_prompt=system) for _, system, _ in UNSEEN_RESTRICTED]
+    verdicts = pipeline.scan_texts([t for _, _, t in UNSEEN_RESTRICTED], ctx)
+    picked = [(label, text, v) for (label, _, text), v in zip(UNSEEN_RESTRICTED, verdicts, strict=True)]
+    _unseen_report("user under a restricting system prompt (40 new bots)", picked, limit=6)
     verdicts = pipeline.scan_texts(UNSEEN_MULTILINGUAL, [ScanContext()] * len(UNSEEN_MULTILINGUAL))
     _unseen_report(
         "user, not English", [(None, t, v) for t, v in zip(UNSEEN_MULTILINGUAL, verdicts, strict=True)]

@@ -2,9 +2,10 @@
 
 The bench reports "text in no training template" (UNSEEN, UNSEEN_DOCS, UNSEEN_CONTEXT,
 UNSEEN_MULTILINGUAL, UNSEEN_EXTRACTION, UNSEEN_PROMPTING, UNSEEN_EVERYDAY, UNSEEN_ATTACKS,
-UNSEEN_SHAPES, UNSEEN_BLIND) as the figure that matters most, so a training text that copies one of them (or
-nearly: the same question with a word added) makes that figure a training-set score. One did
-once ("Как сварить борщ?" was in both); this test keeps it from happening again.
+UNSEEN_SHAPES, UNSEEN_RESTRICTED, UNSEEN_BLIND) as the figure that matters most, so a training
+text that copies one of them (or nearly: the same question with a word added) makes that figure a
+training-set score. One did once ("Как сварить борщ?" was in both); this test keeps it from
+happening again.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def _unseen_texts(bench: ModuleType) -> list[str]:
         "UNSEEN_EXTRACTION",
         "UNSEEN_PROMPTING",
         "UNSEEN_EVERYDAY",
+        "UNSEEN_RESTRICTED",
     ):
         for item in getattr(bench, name):
             # (label, text), (language, text) or (label, text, system prompt): every string but the first
