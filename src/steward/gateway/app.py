@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from steward.backends.base import Backend, ModelInfo
-from steward.gateway.errors import install_error_handlers
+from steward.gateway.errors import UnhandledErrors, install_error_handlers
 from steward.gateway.keys import KeyStore
 from steward.gateway.metrics import Metrics
 from steward.gateway.middleware import GatewayMiddleware
@@ -290,4 +290,6 @@ def create_app(settings: Settings, *, models: dict[str, ModelEntry] | None = Non
         ("POST", "/v1/embeddings"): openai.embeddings,
     }
     app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes, direct=direct)
+    # Added last, so outermost: it answers whatever exception got past everything else (errors.py).
+    app.add_middleware(UnhandledErrors)
     return app

@@ -3,11 +3,16 @@
 FastAPI's own 422 `{"detail": ...}` and Starlette's HTML/plain errors never reach a client: the
 handlers installed by `install_error_handlers` translate them, and an unexpected exception becomes a
 500 `server_error` that names the request id but never the exception text (it may hold secrets).
+`UnhandledErrors`, the outermost middleware, is where every exception nothing else answered ends:
+one JSON log line (the exception's type, never its text), the 500 with `x-request-id`, and nothing
+for the server to print (Starlette's own handler answers but then re-raises, so uvicorn would print
+a traceback with the exception's text and the answer would lack the request id).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 import orjson
@@ -15,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("steward.gateway")
 
@@ -127,3 +133,58 @@ def install_error_handlers(app: FastAPI) -> None:
         return json_response(
             500, error_body(f"internal error; request id {rid}", "server_error", None, "internal_error")
         )
+
+
+class UnhandledErrors:
+    """Outermost ASGI middleware: an exception that reaches it becomes the 500 in OpenAI's shape
+    (before the response started), or ends an event stream with that error as its last event (after);
+    either way one JSON log line names the request id, and the exception goes no further."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = ended = False
+        event_stream = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started, ended, event_stream
+            if message["type"] == "http.response.start":
+                started = True
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"content-type" and value.startswith(b"text/event-stream"):
+                        event_stream = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            state = scope.get("state") or {}
+            rid = str(state.get("request_id") or "req_" + secrets.token_hex(12))
+            log.error(
+                "unhandled error",
+                exc_info=exc,
+                extra={"request_id": rid, "route": scope.get("path"), "status": 500},
+            )
+            body = error_body(f"internal error; request id {rid}", "server_error", None, "internal_error")
+            try:
+                if not started:
+                    raw = orjson.dumps(body)
+                    headers = [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(raw)).encode()),
+                        (b"x-request-id", rid.encode()),
+                    ]
+                    await send({"type": "http.response.start", "status": 500, "headers": headers})
+                    await send({"type": "http.response.body", "body": raw})
+                elif event_stream and not ended:
+                    event = b"data: " + orjson.dumps(body) + b"\n\n"
+                    await send({"type": "http.response.body", "body": event})
+                # Any other response already under way: the server closes the connection, unfinished.
+            except Exception:
+                log.debug("the client is gone; the 500 was not sent", extra={"request_id": rid})

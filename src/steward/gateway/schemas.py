@@ -1,8 +1,10 @@
 """Request models at the edge, following `../shared/data/openai/openapi.yaml`.
 
-Known parameters are validated strictly (a string where a number belongs is a 400, not a coercion);
-parameters this file does not know are kept (`extra="allow"`) so they pass through to upstreams that
-support them, and a backend that does not answers 400 `unsupported_parameter` naming them.
+Known parameters are validated strictly (a string where a number belongs is a 400, not a coercion)
+and integers are bounded (a 400, never a number the gateway cannot count with); parameters this file
+does not know are kept (`extra="allow"`) so they pass through to upstreams that support them, and a
+backend that does not answers 400 `unsupported_parameter` naming them. The embeddings request is the
+exception: OpenAI's spec closes it, so an unknown field there is a 400 at the edge.
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 Number = Annotated[float, Field(strict=False, allow_inf_nan=False)]
+
+MAX_TOKENS = 2**31 - 1
+"""The largest token count a request may ask for (an int32, what upstream servers' fields hold); a
+larger one is a 400 naming the field, never a number the limiter cannot turn into a float."""
+TokenCount = Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)]
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Edge(BaseModel):
@@ -54,10 +62,10 @@ class _Sampling(_Edge):
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
     stop: Stop = None
-    seed: StrictInt | None = None
+    seed: Int64 | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_tokens: TokenCount | None = None
     user: Annotated[StrictStr, Field(max_length=256)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
@@ -79,7 +87,7 @@ class _Sampling(_Edge):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: TokenCount | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
@@ -101,11 +109,15 @@ class CompletionRequest(_Sampling):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
-class EmbeddingRequest(_Edge):
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request takes exactly these fields (`additionalProperties: false` in the
+    spec): anything else (`n`, `stream`, `stream_options`, ...) is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: StrictStr = Field(min_length=1, max_length=256)
     input: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=2048)]
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    dimensions: Annotated[StrictInt, Field(ge=1, le=65536)] | None = None
     user: Annotated[StrictStr, Field(max_length=256)] | None = None
 
     def inputs(self) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from steward.backends.base import JSON, Backend, BackendError, Call, ModelInfo
 from steward.gateway.errors import APIError, json_response, validation_message
 from steward.gateway.keys import KeyStore, Principal, hash_key
 from steward.gateway.limits.base import (
+    DEFAULT_LEASE_TTL_S,
     Limit,
     Limiter,
     LimiterUnavailable,
@@ -38,6 +40,55 @@ log = logging.getLogger("steward.gateway")
 
 Route = Literal["chat", "completions", "embeddings"]
 STREAM_CHUNK_TOKENS = 256  # a stream without max_tokens reserves its tokens in chunks of this size
+PROMPT_BYTES_PER_TOKEN = 3.0
+"""Text the gateway cannot tokenise is reserved at one token per this many UTF-8 bytes: the bound the
+`openai` backend uses for upstream prompts (English BPE averages ~4 bytes per token, code ~3)."""
+MIN_HOLD_S = 3600.0
+"""A request refreshes its concurrency leases while it runs, for at least this long (or twice the
+model's timeout): a bound that only matters if a request were never settled."""
+
+
+def estimate_text_tokens(texts: list[str]) -> int:
+    """An upper-bound token estimate for text with no tokenizer at hand (see PROMPT_BYTES_PER_TOKEN)."""
+    return sum(math.ceil(len(t.encode("utf-8", "replace")) / PROMPT_BYTES_PER_TOKEN) for t in texts)
+
+
+class _Hold:
+    """Refreshes a reservation's concurrency leases while its request runs, so a slot lasts as long
+    as the request (a non-streamed call may wait on its upstream up to the model's `timeout_s`, far
+    past the lease TTL), while a crashed worker's slots still come back one TTL after it stopped.
+
+    `stop` lets a refresh in flight finish before returning: the settle that follows must not race
+    a refresh that would put a released lease back."""
+
+    def __init__(self, limiter: Limiter, res: Reservation, every_s: float, for_s: float) -> None:
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run(limiter, res, every_s, for_s))
+
+    async def _run(self, limiter: Limiter, res: Reservation, every_s: float, for_s: float) -> None:
+        deadline = time.monotonic() + for_s
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(self._stop.wait(), every_s)
+                return
+            except TimeoutError:
+                pass
+            if res.settled:
+                return
+            try:
+                await limiter.extend(res, {})
+            except Exception:
+                log.warning("refreshing a concurrency lease failed", exc_info=True)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        try:
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            self._task.cancel()
+            raise
+        except Exception:
+            log.warning("the concurrency lease refresher failed", exc_info=True)
 
 
 class AuditUnavailable(APIError):
@@ -81,6 +132,7 @@ class Gateway:
         self._inflight: dict[str, asyncio.Future[Principal | None]] = {}
         self.audit: Any = None  # steward.gateway.audit_sink.AuditSink when the audit log is on
         self.guard: Any = None  # steward.gateway.guarding.Guard when guards are on
+        self._holds: dict[str, _Hold] = {}  # reservation id -> its lease refresher, until settled
 
     # -- identity -------------------------------------------------------------------------------------
     async def principal(self, request: Request, trace: Trace | None = None) -> Principal:
@@ -160,11 +212,15 @@ class Gateway:
                 out.append(Limit(scope, s["kind"], s.get("window"), float(s["limit"])))
         return out
 
-    async def reserve(self, limits: list[Limit], amounts: Mapping[str, float]) -> Reservation | None:
+    async def reserve(
+        self, limits: list[Limit], amounts: Mapping[str, float], hold_s: float = MIN_HOLD_S
+    ) -> Reservation | None:
+        """Reserve `amounts`, or raise the 429 (or 503) the client gets. A reservation that holds a
+        concurrency slot keeps it, refreshed, until `settle` (for up to `hold_s`)."""
         if not limits:
             return None
         try:
-            return await self.limiter.reserve(limits, amounts)  # type: ignore[arg-type]
+            res = await self.limiter.reserve(limits, amounts)  # type: ignore[arg-type]
         except LimitExceeded as exc:
             headers = ratelimit_headers(exc.statuses)
             headers["retry-after"] = str(exc.retry_after)
@@ -178,14 +234,27 @@ class Gateway:
                 type="service_unavailable",
                 code="limiter_unavailable",
             ) from None
+        if res.leases:
+            ttl = float(getattr(self.limiter, "lease_ttl_s", DEFAULT_LEASE_TTL_S))
+            self._holds[res.id] = _Hold(self.limiter, res, max(ttl / 3, 0.01), max(hold_s, MIN_HOLD_S))
+        return res
 
     async def settle(self, res: Reservation | None, actual: Mapping[str, float]) -> None:
         if res is None:
             return
+        hold = self._holds.pop(res.id, None)
+        cancelled: asyncio.CancelledError | None = None
+        if hold is not None:
+            try:
+                await hold.stop()
+            except asyncio.CancelledError as exc:  # settle anyway, then let the cancellation go on
+                cancelled = exc
         try:
             await self.limiter.settle(res, actual)  # type: ignore[arg-type]
         except Exception:  # settling must never turn a served answer into an error
             log.exception("limit settlement failed", extra={"reservation": res.id})
+        if cancelled is not None:
+            raise cancelled
 
     # -- helpers --------------------------------------------------------------------------------------
     @staticmethod
@@ -239,22 +308,48 @@ class Gateway:
                 log.exception("audit commit failed", extra={"request_id": trace.request_id})
                 raise AuditUnavailable() from None
 
-    async def traced(self, trace: Trace, work: Callable[[], Awaitable[tuple[int, Any]]]) -> Response:
+    async def traced(
+        self,
+        trace: Trace,
+        work: Callable[[], Awaitable[tuple[int, Any] | tuple[int, Any, dict[str, str]]]],
+    ) -> Response:
         """Run a non-inference route's `work` under `trace`: every outcome is finished (audited)
-        before the answer leaves; a store failure is a 503; if the record cannot be committed the
-        caller gets 503, never an answer without its record (the act itself may have happened)."""
+        before the answer leaves; a store failure is a 503; an unexpected exception a 500 that names
+        the request id, never the exception's text; if the record cannot be committed the caller
+        gets 503, never an answer without its record (the act itself may have happened). `work`
+        returns (status, body) or (status, body, headers)."""
         try:
-            status, body = await work()
+            done = await work()
         except StoreError:
             err = APIError(503, "the store is unavailable", type="service_unavailable", code="store_error")
             return await self._refuse(trace, err)
         except APIError as exc:
             return await self._refuse(trace, exc)
+        except Exception as exc:
+            return await self._refuse(trace, self._unexpected(trace, exc))
+        status, body = done[0], done[1]
+        headers = done[2] if len(done) > 2 else None
         try:
             await self.finish(trace, status, "ok")
         except AuditUnavailable as exc:
             return json_response(exc.status, exc.body())
-        return json_response(status, body)
+        return json_response(status, body, headers)
+
+    @staticmethod
+    def _unexpected(trace: Trace, exc: BaseException) -> APIError:
+        """The 500 for an exception nobody expected: logged (its type only: its text may hold the
+        request's content), answered in OpenAI's shape with the request id."""
+        log.error(
+            "unhandled error",
+            exc_info=exc,
+            extra={"request_id": trace.request_id, "route": trace.route, "status": 500},
+        )
+        return APIError(
+            500,
+            f"internal error; request id {trace.request_id}",
+            type="server_error",
+            code="internal_error",
+        )
 
     async def _refuse(self, trace: Trace, exc: APIError) -> Response:
         outcome = "refused" if exc.status in (401, 403, 429) else "error"
@@ -270,7 +365,12 @@ class Gateway:
         trace = Trace(request_id=state.get("request_id", ""), route=request.url.path)
         trace.t0 = state.get("t0", trace.t0)
         try:
-            resp = await self._handle(request, route, schema, trace, state)
+            try:
+                resp = await self._handle(request, route, schema, trace, state)
+            except (AuditUnavailable, APIError):
+                raise
+            except Exception as unexpected:
+                raise self._unexpected(trace, unexpected) from None
         except AuditUnavailable as exc:
             return json_response(exc.status, exc.body())
         except APIError as exc:
@@ -289,6 +389,15 @@ class Gateway:
     async def _handle(
         self, request: Request, route: Route, schema: type[BaseModel], trace: Trace, state: dict[str, Any]
     ) -> Response:
+        """One inference request. The limits reserve an upper bound of what it can use, settled to
+        the real usage after: prompt tokens (the backend's estimate, an upper bound, covering every
+        prompt of a list) plus the completion budget × choices per prompt × prompts. The completion
+        budget is the request's own cap, else what the backend will generate, else the gateway's
+        `default_max_tokens`; in that last case, when the key or tenant has a token or spend budget,
+        a non-streamed request goes upstream with that cap (`max_tokens`, or the model's
+        `chat_cap_field` for chat), so the reservation is a bound the answer cannot pass. A stream
+        without a cap reserves in chunks of STREAM_CHUNK_TOKENS and is cut when the next chunk would
+        cross a limit."""
         t = time.perf_counter()
         principal = await self.principal(request, trace)
         if principal.role == "auditor":
@@ -300,14 +409,15 @@ class Gateway:
         trace.weights_sha256 = entry.info.weights_sha256
         trace.policy_version = principal.tenant_policy or "default"
         trace.user = getattr(req, "user", None)
-        stream = bool(getattr(req, "stream", False))
+        stream = route != "embeddings" and bool(getattr(req, "stream", False))
         trace.stream = stream
         body = req.model_dump(exclude_none=True)
         resolve = getattr(entry.backend, "upstream_model", None)
         body["model"] = str(resolve(entry.route.name)) if callable(resolve) else entry.route.name
-        client_usage = bool(body.get("stream_options", {}).get("include_usage"))
+        opts = body.get("stream_options")
+        client_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
         if stream:
-            body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
+            body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
         t = trace.mark("auth", t)
         inp = None
         if self.guard is not None:
@@ -320,25 +430,38 @@ class Gateway:
         prompt_est = self._backend_call(
             lambda: backend.count_prompt_tokens("chat" if route == "chat" else "completions", call)
         )
-        n = int(body.get("n") or 1)
+        # Choices generated per prompt (a completion's `best_of` generates that many and returns
+        # `n`), and prompts (a completion's prompt may be a list; each gets its own choices).
+        choices = 1 if route == "embeddings" else int(body.get("n") or 1)
+        prompts = 1
+        if route == "completions":
+            choices = max(choices, int(body.get("best_of") or 1))
+            prompts = len(req.prompts())
         budget = getattr(req, "token_budget", lambda: None)()
+        cap = False
         if route == "embeddings":
             max_new = 0
         elif budget is not None:
             max_new = budget
         elif hasattr(backend, "max_new_tokens"):
             max_new = self._backend_call(lambda: backend.max_new_tokens(route, call))
+        elif stream:
+            max_new = STREAM_CHUNK_TOKENS
         else:
-            max_new = STREAM_CHUNK_TOKENS if stream else self.settings.default_max_tokens
+            max_new, cap = self.settings.default_max_tokens, True
         limits = self.limits_for(principal)
-        tokens = prompt_est + max_new * n
+        if cap and any(lim.kind in ("tokens", "spend") for lim in limits):
+            field = entry.route.chat_cap_field if route == "chat" else "max_tokens"
+            body[field] = max_new
+        completion_max = max_new * choices * prompts
+        tokens = prompt_est + completion_max
         amounts = {
             "requests": 1.0,
             "tokens": float(tokens),
-            "spend": self.spend(entry, prompt_est, max_new * n),
+            "spend": self.spend(entry, prompt_est, completion_max),
             "concurrent": 1.0,
         }
-        res = await self.reserve(limits, amounts)
+        res = await self.reserve(limits, amounts, hold_s=2 * entry.route.timeout_s)
         t = trace.mark("limits", t)
         trace.limits = {"reserved_tokens": tokens} if res is not None else {}
         headers = {}
@@ -358,6 +481,7 @@ class Gateway:
                     unbounded=budget is None and not hasattr(backend, "max_new_tokens"),
                     inp=inp,
                     prompt_tokens=int(prompt_est),
+                    reserved_completion=int(completion_max),
                 )
             b0 = time.perf_counter()
             try:
@@ -384,15 +508,18 @@ class Gateway:
             await self.settle(res, {"tokens": 0, "spend": 0})
             raise
         usage = out.get("usage") or {}
-        out["model"] = entry.route.name
         pt, ct = float(usage.get("prompt_tokens", 0)), float(usage.get("completion_tokens", 0))
-        trace.usage = dict(usage)
-        if inp is not None:
-            g0 = time.perf_counter()
-            await self.guard.scan_output(route, out, inp, trace)
-            trace.mark("guard_output", g0)
-        trace.payload = {"request": call.body, "response": out.get("choices")}
-        await self.settle(res, {"tokens": pt + ct, "spend": self.spend(entry, pt, ct)})
+        actual = {"tokens": pt + ct, "spend": self.spend(entry, pt, ct)}
+        try:
+            out["model"] = entry.route.name
+            trace.usage = dict(usage)
+            if inp is not None:
+                g0 = time.perf_counter()
+                await self.guard.scan_output(route, out, inp, trace)
+                trace.mark("guard_output", g0)
+            trace.payload = {"request": call.body, "response": out.get("choices")}
+        finally:
+            await self.settle(res, actual)  # the real usage, whatever happens after the answer
         await self.finish(trace, 200, "ok")
         return json_response(200, out, headers)
 
@@ -466,6 +593,7 @@ class Gateway:
         unbounded: bool,
         inp: Any = None,
         prompt_tokens: int = 0,
+        reserved_completion: int = STREAM_CHUNK_TOKENS,
     ) -> Response:
         backend = entry.backend
         b0 = time.perf_counter()
@@ -485,7 +613,7 @@ class Gateway:
         async def events() -> AsyncIterator[bytes]:
             usage: dict[str, Any] = {}
             counted = 0  # completion tokens seen so far (approximate when the backend sends no usage)
-            reserved = STREAM_CHUNK_TOKENS
+            reserved = max(reserved_completion, 1)  # completion tokens reserved so far
             texts: dict[int, list[str]] = {}
             status, outcome, error = 200, "ok", None
             scan = self.guard.stream(inp) if (inp is not None and self.guard is not None) else None
@@ -630,6 +758,12 @@ class Gateway:
             except BackendError as exc:
                 status, outcome = exc.status, "error"
                 error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+                await close_out()
+                yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+            except Exception as exc:
+                # Headers are gone: the stream ends with the 500 as its last event (never the text).
+                status, outcome = 500, "error"
+                error = self._unexpected(trace, exc).body()["error"]
                 await close_out()
                 yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
             except asyncio.CancelledError:

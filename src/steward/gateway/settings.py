@@ -35,6 +35,10 @@ class ModelRoute(BaseModel):
     timeout_s: float = Field(default=60.0, gt=0, le=3600)
     price_per_1k_prompt: float = Field(default=0.0, ge=0)
     price_per_1k_completion: float = Field(default=0.0, ge=0)
+    # The field a cap goes upstream in when the gateway caps a chat request that names none (a key or
+    # tenant with a token or spend budget): "max_tokens" is what vLLM, llama.cpp, Ollama and most
+    # OpenAI models read; OpenAI's reasoning models accept only "max_completion_tokens".
+    chat_cap_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
 
     @model_validator(mode="after")
     def _check(self) -> ModelRoute:

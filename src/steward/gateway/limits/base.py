@@ -32,8 +32,9 @@ EPSILON = 1e-9
 """Spend is fractional: 0.1 + 0.2 must still fit a limit of 0.3."""
 
 DEFAULT_LEASE_TTL_S = 300.0
-"""How long a concurrency lease lives without `extend`: long enough for a slow non-streaming answer,
-short enough that a crashed worker's slots come back within minutes."""
+"""How long a concurrency lease lives without `extend`: short enough that a crashed worker's slots
+come back within minutes. A live request keeps its lease for as long as it runs by refreshing it
+(`extend(r, {})`) every third of this (the gateway does so while a request is in flight)."""
 
 CounterKey = tuple[str, str, str, int]
 """(scope, kind, window, window_start): one row in `limit_counters`, one key in Redis."""
@@ -270,8 +271,11 @@ def record(res: Reservation, entries: Sequence[Entry]) -> None:
 
 
 def extension_entries(res: Reservation, amounts: Mapping[Kind, float], now: float) -> list[Entry]:
-    """`extend` checks the windowed limits only: the leases are already held."""
-    return plan([lim for lim in res.limits if lim.kind != "concurrent"], amounts, now)
+    """`extend` checks the windowed limits it adds to only: the leases are already held, and a kind
+    it adds nothing to is not checked, so `extend(r, {})` (a lease refresh for a long request) always
+    succeeds, even when settled overruns have left a counter above its limit."""
+    kept = [lim for lim in res.limits if lim.kind != "concurrent" and float(amounts.get(lim.kind, 0.0)) != 0]
+    return plan(kept, amounts, now)
 
 
 def merge_statuses(res: Reservation, statuses: Sequence[LimitStatus]) -> None:

@@ -107,5 +107,9 @@ class MemoryLimiter:
                 self._leases.get(scope, {}).pop(lease_id, None)
             reservation.settled = True
 
+    @property
+    def lease_ttl_s(self) -> float:
+        return self._lease_ttl_s
+
     async def aclose(self) -> None:
         return None

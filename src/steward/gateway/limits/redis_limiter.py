@@ -265,6 +265,10 @@ class RedisLimiter:
         reservation.counted, reservation.amounts = trial.counted, trial.amounts
         reservation.settled = True
 
+    @property
+    def lease_ttl_s(self) -> float:
+        return self._lease_ttl_s
+
     async def aclose(self) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self._redis.aclose()

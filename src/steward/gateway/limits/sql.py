@@ -261,6 +261,10 @@ class SQLLimiter:
         except (SQLAlchemyError, OSError) as exc:
             raise LimiterUnavailable(f"limit store failed: {type(exc).__name__}") from exc
 
+    @property
+    def lease_ttl_s(self) -> float:
+        return self._lease_ttl_s
+
     async def aclose(self) -> None:
         """The engine belongs to the caller, who disposes of it."""
         return None

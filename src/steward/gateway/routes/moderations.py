@@ -12,6 +12,11 @@ here rather than learned, so a score always traces back to one detector:
 * `sexual` ← harmful with hazard sex_related_crimes; `sexual/minors` ← child_sexual_exploitation.
 
 A category is flagged when its score reaches the threshold of the Steward scanner it comes from.
+
+The key's and tenant's limits apply as on the inference routes: one request, one concurrency slot
+held while the scan runs, and the inputs' tokens (estimated at one per 3 UTF-8 bytes, the bound the
+gateway uses for upstream prompts), reserved before the scan and settled after it (kept when a
+result is given, refunded on an error); a refusal is the same 429 with the same rate-limit headers.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.responses import Response
 
 from steward.gateway.errors import APIError
-from steward.gateway.service import Gateway
+from steward.gateway.limits.base import ratelimit_headers
+from steward.gateway.service import Gateway, estimate_text_tokens
 from steward.gateway.trace import Trace
 
 router = APIRouter()
@@ -98,7 +104,7 @@ async def moderations(request: Request) -> Response:
     state = request.scope.get("state", {})
     trace = Trace(request_id=state.get("request_id", ""), route="/v1/moderations")
 
-    async def work() -> tuple[int, Any]:
+    async def work() -> tuple[int, Any, dict[str, str]]:
         p = await gw.principal(request, trace)
         if p.role == "auditor":
             raise APIError(403, "auditor keys may not call inference routes", code="role_not_allowed")
@@ -108,19 +114,31 @@ async def moderations(request: Request) -> Response:
         from steward.guard import ScanContext
 
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
-        ctxs = [ScanContext(tenant=p.tenant, route="moderations", request_id=trace.request_id) for _ in texts]
-        gw.guard.bind(p)
-        verdicts = await asyncio.to_thread(gw.guard.pipeline.scan_texts, texts, ctxs, "input")
-        for v in verdicts:
-            trace.guard.append({"stage": "moderation", **v.to_trace()})
-        trace.model = "steward-guard"
-        trace.policy_version = f"{verdicts[0].policy_name}@{verdicts[0].policy_version[:12]}"
-        _refuse_unscanned(verdicts)
-        return 200, {
-            "id": "modr-" + secrets.token_hex(12),
-            "model": req.model or "steward-guard",
-            "results": [map_verdict(v) for v in verdicts],
-        }
+        tokens = float(estimate_text_tokens(texts))
+        res = await gw.reserve(gw.limits_for(p), {"requests": 1.0, "tokens": tokens, "concurrent": 1.0})
+        headers = ratelimit_headers(res.statuses) if res is not None else {}
+        trace.limits = {"reserved_tokens": tokens} if res is not None else {}
+        used = 0.0
+        try:
+            ctxs = [
+                ScanContext(tenant=p.tenant, route="moderations", request_id=trace.request_id) for _ in texts
+            ]
+            gw.guard.bind(p)
+            verdicts = await asyncio.to_thread(gw.guard.pipeline.scan_texts, texts, ctxs, "input")
+            for v in verdicts:
+                trace.guard.append({"stage": "moderation", **v.to_trace()})
+            trace.model = "steward-guard"
+            trace.policy_version = f"{verdicts[0].policy_name}@{verdicts[0].policy_version[:12]}"
+            _refuse_unscanned(verdicts)
+            body = {
+                "id": "modr-" + secrets.token_hex(12),
+                "model": req.model or "steward-guard",
+                "results": [map_verdict(v) for v in verdicts],
+            }
+            used = tokens
+        finally:
+            await gw.settle(res, {"tokens": used})
+        return 200, body, headers
 
     return await gw.traced(trace, work)
 
