@@ -1,4 +1,4 @@
-"""Review fixes, each through a real gateway: budgets hold within one request (a cap goes upstream,
+"""Through a real gateway: budgets hold within one request (a cap goes upstream,
 every prompt of a list is reserved), /v1/moderations is under the key's limits, malformed input is a
 precise 400 and an unexpected exception a 500 in OpenAI's shape, and a long request keeps its
 concurrency slot for as long as it runs."""
