@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from steward.audit import merkle
 from steward.audit.crypto import KeyFileError, LocalKeyProvider
 from steward.audit.keyring import PayloadUnavailable
-from steward.audit.log import KEK_FILE, AuditLog, GroupCommitter
+from steward.audit.log import KEK_FILE, OPERATOR_TENANT, AuditLog, GroupCommitter
 from steward.audit.note import PUBLIC_NAME, load_verifier
 from steward.audit.schema import DATA_KEYS, EVENTS
 from steward.audit.verify import verify_store
@@ -145,13 +145,16 @@ def test_erasure_shreds_payloads_and_verify_still_passes(log: AuditLog, keys_dir
 
 
 def test_rotation_and_retention(log: AuditLog, keys_dir: Path) -> None:
-    log.append(make_event(0))
-    k0 = log.get_event(0).data_key
+    r0 = log.append(make_event(0))
+    k0 = log.get_event(r0.index).data_key
     assert log.rotate_data_keys() == 1
-    log.append(make_event(1))
-    k1 = log.get_event(1).data_key
+    rot = log.get_event(r0.index + 1)  # the rotation is on the record, filed under the operator
+    assert rot.tenant == OPERATOR_TENANT and rot.meta["kind"] == "admin"
+    assert rot.meta["detail"] == {"action": "key.rotate", "keys_retired": 1}
+    r1 = log.append(make_event(1))
+    k1 = log.get_event(r1.index).data_key
     assert k0 != k1
-    assert log.read_payload(0) and log.read_payload(1)
+    assert log.read_payload(r0.index) and log.read_payload(r1.index)
     # KEK rotation: re-wrap every data key under the new KEK; history untouched and readable.
     provider = log.keys.provider
     assert isinstance(provider, LocalKeyProvider)
@@ -159,14 +162,21 @@ def test_rotation_and_retention(log: AuditLog, keys_dir: Path) -> None:
     assert log.rewrap_data_keys() >= 2
     with log.engine.connect() as conn:
         assert {r[0] for r in conn.execute(select(DATA_KEYS.c.kek_id))} == {new_kek}
+    assert log.get_event(log.size() - 1).meta["detail"]["action"] == "kek.rewrap"
     assert stat.S_IMODE(os.stat(keys_dir / KEK_FILE).st_mode) == 0o600
     fresh = AuditLog.open(log.engine, keys_dir)
-    assert fresh.read_payload(0) == log.read_payload(0)
-    # retention: nothing is old enough yet; with a negative horizon everything expires
+    assert fresh.read_payload(r0.index) == log.read_payload(r0.index)
+    # retention: nothing is old enough yet (and nothing recorded); with a negative horizon
+    # everything expires, and each tenant that lost keys gets an event
+    size = log.size()
     assert log.expire_payloads(30 * 86400) == 0
-    assert log.keys.expire(-1e9) == 2
+    assert log.size() == size
+    assert log.expire_payloads(-1e9) == 2
+    expired = log.get_event(size)
+    assert expired.tenant == "acme" and expired.meta["detail"]["action"] == "payload.expire"
+    assert expired.meta["detail"]["keys_destroyed"] == 2
     with pytest.raises(PayloadUnavailable, match="expired"):
-        log.read_payload(1)
+        log.read_payload(r1.index)
 
 
 def test_group_commit_threads_and_asyncio(log: AuditLog) -> None:
@@ -253,3 +263,35 @@ def test_missing_or_bad_key_file_refuses_to_start(log: AuditLog, keys_dir: Path)
     (keys_dir / "checkpoint.key").write_text("garbage")
     with pytest.raises(RuntimeError, match="not a usable PEM key"):
         AuditLog.open(log.engine, keys_dir)
+
+
+def test_an_event_filed_under_another_tenant(log: AuditLog, keys_dir: Path, tmp_path: Path) -> None:
+    """An admin act on another tenant is filed under it (its auditors list and prove it), names its
+    actor in the principal, and verifies like any leaf; other leaves keep their exact old form."""
+    from datetime import UTC, datetime, timedelta
+
+    from steward.audit.events import AuditEvent, Principal
+    from steward.audit.export import export_events, verify_export
+
+    plain = log.append(make_event(0))
+    act = AuditEvent(
+        kind="admin",
+        principal=Principal(tenant="ops", key_id="key_1", role="admin"),
+        outcome="ok",
+        detail={"action": "tenant.update", "target_tenant": "globex"},
+        filed_under="globex",
+    )
+    r = log.append(act)
+    ev = log.get_event(r.index, tenant="globex")
+    assert ev.tenant == "globex" and ev.meta["tenant"] == "globex" and ev.meta["principal"]["tenant"] == "ops"
+    assert "tenant" not in log.get_event(plain.index).meta
+    assert [e.index for e in log.list_events(tenant="globex")] == [r.index]
+    assert [e.index for e in log.list_events(tenant="ops")] == []
+    log.checkpoint()
+    verifier = load_verifier(keys_dir / PUBLIC_NAME)
+    report = verify_store(log.engine, verifier)
+    assert report.ok, report.problems
+    out = tmp_path / "x.jsonl"
+    with out.open("w") as f:
+        export_events(log, f, datetime.now(UTC) - timedelta(days=1))
+    assert verify_export(out, verifier).events == 2

@@ -8,6 +8,11 @@ another position is then visible from the row alone, not only from a root mismat
 What an event may hold: identifiers, decisions and numbers. Raw prompts, answers and matched secrets
 go only into `payload`, which is stored encrypted; the data subject (the request's `user`) is stored
 only as a keyed pseudonym, so erasing the subject's keys leaves nothing that names them in clear.
+
+Which tenant an event belongs to (the `tenant` column, whose auditors see it) is the principal's
+tenant, unless the metadata has a top-level `tenant`: an admin act on another tenant is recorded
+twice, once under the admin's tenant and once filed under the tenant it acted on (`filed_under`), so
+the auditors of both see it and can prove it. The principal always names who acted.
 """
 
 from __future__ import annotations
@@ -134,10 +139,12 @@ class AuditEvent:
     payload: Mapping[str, JSON] | None = None
     event_id: str = field(default_factory=new_event_id)
     time: datetime = field(default_factory=utcnow)
+    filed_under: str | None = None  # the tenant whose record this is, when not the principal's
 
     @property
     def tenant(self) -> str:
-        return self.principal.tenant
+        """The tenant the event belongs to (its auditors read it; its keys encrypt its payload)."""
+        return self.filed_under or self.principal.tenant
 
     def metadata(self, index: int, subject_ref: str | None, data_key: str | None) -> dict[str, JSON]:
         """The leaf's JSON part; `data_key` names the key that encrypted the payload (None: none)."""
@@ -145,7 +152,7 @@ class AuditEvent:
             raise EventError("event needs a tenant")
         if len(self.event_id) > 40:
             raise EventError("event id longer than 40 characters")
-        return {
+        meta: dict[str, JSON] = {
             "v": LEAF_VERSION,
             "idx": index,
             "id": self.event_id,
@@ -165,6 +172,9 @@ class AuditEvent:
             "detail": dict(self.detail),
             "payload": None if data_key is None else {"alg": PAYLOAD_ALG, "key": data_key},
         }
+        if self.filed_under is not None and self.filed_under != self.principal.tenant:
+            meta["tenant"] = self.filed_under  # only then: every other leaf keeps its exact old form
+        return meta
 
 
 def payload_aad(event_id: str, tenant: str) -> bytes:
@@ -190,7 +200,9 @@ class StoredEvent:
 
     @property
     def tenant(self) -> str:
-        return str(self.meta["principal"]["tenant"])
+        """The tenant the event is filed under: `tenant` when the leaf has one, else the principal's."""
+        filed = self.meta.get("tenant")
+        return str(filed) if filed is not None else str(self.meta["principal"]["tenant"])
 
     @property
     def time(self) -> datetime:

@@ -15,6 +15,11 @@ event that is not durable.
 Proofs. Perfect subtrees at level >= CACHE_LEVEL are cached in `merkle_nodes` as they complete
 (about n/8 rows); anything below comes from at most 16 leaf hashes, so one proof reads a few rows
 whatever the tree size.
+
+Acts on the log itself are recorded in it (`record_act`): erasing a data subject (one event per
+tenant that lost keys, naming the subject by the same pseudonym its own events carry), payload
+expiry, data-key rotation and KEK re-wrapping. Acts that concern no one tenant are filed under
+OPERATOR_TENANT, which no API key can belong to (tenant ids starting with `_` are reserved).
 """
 
 from __future__ import annotations
@@ -37,8 +42,17 @@ from sqlalchemy.engine import Connection, Engine
 
 from steward.audit import merkle
 from steward.audit.crypto import KeyProvider, LocalKeyProvider, seal, unseal
-from steward.audit.events import AuditEvent, StoredEvent, canonical_json, encode_leaf, payload_aad, time_us
-from steward.audit.keyring import KeyRing
+from steward.audit.events import (
+    JSON,
+    AuditEvent,
+    Principal,
+    StoredEvent,
+    canonical_json,
+    encode_leaf,
+    payload_aad,
+    time_us,
+)
+from steward.audit.keyring import KeyRing, Scrub
 from steward.audit.merkle import CompactRange, ProofError, Subtree
 from steward.audit.note import Checkpoint, Signer, load_or_create_signer
 from steward.audit.schema import CHECKPOINTS, DATA_KEYS, EVENTS, NODE_LEVEL_SHIFT, NODES, STATE
@@ -50,6 +64,7 @@ EVENT_COLUMNS = (
     "leaf", "leaf_hash",
 )  # fmt: skip
 KEK_FILE = "audit-kek.json"
+OPERATOR_TENANT = "_operator"  # acts on the whole log (export, checkpoint, KEK re-wrap)
 _log = logging.getLogger(__name__)
 
 
@@ -92,6 +107,31 @@ class InclusionProof:
             "proof": [base64.b64encode(p).decode() for p in self.proof],
             "checkpoint": self.checkpoint,
         }
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What `AuditLog.erase` did: keys destroyed per tenant, the events recording it, and
+    whether the destroyed keys' bytes are gone from the store's files (`scrub.message` says)."""
+
+    destroyed: dict[str, int]
+    receipts: list[Receipt]
+    scrub: Scrub
+
+    @property
+    def count(self) -> int:
+        return sum(self.destroyed.values())
+
+
+def os_user() -> str:
+    """Who runs a CLI act, as the OS knows them (never fails: a uid without a passwd entry is fine)."""
+    import getpass
+    import os
+
+    try:
+        return getpass.getuser()
+    except Exception:  # KeyError/OSError: no passwd entry and no LOGNAME/USER
+        return f"uid:{os.getuid()}"
 
 
 @dataclass(frozen=True)
@@ -211,7 +251,7 @@ class AuditLog:
                 existing = conn.execute(select(func.count()).select_from(DATA_KEYS)).scalar_one()
             provider = LocalKeyProvider(keys_dir / KEK_FILE, create=existing == 0)
         signer = load_or_create_signer(keys_dir, origin, create=create_signing_key)
-        key_args = {k: kwargs.pop(k) for k in ("key_period_s", "cache_ttl_s") if k in kwargs}
+        key_args = {k: kwargs.pop(k) for k in ("key_period_s", "cache_ttl_s", "scrub_wait_s") if k in kwargs}
         return cls(engine, signer=signer, keys=KeyRing(engine, provider, **key_args), **kwargs)
 
     @property
@@ -221,7 +261,7 @@ class AuditLog:
     # --- appending ----------------------------------------------------------------------------------
 
     def _prepare(self, event: AuditEvent) -> _Prepared:
-        tenant = event.principal.tenant
+        tenant = event.tenant
         ref = self.keys.subject_ref(tenant, event.subject) if event.subject is not None else None
         if event.payload is None:
             return _Prepared(event, ref, None, b"")
@@ -273,7 +313,7 @@ class AuditLog:
                         idx,
                         ev.event_id,
                         time_us(ev.time),
-                        ev.principal.tenant,
+                        ev.tenant,
                         ev.kind,
                         ev.request_id,
                         p.subject_ref,
@@ -442,20 +482,115 @@ class AuditLog:
         data: dict[str, Any] = json.loads(unseal(key, ev.ciphertext, payload_aad(ev.event_id, ev.tenant)))
         return data
 
+    # --- acts on the log ----------------------------------------------------------------------------
+
+    def record_act(
+        self,
+        action: str,
+        *,
+        tenant: str | None = None,
+        role: str = "system",
+        outcome: str = "ok",
+        subject: str | None = None,
+        detail: dict[str, JSON] | None = None,
+        route: str | None = None,
+    ) -> Receipt:
+        """Append an admin event for an act on the log or its keys (not a request through the API).
+
+        `tenant`: the tenant the act concerns (default OPERATOR_TENANT); `role`: "cli" for a person
+        at the command line (name them in `detail["os_user"]`), "system" for the gateway itself.
+        `subject` is pseudonymised like every event's, never stored in clear."""
+        return self.append(
+            AuditEvent(
+                kind="admin",
+                principal=Principal(tenant=tenant or OPERATOR_TENANT, role=role),
+                outcome=outcome,
+                route=route or f"{role} {action}",
+                subject=subject,
+                detail={"action": action, **(detail or {})},
+            )
+        )
+
     # --- keys ---------------------------------------------------------------------------------------
 
-    def erase_subject(self, subject: str, tenant: str | None = None) -> int:
-        """Crypto-shred a data subject: destroy their payload keys. Leaves (and `verify`) are untouched."""
-        return self.keys.erase_subject(subject, tenant)
+    def erase_subject(
+        self,
+        subject: str,
+        tenant: str | None = None,
+        *,
+        role: str = "system",
+        detail: dict[str, JSON] | None = None,
+    ) -> int:
+        """Crypto-shred a data subject: destroy their payload keys, record it, scrub the old bytes.
 
-    def rotate_data_keys(self, tenant: str | None = None) -> int:
-        return self.keys.rotate(tenant)
+        Leaves (and `verify`) are untouched. Returns the number of keys destroyed; `erase` says more."""
+        return self.erase(subject, tenant, role=role, detail=detail).count
+
+    def erase(
+        self,
+        subject: str,
+        tenant: str | None = None,
+        *,
+        role: str = "system",
+        detail: dict[str, JSON] | None = None,
+    ) -> Erasure:
+        """Destroy the subject's payload keys (in `tenant`, or every tenant), then record the erasure
+        in the log (one event per tenant that lost keys, or one saying nothing was found), then scrub
+        the destroyed keys' bytes from the store's files. If the record cannot be committed this
+        raises AuditError: the keys are gone all the same, and the operator must know it is unrecorded.
+        """
+        destroyed = self.keys.erase_subject_by_tenant(subject, tenant)
+        scope = tenant if tenant is not None else "*"
+        hit = {t: n for t, n in destroyed.items() if n}
+        # Nothing found in any tenant: one record, without a subject (no tenant's pseudonym applies).
+        targets: list[tuple[str | None, int]] = list(hit.items()) or [(tenant, 0)]
+        receipts: list[Receipt] = []
+        try:
+            for t, n in targets:
+                receipts.append(
+                    self.record_act(
+                        "subject.erase",
+                        tenant=t,
+                        role=role,
+                        subject=subject if t is not None else None,
+                        detail={**(detail or {}), "keys_destroyed": n, "scope": scope},
+                        route=f"{role} audit erase",
+                    )
+                )
+        except Exception as exc:
+            raise AuditError(
+                f"destroyed {sum(destroyed.values())} data key(s) but could not record the erasure "
+                f"in the audit log ({exc}); record it by hand"
+            ) from exc
+        return Erasure(destroyed, receipts, self.keys.scrub())
+
+    def rotate_data_keys(self, tenant: str | None = None, *, role: str = "system") -> int:
+        """Retire the current payload keys (new payloads get fresh ones); recorded as an event."""
+        n = self.keys.rotate(tenant)
+        self.record_act("key.rotate", tenant=tenant, role=role, detail={"keys_retired": n})
+        return n
 
     def expire_payloads(self, retention_s: float) -> int:
-        return self.keys.expire(retention_s)
+        """Destroy the keys of payloads past retention; each tenant that lost keys gets an event."""
+        destroyed = self.keys.expire_by_tenant(retention_s)
+        for t, n in sorted(destroyed.items()):
+            self.record_act(
+                "payload.expire",
+                tenant=t,
+                detail={"keys_destroyed": n, "retention_s": float(retention_s)},
+            )
+        if destroyed:
+            self.keys.scrub()  # logs a warning itself when readers keep the WAL busy
+        return sum(destroyed.values())
 
-    def rewrap_data_keys(self) -> int:
-        return self.keys.rewrap()
+    def rewrap_data_keys(self, *, role: str = "system") -> int:
+        """Re-wrap every live data key under the current KEK (after rotating it); recorded."""
+        n = self.keys.rewrap()
+        self.record_act(
+            "kek.rewrap", role=role, detail={"keys_rewrapped": n, "kek_id": self.keys.provider.current_kek_id}
+        )
+        self.keys.scrub()  # the old wrapped forms, under the old KEK, leave the WAL too
+        return n
 
     def close(self) -> None:
         """Sign a final checkpoint (call on SIGTERM / shutdown)."""

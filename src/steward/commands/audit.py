@@ -4,10 +4,16 @@ Every command works on the store named by `--db` / `STEWARD_DATABASE_URL` (defau
 `$STEWARD_DATA_DIR`) and the keys in `$STEWARD_DATA_DIR/keys`. Failures are raised as ValueError or
 RuntimeError subclasses, which `steward.cli.main` prints as one line with a non-zero exit; a failed
 verification prints its findings and exits 1.
+
+The commands that act on the log (`erase`, `export`, `checkpoint`) append an admin event of their own
+(role "cli", the OS user in `detail.os_user`) that the checkpoint they sign covers: an erasure is on
+the record of the log it protects. The read-only commands (`verify`, `proof`, `consistency`) append
+nothing; `verify` must not change what it checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,9 +99,22 @@ def register(app: typer.Typer) -> None:
         tenant: str | None = typer.Option(None, "--tenant", help="only in this tenant (default: all)"),
         db: str | None = typer.Option(None, "--db", help=DB_HELP),
     ) -> None:
-        """Crypto-shred a data subject: destroy their data keys; leaves and verification are unaffected."""
-        n = _open_log(db).erase_subject(subject, tenant)
-        typer.echo(f"destroyed {n} data key(s) of subject {subject!r}")
+        """Crypto-shred a data subject: destroy their data keys; leaves and verification are unaffected.
+
+        The erasure is recorded in the log (one event per tenant that lost keys, naming the subject
+        by its pseudonym), and the destroyed keys' bytes are scrubbed from the store's files; a
+        scrub that could not finish (SQLite readers kept the write-ahead log busy) is one warning.
+        """
+        from steward.audit.log import os_user
+
+        log = _open_log(db)
+        try:
+            erasure = log.erase(subject, tenant, role="cli", detail={"os_user": os_user()})
+        finally:
+            log.close()  # signs a checkpoint covering the erasure's record
+        typer.echo(f"destroyed {erasure.count} data key(s) of subject {subject!r}")
+        if not erasure.scrub.complete:
+            typer.echo(f"warning: {erasure.scrub.message}", err=True)
 
     @audit.command("export")
     def export_command(
@@ -104,15 +123,39 @@ def register(app: typer.Typer) -> None:
         db: str | None = typer.Option(None, "--db", help=DB_HELP),
     ) -> None:
         """Export events with inclusion proofs and the signed checkpoint, for offline verification."""
+        from steward.audit.events import format_time
         from steward.audit.export import export_events
+        from steward.audit.log import os_user
 
         t = _parse_since(since)
         log = _open_log(db)
-        tmp = out.with_name(out.name + ".partial")
-        with tmp.open("w", encoding="utf-8") as f:
-            summary = export_events(log, f, t)
-        tmp.replace(out)  # a crashed export never leaves a plausible-looking file behind
-        typer.echo(f"exported {summary.events} event(s), checkpoint size {summary.tree_size}, to {out}")
+        detail: dict[str, object] = {"os_user": os_user(), "since": format_time(t), "file": out.name[:100]}
+        try:
+            # Recorded first, so the checkpoint the export signs covers (and exports) its own record.
+            log.record_act("log.export", role="cli", detail=detail, route="cli audit export")
+            tmp = out.with_name(out.name + ".partial")
+            try:
+                with tmp.open("w", encoding="utf-8") as f:
+                    summary = export_events(log, f, t)
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                with contextlib.suppress(Exception):
+                    log.record_act(
+                        "log.export",
+                        role="cli",
+                        outcome="error",
+                        detail={**detail, "error": type(exc).__name__},
+                        route="cli audit export",
+                    )
+                raise
+            tmp.replace(out)  # a crashed export never leaves a plausible-looking file behind
+        finally:
+            log.close()
+        last = f"#{summary.first}..#{summary.tree_size - 1}" if summary.events else "none"
+        typer.echo(
+            f"exported {summary.events} event(s) ({last}), checkpoint size {summary.tree_size}, to {out}"
+        )
 
     @audit.command("verify-export")
     def verify_export_command(
@@ -124,15 +167,25 @@ def register(app: typer.Typer) -> None:
         from steward.audit.note import load_verifier
 
         summary = verify_export(file, load_verifier(public_key))
+        span = f"#{summary.first}..#{summary.tree_size - 1}, none missing" if summary.events else "none"
         typer.echo(
-            f"export verified: {summary.events} event(s) in {summary.origin} at size {summary.tree_size}"
+            f"export verified: {summary.events} event(s) ({span}) in {summary.origin} "
+            f"at size {summary.tree_size}"
         )
 
     @audit.command("checkpoint")
     def checkpoint_command(db: str | None = typer.Option(None, "--db", help=DB_HELP)) -> None:
-        """Sign a checkpoint of the current tree now."""
+        """Sign a checkpoint of the current tree now (it covers the event recording this act)."""
+        from steward.audit.log import AuditError, os_user
+
         log = _open_log(db)
+        if log.signer is None:
+            raise AuditError("no checkpoint signing key loaded")
+        log.record_act(
+            "log.checkpoint", role="cli", detail={"os_user": os_user()}, route="cli audit checkpoint"
+        )
         cp = log.checkpoint()
+        log.close()
         if cp is None:
             latest = log.latest_checkpoint()
             typer.echo(f"no new events; latest checkpoint size {latest.size if latest else 0}")

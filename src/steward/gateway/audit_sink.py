@@ -3,10 +3,18 @@
 Group commit (`steward.audit.GroupCommitter`) batches the events of concurrent requests into one
 transaction, so durability per request costs a queue hop, not an fsync each. If the log cannot
 commit, the request fails with 503: an answer without its record would be a lost audit record.
+
+An admin act on another tenant (the route puts it in `trace.extra["target_tenant"]`) names that
+tenant in `detail.target_tenant` and is recorded twice: under the admin's tenant, and filed under
+the target tenant (`detail.mirror_of` names the first), so that tenant's auditors see, and can
+prove, what was done to it. Nothing from the request itself (path, query, target) is recorded
+before the key is known; after that, only bounded, route-chosen values.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,11 +22,30 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from steward.audit import AuditEvent, AuditLog, Finding, GroupCommitter, Principal
+from steward.audit.events import new_event_id
+from steward.gateway.keys import TENANT_RE
 from steward.gateway.trace import Trace
 
 log = logging.getLogger("steward.gateway")
 
 UNAUTHENTICATED = "_unauthenticated"  # tenant of refusals that happen before a key is known
+MAX_TEXT = 64  # any request-chosen text an event holds is cut to this many characters
+MAX_QUERY = 8
+
+
+def _bounded(value: Any) -> str:
+    return str(value)[:MAX_TEXT]
+
+
+def _target_tenant(trace: Trace) -> str | None:
+    """The tenant an authenticated admin act was aimed at, if it is a well-formed tenant id."""
+    if trace.key_id is None:
+        return None
+    for k in ("target_tenant", "tenant_target"):
+        v = trace.extra.get(k)
+        if isinstance(v, str) and TENANT_RE.match(v):
+            return v
+    return None
 
 
 def event_from_trace(trace: Trace) -> AuditEvent:
@@ -62,9 +89,15 @@ def event_from_trace(trace: Trace) -> AuditEvent:
     if "admin_action" in trace.usage:
         detail["action"] = trace.usage["admin_action"]
         usage = {}
-    for k in ("target", "tenant_target"):
-        if k in trace.extra:
-            detail[k] = trace.extra[k]
+    if trace.key_id is not None:  # never anything request-chosen before the key is known
+        if "target" in trace.extra:
+            detail["target"] = _bounded(trace.extra["target"])
+        query = trace.extra.get("query")
+        if isinstance(query, dict) and query:
+            detail["query"] = {_bounded(k): _bounded(v) for k, v in list(query.items())[:MAX_QUERY]}
+    target_tenant = _target_tenant(trace)
+    if target_tenant is not None:
+        detail["target_tenant"] = target_tenant
     return AuditEvent(
         kind=kind,
         principal=Principal(
@@ -89,6 +122,23 @@ def event_from_trace(trace: Trace) -> AuditEvent:
     )
 
 
+def events_from_trace(trace: Trace) -> list[AuditEvent]:
+    """The trace's event, and for an admin act on another tenant its copy filed under that tenant."""
+    ev = event_from_trace(trace)
+    target = ev.detail.get("target_tenant")
+    if ev.kind != "admin" or not isinstance(target, str) or target == ev.principal.tenant:
+        return [ev]
+    mirror = dataclasses.replace(
+        ev,
+        filed_under=target,
+        event_id=new_event_id(),
+        detail={**ev.detail, "mirror_of": ev.event_id},
+        subject=None,
+        payload=None,
+    )
+    return [ev, mirror]
+
+
 class AuditSink:
     def __init__(
         self,
@@ -109,8 +159,9 @@ class AuditSink:
         self.committer = GroupCommitter(self.log, max_wait_s=0.0)
 
     async def record(self, trace: Trace) -> None:
-        receipt = await self.committer.append(event_from_trace(trace))
-        trace.audit = {"index": receipt.index, "event_id": receipt.event_id}
+        events = events_from_trace(trace)
+        receipts = await asyncio.gather(*(self.committer.append(e) for e in events))
+        trace.audit = {"index": receipts[0].index, "event_id": receipts[0].event_id}
 
     def close(self) -> None:
         """Drain pending events and sign a final checkpoint (SIGTERM goes through here)."""
