@@ -28,7 +28,7 @@ CHAT = "/v1/chat/completions"
 @pytest.fixture(scope="module")
 def agw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     settings = Settings(
-        data_dir=Path(tmp_path_factory.mktemp("audit-review")),
+        data_dir=Path(tmp_path_factory.mktemp("audit-access")),
         port=free_port(),
         embedding_model="",
         audit_checkpoint_interval_s=0.2,

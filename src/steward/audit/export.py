@@ -273,13 +273,18 @@ def _read_boundary(r: _Reading, obj: dict[str, Any], where: str) -> None:
     r.boundary = True
 
 
-def _read_event(r: _Reading, obj: dict[str, Any], where: str) -> None:
-    if r.cp is None:
-        raise ExportError(f"{where}: event before the checkpoint")
+def _require_boundary(r: _Reading, where: str) -> None:
+    """An export that starts after event #0 must have shown, by its boundary record, that the event
+    just before its first one is older than `since`: otherwise events at the start could be cut."""
     if r.first > 0 and not r.boundary:
         raise ExportError(
             f"{where}: no boundary record: cannot show that no event before #{r.first} was left out"
         )
+
+def _read_event(r: _Reading, obj: dict[str, Any], where: str) -> None:
+    if r.cp is None:
+        raise ExportError(f"{where}: event before the checkpoint")
+    _require_boundary(r, where)
     expected = r.first + r.n
     idx = obj.get("index")
     if isinstance(idx, int) and not isinstance(idx, bool) and idx != expected:
@@ -307,10 +312,7 @@ def _read_event(r: _Reading, obj: dict[str, Any], where: str) -> None:
 def _read_end(r: _Reading, obj: dict[str, Any], where: str, digest: str) -> None:
     if r.cp is None:
         raise ExportError(f"{where}: end record before the checkpoint")
-    if r.first > 0 and not r.boundary:
-        raise ExportError(
-            f"{where}: no boundary record: cannot show that no event before #{r.first} was left out"
-        )
+    _require_boundary(r, where)
     nxt = r.first + r.n
     if nxt < r.cp.size:
         missing = f"#{nxt}" if nxt == r.cp.size - 1 else f"#{nxt}..#{r.cp.size - 1}"
