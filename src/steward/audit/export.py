@@ -281,6 +281,7 @@ def _require_boundary(r: _Reading, where: str) -> None:
             f"{where}: no boundary record: cannot show that no event before #{r.first} was left out"
         )
 
+
 def _read_event(r: _Reading, obj: dict[str, Any], where: str) -> None:
     if r.cp is None:
         raise ExportError(f"{where}: event before the checkpoint")

@@ -45,7 +45,7 @@ def luhn_valid(digits: str) -> bool:
 
 def iban_valid(iban: str) -> bool:
     """ISO 13616 mod-97: move the first four characters to the end, letters to numbers, rest is 1."""
-    s = iban.replace(" ", "").upper()
+    s = re.sub(r"[\s\u2010-\u2013-]", "", iban).upper()
     if not re.fullmatch(r"[A-Z]{2}\d{2}[A-Z0-9]{11,30}", s):
         return False
     n = "".join(str(int(c, 36)) for c in s[4:] + s[:4])
@@ -109,14 +109,38 @@ class _Regex:
                 yield Match(start, end, score, self.reason, self.entity, self.subtype)
 
 
+_EMAIL_TLD_FILES = frozenset(
+    ["png", "jpg", "jpeg", "gif", "svg", "webp", "bmp", "tif", "tiff", "ico", "avif"]
+)
+
+
+_CJK_HEAD = re.compile(r"[\u2e80-\u9fff\uf900-\ufaff]+")
+
+
 class EmailDetector(_Regex):
+    """Local parts may hold non-ASCII letters and apostrophes (müller@, Jane_O'Brien@), domains IDN
+    letters (münchen.de). A quote before the address is not part of it, and a "domain" whose last
+    label is an image extension is an asset name (image@2x.png), not a mailbox."""
+
     entity = "EMAIL_ADDRESS"
     pattern = re.compile(
-        r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+        r"(?<![\w.%+'’-])[\w.%+'’-]+@[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*\.[^\W\d_]{2,}"
     )
     score = 0.95
     reason = "email address pattern"
     literals = ("@",)
+
+    def detect(self, text: str) -> Iterable[Match]:
+        if not self.may_match(text):
+            return
+        for m in self.pattern.finditer(text):
+            local = m.group().split("@", 1)[0]
+            if _CJK_HEAD.match(local) and not _CJK_HEAD.fullmatch(local):
+                local = local[_CJK_HEAD.match(local).end() :]  # type: ignore[union-attr]  # 邮箱zhang@
+            skip = len(m.group().split("@", 1)[0]) - len(local.lstrip("'’."))
+            if skip == len(local) or m.group().rsplit(".", 1)[1].lower() in _EMAIL_TLD_FILES:
+                continue
+            yield Match(m.start() + skip, m.end(), self.score, self.reason, self.entity)
 
 
 class UrlCredentialsDetector(_Regex):
@@ -127,34 +151,69 @@ class UrlCredentialsDetector(_Regex):
     literals = ("://",)
 
 
-_PHONE_CTX = re.compile(r"(?i)phone|tel|call|mobile|cell|fax|contact|whatsapp|电话|手机|致电|联系|热线")
+_PHONE_CTX = re.compile(
+    r"(?i)phone|tel|call|ring|mobile|cell|fax|contact|whatsapp|reach|appel|portable|anruf|handy|"
+    r"电话|手机|致电|联系|热线|座机|客服|传真"
+)
+# A label that says the number is something else: "Order #123-456-7890", "Product code 555-123-4567".
+_NUMBER_LABEL = re.compile(
+    r"(?i)\b(?:order|product|part|serial|model|item|sku|invoice|tracking|ticket|case|ref(?:erence)?|"
+    r"account|acct|batch|lot|catalog(?:ue)?|version|build|code)\b"
+    r"(?:\s*(?:#|no\.?|num(?:ber)?|code|id))?\s*(?:is|=)?\s*[:#]?\s*$"
+)
+_SEP = "[-.\\s\u2010-\u2013]"  # hyphen, dot, space, and the Unicode hyphens/dashes (en dash) people paste
 
 
 class PhoneDetector(_Regex):
-    """E.164, North American national formats, China mobiles and landlines."""
+    """E.164, North American, China mobiles and landlines, and national formats with a trunk 0
+    (UK 020 7946 0958, FR 06 12 34 56 78, AU 0412 345 678, CN 0755 8888 6666)."""
 
     entity = "PHONE_NUMBER"
     pattern = re.compile(
-        r"(?<![A-Za-z0-9+])(?:"
-        r"\+\d{1,3}[\s.-]?\(?\d{1,4}\)?(?:[\s.-]?\d{2,4}){2,4}"  # E.164 / international
-        r"|(?:001[-.\s]?)?(?:\(\d{3}\)\s?|\d{3}[-.\s])\d{3}[-.\s]\d{4}"  # NANP formatted
+        r"(?<![A-Za-z0-9+\u2010-\u2013-])(?<!\d[ .])(?:"  # not the tail of a longer number
+        rf"(?:\+|00)\d{{1,3}}{_SEP}?\(?\d{{1,4}}\)?(?:{_SEP}?\d{{2,4}}){{2,4}}"  # international
+        rf"|\(\+\d{{1,3}}\)\s?\d{{1,4}}(?:{_SEP}?\d{{2,4}}){{1,4}}"  # (+86) 138 1234 5678
+        rf"|(?:(?:001|1){_SEP}?)?(?:\(\d{{3}}\)\s?|\d{{3}}{_SEP})\d{{3}}{_SEP}\d{{4}}"  # NANP formatted
         r"|(?:\+?86[-\s]?)?1[3-9]\d[-\s]?\d{4}[-\s]?\d{4}"  # China mobile
+        r"|\(0\d{2,4}\)\s?\d{3,4}[-\s]?\d{3,4}"  # (021)62345678
+        rf"|0\d{{1,4}}(?:{_SEP}\d{{2,8}}){{1,4}}"  # national, trunk 0
         r"|0\d{2,3}-\d{7,8}"  # China landline
         r"|\d{10}"  # bare NANP, needs context
-        r")(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![A-Za-z0-9])"
+        r")(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![A-Za-z0-9]|[\u2010-\u2013-]\d)"
     )
     reason = "phone number"
 
     def validate(self, text: str, m: re.Match[str]) -> float | None:
-        digits = re.sub(r"\D", "", re.split(r"\s?(?:x|ext)", m.group())[0])
+        s = m.group()
+        digits = re.sub(r"\D", "", re.split(r"\s?(?:x|ext)", s)[0])
+        ctx = _ctx(text, m.start(), m.end(), _PHONE_CTX)
+        if not ctx and _NUMBER_LABEL.search(text[max(0, m.start() - 30) : m.start()]):
+            return None  # an order / product / part number
+        national = (s[0] == "0" and not s.startswith("00")) or s.startswith("(0")
+        if national:
+            return self._national(s, digits, ctx)
         if not 10 <= len(digits) <= 16:
             return None
-        s = m.group()
         if re.fullmatch(r"\d{10}", s):
-            return 0.8 if _ctx(text, m.start(), m.end(), _PHONE_CTX) else 0.3
-        if re.fullmatch(r"(?:\+?86[-\s]?)?1[3-9]\d{9}", s.replace(" ", "").replace("-", "")):
+            return 0.8 if ctx else 0.3
+        if re.fullmatch(r"(?:(?:\+|00)?86)?1[3-9]\d{9}", re.sub(r"[\s()-]", "", s)):
             return 0.85
-        return 0.85 if _ctx(text, m.start(), m.end(), _PHONE_CTX) else 0.75
+        if not ctx and re.fullmatch(r"\d{3} \d{3} \d{4}", s) and (s[0] in "01" or s[4] in "01"):
+            return None  # space-separated and not a valid NANP area/exchange: "100 200 3000"
+        return 0.85 if ctx else 0.75
+
+    @staticmethod
+    def _national(s: str, digits: str, ctx: bool) -> float | None:
+        if not 9 <= len(digits) <= 12:
+            return None
+        groups = [g for g in re.split(r"[^\d]+", s) if g]
+        if len(digits) >= 10 and (len(groups) == 1 or all(len(g) >= 2 for g in groups)):
+            if ctx:
+                return 0.85
+            if len(groups) == 1 and not re.fullmatch(r"0\d{2,3}-\d{7,8}", s):
+                return None  # a bare number with a leading zero: an id as often as a phone
+            return 0.7
+        return 0.8 if ctx else None  # 9 digits (DE 030 901820): only with a phone word
 
 
 _CARD_CTX = re.compile(r"(?i)card|visa|mastercard|amex|credit|debit|卡|银行|账户|账号")
@@ -171,9 +230,13 @@ class CardDetector(_Regex):
     """Payment cards (Luhn). UnionPay-range numbers (62...) are reported as China bank cards."""
 
     entity = "CREDIT_CARD"
-    pattern = re.compile(r"(?<![\d-])\d(?:[ -]?\d){11,18}(?![\d-])")
+    # Separators: a space (two, from PDFs), a hyphen, an en dash, or a dot (dots need 4-digit groups).
+    pattern = re.compile(
+        r"(?<![\d\u2010-\u2013-])(?<!\d\.)\d(?:(?:  ?|[-.\u2010-\u2013])?\d){11,18}"
+        r"(?![\d\u2010-\u2013-]|\.\d)"
+    )
     reason = "card number passing the Luhn check"
-    requires = re.compile(r"\d(?:[ -]?\d){11}")
+    requires = re.compile(r"\d(?:(?:  ?|[-.\u2010-\u2013])?\d){11}")
 
     def detect(self, text: str) -> Iterable[Match]:
         if not self.may_match(text):
@@ -182,7 +245,9 @@ class CardDetector(_Regex):
             digits = re.sub(r"\D", "", m.group())
             if not 12 <= len(digits) <= 19:
                 continue
-            groups = re.split(r"[ -]", m.group())
+            groups = re.split(r"  ?|[-.\u2010-\u2013]", m.group())
+            if "." in m.group() and {len(g) for g in groups[:-1]} != {4}:
+                continue  # dotted: only 4-digit groups, else a version or an IP-like number
             if len(groups) > 1 and len({len(g) for g in groups[:-1]}) > 1 and len(groups) != 3:
                 continue  # irregular grouping: a phone number or an id, not a card
             ok = luhn_valid(digits)
@@ -205,17 +270,25 @@ class CardDetector(_Regex):
                 yield Match(m.start(), m.end(), score, self.reason, self.entity)
 
 
+_IBAN_CTX = re.compile(r"(?i)iban|bank|account|konto|compte|账户|账号")
+
+
 class IbanDetector(_Regex):
     entity = "IBAN_CODE"
     pattern = re.compile(
-        r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])"
+        r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]{4}){2,7}(?:[ -]?[A-Za-z0-9]{1,4})?"
+        r"(?![A-Za-z0-9])"
     )
     score = 0.95
     reason = "IBAN passing the mod-97 check"
-    requires = re.compile(r"[A-Z]{2}\d{2}")
+    requires = re.compile(r"[A-Za-z]{2}\d{2}")
 
     def validate(self, text: str, m: re.Match[str]) -> float | None:
-        return self.score if iban_valid(m.group()) else None
+        if not iban_valid(m.group()):
+            return None
+        if not m.group()[:2].isupper() and not _ctx(text, m.start(), m.end(), _IBAN_CTX):
+            return None  # lowercase: one random identifier in 97 passes mod-97, so ask for the word
+        return self.score
 
 
 _SSN_CTX = re.compile(r"(?i)ssn|social security|社会安全")
@@ -229,6 +302,8 @@ class SsnDetector(_Regex):
 
     def validate(self, text: str, m: re.Match[str]) -> float | None:
         ctx = _ctx(text, m.start(), m.end(), _SSN_CTX)
+        if not ctx and _NUMBER_LABEL.search(text[max(0, m.start() - 30) : m.start()]):
+            return None  # "part number is 123-45-6789": a labelled non-PII number
         if m.group(1) == "-":
             return 0.9 if ctx else 0.7
         return 0.85 if ctx else None
@@ -245,10 +320,23 @@ class CnResidentIdDetector(_Regex):
         return self.score if cn_resident_id_valid(m.group()) else None
 
 
+# "label:" right before an address (ip:8.8.8.8, host:10.0.0.1, IP地址：… once NFKC made "：" a ":"),
+# told apart from the inside of an IPv6 / MAC run by what precedes the colon: a CJK character, a
+# non-hex letter, or the words ip / ipv6 / mac.
+_LABEL_COLON = r"(?<=[\u4e00-\u9fffG-Zg-z]:)|(?<=[Ii][Pp][Vv]6:)|(?<=[Mm][Aa][Cc]:)"
+_VERSION_CTX = re.compile(r"(?i)version|\bver\b|\bv$|release|python|build|assembly|firmware|sdk|版本")
+_IP_CTX = re.compile(r"(?i)\bip\b|ipv[46]|host|server|address|addr|gateway|dns|地址|服务器|网关")
+
+
 class IpDetector(_Regex):
+    """IPv4 (a port after it is fine: 10.0.0.1:8080) and IPv6. A dotted quad next to a version word
+    (AssemblyVersion("1.0.0.0"), Python 3.11.4.1) is a version number unless an IP word is there too."""
+
     entity = "IP_ADDRESS"
     pattern = re.compile(
-        r"(?<![A-Za-z0-9.:])(?:(?:\d{1,3}\.){3}\d{1,3}|(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f:]{2,39}(?:%\w+)?)(?![A-Za-z0-9:]|\.\d)"
+        rf"(?:(?<![A-Za-z0-9.:])|(?<=//)|{_LABEL_COLON})(?:"
+        r"(?P<v4>(?:\d{1,3}\.){3}\d{1,3})(?![A-Za-z0-9]|\.\d)"
+        r"|(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f:]{2,39}(?:%\w+)?(?![A-Za-z0-9:]|\.\d))"
     )
     score = 0.9
     reason = "IP address"
@@ -264,13 +352,18 @@ class IpDetector(_Regex):
             return None
         if re.fullmatch(r"(?:[0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}", m.group()):
             return None  # a MAC address, not IPv6
+        if m.group("v4"):
+            before = text[max(0, m.start() - 30) : m.start()]
+            if _VERSION_CTX.search(before) and not _IP_CTX.search(before):
+                return None
         return self.score
 
 
 class MacDetector(_Regex):
     entity = "MAC_ADDRESS"
     pattern = re.compile(
-        r"(?<![A-Za-z0-9:-])(?:[0-9A-Fa-f]{2}([:-]))(?:[0-9A-Fa-f]{2}\1){4}[0-9A-Fa-f]{2}(?![A-Za-z0-9:-])"
+        rf"(?:(?<![A-Za-z0-9:-])|{_LABEL_COLON})"
+        r"(?:[0-9A-Fa-f]{2}([:-]))(?:[0-9A-Fa-f]{2}\1){4}[0-9A-Fa-f]{2}(?![A-Za-z0-9:-])"
     )
     score = 0.85
     reason = "MAC address"
@@ -306,25 +399,33 @@ _MONTHS = (
 )
 _DATE = (
     r"(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}"
-    rf"|{_MONTHS}\.? \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}|\d{{1,2}} {_MONTHS}\.?,? \d{{4}}"
+    rf"|{_MONTHS}\.? \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}"
+    rf"|\d{{1,2}}(?:st|nd|rd|th)?(?: of)? {_MONTHS}\.?,? \d{{4}}"
     r"|\d{4}年\d{1,2}月\d{1,2}日)"
 )
-_DOB_CTX = re.compile(r"(?i)\bborn\b|\bdob\b|d\.o\.b|date of birth|birth ?date|birthday|出生|生日|生于")
+# Dates that are only a birth date with a birth word next to them: 19900304, 1990年3月.
+_DOB_ONLY = r"(?P<dob>(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])|\d{4}年\d{1,2}月)"
+_DOB_CTX = re.compile(
+    r"(?i)\bborn\b|(?<![a-z])dob(?![a-z])|d\.o\.b|date of birth|birth ?date|birthday|出生|生日|生于"
+)
 
 
 class DateDetector(_Regex):
     """Dates; with a birth context word they are DATE_OF_BIRTH (redacted), else a quasi-identifier."""
 
     entity = "DATE"
-    pattern = re.compile(rf"(?<![A-Za-z0-9]){_DATE}(?![\d])")
+    pattern = re.compile(rf"(?<![A-Za-z0-9]){_DATE}(?![\d])|(?<![A-Za-z0-9]){_DOB_ONLY}(?![\d日])")
     literals = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec", "年")
-    requires = re.compile(r"\d[-/.]\d")
+    requires = re.compile(r"\d[-/.]\d|\d{8}")
 
     def detect(self, text: str) -> Iterable[Match]:
         if not self.may_match(text):
             return
         for m in self.pattern.finditer(text):
-            if _ctx(text, m.start(), m.end(), _DOB_CTX, before=40):
+            dob = _ctx(text, m.start(), m.end(), _DOB_CTX, before=40)
+            if m.group("dob") and not dob:
+                continue
+            if dob:
                 yield Match(m.start(), m.end(), 0.9, "date next to a birth context word", "DATE_OF_BIRTH")
             else:
                 yield Match(m.start(), m.end(), 0.6, "calendar date (quasi-identifier)", "DATE", QUASI)
@@ -352,24 +453,39 @@ _SUFFIXES = (
 class StreetAddressDetector(_Regex):
     entity = "STREET_ADDRESS"
     pattern = re.compile(
-        rf"\b\d{{1,6}} (?:[NSEW]\.? )?(?:[A-Z][a-z]+ ){{1,3}}(?:{_SUFFIXES})\b\.?"
-        r"(?:,? (?:Apt\.|Suite|Unit|#) ?\d+[A-Z]?)?"
+        rf"\b\d{{1,6}}[A-Z]? (?:[NSEW]\.? )?(?:[A-Z][a-z]+ ){{1,3}}(?:{_SUFFIXES})\b\.?"
+        r"(?:,? (?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|#) ?\d+[A-Z]?\b)?"
+        rf"|(?i:address|addr\.?|地址)[:\s]\s*"  # a lowercase street after an address label
+        rf"(?P<v>\d{{1,6}}[A-Za-z]? (?:[nsew]\.? )?(?:[a-z]+ ){{1,3}}(?i:{_SUFFIXES})\b)"
+        r"|\b(?:P\.? ?O\.? ?Box|Post Office Box) \d{1,6}\b"
         r"|(?:[\u4e00-\u9fff]{2,8}(?:省|自治区|特别行政区))?[\u4e00-\u9fff]{2,6}(?:市|县|区|盟|州)"
         r"[\u4e00-\u9fff]{0,12}?(?:路|街|大道|巷|道|胡同|大街)[A-Za-z\u4e00-\u9fff]{0,4}?"
-        r"(?:\d{1,5}号|[A-Za-z\d]{1,5}座)(?:\d{1,4}(?:室|楼|单元))?"
+        r"(?:\d{1,5}号|[A-Za-z\d]{1,5}座)"
+        # building, unit, floor and room: 院3号楼2单元501, 中石化大厦B塔2801, SOHO现代城A座1001
+        r"(?:院|[A-Za-z\u4e00-\u9fff]{1,10}?(?:大厦|中心|广场|城|花园|小区|公寓|大楼|园)(?=[A-Za-z\d]))?"
+        r"(?:[A-Za-z\d]{1,5}(?:号楼|栋|幢|座|塔|楼|层|单元|室))*(?:\d{1,5}室?(?![\d年月日号]))?"
     )
     score = 0.85
     reason = "street address"
-    literals = ("路", "街", "巷", "道", "胡同")
-    requires = re.compile(r"\d [A-Z]")  # "12 N. Main St" too: N is a capital
-    _lead = re.compile(r"^(?:寄到|送到|发到|寄往|住在|位于|地址是|地址为|地址|在|到|住址)")
+    literals = ("路", "街", "巷", "道", "胡同", "Box", "BOX", "box")
+    requires = re.compile(r"\d[A-Z]? [A-Za-z]")  # "12 N. Main St" too: N is a capital
+    # What precedes a Chinese address inside the match: 我住在, 我家在, 寄到, 地址是…
+    _lead = re.compile(
+        r"^.*?(?:寄到|送到|发到|寄往|住在|位于|地址是|地址为|地址|住址|在|到)(?=[\u4e00-\u9fff]{2,})"
+    )
 
     def detect(self, text: str) -> Iterable[Match]:
         if not self.may_match(text):
             return
         for m in self.pattern.finditer(text):
-            lead = self._lead.match(m.group())
-            start = m.start() + (lead.end() if lead else 0)
+            if m.group("v"):
+                yield Match(m.start("v"), m.end("v"), self.score, self.reason, self.entity)
+                continue
+            start = m.start()
+            head = re.match(r"[^省市县区盟州]*", m.group())
+            lead = self._lead.match(head.group()) if head and m.group()[0] >= "\u4e00" else None
+            if lead:
+                start += lead.end()
             yield Match(start, m.end(), self.score, self.reason, self.entity)
 
 
@@ -592,21 +708,54 @@ _EN_GIVEN = frozenset(
         "holly",
     ]
 )
+
+
+def _words(block: str) -> list[str]:
+    return block.split()
+
+
+# Letters of names written in Latin script, accented ones too (García, Müller, Zoë, Łukasz).
+_UP = "A-Z" + "".join(c for c in map(chr, range(0xC0, 0x250)) if c.isupper())
+_LO = "a-z" + "".join(c for c in map(chr, range(0xC0, 0x250)) if c.islower())
+# One name word: Mary, McDonald, DeAngelo, O'Brien, D'Angelo, Johnson-Smith, Al-Farsi, García.
+_NW = rf"[{_UP}](?:[{_LO}]+(?:[{_UP}][{_LO}]+)?|['’][{_UP}][{_LO}]+)(?:-[{_UP}][{_LO}]+)?(?![{_UP}{_LO}])"
 _EN_TITLE = re.compile(
-    r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Rev)\.? "
-    r"(?P<v>[A-Z][a-z'’-]+(?: [A-Z]\.)?(?: [A-Z][a-z'’-]+){0,2})"
+    r"\b(?P<t>Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Rev)\.? "
+    rf"(?P<v>{_NW}(?: [A-Z]\.)?(?: {_NW}){{0,2}})"
 )
 _EN_CONTEXT = re.compile(
     r"(?i:my name is|name is|name:|i am|i'm|this is|dear|signed|sincerely,|regards,|contact|call|ask for|"
-    r"patient|customer|employee|client|user|applicant|from|by|with|to|cc:|attn:?|hi|hello|thanks,|thank you,|"
-    r"best,|cheers,|ask|tell|email|met|meet)"
-    r"\s+(?P<v>[A-Z][a-z'’-]+(?: [A-Z]\.)?(?: [A-Z][a-z'’-]+){1,2})"
+    r"patient|patient:|customer|customer:|employee|client|client:|user|applicant|from|by|with|to|cc:|"
+    r"attn:?|hi|hello|thanks,|thank you,|best,|cheers,|ask|tell|email|met|meet)"
+    rf"\s+(?P<v>{_NW}(?: [A-Z]\.)?(?: {_NW}){{1,2}})"
 )
 # Every phrase of _EN_CONTEXT is 2 to 10 characters long and ends in a non-space character
 # (tests/guard/test_detectors.py checks both), so a match starts 2-10 characters before the start of
 # the whitespace run that precedes its capitalised name.
 _EN_CONTEXT_SPAN = (2, 10)
-_SPACE_NAME = re.compile(r"\s(?=[A-Z][a-z'’-]+(?: [A-Z]\.)? [A-Z])")  # what the name needs at least
+_SPACE_NAME = re.compile(rf"\s(?=[{_UP}]\S* [{_UP}])")  # what the name needs at least
+# Strong cues that also take a single capitalised name ("my name is Olumide", "This is Siobhan from
+# support") or, after "my name is" / "name:", a lowercase one ("my name is priya raghunathan").
+_EN_STRONG = re.compile(
+    rf"(?i:\bmy name is|\bname:|\bcall me|\bi am called)\s+(?P<v>{_NW}(?: {_NW}){{0,2}})"
+    rf"|(?i:\bthis is)\s+(?P<v2>{_NW})(?=\s+(?:from|at|with|here|speaking|calling)\b)"
+    r"|(?i:\bmy name is|\bname:)\s+(?P<lo>[a-z]{2,}(?: [a-z]{2,}){1,2})\b"
+)
+_EN_STRONG_WORDS = ("name", "call me", "this is", "i am called")
+_LOWER_STOP = frozenset(
+    _words(
+        """the a an and or but not no yes on in at to of for with from by is was are be been being
+    very too also just still already now here there missing wrong correct right important irrelevant
+    unknown hidden private
+    secret listed written spelled spelt pronounced long short same different fine ok okay my your his
+    her their our its this that it i you he she we they me him them us if so as than then when
+    where what who why how
+    which please thanks thank hi hello has have had does do did can could will would should may might must
+    shall changed misspelled incorrect required invalid empty blank used taken registered showing shown
+    displayed appears every one two on off up down out over under again all any some none nothing something
+    different actually really"""
+    )
+)
 _EN_TITLES = ("Mr", "Ms", "Miss", "Mx", "Dr", "Prof", "Sir", "Madam", "Rev")
 _EN_VERBS = (
     " wrote",
@@ -623,10 +772,33 @@ _EN_VERBS = (
     " added",
 )
 _EN_VERB_AFTER = re.compile(
-    r"(?:^|(?<=[.!?\n]) ?|(?<=[.!?\n]  ))(?P<v>[A-Z][a-z'’-]+(?: [A-Z]\.)? [A-Z][a-z'’-]+)"
+    rf"(?:^|(?<=[.!?\n]) ?|(?<=[.!?\n]  ))(?P<v>{_NW}(?: [A-Z]\.)? {_NW})"
     r"(?= (?:wrote|said|says|asked|told|called|emailed|replied|mentioned|signed|confirmed|added)\b)"
 )
-_EN_CAPPAIR = re.compile(r"\b(?P<v>[A-Z][a-z'’-]+(?: [A-Z]\.)? [A-Z][a-z'’-]+(?:-[A-Z][a-z]+)?)\b")
+_EN_CAPPAIR = re.compile(rf"\b(?P<v>{_NW}(?: [A-Z]\.)? {_NW})")
+# Capitalised words that make a phrase a product, team, place or title rather than a person:
+# "Customer Support", "Google Cloud", "Machine Learning", "Outlook Mobile", "All Our Customers".
+_NON_NAME_WORDS = frozenset(
+    _words(
+        """support service services team teams cloud learning machine native mobile started customers customer
+    all outlook google microsoft apple amazon facebook meta windows office slack zoom react python java
+    javascript data science center centre department university college school hospital bank group desk help
+    helpdesk sales marketing account accounts billing tech technical engineering product products management
+    admin administrator security network web app apps api studio code visual server online store shop care
+    resources human relations public global international national general federal united states kingdom
+    america american europe european asia africa airport station river lake mountain hotel restaurant cafe
+    institute museum library police army navy air force intelligence artificial deep neural language model
+    models guide introduction getting chapter section edition version update release pro plus ultra premium
+    free basic standard enterprise iphone android chrome firefox safari linux ubuntu docker kubernetes azure
+    github gitlab jira excel powerpoint drive docs sheets gmail maps search analytics console platform
+    workspace suite dashboard portal system systems solutions technologies labs media news times journal
+    daily weekly everyone everybody world our your their thanks welcome happy merry christmas easter
+    birthday holiday holidays street avenue road boulevard"""
+    )
+)
+_PLACE_WORDS = ("San", "Los", "Las", "Santa", "Saint", "St", "Fort", "Mount", "Lake", "Port", "El", "La")
+_PREPOSITION_CUES = frozenset(["to", "from", "with", "by"])
+_NOT_PERSON = frozenset(["dr pepper", "dr. pepper", "mr bean", "mr. bean", "mr clean", "mr. clean"])
 _NOT_NAME = frozenset(
     [
         "the",
@@ -707,8 +879,32 @@ def _context_matches(text: str) -> Iterator[re.Match[str]]:
             pos = found.end()
 
 
+def _looks_like_name(words: Sequence[str]) -> bool:
+    """No word is a non-name word and the phrase is not a known place (San Francisco, New York)."""
+    if not words or words[0].lower() in _NOT_NAME or words[-1].lower() in _NOT_NAME:
+        return False
+    if any(w.lower() in _NON_NAME_WORDS for w in words) or words[0] in _PLACE_WORDS:
+        return False
+    return _PLACE_RE.fullmatch(" ".join(words)) is None
+
+
+def _title_case_cue(text: str, m: re.Match[str]) -> bool:
+    """A preposition cue written in a title-case heading: "Getting Started With React Native"."""
+    cue = text[m.start() : m.start("v")].strip()
+    if cue.lower() not in _PREPOSITION_CUES:
+        return False
+    line_start = max(text.rfind("\n", 0, m.start()) + 1, 0)
+    before = text[line_start : m.start()].split()
+    return cue[0].isupper() and bool(before) and before[-1][:1].isupper()
+
+
 class EnglishNameDetector:
-    """English person names: title > context phrase > known given name + capitalised surname."""
+    """English person names: title > context phrase > known given name + capitalised surname.
+
+    A capitalised phrase after a weak cue ("to", "with", "contact") is a name only when it looks
+    like one: no product/team/place word in it (Customer Support, Google Cloud, San Francisco) and
+    not in a title-case heading (Getting Started With React Native).
+    """
 
     entity = "PERSON"
 
@@ -729,14 +925,41 @@ class EnglishNameDetector:
             for m in matches:
                 s, e = m.span("v")
                 words = m.group("v").split()
-                if words and words[0].lower() not in _NOT_NAME and words[-1].lower() not in _NOT_NAME:
-                    yield Match(s, e, score, why, self.entity)
+                if "t" in m.groupdict():  # a title: any capitalised word, but not a brand (Dr Pepper)
+                    if (
+                        " ".join([m.group("t"), *words]).lower() in _NOT_PERSON
+                        or words[0].lower() in _NOT_NAME
+                    ):
+                        continue
+                elif not _looks_like_name(words) or _title_case_cue(text, m):
+                    continue
+                yield Match(s, e, score, why, self.entity)
+        if may_contain(ascii_fold(text), _EN_STRONG_WORDS):
+            for m in _EN_STRONG.finditer(text):
+                g = next(k for k in ("v", "v2", "lo") if m.group(k))
+                words = m.group(g).split()
+                if g == "lo":
+                    if any(w in _LOWER_STOP or w in _NON_NAME_WORDS for w in words):
+                        continue
+                elif not (
+                    words[0].lower() not in _NOT_NAME and not any(w.lower() in _NON_NAME_WORDS for w in words)
+                ):
+                    continue
+                yield Match(m.start(g), m.end(g), 0.8, "name after a strong cue", self.entity)
         for m in _EN_CAPPAIR.finditer(text):
-            first, last = m.group("v").split()[0], m.group("v").split()[-1]
-            if first.lower() in _EN_GIVEN and last.lower() not in _NOT_NAME:
+            words = m.group("v").split()
+            if words[0].lower() in _EN_GIVEN and _looks_like_name(words):
                 yield Match(
                     m.start("v"), m.end("v"), 0.75, "common given name + capitalised surname", self.entity
                 )
+
+
+_CN_PLACES = (
+    "北京|上海|天津|重庆|广州|深圳|杭州|南京|武汉|成都|西安|苏州|郑州|长沙|沈阳|青岛|宁波|东莞|无锡|厦门|"
+    "福州|济南|大连|哈尔滨|长春|昆明|合肥|南昌|贵阳|太原|石家庄|南宁|兰州|乌鲁木齐|呼和浩特|银川|西宁|拉萨|海口|"
+    "香港|澳门|台湾|广东|江苏|浙江|山东|河南|河北|四川|湖北|湖南|福建|安徽|江西|辽宁|吉林|黑龙江|山西|陕西|"
+    "云南|贵州|广西|甘肃|青海|宁夏|新疆|西藏|内蒙古|海南"
+)
 
 
 # The most frequent Chinese surnames (about 85% of the population), single- and two-character.
@@ -769,6 +992,24 @@ _CN_SURNAMES_2 = (
 _CN_CTX_BEFORE = re.compile(
     r"(?:姓名|名字|我叫|我是|叫做|叫|联系人|联系|通知|转告|告诉|收件人|患者|客户|员工|申请人|经办人|负责人|签名|致|由|与|和|找|请|同事|朋友|老板|经理)[：:\s]*$"
 )
+# Cues that are as often followed by an ordinary word (我是司机, 请向左转, 和平): the candidate must
+# also look like a name, not a role, a place or a word built with a noun suffix (管理员, 江西人).
+_CN_WEAK_CUE = re.compile(r"(?:我是|致|由|与|和|找|请|通知|告诉)[：:\s]*$")
+_CN_NOT_NAME = re.compile(
+    r"司机|司令|管理|商家|商人|商户|商店|商品|商场|党员|党委|项目|向左|向右|向前|向后|向上|向下|高兴|王国|"
+    r"安排|安装|安全|安静|成功|成员|成本|方面|方案|方法|方便|程序|经理|马上|明天|明白|时间|文件|白天|金额|"
+    r"全部|全体|华人|黄色|李子|杨树|周末|周围|应该|应用|任务|任何|任意|于是|关于|关注|关闭|毛巾|石头|"
+    r"司法|钱包|严重|常见|常用|施工|易用|齐全|乔迁|平台|计划|计算|宁可|符合|路线|游戏|车辆|卫生|米饭|"
+    r"谈谈|解决|解释|原因|燕麦|万一|单位|单独|包括|包装|简单|祝贺|祝你|贺喜|强调|海关|海外|戴上|"
+    r"宫殿|康复|温度|连接|苏醒|曲线|余额|许多|许可|孙子|朱红|公司|公众|公开|国家|国际|信息|信用|来自|"
+    r"都是|都有|和平|和好|和谐"
+)
+_CN_NOUN_SUFFIX = set("人员家师长者们族士工")
+_CN_PLACE_START = re.compile(rf"(?:{_CN_PLACES})")
+_CN_ACTION_AFTER = re.compile(
+    r"^(?:签字|签名|签收|负责|批准|审核|审批|填写|办理|提交|确认|处理|发送|来电|打电话|核实)"
+)
+_CN_ABOUT_AFTER = re.compile(r"^的(?:电话|手机|号码|邮箱|地址|住址|身份证|微信|账号|银行卡|护照|生日|工号)")
 _CN_CTX_AFTER = re.compile(r"^(?:先生|女士|小姐|老师|医生|教授|经理|同学|总|主任|律师|警官|博士)")
 _CN_VERB_AFTER = re.compile(r"^(?:说|表示|认为|告诉|称|问|回复|提到|指出)")
 _CN_STOP_AFTER = set("的了是在和与说也都就很会要将把被给从到对")
@@ -794,6 +1035,8 @@ class ChineseNameDetector:
                 start = base + i
                 before = text[max(0, start - 6) : start]
                 ctx_before = bool(_CN_CTX_BEFORE.search(before))
+                if _CN_NOT_NAME.match(text, start) or _CN_PLACE_START.match(text, start):
+                    continue
                 best: Match | None = None
                 for given in (2, 1):
                     end = start + sur + given
@@ -805,7 +1048,16 @@ class ChineseNameDetector:
                     after = text[end : end + 3]
                     ctx_after = bool(_CN_CTX_AFTER.match(after))
                     boundary = not after or not re.match(r"[\u4e00-\u9fff]", after) or ctx_after
-                    if ctx_before and (boundary or after[:1] in _CN_STOP_AFTER):
+                    if (
+                        ctx_before
+                        and _CN_WEAK_CUE.search(before)
+                        and (name[-1] in _CN_NOUN_SUFFIX or text[end : end + 1] in _CN_NOUN_SUFFIX)
+                    ):
+                        continue  # 我是管理员, 我是江西人: a role or an origin, not a name
+                    sentence_start = start == 0 or text[start - 1] in '，。！？；：、\n “"('
+                    if ctx_before and (
+                        boundary or after[:1] in _CN_STOP_AFTER or _CN_ACTION_AFTER.match(text[end : end + 3])
+                    ):
                         best = Match(
                             start, end, 0.85, "Chinese surname + given name after a context word", self.entity
                         )
@@ -813,9 +1065,11 @@ class ChineseNameDetector:
                         best = Match(
                             start, end, 0.85, "Chinese surname + given name before a title", self.entity
                         )
-                    elif _CN_VERB_AFTER.match(after) and (
-                        start == 0 or text[start - 1] in '，。！？；：、\n “"('
-                    ):
+                    elif given == 2 and sentence_start and _CN_ABOUT_AFTER.match(text[end : end + 4]):
+                        best = Match(
+                            start, end, 0.8, "Chinese name before 的 + a contact detail", self.entity
+                        )
+                    elif _CN_VERB_AFTER.match(after) and sentence_start:
                         best = Match(
                             start, end, 0.7, "Chinese name as the subject of a reporting verb", self.entity
                         )
@@ -844,15 +1098,10 @@ _CITIES = (
     "Seattle|Denver|Miami|Atlanta|Detroit|Portland|Las Vegas|San Francisco|London|Paris|Berlin|Tokyo|"
     "Toronto|Sydney|Beijing|Shanghai|Shenzhen|Guangzhou|Hong Kong"
 )
+_PLACE_RE = re.compile(rf"(?:{_US_STATES}|{_CITIES})")
 _STATE_ABBR = (
     "AL|AK|AZ|AR|CA|CO|CT|DE|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|NY|NC|ND|"
     "OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|DC|AA|AE|AP"
-)
-_CN_PLACES = (
-    "北京|上海|天津|重庆|广州|深圳|杭州|南京|武汉|成都|西安|苏州|郑州|长沙|沈阳|青岛|宁波|东莞|无锡|厦门|"
-    "福州|济南|大连|哈尔滨|长春|昆明|合肥|南昌|贵阳|太原|石家庄|南宁|兰州|乌鲁木齐|呼和浩特|银川|西宁|拉萨|海口|"
-    "香港|澳门|台湾|广东|江苏|浙江|山东|河南|河北|四川|湖北|湖南|福建|安徽|江西|辽宁|吉林|黑龙江|山西|陕西|"
-    "云南|贵州|广西|甘肃|青海|宁夏|新疆|西藏|内蒙古|海南"
 )
 
 
@@ -871,36 +1120,44 @@ class ZipDetector(_Regex):
         rf"(?:\b(?:{_STATE_ABBR}) |(?i:zip(?: code)?|postal code|postcode)[:\s]*)"
         r"(?P<v>\d{5}(?:-\d{4})?)\b"
         r"|(?:邮编|邮政编码)[：:\s]*(?P<cn>\d{6})(?!\d)"
+        # UK (NW1 6XE, SW1A 2AA: the inward letters never use C I K M O V) and Canada (M5V 3L9)
+        r"|\b(?P<uk>[A-Z]{1,2}\d[A-Z\d]? \d[ABD-HJLNP-UW-Z]{2})\b"
+        r"|\b(?P<ca>[ABCEGHJ-NPRSTVXY]\d[ABCEGHJ-NPRSTV-Z] \d[ABCEGHJ-NPRSTV-Z]\d)\b"
     )
     score = 0.7
     reason = "postal code (quasi-identifier)"
     subtype = QUASI
-    requires = re.compile(r"\d{5}")
+    requires = re.compile(r"\d{5}|\d[A-Z]{2}\b|[A-Z] \d[A-Z]\d")
+    _units = re.compile(r"\d(?:TB|GB|MB|KB|PB|HZ|FPS|PX|DP)")
 
     def detect(self, text: str) -> Iterable[Match]:
         if not self.may_match(text):
             return
         for m in self.pattern.finditer(text):
-            g = "v" if m.group("v") else "cn"
+            g = next(k for k in ("v", "cn", "uk", "ca") if m.group(k))
+            if g == "uk" and self._units.fullmatch(m.group(g).split()[1]):
+                continue  # "PS5 2TB": a size, not a postcode
             yield Match(m.start(g), m.end(g), self.score, self.reason, self.entity, QUASI)
 
 
 class AgeDetector(_Regex):
     entity = "AGE"
     pattern = re.compile(
-        r"(?i)\b(?P<v>\d{1,3}[- ]years?[- ]old|aged? \d{1,3}|age:? \d{1,3})\b|(?P<cn>\d{1,3}(?:岁|周岁))"
+        r"(?i)\b(?P<v>\d{1,3}[- ]years?[- ]old|\d{1,3} ?yrs?\.? old|\d{1,3} ?y/o"
+        r"|aged? \d{1,3}|age:? \d{1,3})\b"
+        r"|(?P<cn>\d{1,3}(?:岁|周岁))|(?:年龄|年纪)[:：\s]*(?P<cn2>\d{1,3})(?!\d)"
     )
     score = 0.7
     reason = "age (quasi-identifier)"
     subtype = QUASI
-    literals = ("year", "age", "岁")
+    literals = ("year", "yr", "y/o", "age", "岁", "年龄", "年纪")
     folded = True
 
     def detect(self, text: str) -> Iterable[Match]:
         if not self.may_match(text):
             return
         for m in self.pattern.finditer(text):
-            g = "v" if m.group("v") else "cn"
+            g = next(k for k in ("v", "cn", "cn2") if m.group(k))
             yield Match(m.start(g), m.end(g), self.score, self.reason, self.entity, QUASI)
 
 
@@ -929,6 +1186,17 @@ class OrganizationDetector(_Regex):
         "银行",
         "大学",
     )
+    _lead = re.compile(r"(?:[我你他她]们?)?(?:现在|目前)?(?:就职于|任职于|加入了?|入职|在|于|是|去|到)")
+
+    def detect(self, text: str) -> Iterable[Match]:
+        if not self.may_match(text):
+            return
+        for m in self.pattern.finditer(text):
+            start = m.start()
+            lead = self._lead.match(m.group()) if m.group()[0] >= "\u4e00" else None
+            if lead and m.end() - (start + lead.end()) >= 4:
+                start += lead.end()
+            yield Match(start, m.end(), self.score, self.reason, self.entity, QUASI)
 
 
 _NRP_EN = (
