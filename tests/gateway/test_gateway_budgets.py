@@ -402,3 +402,44 @@ def test_moderations_hold_a_concurrency_slot_while_scanning(mgw: Running) -> Non
         codes = list(ex.map(call, [0, 0.5]))
     assert codes == [200, 429]
     assert _moderate(mgw, key, "short").status_code == 200  # released after the scan
+
+
+def test_a_limiter_outage_mid_stream_is_a_503_event_and_a_client_gone_is_cancelled(
+    ugw: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from starlette.requests import ClientDisconnect
+
+    from steward.gateway.limits.base import LimiterUnavailable
+
+    gw: Any = ugw.gateway
+    backend = gw.models["fake"].backend
+    real = backend.chat_stream
+
+    async def outage(call: Any) -> Any:
+        async for chunk in real(call):
+            yield chunk
+            raise LimiterUnavailable("redis went away")
+
+    async def gone(*_a: Any, **_k: Any) -> Any:
+        raise ClientDisconnect()
+
+    monkeypatch.setattr(backend, "chat_stream", outage)
+    monkeypatch.setattr(backend, "chat", gone)
+    key = ugw.key("outage", "user")
+    auditor = ugw.key("outage", "auditor")
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream(
+        "POST", ugw.url + CHAT, json={**body, "stream": True}, headers=auth(key), timeout=30
+    ) as r:
+        rid_stream = r.headers["x-request-id"]
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    last = json.loads(lines[-1][6:])
+    assert last["error"]["code"] == "limiter_unavailable" and last["error"]["type"] == "service_unavailable"
+    r = httpx.post(ugw.url + CHAT, json=body, headers=auth(key), timeout=30)
+    assert r.status_code == 499
+    rid_gone = r.headers["x-request-id"]
+    monkeypatch.undo()
+    events = httpx.get(ugw.url + "/audit/events?limit=1000", headers=auth(auditor), timeout=30).json()["data"]
+    audited = {e["request_id"]: e for e in events}
+    assert audited[rid_stream]["status"] == 503 and audited[rid_stream]["outcome"] == "error"
+    assert audited[rid_gone]["status"] == 499 and audited[rid_gone]["outcome"] == "cancelled"

@@ -318,6 +318,27 @@ def test_stream_redacts_a_secret_longer_than_the_overlap(lead: int) -> None:
     assert g.report()["scanned"]
 
 
+def test_a_stream_mentioning_a_key_header_keeps_flowing_at_linear_cost() -> None:
+    # "-----BEGIN PRIVATE KEY-----" in prose, with no key after it: the rest of the answer is not
+    # a key, so it is neither masked nor held until the end (nor re-scanned window after window).
+    text = "PEM files start with -----BEGIN PRIVATE KEY----- then base64. " + "Ordinary prose here. " * 1500
+    g = Pipeline(SECRET_REDACTING).stream(ScanContext(), window=256, overlap=64)
+    scanned = 0
+    scan = g._scan_window
+
+    def counting(end: int) -> Any:
+        nonlocal scanned
+        usual = max(0, g.scanned_to - g.overlap)
+        scanned += end - max(min(usual, g.emitted), usual - 4096)
+        return scan(end)
+
+    g._scan_window = counting  # type: ignore[method-assign]
+    early = "".join(g.feed(text[i : i + 20]).text for i in range(0, len(text), 20))
+    out = early + g.finish().text
+    assert out == text.replace("-----BEGIN PRIVATE KEY-----", "[PRIVATE_KEY]")
+    assert len(early) > len(text) - 400 and scanned < 2 * len(text)
+
+
 @pytest.mark.parametrize("lead", range(0, 160, 9))
 def test_stream_restores_a_pseudonym_across_a_release_boundary(lead: int) -> None:
     vault = Vault()

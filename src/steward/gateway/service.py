@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from steward.backends.base import JSON, Backend, BackendError, Call, ModelInfo
@@ -320,6 +320,8 @@ class Gateway:
         returns (status, body) or (status, body, headers)."""
         try:
             done = await work()
+        except ClientDisconnect:
+            return await self._gone(trace)
         except StoreError:
             err = APIError(503, "the store is unavailable", type="service_unavailable", code="store_error")
             return await self._refuse(trace, err)
@@ -351,6 +353,15 @@ class Gateway:
             code="internal_error",
         )
 
+    async def _gone(self, trace: Trace) -> Response:
+        """The client left while its request was still arriving: recorded as cancelled (499, as
+        nginx names it), not as the gateway's error; nobody reads the response."""
+        try:
+            await self.finish(trace, 499, "cancelled")
+        except AuditUnavailable as exc:
+            return json_response(exc.status, exc.body())
+        return Response(status_code=499)
+
     async def _refuse(self, trace: Trace, exc: APIError) -> Response:
         outcome = "refused" if exc.status in (401, 403, 429) else "error"
         try:
@@ -369,6 +380,8 @@ class Gateway:
                 resp = await self._handle(request, route, schema, trace, state)
             except (AuditUnavailable, APIError):
                 raise
+            except ClientDisconnect:
+                return await self._gone(trace)
             except Exception as unexpected:
                 raise self._unexpected(trace, unexpected) from None
         except AuditUnavailable as exc:
@@ -758,6 +771,17 @@ class Gateway:
             except BackendError as exc:
                 status, outcome = exc.status, "error"
                 error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+                await close_out()
+                yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+            except LimiterUnavailable:
+                # As the same failure before the stream: a 503, not an internal error.
+                status, outcome = 503, "error"
+                error = {
+                    "message": "the rate limiter is unavailable; requests are refused until it is back",
+                    "type": "service_unavailable",
+                    "param": None,
+                    "code": "limiter_unavailable",
+                }
                 await close_out()
                 yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
             except Exception as exc:

@@ -35,7 +35,9 @@ MAX_SCAN_CHARS = 200_000  # longer texts are refused (fail-closed) rather than p
 # prompt_injection or jailbreak (the classifier, the rules, the context probe) would block the
 # operator's own bot; harmful and toxicity would fire on the content rules a system prompt states.
 _SYSTEM_ROLE_CATEGORIES = frozenset({"pii", "secrets"})
-_HOLD_RUN = 4096  # longest run of non-space characters a stream holds back whole (see StreamGuard)
+# The most a stream holds back to keep a run of non-space characters or an entity to redact whole,
+# and how far before the usual window start a window may begin (see StreamGuard).
+_HOLD_RUN = 4096
 
 Direction = Literal["input", "output"]
 
@@ -112,7 +114,9 @@ class Pipeline:
 
     def _specs(self, policy: Policy, direction: Direction, ctx: ScanContext) -> list[ScannerSpec]:
         specs = policy.input if direction == "input" else policy.output
-        if direction == "input" and ctx.role == "system":
+        if direction == "input" and (ctx.role == "system" or ctx.route == "embeddings"):
+            # Text to embed is not read as instructions by any model: what matters is what leaves
+            # (PII, secrets), not whether it quotes an attack (a corpus of security papers would).
             specs = [s for s in specs if self._category(s) in (*_SYSTEM_ROLE_CATEGORIES, None)]
         return specs
 
@@ -426,7 +430,10 @@ class StreamGuard:
         self._modes = {s.scanner: s.redaction for s in pol.output}
 
     def _scan_window(self, end: int) -> Verdict:
-        start = min(max(0, self.scanned_to - self.overlap), self.emitted)
+        # From the first unreleased character, but never more than `_HOLD_RUN` characters before
+        # the usual start: what a stream may hold is bounded, and so is each window's cost.
+        usual = max(0, self.scanned_to - self.overlap)
+        start = max(min(usual, self.emitted), usual - _HOLD_RUN)
         verdict = self.pipeline.scan_texts([self.buffer[start:end]], [self.ctx], "output")[0]
         for f in verdict.findings:
             f.spans = [type(s)(s.start + start, s.end + start) for s in f.spans]
@@ -438,9 +445,10 @@ class StreamGuard:
         return verdict
 
     def _release(self, upto: int) -> str:
-        # Never split a redacted entity, or a run of non-space characters, across two releases.
-        for f, _ in self._redactions.values():
-            if f.start < upto < f.end:
+        # Never split a redacted entity, or a run of non-space characters, across two releases
+        # (up to `_HOLD_RUN` characters back: a longer entity is released masked, in pieces).
+        for f, _ in sorted(self._redactions.values(), key=lambda x: -x[0].start):
+            if f.start < upto < f.end and upto - f.start <= _HOLD_RUN:
                 upto = f.start
         upto = self._run_start(upto)
         upto = max(upto, self.emitted)

@@ -120,9 +120,15 @@ class ProviderKeyDetector:
 
 class PrivateKeyDetector:
     entity = "PRIVATE_KEY"
+    # A block with its END line (within 20,000 characters: newlines may be real or "\n" escapes in
+    # a JSON string); or, without one (a key cut off, or still streaming), the BEGIN line and the
+    # key-material runs after it, each at least 16 base64 characters, plus a shorter run at the very
+    # end of the text. Not "to the end of the text": a sentence that mentions the BEGIN line would
+    # have masked everything after it, and made a stream hold and re-scan it to the end.
     _pattern = re.compile(
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
-        r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|$)"
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+        r"(?:[\s\S]{0,20000}?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+        r"|(?:(?:\s|\\[rn])+[A-Za-z0-9+/=]{16,})*(?:(?:\s|\\[rn])+[A-Za-z0-9+/=]+\Z)?)"
     )
 
     def detect(self, text: str) -> Iterable[Match]:
