@@ -207,3 +207,61 @@ def test_new_separators_still_validate(text: str) -> None:
 
 def test_email_span_leaves_a_chinese_label_out() -> None:
     assert ("EMAIL_ADDRESS", "zhangsan@163.com") in findings("邮箱zhangsan@163.com")
+
+
+# ---- B13. context-word IDs, grouped resident IDs, Cisco MACs, dotted SSNs, IPv4-mapped IPv6 ----
+
+B13_FOUND = [
+    ("Passport No: C01X00T47", "PASSPORT", "C01X00T47"),
+    ("passport number 123456789", "PASSPORT", "123456789"),
+    ("护照号码：E12345678", "PASSPORT", "E12345678"),
+    ("护照号 G12345678", "PASSPORT", "G12345678"),
+    ("DL# S123-456-78-901-0", "DRIVER_LICENSE", "S123-456-78-901-0"),
+    ("driver's license D123-4567-8901", "DRIVER_LICENSE", "D123-4567-8901"),
+    ("licence number MORGA657054SM9IJ", "DRIVER_LICENSE", "MORGA657054SM9IJ"),
+    # a Chinese driving licence number is the holder's resident ID
+    ("驾驶证号 110101199003077774", "CN_RESIDENT_ID", "110101199003077774"),
+    ("110101 19900307 7774", "CN_RESIDENT_ID", "110101 19900307 7774"),
+    ("id 110101-19900307-7774", "CN_RESIDENT_ID", "110101-19900307-7774"),
+    ("001A.2B3C.4D5E", "MAC_ADDRESS", "001A.2B3C.4D5E"),
+    ("MAC: 001a.2b3c.4d5e.", "MAC_ADDRESS", "001a.2b3c.4d5e"),
+    ("mac 2023.0101.1234", "MAC_ADDRESS", "2023.0101.1234"),
+    ("SSN 123.45.6789", "US_SSN", "123.45.6789"),
+    ("::ffff:192.168.1.1", "IP_ADDRESS", "::ffff:192.168.1.1"),
+    ("addr ::ffff:192.168.1.1 ok", "IP_ADDRESS", "::ffff:192.168.1.1"),
+]
+
+
+@pytest.mark.parametrize(("text", "entity", "span"), B13_FOUND)
+def test_b13_format_is_found_whole(text: str, entity: str, span: str) -> None:
+    assert (entity, span) in findings(text), findings(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "C01X00T47",  # no passport word
+        "Order C01X00T47",
+        "S123-456-78-901-0",  # no licence word
+        "MORGA657054SM9IJ",
+        "DL# S123-456",  # too short for a licence
+        "Passport No: ABCDEFGH1",  # one digit: a word, not a number
+        "110101 19900307 7775",  # GB 11643 check digit fails
+        "2023.0101.1234",  # all digits, no MAC word
+        "file abcd.ef01.2345.txt",
+        "123.45.6789",  # dotted, no SSN word
+        "version 123.45.6789",
+        "ip ::ffff:999.1.1.1",  # not an address
+    ],
+)
+def test_b13_near_miss_is_not_reported(text: str) -> None:
+    assert not direct(text), direct(text)
+
+
+def test_b13_dotted_version_is_not_an_ssn() -> None:
+    assert not {e for e, _ in findings("1.2.3.4567")} & {"US_SSN", "IP_ADDRESS", "MAC_ADDRESS"}
+
+
+def test_b13_ipv4_mapped_ipv6_is_one_span() -> None:
+    found = findings("host ::ffff:10.0.0.1 up")
+    assert found == {("IP_ADDRESS", "::ffff:10.0.0.1")}, found

@@ -296,9 +296,11 @@ _SSN_CTX = re.compile(r"(?i)ssn|social security|社会安全")
 
 class SsnDetector(_Regex):
     entity = "US_SSN"
-    pattern = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}([- ]?)(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])")
+    pattern = re.compile(
+        r"(?<![\d-])(?<!\d\.)(?!000|666|9\d\d)\d{3}([- .]?)(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])(?!\.\d)"
+    )
     reason = "US social security number"
-    requires = re.compile(r"\d{3}[- ]?\d{2}[- ]?\d{4}")
+    requires = re.compile(r"\d{3}[- .]?\d{2}[- .]?\d{4}")
 
     def validate(self, text: str, m: re.Match[str]) -> float | None:
         ctx = _ctx(text, m.start(), m.end(), _SSN_CTX)
@@ -306,18 +308,21 @@ class SsnDetector(_Regex):
             return None  # "part number is 123-45-6789": a labelled non-PII number
         if m.group(1) == "-":
             return 0.9 if ctx else 0.7
+        if m.group(1) == ".":
+            return 0.85 if ctx else None  # 123.45.6789 is a version or a number unless "SSN" is there
         return 0.85 if ctx else None
 
 
 class CnResidentIdDetector(_Regex):
     entity = "CN_RESIDENT_ID"
-    pattern = re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])")
+    # 18 characters, or grouped 6-8-4 (region, birth date, sequence + check) by spaces or hyphens
+    pattern = re.compile(r"(?<![0-9A-Za-z-])\d{6}([ -]?)\d{8}\1\d{3}[\dXx](?![0-9A-Za-z]|-\d)")
     score = 0.98
     reason = "China resident ID passing the GB 11643 check digit"
-    requires = re.compile(r"\d{17}")
+    requires = re.compile(r"\d{6}[ -]?\d{8}")
 
     def validate(self, text: str, m: re.Match[str]) -> float | None:
-        return self.score if cn_resident_id_valid(m.group()) else None
+        return self.score if cn_resident_id_valid(re.sub(r"[ -]", "", m.group())) else None
 
 
 # "label:" right before an address (ip:8.8.8.8, host:10.0.0.1, IP地址：… once NFKC made "：" a ":"),
@@ -336,7 +341,8 @@ class IpDetector(_Regex):
     pattern = re.compile(
         rf"(?:(?<![A-Za-z0-9.:])|(?<=//)|{_LABEL_COLON})(?:"
         r"(?P<v4>(?:\d{1,3}\.){3}\d{1,3})(?![A-Za-z0-9]|\.\d)"
-        r"|(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f:]{2,39}(?:%\w+)?(?![A-Za-z0-9:]|\.\d))"
+        r"|(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f:]{2,39}(?:(?<=:)(?:\d{1,3}\.){3}\d{1,3})?"
+        r"(?:%\w+)?(?![A-Za-z0-9:]|\.\d))"
     )
     score = 0.9
     reason = "IP address"
@@ -359,21 +365,33 @@ class IpDetector(_Regex):
         return self.score
 
 
+_MAC_CTX = re.compile(r"(?i)\bmac\b|hardware address|hwaddr|ether|物理地址")
+
+
 class MacDetector(_Regex):
     entity = "MAC_ADDRESS"
     pattern = re.compile(
         rf"(?:(?<![A-Za-z0-9:-])|{_LABEL_COLON})"
         r"(?:[0-9A-Fa-f]{2}([:-]))(?:[0-9A-Fa-f]{2}\1){4}[0-9A-Fa-f]{2}(?![A-Za-z0-9:-])"
+        # Cisco style, three dotted groups of four: 001a.2b3c.4d5e
+        r"|(?<![A-Za-z0-9.:-])(?P<cisco>[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4})(?![A-Za-z0-9:-]|\.[A-Za-z0-9])"
     )
     score = 0.85
     reason = "MAC address"
-    requires = re.compile(r"[0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}")
+    requires = re.compile(r"[0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.")
+
+    def validate(self, text: str, m: re.Match[str]) -> float | None:
+        cisco = m.group("cisco")
+        if cisco and not re.search(r"[A-Fa-f]", cisco) and not _ctx(text, m.start(), m.end(), _MAC_CTX):
+            return None  # 2023.0101.1234: all digits, a number unless "MAC" is there
+        return self.score
 
 
 class PassportDetector(_Regex):
     entity = "PASSPORT"
     pattern = re.compile(
-        r"(?i:passport|护照)[^\n\d]{0,25}?(?P<v>(?<![A-Z0-9])[A-Z]{0,2}\d{6,9}(?![A-Za-z0-9]))"
+        r"(?i:passport|护照)[^\n\d]{0,25}?(?P<v>(?<![A-Z0-9])[A-Z]{0,2}\d{6,9}(?![A-Za-z0-9])"
+        r"|(?<![A-Za-z0-9])[A-Z](?=(?:[A-Z]*\d){4})[A-Z0-9]{6,9}(?![A-Za-z0-9]))"
     )
     score = 0.85
     reason = "passport number after a passport context word"
@@ -385,7 +403,8 @@ class DriverLicenseDetector(_Regex):
     entity = "DRIVER_LICENSE"
     pattern = re.compile(
         r"(?i:driver'?s? ?licen[cs]e|driving licen[cs]e|licen[cs]e (?:no|number|#)|\bDL\b|驾驶证|驾照)"
-        r"[^\n]{0,20}?(?P<v>(?<![A-Za-z0-9])[A-Z]{0,2}\d{5,18}[A-Z0-9]?(?![A-Za-z0-9]))"
+        r"[^\n]{0,20}?(?P<v>(?<![A-Za-z0-9])(?:[A-Z]{0,2}\d{5,18}[A-Z0-9]?|[A-Z]\d{3,4}(?:-\d{1,4}){2,4}"
+        r"|[A-Z9]{5}\d{6}[A-Z9]{2}\d[A-Z]{2})(?![A-Za-z0-9]|-\d))"
     )
     score = 0.85
     reason = "driver licence number after a licence context word"
