@@ -464,6 +464,9 @@ class StreamGuard:
         if self.vault is not None and self._restore:
             out = self.vault.restore(out)
         self.emitted = upto
+        # An entity wholly released can no longer hold or mask anything: drop it, so each release
+        # looks at the few entities still open, not every one the stream ever had.
+        self._redactions = {k: v for k, v in self._redactions.items() if v[0].end > upto}
         return out
 
     def _run_start(self, upto: int) -> int:
