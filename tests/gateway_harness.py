@@ -46,6 +46,19 @@ class Running:
         return self.app.state.gateway  # type: ignore[attr-defined]
 
 
+def auth(key: str) -> dict[str, str]:
+    """The Authorization header of an API key."""
+    return {"authorization": f"Bearer {key}"}
+
+
+def audit_gateway(data_dir: Path) -> Iterator[Running]:
+    """A gateway with no embedding model and a checkpoint every 0.2 s: what the audit tests need."""
+    settings = Settings(
+        data_dir=data_dir, port=free_port(), embedding_model="", audit_checkpoint_interval_s=0.2
+    )
+    yield from start_gateway(settings)
+
+
 def start_gateway(settings: Settings) -> Iterator[Running]:
     app = create_app(settings)
     config = uvicorn.Config(

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway_harness import Running, free_port, start_gateway
+from gateway_harness import Running, auth, free_port, start_gateway
 from steward.gateway.settings import Settings
 
 
@@ -16,10 +16,6 @@ from steward.gateway.settings import Settings
 def admin_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     settings = Settings(data_dir=Path(tmp_path_factory.mktemp("admin")), port=free_port(), embedding_model="")
     yield from start_gateway(settings)
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 def test_a_path_parameter_of_a_refused_request_is_never_recorded(admin_gw: Running) -> None:

@@ -15,9 +15,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from gateway_harness import STEWARD, Running, env_for, free_port, serving, start_gateway
+from gateway_harness import STEWARD, Running, audit_gateway, auth, env_for, serving
 from steward.audit.merkle import ProofError, verify_inclusion
-from steward.gateway.settings import Settings
 
 CHAT = "/v1/chat/completions"
 SECRET_PROMPT = "the launch code is ORANGE-7731, keep it private"
@@ -25,17 +24,7 @@ SECRET_PROMPT = "the launch code is ORANGE-7731, keep it private"
 
 @pytest.fixture(scope="module")
 def agw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    settings = Settings(
-        data_dir=Path(tmp_path_factory.mktemp("audit")),
-        port=free_port(),
-        embedding_model="",
-        audit_checkpoint_interval_s=0.2,
-    )
-    yield from start_gateway(settings)
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
+    yield from audit_gateway(Path(tmp_path_factory.mktemp("audit")))
 
 
 def test_every_outcome_is_an_event_and_payloads_are_encrypted(agw: Running) -> None:

@@ -16,10 +16,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from gateway_harness import Running, env_for, free_port, start_gateway, steward
+from gateway_harness import Running, audit_gateway, auth, env_for, steward
 from steward.audit.merkle import verify_inclusion
 from steward.gateway.audit_sink import UNAUTHENTICATED, event_from_trace, events_from_trace
-from steward.gateway.settings import Settings
 from steward.gateway.trace import Trace
 
 CHAT = "/v1/chat/completions"
@@ -27,17 +26,7 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def agw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    settings = Settings(
-        data_dir=Path(tmp_path_factory.mktemp("audit-access")),
-        port=free_port(),
-        embedding_model="",
-        audit_checkpoint_interval_s=0.2,
-    )
-    yield from start_gateway(settings)
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
+    yield from audit_gateway(Path(tmp_path_factory.mktemp("audit-access")))
 
 
 def _leaves(agw: Running) -> dict[str, list[dict[str, Any]]]:

@@ -16,16 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway_harness import Running, ThreadedUpstream, free_port, start_gateway
+from gateway_harness import Running, ThreadedUpstream, auth, free_port, start_gateway
 from steward.gateway.app import JsonFormatter
 from steward.gateway.settings import ModelRoute, Settings
 
 CHAT = "/v1/chat/completions"
 WORDS = " ".join(f"w{i}" for i in range(1000))
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="module")
