@@ -44,3 +44,22 @@ def test_key_creation_refuses_reserved_tenants_and_endless_lifetimes(admin_gw: R
     assert r.status_code == 400 and r.json()["error"]["param"] == "expires_in_s"
     r = httpx.post(admin_gw.url + "/admin/keys", json={"tenant": "acme", "expires_in_s": 3600}, headers=h)
     assert r.status_code == 201 and r.json()["expires_at"]
+
+
+def test_a_tenant_id_with_a_trailing_newline_is_refused(admin_gw: Running) -> None:
+    """`$` also matches before a final newline: "acme\n" would be a second tenant printed as "acme"."""
+    h = auth(admin_gw.key("acme", "admin"))
+    r = httpx.put(admin_gw.url + "/admin/tenants/acme%0A", json={"policy": "default"}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tenant", r.text
+    r = httpx.post(admin_gw.url + "/admin/keys", json={"tenant": "acme\n", "role": "user"}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tenant"
+    with pytest.raises(ValueError):
+        admin_gw.keys.create("acme\n", "user")
+
+
+def test_audit_query_numbers_in_other_scripts_are_a_400(admin_gw: Running) -> None:
+    """str.isdigit() accepts "²" and "١", which int() then refuses: that was a 500."""
+    h = auth(admin_gw.key("acme", "auditor"))
+    for q in ("after=%C2%B2", "limit=%D9%A1", "after=%EF%BC%91"):
+        r = httpx.get(admin_gw.url + "/audit/events?" + q, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", (q, r.text)

@@ -193,6 +193,29 @@ def test_moderations_in_openai_format(ggw: Running) -> None:
     )
     bad = httpx.post(ggw.url + "/v1/moderations", json={"input": 5}, headers={"authorization": "Bearer x"})
     assert bad.status_code == 401
+    assert r.model == "steward-guard"
+
+
+def test_moderations_name_what_ran_and_respect_the_model_allow_list(ggw: Running) -> None:
+    url = ggw.url + "/v1/moderations"
+
+    def post(key: str, model: str | None) -> httpx.Response:
+        body: dict[str, object] = {"input": "hello there"}
+        if model is not None:
+            body["model"] = model
+        return httpx.post(url, json=body, headers={"authorization": f"Bearer {key}"}, timeout=60)
+
+    anyone = ggw.key("acme", "user")
+    for alias in ("omni-moderation-latest", "text-moderation-stable", "steward-guard"):
+        r = post(anyone, alias)
+        assert r.status_code == 200 and r.json()["model"] == "steward-guard", r.text
+    unknown = post(anyone, "gpt-4o")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    # A key allowed no model, or only a chat model, may not moderate; one that names the guard may.
+    for models in ([], ["builtin"]):
+        refused = post(ggw.key("acme", "user", models=models), None)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+    assert post(ggw.key("acme", "user", models=["builtin", "steward-guard"]), None).status_code == 200
 
 
 SYSTEM = (

@@ -131,7 +131,7 @@ class Checkpoint:
         origin, size_s, root_s = lines[0], lines[1], lines[2]
         if not origin:
             raise NoteError("checkpoint: empty origin line")
-        if not size_s.isdigit() or (size_s != "0" and size_s.startswith("0")):
+        if not (size_s.isascii() and size_s.isdigit()) or (size_s != "0" and size_s.startswith("0")):
             raise NoteError(f"checkpoint: tree size {size_s!r} is not a decimal number")
         try:
             root = base64.b64decode(root_s, validate=True)

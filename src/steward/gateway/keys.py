@@ -29,10 +29,10 @@ from steward.store import StoreError
 from steward.store.models import ApiKey, Tenant
 
 KEY_PREFIX = "sk-stw-"
-KEY_RE = re.compile(r"^sk-stw-[A-Za-z0-9_-]{43}$")
+KEY_RE = re.compile(r"^sk-stw-[A-Za-z0-9_-]{43}\Z")
 # A leading "_" is reserved for the gateway's own pseudo-tenants (the audit log files refusals that
 # come before any key is known under "_unauthenticated"), so no key can be made in one.
-TENANT_RE = re.compile(r"^[A-Za-z0-9.-][A-Za-z0-9_.-]{0,63}$")
+TENANT_RE = re.compile(r"^[A-Za-z0-9.-][A-Za-z0-9_.-]{0,63}\Z")
 ROLES = ("admin", "user", "auditor")
 
 

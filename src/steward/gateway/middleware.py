@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steward.gateway.errors import APIError, error_body
 
-_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 
 
 class BodyTooLarge(APIError):

@@ -26,7 +26,7 @@ from steward.gateway.trace import Trace
 router = APIRouter(prefix="/audit")
 
 MAX_PARAM = 64  # characters of a query parameter that go on the record
-_EVENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+_EVENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,40}\Z")
 
 
 def _trace(request: Request, route: str) -> Trace:
@@ -66,7 +66,7 @@ def _int(request: Request, name: str, default: int | None = None) -> int | None:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise APIError(400, f"{name} must be a non-negative integer", param=name, code="invalid_value")
     return int(raw)
 

@@ -21,7 +21,8 @@ async def readyz(request: Request) -> Response:
     gw: Gateway | None = getattr(request.app.state, "gateway", None)
     if gw is None or not gw.ready:
         return json_response(503, {"status": "starting"})
-    return json_response(200, {"status": "ready", "models": sorted(gw.models)})
+    # Status only: which models a key may use is /v1/models' business (it filters by the key).
+    return json_response(200, {"status": "ready"})
 
 
 @router.get("/metrics")

@@ -13,6 +13,11 @@ here rather than learned, so a score always traces back to one detector:
 
 A category is flagged when its score reaches the threshold of the Steward scanner it comes from.
 
+The model is always `steward-guard` (what ran is what the response names). OpenAI's moderation model
+names are accepted as aliases of it, so a client written for OpenAI works unchanged; any other name is
+a 404 like an unknown model on the inference routes. A key with a model allow-list may moderate only
+when the list names `steward-guard`.
+
 The key's and tenant's limits apply as on the inference routes: one request, one concurrency slot
 held while the scan runs, and the inputs' tokens (estimated at one per 3 UTF-8 bytes, the bound the
 gateway uses for upstream prompts), reserved before the scan and settled after it (kept when a
@@ -35,6 +40,9 @@ from steward.gateway.service import Gateway, estimate_text_tokens
 from steward.gateway.trace import Trace
 
 router = APIRouter()
+
+MODEL = "steward-guard"
+OPENAI_MODERATION_MODELS = ("omni-moderation-", "text-moderation-")
 
 OPENAI_CATEGORIES = (
     "harassment",
@@ -109,6 +117,19 @@ async def moderations(request: Request) -> Response:
         if p.role == "auditor":
             raise APIError(403, "auditor keys may not call inference routes", code="role_not_allowed")
         req: ModerationRequest = gw.parse(ModerationRequest, await request.body())
+        name = req.model
+        if name is not None and name != MODEL and not name.startswith(OPENAI_MODERATION_MODELS):
+            raise APIError(
+                404,
+                f"the moderation model {name!r} does not exist (this gateway moderates with {MODEL!r})",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+        if not p.may_use(MODEL):
+            raise APIError(
+                403, f"this key may not use the model {MODEL!r}", param="model", code="model_not_allowed"
+            )
         if gw.guard is None:
             raise APIError(404, "guards are disabled on this gateway", code="guards_disabled")
         from steward.guard import ScanContext
@@ -127,12 +148,12 @@ async def moderations(request: Request) -> Response:
             verdicts = await asyncio.to_thread(gw.guard.pipeline.scan_texts, texts, ctxs, "input")
             for v in verdicts:
                 trace.guard.append({"stage": "moderation", **v.to_trace()})
-            trace.model = "steward-guard"
+            trace.model = MODEL
             trace.policy_version = f"{verdicts[0].policy_name}@{verdicts[0].policy_version[:12]}"
             _refuse_unscanned(verdicts)
             body = {
                 "id": "modr-" + secrets.token_hex(12),
-                "model": req.model or "steward-guard",
+                "model": MODEL,
                 "results": [map_verdict(v) for v in verdicts],
             }
             used = tokens
