@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -51,10 +52,14 @@ def auth(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
-def audit_gateway(data_dir: Path) -> Iterator[Running]:
+def audit_gateway(data_dir: Path, **settings_kw: Any) -> Iterator[Running]:
     """A gateway with no embedding model and a checkpoint every 0.2 s: what the audit tests need."""
     settings = Settings(
-        data_dir=data_dir, port=free_port(), embedding_model="", audit_checkpoint_interval_s=0.2
+        data_dir=data_dir,
+        port=free_port(),
+        embedding_model="",
+        audit_checkpoint_interval_s=0.2,
+        **settings_kw,
     )
     yield from start_gateway(settings)
 

@@ -221,3 +221,35 @@ def test_cli_erase_while_the_gateway_serves_leaves_no_key_in_the_files(agw: Runn
     seen = httpx.get(agw.url + "/audit/events?limit=1000", headers=auth(auditor)).json()["data"]
     erased = [e for e in seen if e["detail"].get("action") == "subject.erase"]
     assert erased and erased[-1]["subject_ref"] == ref and erased[-1]["principal"]["role"] == "cli"
+
+
+def test_unauthenticated_refusals_past_the_minutes_quota_are_summarised(tmp_path: Path) -> None:
+    """Anybody can send 401s without limit and the log is append-only: past the quota a minute's
+    refusals are counted into one summary event, not appended one by one."""
+    for gw in audit_gateway(tmp_path, audit_unauthenticated_per_minute=3):
+        sink = gw.gateway.audit  # type: ignore[attr-defined]
+        sink.sampler.window_s = 1.5
+        sink.sampler.summary(time.monotonic())  # the window starts now
+        before = sum(len(v) for v in _leaves(gw).values())
+        for i in range(20):
+            if i % 2:
+                r = httpx.post(gw.url + "/v1/chat/completions", json={})
+            else:
+                r = httpx.get(gw.url + "/audit/events", headers={"authorization": "Bearer sk-stw-nope"})
+            assert r.status_code == 401
+        bad = gw.key("acme", "user")  # a 403 has a key: always recorded singly
+        assert httpx.get(gw.url + "/audit/events", headers=auth(bad)).status_code == 403
+        singles = sum(len(v) for v in _leaves(gw).values()) - before
+        assert singles == 3 + 1
+        deadline = time.time() + 10
+        while True:
+            events = [e for evs in _leaves(gw).values() for e in evs]
+            summaries = [e for e in events if e["route"] == "(unauthenticated refusals, summarised)"]
+            if summaries or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert len(summaries) == 1, "the window's summary was not written when it ended"
+        detail = summaries[0]["detail"]
+        assert detail["count"] == 17 and detail["summary"] is True
+        assert sum(detail["by_route"].values()) == 17 and detail["by_status"] == {"401": 17}
+        assert summaries[0]["principal"]["tenant"] == "_unauthenticated"

@@ -178,6 +178,7 @@ async def _start(settings: Settings, models: dict[str, ModelEntry] | None) -> Ga
             settings.data_dir,
             checkpoint_every=settings.audit_checkpoint_every,
             checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+            unauthenticated_per_minute=settings.audit_unauthenticated_per_minute,
         )
     guard = None
     if settings.guards:

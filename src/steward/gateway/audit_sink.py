@@ -9,6 +9,14 @@ tenant in `detail.target_tenant` and is recorded twice: under the admin's tenant
 the target tenant (`detail.mirror_of` names the first), so that tenant's auditors see, and can
 prove, what was done to it. Nothing from the request itself (path, query, target) is recorded
 before the key is known; after that, only bounded, route-chosen values.
+
+Refusals before any key is known (401s) are the one kind anybody can produce without limit, and the
+log is append-only: recorded one by one, a client looping on a bad key would grow it by ~9 GB a
+day and hold the store's write lock between real requests. So each minute the first
+`audit_unauthenticated_per_minute` of them are recorded one by one (enough to see who probes and
+how), and the rest of that minute are *counted*: one summary event when the minute ends (by route
+template and status) says how many were not recorded singly. Nothing is lost that the log would
+have held, since a refusal before the key is known carries nothing of the request but its route.
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
+from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +150,61 @@ def events_from_trace(trace: Trace) -> list[AuditEvent]:
     return [ev, mirror]
 
 
+class RefusalSampler:
+    """Counts unauthenticated refusals per window: the first `limit` of a window are recorded one
+    by one, the others only counted, and `summary` turns the counts into one event."""
+
+    def __init__(self, limit: int, window_s: float = 60.0) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._start = time.monotonic()
+        self._wall_start = datetime.now(UTC)
+        self._admitted = 0
+        self._counted: Counter[tuple[str, int]] = Counter()
+
+    def due(self, now: float) -> bool:
+        return now - self._start >= self.window_s
+
+    def remaining(self, now: float) -> float:
+        return max(0.0, self.window_s - (now - self._start))
+
+    def admit(self, route: str, status: int, now: float) -> bool:
+        """True: record this refusal itself; False: it is counted for the window's summary."""
+        if self._admitted < self.limit:
+            self._admitted += 1
+            return True
+        self._counted[(route, status)] += 1
+        return False
+
+    def summary(self, now: float) -> AuditEvent | None:
+        """The closing window's summary event (None when nothing was counted); starts a new window."""
+        counted, since = self._counted, self._wall_start
+        self._start, self._wall_start = now, datetime.now(UTC)
+        self._admitted, self._counted = 0, Counter()
+        if not counted:
+            return None
+        by_route: Counter[str] = Counter()
+        by_status: Counter[str] = Counter()
+        for (route, status), n in counted.items():
+            by_route[route] += n
+            by_status[str(status)] += n
+        return AuditEvent(
+            kind="refusal",
+            principal=Principal(tenant=UNAUTHENTICATED, key_id=None, key_prefix=None, role=None),
+            outcome="refused",
+            route="(unauthenticated refusals, summarised)",
+            detail={
+                "summary": True,
+                "count": sum(counted.values()),
+                "recorded_singly": self.limit,
+                "since": since.isoformat(),
+                "until": datetime.now(UTC).isoformat(),
+                "by_route": dict(by_route.most_common(MAX_QUERY)),
+                "by_status": dict(by_status),
+            },
+        )
+
+
 class AuditSink:
     def __init__(
         self,
@@ -147,7 +213,9 @@ class AuditSink:
         *,
         checkpoint_every: int = 1000,
         checkpoint_interval_s: float = 10.0,
+        unauthenticated_per_minute: int | None = None,
     ) -> None:
+        """`unauthenticated_per_minute`: None records every refusal before a key is known singly."""
         self.log = AuditLog.open(
             engine,
             data_dir / "keys",
@@ -157,14 +225,55 @@ class AuditSink:
         # No waiting for company: a lone request commits at once; requests that arrive while a
         # commit runs form the next batch (group commit without a timer on the latency path).
         self.committer = GroupCommitter(self.log, max_wait_s=0.0)
+        self.sampler = (
+            RefusalSampler(unauthenticated_per_minute) if unauthenticated_per_minute is not None else None
+        )
+        self._flush: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def record(self, trace: Trace) -> None:
+        if self.sampler is not None and trace.key_id is None and trace.status == 401:
+            now = time.monotonic()
+            if self.sampler.due(now):
+                await self._summarise(now)
+            if not self.sampler.admit(trace.route, trace.status, now):
+                trace.audit = {"summarised": True}
+                if self._flush is None:  # the window's summary is written when it ends, come what may
+                    loop = asyncio.get_running_loop()
+                    self._flush = loop.call_later(self.sampler.remaining(now), self._flush_later)
+                return
         events = events_from_trace(trace)
         receipts = await asyncio.gather(*(self.committer.append(e) for e in events))
         trace.audit = {"index": receipts[0].index, "event_id": receipts[0].event_id}
 
+    def _flush_later(self) -> None:
+        self._flush = None
+        task = asyncio.ensure_future(self._summarise(time.monotonic()))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _summarise(self, now: float) -> None:
+        assert self.sampler is not None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        event = self.sampler.summary(now)
+        if event is not None:
+            try:
+                await self.committer.append(event)
+            except Exception:
+                log.exception("the summary of unauthenticated refusals could not be committed")
+
     def close(self) -> None:
         """Drain pending events and sign a final checkpoint (SIGTERM goes through here)."""
+        try:
+            if self._flush is not None:
+                self._flush.cancel()
+            event = self.sampler.summary(time.monotonic()) if self.sampler is not None else None
+            if event is not None:
+                self.committer.submit(event).result(timeout=30)
+        except Exception:
+            log.exception("the summary of unauthenticated refusals could not be committed")
         try:
             self.committer.close()
         finally:

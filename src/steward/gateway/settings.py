@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     audit: bool = True  # every request and admin act in the Merkle log (steward.audit)
     audit_checkpoint_every: int = Field(default=1000, ge=1)
     audit_checkpoint_interval_s: float = Field(default=10.0, gt=0)
+    # Refusals before a key is known, recorded one by one per minute; the rest of the minute are
+    # counted in one summary event (anybody can send 401s without limit; the log is append-only).
+    audit_unauthenticated_per_minute: int | None = Field(default=120, ge=0)
     payload_retention_days: float = Field(default=30.0, gt=0)  # prompts/answers; metadata is kept
 
     @field_validator("models")
