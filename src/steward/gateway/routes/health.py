@@ -1,4 +1,7 @@
-"""Liveness, readiness (no key needed) and Prometheus metrics (admin or auditor key)."""
+"""Liveness, readiness (no key needed) and Prometheus metrics (admin key).
+
+Metrics count every tenant's requests and tokens together: figures for the operator, whose admin
+keys act on every tenant. An auditor reads one tenant's records, so it does not get them."""
 
 from __future__ import annotations
 
@@ -29,6 +32,6 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     p = await gw.principal(request)
-    if p.role not in ("admin", "auditor"):
-        raise APIError(403, "metrics need an admin or auditor key", code="role_not_allowed")
+    if p.role != "admin":
+        raise APIError(403, "metrics need an admin key", code="role_not_allowed")
     return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
