@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import re
 import secrets
 import threading
 import time
@@ -26,7 +27,7 @@ from steward.backends.base import JSON, BackendError, Call, ModelInfo
 
 if TYPE_CHECKING:
     from steward.model.embedding import SentenceEncoder
-    from steward.model.generate import Delta, GenerationConfig, Row
+    from steward.model.generate import Delta, GenerationConfig, Row, TokenLogprob, TopLogprob
     from steward.model.tokenizer import Tokenizer
     from steward.model.transformer import Decoder
 
@@ -61,6 +62,8 @@ _COMPLETION_FIELDS = {
 }
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 _ZERO_OK = {"frequency_penalty", "presence_penalty"}  # accepted when 0 (the model applies none)
+# Completions fields accepted at their API default, which asks for nothing the model lacks.
+_COMPLETION_DEFAULTS: dict[str, object] = {"echo": False, "best_of": 1}
 MAX_N = 16
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 
@@ -75,7 +78,7 @@ def unsupported(name: str, why: str = "") -> BackendError:
     )
 
 
-def _check_fields(body: JSON, allowed: set[str]) -> None:
+def _check_fields(body: JSON, allowed: set[str], defaults: dict[str, object] | None = None) -> None:
     for name, value in body.items():
         if name in allowed or name in _IGNORED or value is None:
             continue
@@ -83,6 +86,10 @@ def _check_fields(body: JSON, allowed: set[str]) -> None:
             continue
         if name == "logit_bias" and not value:
             continue
+        if defaults and name in defaults:
+            default = defaults[name]
+            if type(value) is type(default) and value == default:  # True is not best_of 1
+                continue
         raise unsupported(name)
 
 
@@ -230,12 +237,25 @@ class BuiltinBackend:
                 if content is None:
                     content = ""
                 msgs.append({"role": role, "content": content})
-            ids = [tok.encode(tok.apply_chat_template(msgs))]
+            # Contents are text: a "<|end|>" typed by a user must not end a turn (no forged turns).
+            if tok.has_chat_template:
+                ids = [tok.encode_chat(msgs)]
+            else:
+                ids = [tok.encode_text(tok.apply_chat_template(msgs))]
         else:
-            _check_fields(body, _COMPLETION_FIELDS)
+            _check_fields(body, _COMPLETION_FIELDS, _COMPLETION_DEFAULTS)
+            n = body.get("n") or 1
+            if body.get("best_of") == 1 and n > 1:
+                raise BackendError(
+                    f"best_of must be at least n ({n})",
+                    status=400,
+                    type="invalid_request_error",
+                    param="best_of",
+                    code="invalid_value",
+                )
             prompts = body["prompt"]
             prompts = [prompts] if isinstance(prompts, str) else prompts
-            ids = [tok.encode(p) for p in prompts]
+            ids = [tok.encode_text(p) for p in prompts]
             for i, p in enumerate(ids):
                 if not p:
                     raise BackendError(
@@ -284,6 +304,7 @@ class BuiltinBackend:
             raise BackendError(
                 f"n must be at most {MAX_N} for the built-in model",
                 status=400,
+                type="invalid_request_error",
                 param="n",
                 code="invalid_value",
             )
@@ -317,7 +338,13 @@ class BuiltinBackend:
         try:
             cfg.validate()
         except GenerationError as exc:
-            raise BackendError(str(exc), status=400, type="invalid_request_error") from None
+            raise BackendError(
+                str(exc),
+                status=400,
+                type="invalid_request_error",
+                param=_param_of(str(exc), route, b),
+                code="invalid_value",
+            ) from None
         return cfg, n
 
     # -- scheduling -----------------------------------------------------------------------------------
@@ -586,32 +613,51 @@ class BuiltinBackend:
 
     # -- logprob views --------------------------------------------------------------------------------
     @staticmethod
-    def _chat_logprobs(lps: list[Any] | None) -> JSON:
-        def entry(token: str, logprob: float) -> JSON:
-            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    def _chat_logprobs(lps: list[TokenLogprob] | None) -> JSON:
+        # `bytes` are the token's own bytes, so those of a character split across tokens add up to it.
+        def entry(t: TokenLogprob | TopLogprob) -> JSON:
+            return {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)}
 
         return {
             "content": [
-                {
-                    **entry(t.token, t.logprob),
-                    "top_logprobs": [entry(a.token, a.logprob) for a in t.top_logprobs],
-                }
-                for t in (lps or [])
+                {**entry(t), "top_logprobs": [entry(a) for a in t.top_logprobs]} for t in (lps or [])
             ],
             "refusal": None,
         }
 
     @staticmethod
-    def _completion_logprobs(lps: list[Any] | None) -> JSON:
+    def _completion_logprobs(lps: list[TokenLogprob] | None) -> JSON:
+        # Offsets count characters from the start of the completion, across stream chunks.
         tokens, values, tops, offsets = [], [], [], []
-        pos = 0
         for t in lps or []:
-            tokens.append(t.token)
+            tokens.append(_completion_token(t))
             values.append(t.logprob)
-            tops.append({a.token: a.logprob for a in t.top_logprobs})
-            offsets.append(pos)
-            pos += len(t.token)
+            tops.append({_completion_token(a): a.logprob for a in t.top_logprobs})
+            offsets.append(t.text_offset)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _completion_token(t: TokenLogprob | TopLogprob) -> str:
+    """A token as the completions API names it: its text, or "bytes:\\xNN..." when its bytes are
+    not whole characters on their own."""
+    try:
+        t.bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in t.bytes)
+    return t.token
+
+
+def _param_of(message: str, route: str, body: JSON) -> str | None:
+    """The request field a `GenerationError` is about (its message starts with the config's name)."""
+    m = re.match(r"[a-z_]+", message)
+    name = m.group(0) if m else ""
+    if name == "max_new_tokens":
+        return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if name == "top_logprobs" and route != "chat":
+        return "logprobs"
+    if name in ("temperature", "top_p", "top_k", "stop", "seed", "logprobs", "top_logprobs"):
+        return name
+    return None
 
 
 def _usage(prompt: int, completion: int) -> JSON:

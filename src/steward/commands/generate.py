@@ -56,10 +56,33 @@ _FLAGS = {
 }
 
 
+def _not_utf8(where: str, exc: UnicodeDecodeError | UnicodeEncodeError) -> ValueError:
+    bad = exc.object[exc.start : exc.end]
+    shown = bad.hex() if isinstance(bad, bytes) else bad.encode("utf-8", "surrogateescape").hex()
+    return ValueError(f"the prompt ({where}) is not valid UTF-8: byte 0x{shown[:2]} at offset {exc.start}")
+
+
 def _read_prompt(prompt: str | None) -> str:
     if prompt is not None and prompt != "-":
+        # Python hands undecodable argv bytes on as lone surrogates, which no tokenizer takes.
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _not_utf8("argument", exc) from None
         return prompt
-    text = sys.stdin.read()
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        text = sys.stdin.read()
+    else:
+        try:
+            text = buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _not_utf8("stdin", exc) from None
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode stdin reads it
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _not_utf8("stdin", exc) from None
     # `echo ... | steward generate` appends a newline the user did not mean as part of the prompt.
     return text[:-1] if text.endswith("\n") else text
 
@@ -110,13 +133,17 @@ def register(app: typer.Typer) -> None:
         text = _read_prompt(prompt)
         t0 = time.perf_counter()
         model, tokenizer = load_decoder(model_dir if model_dir is not None else default_model_dir())
+        # The prompt is text: "<|end|>" typed in it is not the control token (no forged turns, no
+        # early end of text). Control tokens come only from the chat template.
         if not raw and tokenizer.has_chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+            ids = tokenizer.encode_chat([{"role": "user", "content": text}])
+        else:
+            ids = tokenizer.encode_text(text)
         t1 = time.perf_counter()
         first: float | None = None
         if streaming:
             finish, n_prompt, n_out = "length", 0, 0
-            for delta in stream(model, tokenizer, text, cfg):
+            for delta in stream(model, tokenizer, ids, cfg):
                 if first is None:
                     first = time.perf_counter()
                 if delta.text:
@@ -125,7 +152,7 @@ def register(app: typer.Typer) -> None:
                 finish = delta.finish_reason or finish
             typer.echo("")
         else:
-            done: Completion = generate(model, tokenizer, [text], cfg)[0]
+            done: Completion = generate(model, tokenizer, [ids], cfg)[0]
             typer.echo(done.text)
             finish, n_prompt, n_out = done.finish_reason, done.prompt_tokens, done.completion_tokens
         t2 = time.perf_counter()

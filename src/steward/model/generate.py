@@ -20,7 +20,11 @@ Design choices and the reasons for them:
 * Stop sequences are matched on text, so they may span tokens; a streamed delta withholds any tail
   that could still become a stop sequence until the next tokens decide.
 * Logprobs are those of the model's raw distribution (log-softmax of the logits, before temperature,
-  top-k or top-p), as the OpenAI API reports them: they describe the model, not the sampler.
+  top-k or top-p), as the OpenAI API reports them: they describe the model, not the sampler. Each
+  carries the token's own bytes (a token may hold part of a UTF-8 character) and its offset in the
+  completion's text.
+* A temperature so small that the scaled logits overflow float32 (1e-38 and below) decodes that
+  row greedily, the limit of sampling as the temperature goes to 0, instead of sampling from NaNs.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import itertools
 import math
 import secrets
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
 import torch
@@ -108,16 +112,24 @@ class TopLogprob:
     token: str
     id: int
     logprob: float
+    bytes: bytes = b""  # the token's own bytes (`token` shows U+FFFD for part of a character)
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The chosen token's log-probability under the model, with the most likely alternatives."""
+    """The chosen token's log-probability under the model, with the most likely alternatives.
+
+    `bytes` are the token's own bytes: a token holding part of a UTF-8 character has `token` U+FFFD,
+    but the `bytes` of consecutive tokens concatenate to the text. `text_offset` is the position in
+    the completion's text (in characters) of the character that the token's first byte belongs to.
+    """
 
     token: str
     id: int
     logprob: float
     top_logprobs: list[TopLogprob]
+    bytes: bytes = b""
+    text_offset: int = 0
 
 
 @dataclass
@@ -200,15 +212,18 @@ class _Row:
         self._done = 0
         self._emitted = 0
         self._delta_from = 0
+        self._final_sent = False
 
     def add(self, token: int, logprob: TokenLogprob | None) -> None:
         self.sampled += 1
         if token in self.stop_ids:
             self.end("stop")
             return
-        self.ids.append(token)
         if self.logprobs is not None and logprob is not None:
-            self.logprobs.append(logprob)
+            # Characters before this token that are complete: the text held back for an unfinished
+            # character is not in `text` yet, so a token continuing a character points at its start.
+            self.logprobs.append(replace(logprob, text_offset=len(self.text)))
+        self.ids.append(token)
         window = self.tok.decode(self.ids[self._prefix :])
         base = len(self._prefix_text) + self._done
         if window.endswith("\ufffd"):
@@ -264,7 +279,12 @@ class _Row:
         return held
 
     def take_delta(self) -> Delta | None:
-        """What can be shown now; None while nothing new can be released."""
+        """What can be shown now; None while nothing new can be released.
+
+        The delta with `finish_reason` is returned once; after it there is nothing more to take.
+        """
+        if self._final_sent:
+            return None
         end = len(self.text) if self.finish else len(self.text) - self._holdback()
         end = max(end, self._emitted)
         if end == self._emitted and self.finish is None:
@@ -274,6 +294,7 @@ class _Row:
         ids = self.ids[self._delta_from :]
         lps = self.logprobs[self._delta_from :] if self.logprobs is not None else None
         self._delta_from = len(self.ids)
+        self._final_sent = self.finish is not None
         return Delta(text, ids, self.finish, self.prompt_tokens, self.sampled, lps)
 
     def completion(self) -> Completion:
@@ -322,11 +343,17 @@ def _prepare(
     return out, cfg
 
 
-def _token_str(tokenizer: Tokenizer, memo: dict[int, str], idx: int) -> str:
+def _token_info(tokenizer: Tokenizer, memo: dict[int, tuple[str, bytes]], idx: int) -> tuple[str, bytes]:
+    """A token's text as the API shows it (U+FFFD for part of a character) and its own bytes."""
     s = memo.get(idx)
     if s is None:
-        s = memo[idx] = tokenizer.decode([idx], skip_special_tokens=False)
+        s = memo[idx] = (tokenizer.decode([idx], skip_special_tokens=False), tokenizer.token_bytes(idx))
     return s
+
+
+def _top(tokenizer: Tokenizer, memo: dict[int, tuple[str, bytes]], idx: int, logprob: float) -> TopLogprob:
+    name, raw = _token_info(tokenizer, memo, idx)
+    return TopLogprob(name, idx, logprob, raw)
 
 
 _UNIFORM_BLOCK = 64  # uniforms are drawn per row in blocks of this size (see _Sampler)
@@ -371,7 +398,14 @@ class _Sampler:
         cfg = self.cfg
         if cfg.greedy:
             return logits.argmax(-1)
+        greedy: torch.Tensor | None = None
+        if cfg.temperature < 1.0:
+            # A temperature below 1 can scale finite logits past float32's range (1e-38 does for a
+            # logit of 4): the softmax is then NaN and the "sample" garbage. Such a row is decoded
+            # greedily, the limit of sampling as the temperature goes to 0; other rows are untouched.
+            greedy = logits.argmax(-1)
         x = logits.div_(cfg.temperature)
+        overflow = None if greedy is None else ~torch.isfinite(x.amax(-1))
         index: torch.Tensor | None = None
         if self.top_k:
             x, index = torch.topk(x, self.top_k, dim=-1)
@@ -398,9 +432,10 @@ class _Sampler:
         assert self.uniforms is not None
         target = self.uniforms[:, step : step + 1] * cdf[:, -1:]
         choice = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
-        if index is None:
-            return choice.squeeze(1)
-        return index.gather(1, choice).squeeze(1)
+        out = choice.squeeze(1) if index is None else index.gather(1, choice).squeeze(1)
+        if overflow is not None and greedy is not None:
+            out = torch.where(overflow, greedy, out)
+        return out
 
 
 @torch.inference_mode()
@@ -428,7 +463,7 @@ def _run(
     capacity = min(P + max(r.budget for r in rows) - 1, ctx)
     cache = model.new_cache(B, max(capacity, P))
     sampler = _Sampler(cfg, mc.vocab_size, seeds, device)
-    memo: dict[int, str] = {}
+    memo: dict[int, tuple[str, bytes]] = {}
     n_top = cfg.top_logprobs
     order = list(range(B))  # batch position -> row index
 
@@ -457,14 +492,12 @@ def _run(
                 info = None
                 if lp is not None:
                     alts = (
-                        [
-                            TopLogprob(_token_str(tokenizer, memo, t), t, v)
-                            for t, v in zip(top_i[j], top_v[j], strict=True)
-                        ]
+                        [_top(tokenizer, memo, t, v) for t, v in zip(top_i[j], top_v[j], strict=True)]
                         if n_top
                         else []
                     )
-                    info = TokenLogprob(_token_str(tokenizer, memo, toks[j]), toks[j], chosen[j], alts)
+                    name, raw = _token_info(tokenizer, memo, toks[j])
+                    info = TokenLogprob(name, toks[j], chosen[j], alts, raw)
                 row.add(toks[j], info)
             yield live
             done = [row.finish is not None for row in live]
