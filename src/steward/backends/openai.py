@@ -23,12 +23,17 @@ Why each piece is here:
   `FallbackChain` moves on. A malformed body (not JSON, a truncated stream) is a clean 502, never an
   unhandled exception. Messages name the backend, never the upstream's address or key.
 * **Usage**: streams are sent upstream with `stream_options.include_usage=true`, and the last chunk
-  handed to the caller always carries `usage`. When the upstream sends none (old servers), the
-  backend estimates it and sets `call.metadata["usage_estimated"] = True` — a side channel, not a
-  field in the chunk, so the wire stays exactly OpenAI's; the limiter and the audit log read it from
-  the `Call` they hold. Estimate: prompt = `count_prompt_tokens` (an upper bound), completion =
-  max(number of content-bearing deltas, ⌈UTF-8 bytes / 4⌉): streaming servers send about one token
-  per delta, and the byte count covers servers that batch several tokens into one delta.
+  handed to the caller always carries `usage`. The gateway settles limits by it, so the upstream's
+  usage is checked first (`_reconcile_usage`): the caller always gets `prompt_tokens`,
+  `completion_tokens` (not for embeddings) and `total_tokens` as non-negative ints. A count that is
+  missing, null, not a whole number, negative, absurd (> 10⁹), or below what the text implies at
+  32 bytes a token (a `usage: {}`, or 1 completion token for 500 bytes the client received) is
+  replaced by the gateway's estimate — for a count that was merely too low, max(reported,
+  estimate) — and the usage is then marked `"estimated": true` (in the usage object the client
+  and the trace see, and in `call.metadata["usage_estimated"]`, which the audit event records).
+  Estimate: prompt = `count_prompt_tokens` (an upper bound), completion = max(number of
+  content-bearing deltas, ⌈UTF-8 bytes / 4⌉): streaming servers send about one token per delta,
+  and the byte count covers servers that batch several tokens into one delta.
 * **Pass-through**: the request body goes upstream unchanged except `model` (the upstream's name)
   and, for streams, `stream`/`stream_options.include_usage`; `tools`, `response_format` and fields
   Steward does not know pass as they are, and so does the upstream's answer.
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import logging
 import math
@@ -51,7 +57,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, NamedTuple, cast, get_args
 
 import aiohttp
 import orjson
@@ -304,6 +310,33 @@ class OpenAIBackend:
                 tokens += t
         return tokens + math.ceil(n_bytes / bpt)
 
+    def _prompt_bounds(self, route: Route, call: Call, body: JSON | None = None) -> _Prompt:
+        """What the gateway knows of the prompt's tokens, to check an upstream's `prompt_tokens` by.
+
+        The estimate is `count_prompt_tokens` (an upper bound), computed only when it is needed.
+        The floor is what no tokenizer goes below: ⌈bytes / `_MAX_BYTES_PER_TOKEN`⌉ of the text
+        every server puts in the prompt — the messages' content (not tools or `response_format`,
+        which some servers render and others only constrain decoding by), or the completion
+        prompt — and less when the request asks the upstream to truncate the prompt (vLLM's
+        `truncate_prompt_tokens`). `body`: the request, when `call` is a stand-in built to measure
+        part of it (embeddings' input).
+        """
+        if route == "chat":
+            messages = call.body.get("messages")
+            contents = (
+                [m.get("content") for m in messages if isinstance(m, dict)]
+                if isinstance(messages, list)
+                else []
+            )
+            n_bytes = sum(_content_bytes(c) for c in contents)
+        else:
+            n_bytes = self._measure(call.body.get("prompt"))[0]
+        floor = math.ceil(n_bytes / max(_MAX_BYTES_PER_TOKEN, self.config.prompt_bytes_per_token))
+        truncate = (call.body if body is None else body).get("truncate_prompt_tokens")
+        if isinstance(truncate, int) and not isinstance(truncate, bool) and truncate >= 0:
+            floor = min(floor, truncate)
+        return _Prompt(functools.cache(lambda: self.count_prompt_tokens(route, call)), floor)
+
     def _measure(self, value: Any) -> tuple[int, int]:
         """(UTF-8 bytes of text, tokens counted directly) inside a message/prompt value."""
         if isinstance(value, str):
@@ -342,10 +375,11 @@ class OpenAIBackend:
 
     async def embeddings(self, call: Call) -> JSON:
         result = await self._post_json("/embeddings", call, self._body(call, stream=None))
-        if not isinstance(result.get("usage"), dict):
-            n = self.count_prompt_tokens("completions", Call({"prompt": call.body.get("input")}, "", ""))
-            result["usage"] = {"prompt_tokens": n, "total_tokens": n}
-            call.metadata["usage_estimated"] = True
+        prompt = self._prompt_bounds(
+            "completions", Call({"prompt": call.body.get("input")}, "", ""), call.body
+        )
+        result["usage"] = _reconcile_usage(result.get("usage"), prompt, None)
+        _note_estimated(call, result["usage"])
         return result
 
     def chat_stream(self, call: Call) -> AsyncIterator[JSON]:
@@ -514,7 +548,8 @@ class OpenAIBackend:
         data_lines: list[bytes] = []
         done = finished = False
         last: JSON | None = None
-        last_usage: JSON | None = None
+        last_usage: Any = None  # the upstream's latest usage, as it sent it
+        prompt: _Prompt | None = None
         deltas = text_bytes = 0
         async for piece in resp.content.iter_any():
             buf += piece
@@ -543,8 +578,6 @@ class OpenAIBackend:
                     raise _malformed(self.name, "a stream event that is not a JSON object")
                 if "error" in chunk and not chunk.get("choices"):
                     raise _stream_error(self.name, chunk["error"])
-                if isinstance(chunk.get("usage"), dict):
-                    last_usage = chunk["usage"]
                 for choice in chunk.get("choices") or ():
                     if not isinstance(choice, dict):
                         continue
@@ -554,6 +587,18 @@ class OpenAIBackend:
                         text_bytes += n
                     if choice.get("finish_reason"):
                         finished = True
+                if chunk.get("usage") is not None:
+                    # Checked before the caller sees it (it settles limits by the latest usage),
+                    # against the text received so far, this chunk's included.
+                    last_usage = chunk["usage"]
+                    if isinstance(last_usage, dict):
+                        if prompt is None:
+                            prompt = self._prompt_bounds(route, call)
+                        chunk["usage"] = _reconcile_usage(
+                            last_usage, prompt, self._stream_completion(route, call, deltas, text_bytes)
+                        )
+                    else:  # not a usage object: as if none had come
+                        chunk["usage"] = None
                 last = chunk
                 yield chunk
             if done:
@@ -565,17 +610,14 @@ class OpenAIBackend:
         if not done and not finished:
             raise _malformed(self.name, "a stream that ended before its last event")
         if last is not None and isinstance(last.get("usage"), dict):
+            _note_estimated(call, last["usage"])  # checked against the whole answer just above
             return
-        usage = last_usage
-        if usage is None:
-            prompt = self.count_prompt_tokens(route, call)
-            completion = max(deltas, math.ceil(text_bytes / 4))
-            usage = {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            }
-            call.metadata["usage_estimated"] = True
+        # No usage in the last chunk: the upstream's latest (checked again, now against the whole
+        # answer), or the estimate when it sent none.
+        if prompt is None:
+            prompt = self._prompt_bounds(route, call)
+        usage = _reconcile_usage(last_usage, prompt, self._stream_completion(route, call, deltas, text_bytes))
+        _note_estimated(call, usage)
         tail: JSON = {k: last[k] for k in ("id", "object", "created", "model") if k in last} if last else {}
         if not tail:
             tail = {
@@ -586,25 +628,23 @@ class OpenAIBackend:
             }
         yield {**tail, "choices": [], "usage": usage}
 
+    def _stream_completion(self, route: Route, call: Call, deltas: int, text_bytes: int) -> tuple[int, int]:
+        """(estimate, floor) of a stream's completion tokens, from the text received so far."""
+        return max(deltas, math.ceil(text_bytes / 4)), _completion_floor(route, call, text_bytes)
+
     def _ensure_usage(self, result: JSON, route: Route, call: Call) -> None:
-        """Give a non-streaming answer without `usage` an estimated one (see the module docstring)."""
-        if isinstance(result.get("usage"), dict):
-            return
-        prompt = self.count_prompt_tokens(route, call)
-        n_bytes = n_choices = 0
+        """Check a non-streaming answer's `usage`, estimating what is missing or untrustworthy."""
+        n_bytes = n_choices = generated = 0
         for choice in result.get("choices") or ():
             if isinstance(choice, dict):
                 n_choices += 1
                 msg = choice.get("message")
                 src = msg if isinstance(msg, dict) else {"text": choice.get("text")}
                 n_bytes += self._measure({k: v for k, v in src.items() if k != "role"})[0]
-        completion = max(n_choices, math.ceil(n_bytes / 4))
-        result["usage"] = {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
-        call.metadata["usage_estimated"] = True
+                generated += _choice_text_bytes(choice, route, "message")
+        completion = (max(n_choices, math.ceil(n_bytes / 4)), _completion_floor(route, call, generated))
+        result["usage"] = _reconcile_usage(result.get("usage"), self._prompt_bounds(route, call), completion)
+        _note_estimated(call, result["usage"])
 
 
 def build_openai_backend(
@@ -646,27 +686,127 @@ def _loads_object(raw: bytes | bytearray) -> JSON | None:
     return value if isinstance(value, dict) else None
 
 
-def _choice_text_bytes(choice: JSON, route: Route) -> int:
-    """Bytes of generated text in one streamed choice (content, reasoning, refusal, tool calls)."""
+def _content_bytes(content: Any) -> int:
+    """UTF-8 bytes of the text in a message's `content`: a string, or a list of parts."""
+    if isinstance(content, str):
+        return _utf8_len(content)
+    n = 0
+    if isinstance(content, list):
+        for part in content:
+            text = part.get("text") if isinstance(part, dict) else None
+            if isinstance(text, str):
+                n += _utf8_len(text)
+    return n
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+
+
+def _choice_text_bytes(choice: JSON, route: Route, field: str = "delta") -> int:
+    """Bytes of generated text in one choice (content, reasoning, refusal, tool calls); `field`:
+    "delta" for a streamed choice, "message" for a whole one."""
     if route == "completions":
         text = choice.get("text")
         return len(text.encode()) if isinstance(text, str) else 0
-    delta = choice.get("delta")
+    delta = choice.get(field)
     if not isinstance(delta, dict):
         return 0
-    n = 0
-    for key in ("content", "reasoning_content", "reasoning", "refusal"):
+    n = _content_bytes(delta.get("content"))
+    for key in ("reasoning_content", "reasoning", "refusal"):
         v = delta.get(key)
         if isinstance(v, str):
             n += len(v.encode())
-    for tc in delta.get("tool_calls") or ():
-        fn = tc.get("function") if isinstance(tc, dict) else None
+    calls = delta.get("tool_calls")
+    fns = [tc.get("function") for tc in calls if isinstance(tc, dict)] if isinstance(calls, list) else []
+    for fn in [*fns, delta.get("function_call")]:
         if isinstance(fn, dict):
             for key in ("name", "arguments"):
                 v = fn.get(key)
                 if isinstance(v, str):
                     n += len(v.encode())
     return n
+
+
+# Usage an upstream reports is checked before the gateway settles limits by it (`_reconcile_usage`).
+# A count is a non-negative whole number no larger than `_MAX_REPORTED_TOKENS` (beyond any context
+# window; an absurd count would overflow the limiter's arithmetic), and no smaller than the text
+# implies at `_MAX_BYTES_PER_TOKEN` — a bound no tokenizer's average reaches (English BPE is ~4
+# bytes a token; only long runs of one repeated character come near it).
+_MAX_REPORTED_TOKENS = 10**9
+_MAX_BYTES_PER_TOKEN = 32
+
+
+class _Prompt(NamedTuple):
+    estimate: Callable[[], int]  # `count_prompt_tokens`, cached: only computed when needed
+    floor: int
+
+
+def _count(value: Any) -> int | None:
+    """A token count as an int, or None when `value` is not a plausible one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= _MAX_REPORTED_TOKENS:
+        return value
+    return None
+
+
+def _completion_floor(route: Route, call: Call, generated_bytes: int) -> int:
+    """The fewest completion tokens the generated text can be (0 with `echo`: the text holds the prompt)."""
+    if route == "completions" and call.body.get("echo"):
+        return 0
+    return math.ceil(generated_bytes / _MAX_BYTES_PER_TOKEN)
+
+
+def _reconcile_usage(reported: Any, prompt: _Prompt, completion: tuple[int, int] | None) -> JSON:
+    """The usage to hand the gateway: the upstream's `reported` usage where each count is
+    plausible, the gateway's own estimate where it is missing, not a count, negative, absurd or
+    below the floor the text implies (never below the text: max(reported, estimate)).
+
+    `prompt` is the prompt's (lazy) estimate and floor, `completion` the completion's (estimate,
+    floor), None for embeddings (which report no completion). The counts returned are
+    non-negative ints and `total_tokens` is their sum. When any count was estimated the result is
+    a fresh object with `estimated: true` (the upstream's other fields are not trusted either);
+    otherwise it is the upstream's object. An upstream that marks its own usage
+    `estimated: true` (another Steward) is believed.
+    """
+    raw: JSON = reported if isinstance(reported, dict) else {}
+    estimated = raw.get("estimated") is True
+    p = _count(raw.get("prompt_tokens"))
+    if p is None or p < prompt.floor:
+        p, estimated = max(p or 0, prompt.estimate()), True
+    c = 0
+    if completion is not None:
+        reported_c = _count(raw.get("completion_tokens"))
+        if reported_c is None or reported_c < completion[1]:
+            c, estimated = max(reported_c or 0, completion[0]), True
+        else:
+            c = reported_c
+    if estimated:
+        usage: JSON = {"prompt_tokens": p}
+        if completion is not None:
+            usage["completion_tokens"] = c
+        usage["total_tokens"] = p + c
+        usage["estimated"] = True
+        return usage
+    usage = {k: v for k, v in raw.items() if k != "estimated"}
+    usage["prompt_tokens"] = p
+    if completion is not None:
+        usage["completion_tokens"] = c
+    else:
+        usage.pop("completion_tokens", None)
+    usage["total_tokens"] = p + c
+    return usage
+
+
+def _note_estimated(call: Call, usage: JSON) -> None:
+    """`call.metadata["usage_estimated"]` says whether the usage handed on was (partly) estimated."""
+    if usage.get("estimated") is True:
+        call.metadata["usage_estimated"] = True
+    else:
+        call.metadata.pop("usage_estimated", None)
 
 
 def _parse_retry_after(headers: Any) -> float | None:

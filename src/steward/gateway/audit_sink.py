@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ log = logging.getLogger("steward.gateway")
 UNAUTHENTICATED = "_unauthenticated"  # tenant of refusals that happen before a key is known
 MAX_TEXT = 64  # any request-chosen text an event holds is cut to this many characters
 MAX_QUERY = 8
+MAX_COUNT = 1_000_000  # a count the backend reports (attempts, fallbacks) is recorded up to this
 
 
 def _bounded(value: Any) -> str:
@@ -57,6 +59,31 @@ def _target_tenant(trace: Trace) -> str | None:
         if isinstance(v, str) and TENANT_RE.match(v):
             return v
     return None
+
+
+def _upstream_detail(trace: Trace) -> dict[str, Any]:
+    """What the backend learnt about the call, for the event's detail.
+
+    `trace.extra["upstream"]` is the call's `metadata` (the backend writes it; nothing in it comes
+    from the request): `served_by` (the fallback member that answered, a routing-table name),
+    `fallbacks` (members that failed before it), `upstream_attempts` (HTTP attempts at the one
+    that answered or failed last) and `usage_estimated`. `trace.usage["estimated"]` marks usage
+    the gateway counted itself (the backend's estimate, or a stream the gateway cut). Only
+    bounded values of the expected types are recorded.
+    """
+    out: dict[str, Any] = {}
+    meta = trace.extra.get("upstream")
+    meta = meta if isinstance(meta, Mapping) else {}
+    served_by = meta.get("served_by")
+    if isinstance(served_by, str):
+        out["served_by"] = _bounded(served_by)
+    for k in ("fallbacks", "upstream_attempts"):
+        v = meta.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT:
+            out[k] = v
+    if meta.get("usage_estimated") is True or trace.usage.get("estimated") is True:
+        out["usage_estimated"] = True
+    return out
 
 
 def event_from_trace(trace: Trace) -> AuditEvent:
@@ -97,6 +124,7 @@ def event_from_trace(trace: Trace) -> AuditEvent:
         ]
     if trace.limits:
         detail["limits"] = trace.limits
+    detail.update(_upstream_detail(trace))
     if "admin_action" in trace.usage:
         detail["action"] = trace.usage["admin_action"]
         usage = {}
