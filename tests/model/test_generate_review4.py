@@ -119,6 +119,19 @@ def test_ordinary_temperatures_sample_as_before(model: Decoder, tok: Tokenizer) 
         assert got.tolist() == want.squeeze(1).tolist()
 
 
+def test_a_huge_max_new_tokens_draws_uniforms_for_the_context_only(model: Decoder, tok: Tokenizer) -> None:
+    """max_tokens 10**20 hung: the sampler drew max_new_tokens uniforms before the context capped
+    the budget. Capped, the tokens are the same as with the context's budget spelled out."""
+    import time
+
+    t = time.perf_counter()
+    huge = generate(model, tok, ["Hello"], GenerationConfig(max_new_tokens=10**20, temperature=1.0, seed=3))
+    assert time.perf_counter() - t < 30
+    room = 64 - len(tok.encode("Hello"))
+    exact = generate(model, tok, ["Hello"], GenerationConfig(max_new_tokens=room, temperature=1.0, seed=3))
+    assert huge[0].token_ids == exact[0].token_ids
+
+
 # --- M2: control tokens come only from the template --------------------------------------------------
 
 ORDINARY = [

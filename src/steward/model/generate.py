@@ -372,13 +372,23 @@ class _Sampler:
     Generators live on the CPU so that a seed means the same stream on every device.
     """
 
-    def __init__(self, cfg: GenerationConfig, vocab: int, seeds: Sequence[int], device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: GenerationConfig,
+        vocab: int,
+        seeds: Sequence[int],
+        device: torch.device,
+        steps: int | None = None,
+    ) -> None:
+        """`steps`: the most tokens any row can sample (its budget, bounded by the context); the
+        uniforms are drawn for that many, not for `max_new_tokens`, which may be 10**20."""
         self.cfg = cfg
         self.vocab = vocab
         self.top_k = min(cfg.top_k, vocab) if cfg.top_k > 0 else 0
         self.uniforms: torch.Tensor | None = None
         if not cfg.greedy:
-            blocks = -(-cfg.max_new_tokens // _UNIFORM_BLOCK)
+            n = cfg.max_new_tokens if steps is None else min(cfg.max_new_tokens, steps)
+            blocks = -(-max(n, 1) // _UNIFORM_BLOCK)
             rows = []
             for seed in seeds:
                 g = torch.Generator().manual_seed(seed)
@@ -462,7 +472,7 @@ def _run(
     # The last sampled token of a row is never fed back, hence the -1.
     capacity = min(P + max(r.budget for r in rows) - 1, ctx)
     cache = model.new_cache(B, max(capacity, P))
-    sampler = _Sampler(cfg, mc.vocab_size, seeds, device)
+    sampler = _Sampler(cfg, mc.vocab_size, seeds, device, steps=max(r.budget for r in rows))
     memo: dict[int, tuple[str, bytes]] = {}
     n_top = cfg.top_logprobs
     order = list(range(B))  # batch position -> row index
