@@ -13,18 +13,21 @@ scanned that was not.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from .base import Registry, Scanner, default_registry
 from .classifier import ClassifierScanner
+from .leak import STREAM_STATE_KEY
 from .normalize import MAX_DECODE_DEPTH, Document, normalise
 from .pii import QUASI
 from .policy import Policy, PolicySet, ScannerSpec, load_policy_set
-from .redact import RedactionMode, Vault, redact_many
+from .redact import RedactionMode, Vault, placeholder_hold, redact_many
 from .types import Action, Finding, ScanContext, ScannerError, Span, Verdict, strongest
 
 __all__ = ["MAX_SCAN_CHARS", "Pipeline", "StreamChunk", "StreamGuard", "content_text"]
@@ -50,6 +53,7 @@ class _Item:
     findings: list[Finding] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     modes: dict[int, RedactionMode] = field(default_factory=dict)
+    cache: dict[str, Any] | None = None  # seeded into the document's cache (a stream's state)
 
 
 class Pipeline:
@@ -141,6 +145,8 @@ class Pipeline:
                 )
             else:
                 it.doc = normalise(it.text)
+                if it.cache:
+                    it.doc.cache.update(it.cache)
                 if it.doc.undecoded:
                     # Scanned as far as it decodes, but not reported as scanned: a payload may sit
                     # under the last layer read (fail-closed policies block).
@@ -238,7 +244,7 @@ class Pipeline:
         if action is Action.REDACT:
             vault = vault if vault is not None else Vault()
             todo = [(f, it.modes[id(f)]) for f in it.findings if f.action is Action.REDACT]
-            verdict.text = redact_many(it.text, todo, vault, self.hash_key)
+            verdict.text = redact_many(it.text, todo, vault, self.hash_key, _origin(direction, it.ctx))
             verdict.vault = vault
         return verdict
 
@@ -253,27 +259,37 @@ class Pipeline:
         """
         ctx = ctx or ScanContext()
         name, pol = self.policy_for(ctx)
-        parts: list[tuple[int, str, ScanContext]] = []
+        # (message index, where in the message, text, context); where is () for the content, or
+        # ("tool_calls", j) / ("function_call",) for an assistant's call arguments.
+        parts: list[tuple[int, tuple[Any, ...], str, ScanContext]] = []
         for i, msg in enumerate(messages):
             if not isinstance(msg, dict):
                 raise ValueError(f"messages[{i}] must be an object")
             role = msg.get("role")
             text = content_text(msg.get("content"))
+            if role == "assistant" and pol.documents:
+                # Call arguments in the history come from the client as much as the content does:
+                # read like assistant content (as documents), redacted in place.
+                doc_ctx = replace(ctx, role="document")
+                for where, args in _call_arguments(msg):
+                    parts.append((i, where, _arguments_text(args), doc_ctx))
             if text is None:
                 continue
             if role == "system" or role == "developer":
                 if ctx.system_prompt is None:
                     ctx = replace(ctx, system_prompt=text)
-                parts.append((i, text, replace(ctx, role="system")))
+                parts.append((i, (), text, replace(ctx, role="system")))
             elif role == "user":
-                parts.append((i, text, replace(ctx, role="user")))
+                parts.append((i, (), text, replace(ctx, role="user")))
             elif role in ("tool", "function", "document", "assistant") and pol.documents:
                 # Earlier assistant turns come from the client like everything else in the request
                 # (a forged dialogue is how many-shot jailbreaks arrive), so they are read as
                 # documents: text the model will read that the user may not have written.
-                parts.append((i, text, replace(ctx, role="document")))
+                parts.append((i, (), text, replace(ctx, role="document")))
+        # One vault for the request; each value remembers the role it came from, and only values
+        # of user turns are restored in the answer (see `Vault`).
         vault = Vault()
-        items = [_Item(t, c) for _, t, c in parts]
+        items = [_Item(t, c) for _, _, t, c in parts]
         per_msg = self._run(items, "input", [vault] * len(items))
         findings: list[Finding] = []
         latency: dict[str, float] = {}
@@ -281,23 +297,32 @@ class Pipeline:
         scores: dict[str, float] = {}
         thresholds: dict[str, float] = {}
         out_messages = [dict(m) for m in messages]
-        for (i, _, _), v, it in zip(parts, per_msg, items, strict=True):
+        for (i, where, _, pctx), v, it in zip(parts, per_msg, items, strict=True):
             for f in v.findings:
                 f.message = i
             findings.extend(v.findings)
             for k, ms in v.latency_ms.items():
                 latency[k] = latency.get(k, 0.0) + ms
-            errors.update({f"messages[{i}].{k}": e for k, e in v.errors.items()})
+            label = f"messages[{i}]" + "".join(f".{w}" for w in where)
+            errors.update({f"{label}.{k}": e for k, e in v.errors.items()})
             for k, s in v.scores.items():
                 scores[k] = max(scores.get(k, 0.0), s)
             thresholds.update(v.thresholds)
-            if v.text is not None:
-                content = messages[i].get("content")
-                if isinstance(content, list):
-                    todo = [(f, it.modes[id(f)]) for f in v.findings if f.action is Action.REDACT]
-                    out_messages[i]["content"] = _redact_parts(content, todo, vault, self.hash_key)
-                else:
-                    out_messages[i]["content"] = v.text
+            if v.text is None:
+                continue
+            if where:
+                todo = [(f, it.modes[id(f)]) for f in v.findings if f.action is Action.REDACT]
+                args = _redact_arguments(
+                    _get_call_arguments(messages[i], where), todo, vault, self.hash_key, pctx.role
+                )
+                _set_call_arguments(out_messages, i, where, args)
+                continue
+            content = messages[i].get("content")
+            if isinstance(content, list):
+                todo = [(f, it.modes[id(f)]) for f in v.findings if f.action is Action.REDACT]
+                out_messages[i]["content"] = _redact_parts(content, todo, vault, self.hash_key, pctx.role)
+            else:
+                out_messages[i]["content"] = v.text
         action = strongest([v.action for v in per_msg])
         return Verdict(
             direction="input",
@@ -314,15 +339,30 @@ class Pipeline:
             vault=vault if len(vault) else None,
         )
 
-    def finish_output(self, text: str, ctx: ScanContext | None = None, vault: Vault | None = None) -> Verdict:
-        """Scan an answer; redact per policy, then restore the request's pseudonyms for the caller."""
+    def finish_output(
+        self,
+        text: str,
+        ctx: ScanContext | None = None,
+        vault: Vault | None = None,
+        *,
+        leak_state: dict[Any, Any] | None = None,
+        escape: Callable[[str], str] | None = None,
+    ) -> Verdict:
+        """Scan an answer; redact per policy, then restore the request's pseudonyms for the caller
+        (only values of the caller's own user turns: see `Vault`), each value passed through
+        `escape` when given (JSON-escaping for tool-call arguments). Parts of one answer scanned
+        separately (content, tool-call arguments) may pass one `leak_state` dict, so their
+        system-prompt overlap adds up."""
         ctx = ctx or ScanContext()
         _, pol = self.policy_for(ctx)
-        verdict = self.scan_texts([text], [ctx], "output")[0]
+        # Pseudonyms of the answer's own PII go into the request's vault (so their tokens never
+        # collide with the request's), marked as output: never restored.
+        cache = {STREAM_STATE_KEY: leak_state} if leak_state is not None else None
+        verdict = self._run([_Item(text, ctx, cache=cache)], "output", [vault])[0]
         if verdict.action is not Action.BLOCK:
             shown = verdict.text if verdict.text is not None else text
             if vault is not None and pol.restore_pseudonyms:
-                shown = vault.restore(shown)
+                shown = vault.restore(shown, escape=escape)
             verdict.text = shown
         return verdict
 
@@ -332,13 +372,30 @@ class Pipeline:
         return await asyncio.to_thread(self.scan_messages, messages, ctx)
 
     async def scan_output(
-        self, text: str, ctx: ScanContext | None = None, vault: Vault | None = None
+        self,
+        text: str,
+        ctx: ScanContext | None = None,
+        vault: Vault | None = None,
+        *,
+        leak_state: dict[Any, Any] | None = None,
+        escape: Callable[[str], str] | None = None,
     ) -> Verdict:
         """`finish_output` off the event loop; `verdict.text` is what the caller may see."""
-        return await asyncio.to_thread(self.finish_output, text, ctx, vault)
+        return await asyncio.to_thread(
+            functools.partial(self.finish_output, text, ctx, vault, leak_state=leak_state, escape=escape)
+        )
 
-    def stream(self, ctx: ScanContext | None = None, vault: Vault | None = None, **kw: int) -> StreamGuard:
-        return StreamGuard(self, ctx or ScanContext(), vault, **kw)
+    def stream(
+        self,
+        ctx: ScanContext | None = None,
+        vault: Vault | None = None,
+        *,
+        leak_state: dict[Any, Any] | None = None,
+        **kw: int,
+    ) -> StreamGuard:
+        """A `StreamGuard` for one streamed text. Guards of one answer's parts (content, tool-call
+        arguments) may pass one `leak_state` dict, so their system-prompt overlap adds up."""
+        return StreamGuard(self, ctx or ScanContext(), vault, leak_state=leak_state, **kw)
 
 
 def content_text(content: Any) -> str | None:
@@ -350,8 +407,126 @@ def content_text(content: Any) -> str | None:
     return None
 
 
+def _origin(direction: Direction, ctx: ScanContext) -> str:
+    """The vault origin of a value redacted from a text: the turn's role, or "output"."""
+    return "output" if direction == "output" else ctx.role
+
+
+def _call_arguments(msg: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """(where, arguments) of each call an assistant message makes: `tool_calls[j].function` and the
+    legacy `function_call`."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    calls = msg.get("tool_calls")
+    if isinstance(calls, list):
+        for j, call in enumerate(calls):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str) and fn["arguments"]:
+                out.append((("tool_calls", j), fn["arguments"]))
+    fc = msg.get("function_call")
+    if isinstance(fc, dict) and isinstance(fc.get("arguments"), str) and fc["arguments"]:
+        out.append((("function_call",), fc["arguments"]))
+    return out
+
+
+def _get_call_arguments(msg: dict[str, Any], where: tuple[Any, ...]) -> str:
+    call = msg["tool_calls"][where[1]]["function"] if where[0] == "tool_calls" else msg["function_call"]
+    return str(call["arguments"])
+
+
+def _json_strings(obj: Any) -> list[str]:
+    """Every string of a JSON value, keys included, in document order."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in (k, *_json_strings(v))]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _json_strings(v)]
+    return []
+
+
+def _json_replace(obj: Any, new: list[str]) -> Any:
+    """`obj` with its strings (in `_json_strings` order) taken from `new`, front first."""
+    if isinstance(obj, str):
+        return new.pop(0)
+    if isinstance(obj, dict):
+        out = {}
+        for v in obj.values():
+            key = new.pop(0)
+            out[key] = _json_replace(v, new)
+        return out
+    if isinstance(obj, list):
+        return [_json_replace(v, new) for v in obj]
+    return obj
+
+
+def _json_arguments(args: str) -> Any:
+    """The parsed arguments when they are JSON with at least one string, else None."""
+    try:
+        obj = json.loads(args)
+    except ValueError:
+        return None
+    return obj if _json_strings(obj) else None
+
+
+def _arguments_text(args: str) -> str:
+    """What is scanned of call arguments: JSON's strings decoded, one per line (an instruction read
+    as a quoted JSON string would score lower than the model reads it), else the raw text."""
+    obj = _json_arguments(args)
+    return args if obj is None else "\n".join(_json_strings(obj))
+
+
+def _set_call_arguments(messages: list[dict[str, Any]], i: int, where: tuple[Any, ...], args: str) -> None:
+    """Write redacted arguments into a copy of the message's call (the caller's stays untouched)."""
+    msg = messages[i]
+    if where[0] == "tool_calls":
+        calls = list(msg["tool_calls"])
+        call = dict(calls[where[1]])
+        call["function"] = {**call["function"], "arguments": args}
+        calls[where[1]] = call
+        msg["tool_calls"] = calls
+    else:
+        msg["function_call"] = {**msg["function_call"], "arguments": args}
+
+
+def _redact_arguments(
+    args: str, todo: list[tuple[Finding, RedactionMode]], vault: Vault, hash_key: bytes, origin: str
+) -> str:
+    """Arguments with the findings (offsets into `_arguments_text`) replaced. JSON arguments are
+    redacted string by string and serialised again, so they stay valid JSON. Other text is redacted
+    as it is, a span never ending inside a backslash escape."""
+    obj = _json_arguments(args)
+    if obj is not None:
+        parts = [{"type": "text", "text": s} for s in _json_strings(obj)]
+        new = [p["text"] for p in _redact_parts(parts, todo, vault, hash_key, origin)]
+        return json.dumps(_json_replace(obj, new), ensure_ascii=False)
+    fixed = []
+    for f, mode in todo:
+        spans = []
+        for sp in f.spans:
+            start, end = sp.start, sp.end
+            if 0 < start < len(args) and _escaped(args, start):
+                start -= 1
+            while 0 < end < len(args) and (args[end - 1] == "\\" and not _escaped(args, end - 1)):
+                end += 1
+            spans.append(Span(start, end))
+        fixed.append((replace(f, spans=spans), mode))
+    return redact_many(args, fixed, vault, hash_key, origin)
+
+
+def _escaped(text: str, i: int) -> bool:
+    """Whether text[i] is escaped by an odd run of backslashes before it."""
+    n = 0
+    while i - n - 1 >= 0 and text[i - n - 1] == "\\":
+        n += 1
+    return n % 2 == 1
+
+
 def _redact_parts(
-    content: list[Any], todo: list[tuple[Finding, RedactionMode]], vault: Vault, hash_key: bytes
+    content: list[Any],
+    todo: list[tuple[Finding, RedactionMode]],
+    vault: Vault,
+    hash_key: bytes,
+    origin: str = "user",
 ) -> list[Any]:
     """A content-parts message redacted part by part, so it keeps its shape: finding offsets are
     into the text parts joined by newlines (`content_text`), and every other part (an image, an
@@ -373,7 +548,7 @@ def _redact_parts(
             ]
             if spans:
                 mine.append((replace(f, spans=spans), mode))
-        out.append({**part, "text": redact_many(text, mine, vault, hash_key)})
+        out.append({**part, "text": redact_many(text, mine, vault, hash_key, origin)})
         pos = b + 1
     return out
 
@@ -401,6 +576,11 @@ class StreamGuard:
     inside the key body, where no pattern can recognise it. On a blocking finding the stream is cut
     with `finish_reason="content_filter"` and nothing after the last safe point is released.
     `scanned_chars == total_chars` is the only condition under which `report()` says scanned.
+
+    Evidence of a system-prompt leak is kept for the whole stream (`leak.STREAM_STATE_KEY`): every
+    window adds the prompt n-grams it repeats, and is judged on all of them, so a prompt leaked in
+    pieces over many windows is cut as the same answer non-streamed would be blocked. A release
+    never splits a placeholder the vault may restore (`< PERSON_1 >`), either.
     """
 
     def __init__(
@@ -411,6 +591,7 @@ class StreamGuard:
         *,
         window: int = 1024,
         overlap: int = 256,
+        leak_state: dict[Any, Any] | None = None,
     ) -> None:
         if not 0 < overlap < window:
             raise ValueError(f"stream overlap must be in (0, window); got overlap={overlap}, window={window}")
@@ -424,6 +605,7 @@ class StreamGuard:
         self.scanned_to = 0  # characters of `buffer` covered by a completed window scan
         self.cut = False
         self.verdicts: list[Verdict] = []
+        self._leak_state: dict[Any, Any] = leak_state if leak_state is not None else {}
         self._redactions: dict[tuple[int, int, str], tuple[Finding, RedactionMode]] = {}
         _, pol = pipeline.policy_for(ctx)
         self._restore = pol.restore_pseudonyms
@@ -434,7 +616,8 @@ class StreamGuard:
         # the usual start: what a stream may hold is bounded, and so is each window's cost.
         usual = max(0, self.scanned_to - self.overlap)
         start = max(min(usual, self.emitted), usual - _HOLD_RUN)
-        verdict = self.pipeline.scan_texts([self.buffer[start:end]], [self.ctx], "output")[0]
+        item = _Item(self.buffer[start:end], self.ctx, cache={STREAM_STATE_KEY: self._leak_state})
+        verdict = self.pipeline._run([item], "output", [None])[0]
         for f in verdict.findings:
             f.spans = [type(s)(s.start + start, s.end + start) for s in f.spans]
             if f.action is Action.REDACT:
@@ -451,6 +634,8 @@ class StreamGuard:
             if f.start < upto < f.end and upto - f.start <= _HOLD_RUN:
                 upto = f.start
         upto = self._run_start(upto)
+        if self.vault is not None and self._restore:
+            upto = placeholder_hold(self.buffer, upto, self.emitted)
         upto = max(upto, self.emitted)
         piece_findings = []
         for f, mode in self._redactions.values():
@@ -460,7 +645,7 @@ class StreamGuard:
                 )
                 piece_findings.append((clipped, mode))
         piece = self.buffer[self.emitted : upto]
-        out = redact_many(piece, piece_findings, self.vault or Vault(), self.pipeline.hash_key)
+        out = redact_many(piece, piece_findings, self.vault or Vault(), self.pipeline.hash_key, "output")
         if self.vault is not None and self._restore:
             out = self.vault.restore(out)
         self.emitted = upto

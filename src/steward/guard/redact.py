@@ -11,25 +11,67 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 from .types import Finding, Span
 
-__all__ = ["RedactionMode", "Vault", "redact", "redact_many"]
+__all__ = ["RESTORABLE", "RedactionMode", "Vault", "placeholder_hold", "redact", "redact_many"]
 
 RedactionMode = Literal["pseudonym", "mask", "hash"]
 
 
+# Placeholder shapes a model may write for `<ENTITY_n>`: any case, spaces inside the brackets, a space
+# for an underscore, markdown (`\<`, `\_`) or HTML (`&lt;`) escapes; or bare and upper-case (`PERSON_1`).
+_NAME = r"[A-Za-z][A-Za-z0-9]*(?:\\?[_ ][A-Za-z][A-Za-z0-9]*)*"
+_PLACEHOLDER = re.compile(
+    rf"(?:\\?<|&lt;)\s*(?P<name>{_NAME})\\?[_ ](?P<num>\d+)\s*(?:\\?>|&gt;)"
+    r"|(?<![\w\\])(?P<bare>[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*)_(?P<bnum>\d+)(?!\w)"
+)
+# The roles whose values `Vault.restore` gives back by default: the caller's own turns.
+RESTORABLE: frozenset[str] = frozenset({"user"})
+
+
+def _key(name: str, num: str) -> tuple[str, int]:
+    return re.sub(r"\\?[_ ]", "_", name).upper(), int(num)
+
+
+def placeholder_hold(text: str, upto: int, floor: int = 0) -> int:
+    """`upto`, or the start of a placeholder-shaped run that `upto` would split (never before
+    `floor`): a stream releasing "< PERSON_1" now and " >" later could not restore it."""
+    lo = max(floor, upto - 64)
+    for m in _PLACEHOLDER.finditer(text, lo, min(len(text), upto + 64)):
+        if m.start() < upto < m.end():
+            return max(floor, m.start())
+    return upto
+
+
 class Vault:
-    """Pseudonym <-> original value for one request. The same value always gets the same pseudonym."""
+    """Pseudonym <-> original value for one request. The same value always gets the same pseudonym.
+
+    Each value remembers the roles of the turns it came from (`origin`: "user", "system",
+    "document", ...). `restore` gives back only values of the caller's own user turns by default: a
+    pseudonym of system-prompt or document PII (another customer's record in a RAG document, an
+    escalation contact in the system prompt) stays a placeholder in the answer, whether the model
+    chose to write it or the user forged it. A value typed by the user as well is the user's.
+
+    Tokens are predictable (`<PERSON_1>`) on purpose. The model must copy them back exactly for
+    restore to work, and models mangle random suffixes (`<PERSON_1_k3f9>` comes back re-cased,
+    truncated or without its suffix), so unguessable tokens would break restore without adding
+    safety: since only user-origin values are restored, a guessed or forged token can only return
+    a value the caller itself supplied in this request. For the same reason `restore` also accepts
+    small rewrites of a token (`<person_1>`, `PERSON_1`, `< PERSON_1 >`, `\\<PERSON_1\\>`).
+    """
 
     def __init__(self) -> None:
         self._by_value: dict[tuple[str, str], str] = {}
         self._by_token: dict[str, str] = {}
+        self._by_key: dict[tuple[str, int], str] = {}
+        self._origins: dict[str, set[str]] = {}
         self._counts: dict[str, int] = {}
 
-    def pseudonym(self, entity: str, value: str) -> str:
+    def pseudonym(self, entity: str, value: str, origin: str = "user") -> str:
+        """The token for `value`; `origin` is the role of the turn it was found in."""
         key = (entity, value)
         token = self._by_value.get(key)
         if token is None:
@@ -37,17 +79,42 @@ class Vault:
             token = f"<{entity}_{self._counts[entity]}>"
             self._by_value[key] = token
             self._by_token[token] = value
+            self._by_key[(entity.upper(), self._counts[entity])] = token
+        self._origins.setdefault(token, set()).add(origin)
         return token
 
     def __len__(self) -> int:
         return len(self._by_token)
 
-    def restore(self, text: str) -> str:
-        """Put the original values back wherever a pseudonym of this vault appears."""
+    def origins(self, token: str) -> frozenset[str]:
+        return frozenset(self._origins.get(token, ()))
+
+    def restore(
+        self,
+        text: str,
+        origins: Iterable[str] = RESTORABLE,
+        *,
+        escape: Callable[[str], str] | None = None,
+    ) -> str:
+        """Put back the original value of every pseudonym (or slight rewrite of one) whose value
+        came from a turn of one of `origins` (the caller's user turns by default); any other
+        pseudonym stays as written. `escape` transforms each value put back (JSON-escaping it for
+        tool-call arguments, say)."""
         if not self._by_token:
             return text
-        pattern = re.compile("|".join(re.escape(t) for t in sorted(self._by_token, key=len, reverse=True)))
-        return pattern.sub(lambda m: self._by_token[m.group()], text)
+        allowed = frozenset(origins)
+
+        def put_back(m: re.Match[str]) -> str:
+            if m.group("name") is not None:
+                token = self._by_key.get(_key(m.group("name"), m.group("num")))
+            else:
+                token = self._by_key.get((m.group("bare"), int(m.group("bnum"))))
+            if token is None or not (self._origins.get(token, set()) & allowed):
+                return m.group()
+            value = self._by_token[token]
+            return escape(value) if escape is not None else value
+
+        return _PLACEHOLDER.sub(put_back, text)
 
     def tokens(self) -> list[str]:
         return list(self._by_token)
@@ -72,9 +139,11 @@ def redact(
     mode: RedactionMode = "pseudonym",
     vault: Vault | None = None,
     hash_key: bytes = b"steward",
+    origin: str = "user",
 ) -> str:
-    """`text` with every span of `findings` replaced; overlapping spans are merged first."""
-    return redact_many(text, [(f, mode) for f in findings], vault, hash_key)
+    """`text` with every span of `findings` replaced; overlapping spans are merged first. `origin`
+    is the role of the turn `text` is (see `Vault`)."""
+    return redact_many(text, [(f, mode) for f in findings], vault, hash_key, origin)
 
 
 def redact_many(
@@ -82,6 +151,7 @@ def redact_many(
     items: Iterable[tuple[Finding, RedactionMode]],
     vault: Vault | None = None,
     hash_key: bytes = b"steward",
+    origin: str = "user",
 ) -> str:
     """Like `redact`, with a redaction mode per finding (secrets masked, names pseudonymised)."""
     spans = _merge(
@@ -99,7 +169,7 @@ def redact_many(
         value = text[span.start : span.end]
         if mode == "pseudonym":
             assert vault is not None
-            pieces.append(vault.pseudonym(entity, value))
+            pieces.append(vault.pseudonym(entity, value, origin))
         elif mode == "mask":
             pieces.append(f"[{entity}]")
         else:
