@@ -54,6 +54,26 @@ def _last_body(up: ThreadedUpstream, path: str) -> dict[str, Any]:
     return seen[-1].body
 
 
+def test_the_audit_record_names_no_policy_when_guards_are_off_and_names_the_upstream(ugw: Running) -> None:
+    """With guards off no policy ran, so none is recorded (it said "default"); what the backend
+    learnt (HTTP attempts here; the serving member of a fallback chain) reaches the record."""
+    import json
+
+    import sqlalchemy as sa
+
+    key = ugw.key("acme", "user")
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(ugw.url + CHAT, json=body, headers=auth(key), timeout=30)
+    assert r.status_code == 200
+    rid = r.headers["x-request-id"]
+    with ugw.keys.engine.connect() as c:
+        leaves = [bytes(x) for (x,) in c.execute(sa.text("select leaf from audit_events order by idx"))]
+    meta = [json.loads(leaf.split(b"\n", 1)[0]) for leaf in leaves]
+    (ev,) = [m for m in meta if m["request_id"] == rid]
+    assert ev["policy_version"] is None
+    assert ev["detail"]["upstream_attempts"] == 1
+
+
 # --- (3a) an upstream call without max_tokens is capped at what was reserved -----------------------
 
 

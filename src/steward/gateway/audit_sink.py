@@ -117,7 +117,7 @@ def event_from_trace(trace: Trace) -> AuditEvent:
         detail["guard"] = [
             {
                 k: v[k]
-                for k in ("stage", "action", "scanned", "categories", "choice", "cut", "policy")
+                for k in ("stage", "field", "action", "scanned", "categories", "choice", "cut", "policy")
                 if k in v
             }
             for v in trace.guard

@@ -9,6 +9,8 @@ trace never holds matched text.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,35 +29,377 @@ class InputResult:
     vault: Any  # steward.guard.Vault | None
 
 
+TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+"""The text fields of a chat message (or stream delta) that the model writes, besides tool calls:
+`reasoning_content` is what vLLM's and DeepSeek's reasoning parsers send, `reasoning` its newer name.
+A completion choice has one, `text`."""
+CALL_FIELDS = ("tool_calls", "function_call")  # `function_call`: the legacy form of one tool call
+GENERATED = (*TEXT_FIELDS, *CALL_FIELDS)
+
+
+def _slots(holder: dict[str, Any], chat: bool) -> list[tuple[str, dict[str, Any], str]]:
+    """Every non-empty text the model wrote into `holder` (a message, a delta, or a completion
+    choice), as (field name for the trace, the dict holding it, its key there): what the output
+    policy scans and redacts in place, whatever shape the answer took."""
+    if not chat:
+        text = holder.get("text")
+        return [("text", holder, "text")] if isinstance(text, str) and text else []
+    out: list[tuple[str, dict[str, Any], str]] = []
+    for f in TEXT_FIELDS:
+        value = holder.get(f)
+        if isinstance(value, str) and value:
+            out.append((f, holder, f))
+        elif isinstance(value, list):  # content given as parts: each text part is scanned
+            for k, part in enumerate(value):
+                if isinstance(part, dict) and isinstance(part.get("text"), str) and part["text"]:
+                    out.append((f"{f}[{k}]", part, "text"))
+    calls = holder.get("tool_calls")
+    for j, tc in enumerate(calls if isinstance(calls, list) else []):
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if isinstance(fn, dict):
+            out += [(f"tool_calls[{j}].function.{k}", fn, k) for k in ("name", "arguments") if _text(fn, k)]
+    fc = holder.get("function_call")
+    if isinstance(fc, dict):
+        out += [(f"function_call.{k}", fc, k) for k in ("name", "arguments") if _text(fc, k)]
+    return out
+
+
+def _text(d: dict[str, Any], key: str) -> bool:
+    return isinstance(d.get(key), str) and bool(d[key])
+
+
+def generated_texts(choice: dict[str, Any]) -> list[str]:
+    """The texts a choice of an answer or of a stream chunk carries from the model (every field,
+    tool-call arguments included): what a stream's token count is estimated from."""
+    chat = "delta" in choice or "message" in choice
+    holder = (choice.get("delta") if "delta" in choice else choice.get("message")) if chat else choice
+    return [box[key] for _, box, key in _slots(holder, chat)] if isinstance(holder, dict) else []
+
+
+def merge_call(acc: dict[str, Any], piece: dict[str, Any]) -> dict[str, Any]:
+    """Add one streamed tool-call delta to the call assembled so far: `name` and `arguments` come
+    in pieces and are concatenated; any other key (`id`, `type`, `index`) keeps its first value."""
+    for k, v in piece.items():
+        if k == "function" and isinstance(v, dict):
+            merge_call(acc.setdefault("function", {}), v)
+        elif k in ("name", "arguments") and isinstance(v, str):
+            acc[k] = acc.get(k, "") + v
+        elif k not in acc:
+            acc[k] = v
+    return acc
+
+
+def merge_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Several chunks' logprobs as one: chat's `content`/`refusal` lists, or a completion's parallel
+    `tokens`/`token_logprobs`/`top_logprobs`/`text_offset` lists, concatenated in order."""
+    if not parts:
+        return None
+    out: dict[str, Any] = {}
+    for p in parts:
+        for k, v in p.items():
+            if isinstance(v, list):
+                out[k] = [*(out.get(k) or []), *v]
+            elif k not in out:
+                out[k] = v
+    return out
+
+
+def restore_json(text: str, vault: Any) -> str:
+    """Put the caller's values back for the pseudonyms in a JSON text (tool-call arguments), so
+    that a value holding a quote or a backslash cannot break the arguments the client's tool
+    parses. Valid JSON is restored string by string with `Vault.restore` (which decides which
+    values come back and which spellings of a token it accepts) and written out again only if
+    something changed; text that is not JSON gets each exact token replaced by its value,
+    JSON-escaped."""
+    if vault is None or not len(vault):
+        return text
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(vault.tokens(), key=len, reverse=True)))
+        return pattern.sub(lambda m: json.dumps(vault.restore(m.group()), ensure_ascii=False)[1:-1], text)
+    restored = _restore_strings(parsed, vault)
+    return text if restored == parsed else json.dumps(restored, ensure_ascii=False)
+
+
+def _restore_strings(value: Any, vault: Any) -> Any:
+    if isinstance(value, str):
+        return vault.restore(value)
+    if isinstance(value, list):
+        return [_restore_strings(v, vault) for v in value]
+    if isinstance(value, dict):
+        return {_restore_strings(k, vault): _restore_strings(v, vault) for k, v in value.items()}
+    return value
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
+class FieldScan:
+    """One generated field through the output policy."""
+
+    report: dict[str, Any]  # the verdict, for the trace
+    text: str | None  # what the client may see; None when the field cuts its choice
+    changed: bool  # the client sees other text than the model wrote (redacted or restored)
+
+
+@dataclass
+class _Stream:
+    """One streamed text field under its own StreamGuard, with the spans of the model's text
+    (offsets into the guard's buffer) that went out changed: redacted or restored."""
+
+    guard: Any
+    changed: list[tuple[int, int]] = field(default_factory=list)
+
+    def taken(self, released: str, before: int) -> str:
+        after = self.guard.emitted
+        if released != self.guard.buffer[before:after]:
+            self.changed.append((before, after))
+        return released
+
+
+@dataclass
+class _Held:
+    """A chunk's logprobs, waiting for the text they describe to be released: `spans` are
+    (field, start, end) into each field's buffer; ("calls", 0, 0) for held tool calls."""
+
+    logprobs: dict[str, Any]
+    spans: list[tuple[str, int, int]]
+
+
+@dataclass
+class _Choice:
+    texts: dict[str, _Stream] = field(default_factory=dict)
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    function_call: dict[str, Any] | None = None
+    calls_released: bool = False
+    calls_changed: bool = False
+    pending: list[_Held] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    cut: bool = False
+    done: bool = False
+
+
 class StreamScan:
-    """One StreamGuard per choice index."""
+    """The output policy over a stream, per choice and per field.
 
-    guard: Guard
-    ctx: Any
-    vault: Any
-    guards: dict[int, Any] = field(default_factory=dict)
+    Each text field (`content`, or a completion's `text`; `refusal`; `reasoning_content`;
+    `reasoning`) gets its own StreamGuard: its text goes out only once scanned, redacted and
+    restored. Tool calls (and the legacy `function_call`) are held until their choice ends, then
+    scanned whole and sent as one delta each: a client acts on a call only once its arguments are
+    complete anyway, and only whole arguments can be judged and restored as JSON. A block in any
+    field cuts the choice with `content_filter`; what it still held is dropped.
 
-    def _for(self, index: int) -> Any:
-        g = self.guards.get(index)
-        if g is None:
-            g = self.guards[index] = self.guard.pipeline.stream(
-                self.ctx, self.vault, window=STREAM_WINDOW, overlap=STREAM_OVERLAP
-            )
-        return g
+    Logprobs are held with the text they describe and leave with the chunk that releases it. Those
+    of text the guard changed (a redacted span, or a restored pseudonym) or never released (held
+    when the choice was cut) never go out: they would show what the guard masked, and would not
+    match the text the client got. We drop them per chunk, not for the whole choice: a chunk's
+    logprobs whose text went out unchanged are safe to send, and a client still gets most of them.
+    """
 
-    async def feed(self, index: int, piece: str) -> Any:
-        g = self._for(index)
+    def __init__(self, guard: Guard, inp: InputResult, route: str, n_choices: int) -> None:
+        self.guard = guard
+        self.inp = inp
+        self.chat = route == "chat"
+        self.n_choices = n_choices
+        self.choices: dict[int, _Choice] = {}
+
+    @property
+    def all_cut(self) -> bool:
+        return sum(st.cut for st in self.choices.values()) >= self.n_choices
+
+    async def chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """One backend chunk in; the chunks that may go to the client now (one per choice)."""
+        out = []
+        for c in chunk.get("choices") or []:
+            st = self.choices.setdefault(int(c.get("index", 0)), _Choice())
+            if st.cut or st.done:
+                continue
+            finish = c.get("finish_reason")
+            nc = await self._step(st, c, finish, ending=finish is not None)
+            if nc is not None:
+                out.append({**chunk, "choices": [nc]})
+        return out
+
+    async def close(self, base: dict[str, Any], reason: str | None) -> list[dict[str, Any]]:
+        """End every choice still open: scan and release what it holds (or cut it), with `reason`
+        as its finish_reason: "length" for a budget cut, None where the upstream ended the stream
+        without one (the gateway does not invent why it ended)."""
+        out = []
+        for i, st in sorted(self.choices.items()):
+            if not (st.cut or st.done):
+                empty: dict[str, Any] = {"index": i, "delta": {}} if self.chat else {"index": i, "text": ""}
+                nc = await self._step(st, empty, reason, ending=True)
+                if nc is not None:
+                    out.append({**base, "choices": [nc]})
+        return out
+
+    async def _step(
+        self, st: _Choice, c: dict[str, Any], finish: str | None, ending: bool
+    ) -> dict[str, Any] | None:
+        """One backend choice in; the choice to send (None: nothing to send yet). `ending`: the
+        choice ends here, so all it holds is scanned and released (or it is cut)."""
+        given = dict(c.get("delta") or {}) if self.chat else {"text": c.get("text")}
+        delta = dict(given)  # what is left once the generated fields are taken out: role, extras
+        sent: dict[str, str] = {}  # field -> text released now
+        spans = await self._take_texts(st, delta, sent)
+        spans += self._take_calls(st, delta)
+        if c.get("logprobs"):
+            st.pending.append(_Held(c["logprobs"], spans))
+        if ending and not st.cut:
+            await self._end(st, int(c.get("index", 0)), delta, sent)
+        if st.cut:
+            finish = "content_filter"
+        st.done = ending or st.cut
+        nc = dict(c)
+        if self.chat:
+            delta.update({f: t for f, t in sent.items() if t})
+            if "role" in delta and "content" in given and "content" not in delta:
+                delta["content"] = ""  # the opening delta keeps its shape
+            nc["delta"] = delta
+            has = bool(delta)
+        else:
+            nc["text"] = sent.get("text", "")
+            has = bool(nc["text"])
+        if not has and finish is None:
+            if st.done:
+                st.pending.clear()
+            return None  # held back until scanned: nothing to send for this choice yet
+        nc["finish_reason"] = finish
+        logprobs = self._ready_logprobs(st)
+        if logprobs is not None or "logprobs" in c:
+            nc["logprobs"] = logprobs
+        return nc
+
+    async def _take_texts(
+        self, st: _Choice, delta: dict[str, Any], sent: dict[str, str]
+    ) -> list[tuple[str, int, int]]:
+        """Feed the delta's text fields to their guards; returns where each piece lies in its
+        field's buffer (what its logprobs wait for)."""
+        spans = []
+        for f in TEXT_FIELDS if self.chat else ("text",):
+            piece = delta.pop(f, None)
+            if isinstance(piece, list):  # parts in a delta: their text
+                piece = "".join(p.get("text") or "" for p in piece if isinstance(p, dict))
+            if not isinstance(piece, str) or not piece or st.cut:
+                continue
+            s = st.texts.get(f)
+            if s is None:
+                s = st.texts[f] = _Stream(self.guard.new_stream_guard(self.inp))
+            start, before = len(s.guard.buffer), s.guard.emitted
+            r = await self._feed(s.guard, piece)
+            sent[f] = sent.get(f, "") + s.taken(r.text, before)
+            spans.append((f, start, start + len(piece)))
+            st.cut = st.cut or r.cut
+        return spans
+
+    @staticmethod
+    def _take_calls(st: _Choice, delta: dict[str, Any]) -> list[tuple[str, int, int]]:
+        """Hold the delta's tool-call pieces, assembled per call, until the choice ends."""
+        spans: list[tuple[str, int, int]] = []
+        for tc in delta.pop("tool_calls", None) or []:
+            if isinstance(tc, dict):
+                merge_call(st.calls.setdefault(int(tc.get("index") or 0), {}), tc)
+                spans.append(("calls", 0, 0))
+        fc = delta.pop("function_call", None)
+        if isinstance(fc, dict):
+            st.function_call = merge_call(st.function_call or {}, fc)
+            spans.append(("calls", 0, 0))
+        return spans
+
+    async def _end(self, st: _Choice, i: int, delta: dict[str, Any], sent: dict[str, str]) -> None:
+        """The choice ends: scan and release the rest of every text field, then its tool calls
+        (into `delta`); or cut it."""
+        for f, s in st.texts.items():
+            before = s.guard.emitted
+            r = await asyncio.to_thread(s.guard.finish)
+            sent[f] = sent.get(f, "") + s.taken(r.text, before)
+            if r.cut:
+                st.cut = True
+                return
+        calls = await self._release_calls(st, i)
+        st.cut = calls is None
+        delta.update(calls or {})
+
+    @staticmethod
+    async def _feed(g: Any, piece: str) -> Any:
         step = g.window - g.overlap
         if len(g.buffer) + len(piece) - g.scanned_to >= step:
             return await asyncio.to_thread(g.feed, piece)  # a window fills: the encoder runs
         return g.feed(piece)
 
-    async def finish(self, index: int) -> Any:
-        return await asyncio.to_thread(self._for(index).finish)
+    async def _release_calls(self, st: _Choice, i: int) -> dict[str, Any] | None:
+        """Scan a finished choice's held tool calls: what to add to its last delta, or None when
+        one of them blocks (the choice is then cut, and no call goes out)."""
+        held: list[tuple[str, Any]] = [
+            (f"tool_calls[{j}].function", st.calls[j].get("function")) for j in sorted(st.calls)
+        ]
+        if st.function_call is not None:
+            held.append(("function_call", st.function_call))
+        for where, fn in held:
+            for key in ("name", "arguments") if isinstance(fn, dict) else ():
+                if not _text(fn, key):
+                    continue
+                s = await self.guard.scan_field(fn[key], self.inp, json_text=key == "arguments")
+                st.reports.append({"stage": "output", "choice": i, "field": f"{where}.{key}", **s.report})
+                if s.text is None:
+                    return None
+                st.calls_changed = st.calls_changed or s.changed
+                fn[key] = s.text
+        st.calls_released = True
+        out: dict[str, Any] = {}
+        if st.calls:
+            out["tool_calls"] = [{"index": j, **st.calls[j]} for j in sorted(st.calls)]
+        if st.function_call is not None:
+            out["function_call"] = st.function_call
+        return out
+
+    @staticmethod
+    def _ready_logprobs(st: _Choice) -> dict[str, Any] | None:
+        """The held logprobs whose text has all gone out unchanged, merged; those whose text went
+        out changed are dropped; once the choice is done, so is everything still held."""
+        ready, keep = [], []
+        for held in st.pending:
+            state = "ready"
+            for f, a, b in held.spans:
+                if f == "calls":
+                    if st.calls_changed:
+                        state = "drop"
+                    elif not st.calls_released and state == "ready":
+                        state = "wait"
+                    continue
+                s = st.texts[f]
+                if any(x < b and a < y for x, y in s.changed):
+                    state = "drop"
+                elif s.guard.emitted < b and state == "ready":
+                    state = "wait"
+            if state == "ready":
+                ready.append(held.logprobs)
+            elif state == "wait" and not st.done:
+                keep.append(held)
+        st.pending = keep
+        return merge_logprobs(ready)
 
     def reports(self) -> list[dict[str, Any]]:
-        return [{"stage": "output", "choice": i, **g.report()} for i, g in sorted(self.guards.items())]
+        """One entry per scanned field; held tool calls never scanned (the stream stopped first)
+        say so, rather than being left out."""
+        out: list[dict[str, Any]] = []
+        for i, st in sorted(self.choices.items()):
+            out += [
+                {"stage": "output", "choice": i, "field": f, **s.guard.report()} for f, s in st.texts.items()
+            ]
+            out += st.reports
+            if (st.calls or st.function_call) and not st.calls_released:
+                out.append(
+                    {"stage": "output", "choice": i, "field": "tool_calls", "scanned": False, "cut": st.cut}
+                )
+        return out
 
 
 class Guard:
@@ -147,28 +491,71 @@ class Guard:
                 body[key] = texts if isinstance(body[key], list) else texts[0]
         return InputResult(ctx, v.vault)
 
-    async def scan_output(self, route: str, out: dict[str, Any], inp: InputResult, trace: Trace) -> None:
-        """Scan every choice; redact or restore its text, or cut it with `content_filter`."""
-        for choice in out.get("choices") or []:
-            if route == "chat":
-                msg = choice.get("message") or {}
-                text = msg.get("content")
-            else:
-                text = choice.get("text")
-            if not isinstance(text, str) or not text:
-                continue
-            v = await self.pipeline.scan_output(text, inp.ctx, inp.vault)
-            trace.guard.append({"stage": "output", "choice": choice.get("index", 0), **v.to_trace()})
-            shown = "" if v.blocked else (v.text if v.text is not None else text)
-            if v.blocked:
-                choice["finish_reason"] = "content_filter"
-            if route == "chat":
-                msg["content"] = shown
-            else:
-                choice["text"] = shown
+    async def scan_output(self, route: str, out: dict[str, Any], inp: InputResult, trace: Trace) -> bool:
+        """Scan every text each choice carries from the model (content, as a string or as parts;
+        refusal; reasoning; tool-call names and arguments), redacting and restoring each in place.
+        A block in any field cuts the choice: `finish_reason: "content_filter"`, no text and no
+        tool call. Returns whether every choice was cut, which makes the outcome "blocked", as it
+        is for a stream.
 
-    def stream(self, inp: InputResult) -> StreamScan:
-        return StreamScan(self, inp.ctx, inp.vault)
+        Logprobs are dropped (null) for a choice whose text the client gets changed: they would
+        carry the words the guard masked or blocked. A whole answer's logprobs are tokens, not
+        character spans, so the choice's are dropped whole rather than guessed at."""
+        chat = route == "chat"
+        choices = [c for c in out.get("choices") or [] if isinstance(c, dict)]
+        cut = 0
+        for choice in choices:
+            holder = choice.get("message") if chat else choice
+            if not isinstance(holder, dict):
+                continue
+            blocked = changed = False
+            for where, box, key in _slots(holder, chat):
+                s = await self.scan_field(box[key], inp, json_text=key == "arguments")
+                entry = {"stage": "output", "choice": choice.get("index", 0), "field": where}
+                trace.guard.append({**entry, **s.report})
+                if s.text is None:
+                    blocked = True
+                    break
+                box[key] = s.text
+                changed = changed or s.changed
+            if blocked:
+                cut += 1
+                choice["finish_reason"] = "content_filter"
+                if chat:
+                    kept = {k: v for k, v in holder.items() if k not in GENERATED}
+                    choice["message"] = {**kept, "content": ""}
+                else:
+                    choice["text"] = ""
+            if (blocked or changed) and choice.get("logprobs") is not None:
+                choice["logprobs"] = None
+        return bool(choices) and cut == len(choices)
+
+    async def scan_field(self, text: str, inp: InputResult, *, json_text: bool = False) -> FieldScan:
+        """One generated text through the output policy. Tool-call arguments (`json_text`) are
+        restored JSON-escaped (`restore_json`), not as plain text; and if masking a span broke
+        arguments that were valid JSON, the field blocks: the client's tool cannot parse them, and
+        unmasking is not an option."""
+        from steward.guard import Action
+
+        v = await self.pipeline.scan_output(text, inp.ctx, None if json_text else inp.vault)
+        report = v.to_trace()
+        if v.blocked:
+            return FieldScan(report, None, True)
+        shown = v.text if v.text is not None else text
+        if json_text:
+            if shown != text and _is_json(text) and not _is_json(shown):
+                why = "masking a span left the arguments invalid JSON"
+                report.update(action=Action.BLOCK.value, errors={**report["errors"], "json": why})
+                return FieldScan(report, None, True)
+            if self.pipeline.policy_for(inp.ctx)[1].restore_pseudonyms:
+                shown = restore_json(shown, inp.vault)
+        return FieldScan(report, shown, shown != text)
+
+    def new_stream_guard(self, inp: InputResult) -> Any:
+        return self.pipeline.stream(inp.ctx, inp.vault, window=STREAM_WINDOW, overlap=STREAM_OVERLAP)
+
+    def stream(self, inp: InputResult, route: str = "chat", n_choices: int = 1) -> StreamScan:
+        return StreamScan(self, inp, route, n_choices)
 
 
 def _blocked_message(v: Any) -> str:

@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from steward.backends.base import JSON, Backend, BackendError, Call, ModelInfo
 from steward.gateway.errors import APIError, json_response, validation_message
+from steward.gateway.guarding import GENERATED, TEXT_FIELDS, generated_texts, merge_call
 from steward.gateway.keys import KeyStore, Principal, hash_key
 from steward.gateway.limits.base import (
     DEFAULT_LEASE_TTL_S,
@@ -43,6 +44,18 @@ STREAM_CHUNK_TOKENS = 256  # a stream without max_tokens reserves its tokens in 
 PROMPT_BYTES_PER_TOKEN = 3.0
 """Text the gateway cannot tokenise is reserved at one token per this many UTF-8 bytes: the bound the
 `openai` backend uses for upstream prompts (English BPE averages ~4 bytes per token, code ~3)."""
+STREAM_BYTES_PER_TOKEN = 4.0
+"""A stream's running token count, checked against its budget before the upstream's usage arrives,
+is max(choice events, UTF-8 bytes of the generated text / this): the `openai` backend's own usage
+estimate. Counted per event alone, an upstream that sends many tokens in one event (speculative
+decoding, a coalescing proxy) would stream far past a budget."""
+OFF_LOOP_PROMPT_BYTES = 16_384
+"""A request body larger than this has its prompt counted in a worker thread, off the event loop."""
+MAX_BYTES_PER_TOKEN = 64
+"""No tokenizer averages this many UTF-8 bytes per token over a prompt, so a prompt longer than
+this many bytes per token of an in-process model's context cannot fit, and is refused without
+tokenising it: the built-in tokenizer holds the GIL while it encodes, so a thread alone does not
+keep a megabyte prompt (about a second) from stalling every request on the worker."""
 MIN_HOLD_S = 3600.0
 """A request refreshes its concurrency leases while it runs, for at least this long (or twice the
 model's timeout): a bound that only matters if a request were never settled."""
@@ -420,7 +433,8 @@ class Gateway:
         entry = self.model(req.model, principal, route)
         trace.model, trace.backend = entry.info.id, entry.info.backend
         trace.weights_sha256 = entry.info.weights_sha256
-        trace.policy_version = principal.tenant_policy or "default"
+        # The guard names the policy it ran (`name@hash`); with guards off, none ran.
+        trace.policy_version = (principal.tenant_policy or "default") if self.guard is not None else None
         trace.user = getattr(req, "user", None)
         stream = route != "embeddings" and bool(getattr(req, "stream", False))
         trace.stream = stream
@@ -438,10 +452,26 @@ class Gateway:
             t = trace.mark("guard_input", t)
         call = Call(body=body, upstream_model=body["model"], request_id=trace.request_id)
         call.timeout_s = entry.route.timeout_s
+        # Shared, not copied: what the backend learns later (the fallback member that served,
+        # attempts, estimated usage) is there when the audit event is built.
+        trace.extra["upstream"] = call.metadata
 
         backend = entry.backend
-        prompt_est = self._backend_call(
-            lambda: backend.count_prompt_tokens("chat" if route == "chat" else "completions", call)
+        big = len(raw) > OFF_LOOP_PROMPT_BYTES
+        ctx = entry.info.context_length
+        if big and ctx and route != "embeddings" and hasattr(backend, "max_new_tokens"):
+            size = _prompt_bytes(body)
+            if size > ctx * MAX_BYTES_PER_TOKEN:
+                raise APIError(
+                    400,
+                    f"this model's maximum context length is {ctx} tokens; the prompt's {size} bytes "
+                    "cannot fit in it",
+                    type="invalid_request_error",
+                    param="messages" if route == "chat" else "prompt",
+                    code="context_length_exceeded",
+                )
+        prompt_est = await self._backend_call(
+            lambda: backend.count_prompt_tokens("chat" if route == "chat" else "completions", call), big
         )
         # Choices generated per prompt (a completion's `best_of` generates that many and returns
         # `n`), and prompts (a completion's prompt may be a list; each gets its own choices).
@@ -457,7 +487,7 @@ class Gateway:
         elif budget is not None:
             max_new = budget
         elif hasattr(backend, "max_new_tokens"):
-            max_new = self._backend_call(lambda: backend.max_new_tokens(route, call))
+            max_new = await self._backend_call(lambda: backend.max_new_tokens(route, call), big)
         elif stream:
             max_new = STREAM_CHUNK_TOKENS
         else:
@@ -495,6 +525,7 @@ class Gateway:
                     inp=inp,
                     prompt_tokens=int(prompt_est),
                     reserved_completion=int(completion_max),
+                    n_choices=int(body.get("n") or 1) * prompts,
                 )
             b0 = time.perf_counter()
             try:
@@ -509,14 +540,7 @@ class Gateway:
                 state["backend_s"] = trace.backend_s
         except BackendError as exc:
             await self.settle(res, {"tokens": 0, "spend": 0})
-            raise APIError(
-                exc.status,
-                exc.message,
-                type=exc.type,
-                param=exc.param,
-                code=exc.code,
-                headers={"retry-after": str(int(exc.retry_after))} if exc.retry_after else None,
-            ) from None
+            raise _api_error(exc) from None
         except BaseException:
             await self.settle(res, {"tokens": 0, "spend": 0})
             raise
@@ -526,72 +550,25 @@ class Gateway:
         try:
             out["model"] = entry.route.name
             trace.usage = dict(usage)
+            blocked = False
             if inp is not None:
                 g0 = time.perf_counter()
-                await self.guard.scan_output(route, out, inp, trace)
+                blocked = await self.guard.scan_output(route, out, inp, trace)
                 trace.mark("guard_output", g0)
             trace.payload = {"request": call.body, "response": out.get("choices")}
         finally:
             await self.settle(res, actual)  # the real usage, whatever happens after the answer
-        await self.finish(trace, 200, "ok")
+        # An answer the output guard cut whole is "blocked", as the same answer streamed is.
+        await self.finish(trace, 200, "blocked" if blocked else "ok")
         return json_response(200, out, headers)
 
-    async def _scan_chunk(
-        self, scan: Any, chunk: dict[str, Any], cut: set[int], n_choices: int, sent: dict[int, list[str]]
-    ) -> tuple[list[dict[str, Any]], bool]:
-        """Pass one backend chunk through the stream guards.
-
-        Text is released only once it has been scanned (so it may come out in a later chunk); a
-        choice whose guard cuts gets `finish_reason: "content_filter"` and nothing after it. Returns
-        the chunks to send, and whether every choice has been cut (the stream then ends). What is
-        released is added to `sent`, which is what the audit payload stores: the text the client
-        got (secrets masked), never the backend's text before redaction or after a cut.
-        """
-        out: list[dict[str, Any]] = []
-        for c in chunk["choices"]:
-            i = int(c.get("index", 0))
-            if i in cut:
-                continue
-            is_chat = "delta" in c
-            delta = dict(c.get("delta") or {}) if is_chat else {}
-            piece = delta.get("content") if is_chat else c.get("text")
-            finish = c.get("finish_reason")
-            released = ""
-            if piece:
-                r = await scan.feed(i, piece)
-                released += r.text
-                if r.cut:
-                    cut.add(i)
-                    finish = "content_filter"
-            if finish is not None and i not in cut:
-                r = await scan.finish(i)
-                released += r.text
-                if r.cut:
-                    cut.add(i)
-                    finish = "content_filter"
-            if released:
-                sent.setdefault(i, []).append(released)
-            nc = dict(c)
-            if is_chat:
-                rest = {k: v for k, v in delta.items() if k != "content"}
-                if released or ("content" in delta and "role" in delta):
-                    rest["content"] = released
-                nc["delta"] = rest
-                if not rest and finish is None:
-                    continue  # held back until scanned: nothing to send for this choice yet
-            else:
-                nc["text"] = released
-                if not released and finish is None:
-                    continue
-            nc["finish_reason"] = finish
-            out.append({**chunk, "choices": [nc]})
-        return out, len(cut) >= n_choices
-
-    def _backend_call(self, fn: Callable[[], Any]) -> Any:
+    async def _backend_call(self, fn: Callable[[], Any], off_loop: bool = False) -> Any:
+        """A backend's synchronous helper (counting prompt tokens, the completion budget), in a
+        worker thread when `off_loop` (a large prompt: tokenising it would block the loop)."""
         try:
-            return fn()
+            return await asyncio.to_thread(fn) if off_loop else fn()
         except BackendError as exc:
-            raise APIError(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code) from None
+            raise _api_error(exc) from None
 
     async def _stream(
         self,
@@ -607,6 +584,7 @@ class Gateway:
         inp: Any = None,
         prompt_tokens: int = 0,
         reserved_completion: int = STREAM_CHUNK_TOKENS,
+        n_choices: int = 1,
     ) -> Response:
         backend = entry.backend
         b0 = time.perf_counter()
@@ -618,20 +596,21 @@ class Gateway:
             it = _empty()
         except BackendError as exc:
             await self.settle(res, {"tokens": 0, "spend": 0})
-            raise APIError(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code) from None
+            raise _api_error(exc) from None
         finally:
             trace.backend_s += time.perf_counter() - b0
             state["backend_s"] = trace.backend_s
 
         async def events() -> AsyncIterator[bytes]:
             usage: dict[str, Any] = {}
-            counted = 0  # completion tokens seen so far (approximate when the backend sends no usage)
+            counted = 0  # completion tokens seen so far (estimated from the text; see STREAM_BYTES_PER_TOKEN)
+            pieces = text_bytes = 0  # what `counted` is estimated from
             reserved = max(reserved_completion, 1)  # completion tokens reserved so far
-            texts: dict[int, list[str]] = {}
             status, outcome, error = 200, "ok", None
-            scan = self.guard.stream(inp) if (inp is not None and self.guard is not None) else None
-            cut_choices: set[int] = set()
-            n_choices = int(call.body.get("n") or 1)
+            scan = None if inp is None or self.guard is None else self.guard.stream(inp, route, n_choices)
+            sent = _Delivered()
+            base = {k: v for k, v in (first or {}).items() if k not in ("choices", "usage")}
+            usage_event: dict[str, Any] | None = None  # the upstream's own usage chunk, sent last
             finished = False
 
             async def close_out() -> None:
@@ -661,10 +640,7 @@ class Gateway:
                 ct = float(usage.get("completion_tokens", counted))
                 if scan is not None:
                     trace.guard.extend(scan.reports())
-                trace.payload = {
-                    "request": call.body,
-                    "response": {str(i): "".join(parts) for i, parts in sorted(texts.items())},
-                }
+                trace.payload = sent.payload(call.body)
                 await self.settle(res, {"tokens": pt + ct, "spend": self.spend(entry, pt, ct)})
                 try:
                     await self.finish(trace, status, outcome, error)
@@ -673,10 +649,13 @@ class Gateway:
 
             audit_error: list[dict[str, Any]] = []
 
+            def event(ev: dict[str, Any]) -> bytes:
+                sent.record(ev)
+                return b"data: " + orjson.dumps(ev) + b"\n\n"
+
             def usage_chunk() -> bytes:
                 # The usage a client asked for arrives even when the stream was cut short.
-                base = {k: v for k, v in (first or {}).items() if k not in ("choices", "usage")}
-                ev = {**base, "model": entry.route.name, "choices": [], "usage": usage}
+                ev = usage_event or {**base, "model": entry.route.name, "choices": [], "usage": usage}
                 return b"data: " + orjson.dumps(ev) + b"\n\n"
 
             def done() -> bytes:
@@ -686,87 +665,57 @@ class Gateway:
                 return b"data: [DONE]\n\n"
 
             try:
-                chunk = first
+                chunk, end = first, "eof"
                 while chunk is not None:
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                     if chunk.get("choices"):
                         chunk["model"] = entry.route.name
-                        counted += len(chunk["choices"])
-                        for c in chunk["choices"]:
-                            piece = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
-                            if piece and scan is None:
-                                texts.setdefault(int(c.get("index", 0)), []).append(piece)
+                        base = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
+                        pieces += len(chunk["choices"])
+                        text_bytes += sum(_generated_bytes(c) for c in chunk["choices"])
+                        counted = max(pieces, math.ceil(text_bytes / STREAM_BYTES_PER_TOKEN))
+                        over = False
                         if unbounded and res is not None and counted >= reserved:
-                            if not await self.limiter.extend(res, {"tokens": STREAM_CHUNK_TOKENS}):
-                                # A hard cap: stop here rather than let the stream run past it.
-                                stop = {
-                                    **chunk,
-                                    "choices": [
-                                        {"index": c.get("index", 0), "delta": {}, "finish_reason": "length"}
-                                        for c in chunk["choices"]
-                                    ],
-                                }
-                                outcome = "cut"
-                                if scan is not None:
-                                    held = {
-                                        **chunk,
-                                        "choices": [
-                                            {**c, "finish_reason": "length"} for c in chunk["choices"]
-                                        ],
-                                    }
-                                    out_chunks, _ = await self._scan_chunk(
-                                        scan, held, cut_choices, n_choices, texts
-                                    )
-                                    stop = {**chunk, "choices": []}
-                                    for oc in out_chunks:
-                                        yield b"data: " + orjson.dumps(oc) + b"\n\n"
-                                await close_out()
-                                if stop["choices"]:
-                                    yield b"data: " + orjson.dumps(stop) + b"\n\n"
-                                if client_usage:
-                                    yield usage_chunk()
-                                yield done()
-                                return
-                            reserved += STREAM_CHUNK_TOKENS
-                        if scan is not None:
-                            out_chunks, stop_now = await self._scan_chunk(
-                                scan, chunk, cut_choices, n_choices, texts
-                            )
-                            for oc in out_chunks:
-                                yield b"data: " + orjson.dumps(oc) + b"\n\n"
-                            if stop_now:
-                                outcome = "blocked"
-                                await close_out()
-                                if client_usage:
-                                    yield usage_chunk()
-                                yield done()
-                                return
-                            try:
-                                chunk = await it.__anext__()
-                            except StopAsyncIteration:
-                                chunk = None
-                            continue
-                        yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-                    elif chunk.get("usage") and client_usage:
+                            # Whole chunks of STREAM_CHUNK_TOKENS, as many as this event needs.
+                            more = STREAM_CHUNK_TOKENS * ((counted - reserved) // STREAM_CHUNK_TOKENS + 1)
+                            over = not await self.limiter.extend(res, {"tokens": more})
+                            reserved += 0 if over else more
+                        out = [chunk] if scan is None else await scan.chunk(chunk)
+                        for oc in out:
+                            yield event(oc)
+                        if over:  # a hard cap: stop here rather than let the stream run past it
+                            end = "cut"
+                            break
+                        if scan is not None and scan.all_cut:
+                            end = "blocked"
+                            break
+                    elif chunk.get("usage"):
                         chunk["model"] = entry.route.name
-                        usage_event = b"data: " + orjson.dumps(chunk) + b"\n\n"
-                        try:
-                            chunk = await it.__anext__()
-                        except StopAsyncIteration:
-                            chunk = None
-                        if chunk is None:
-                            await close_out()
-                            if audit_error:
-                                yield done()
-                                return
-                        yield usage_event
-                        continue
-                    try:
-                        chunk = await it.__anext__()
-                    except StopAsyncIteration:
-                        chunk = None
+                        usage_event = chunk
+                    chunk = await anext(it, None)
+                # The end: every choice still open is finished (a cut) or has its held text
+                # released (an upstream that ended without a finish_reason).
+                if end == "cut":
+                    outcome = "cut"
+                    tail = await scan.close(base, "length") if scan is not None else []
+                    for oc in tail:
+                        yield event(oc)
+                    for i in sorted(sent.seen.union(range(n_choices)) - sent.finished):
+                        stop: dict[str, Any] = {"index": i, "finish_reason": "length"}
+                        if route == "chat":
+                            stop["delta"] = {}
+                        else:
+                            stop.update(text="", logprobs=None)
+                        yield event({**base, "choices": [stop]})
+                elif end == "eof" and scan is not None:
+                    for oc in await scan.close(base, None):
+                        yield event(oc)
+                if scan is not None and scan.all_cut and outcome == "ok":
+                    outcome = "blocked"
                 await close_out()
+                if client_usage and not audit_error:
+                    yield usage_chunk()
                 yield done()
             except BackendError as exc:
                 status, outcome = exc.status, "error"
@@ -801,6 +750,80 @@ class Gateway:
 
         hdrs = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
         return EventStreamResponse(events(), headers=hdrs)
+
+
+def _api_error(exc: BackendError) -> APIError:
+    """A backend's error as the client gets it, streamed or not. The upstream's wait goes on in
+    Retry-After as whole seconds rounded up: a 0.4 s wait read as "0" would have clients retry at
+    once."""
+    headers = {"retry-after": str(math.ceil(exc.retry_after))} if exc.retry_after else None
+    return APIError(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=headers)
+
+
+def _prompt_bytes(body: dict[str, Any]) -> int:
+    """UTF-8 bytes of the text a generation request gives the model: its messages' contents (text
+    parts too), or its prompts and suffix."""
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    size = 0
+    for value in (body.get("prompt"), body.get("suffix"), *(m.get("content") for m in messages)):
+        for item in value if isinstance(value, list) else [value]:
+            text = item.get("text") if isinstance(item, dict) else item
+            size += len(text.encode("utf-8", "replace")) if isinstance(text, str) else 0
+    return size
+
+
+def _generated_bytes(choice: dict[str, Any]) -> int:
+    """UTF-8 bytes of all the text one choice of a stream chunk carries from the model (content,
+    reasoning, tool-call arguments): what the stream's token count is estimated from."""
+    return sum(len(t.encode("utf-8", "replace")) for t in generated_texts(choice))
+
+
+class _Delivered:
+    """What a stream's client has been sent, per choice. The audit payload is built from it, so it
+    holds the text the client got (after redaction), never text held back, cut or dropped; and a
+    budget cut reads from it which choices still need a finish_reason."""
+
+    def __init__(self) -> None:
+        self.text: dict[int, list[str]] = {}
+        self.fields: dict[int, dict[str, Any]] = {}  # other generated fields: reasoning, tool calls
+        self.seen: set[int] = set()
+        self.finished: set[int] = set()
+
+    def record(self, chunk: dict[str, Any]) -> None:
+        for c in chunk.get("choices") or []:
+            i = int(c.get("index", 0))
+            self.seen.add(i)
+            if c.get("finish_reason") is not None:
+                self.finished.add(i)
+            delta = c.get("delta") if "delta" in c else {"content": c.get("text")}
+            for k, v in (delta if isinstance(delta, dict) else {}).items():
+                if k == "content" and isinstance(v, str) and v:
+                    self.text.setdefault(i, []).append(v)
+                elif k in GENERATED and k != "content":
+                    self._field(i, k, v)
+
+    def _field(self, i: int, k: str, v: Any) -> None:
+        f = self.fields.setdefault(i, {})
+        if k in TEXT_FIELDS and isinstance(v, str):
+            f[k] = f.get(k, "") + v
+        elif k == "tool_calls" and isinstance(v, list):
+            calls = f.setdefault(k, {})
+            for tc in v:
+                if isinstance(tc, dict):
+                    merge_call(calls.setdefault(int(tc.get("index") or 0), {}), tc)
+        elif k == "function_call" and isinstance(v, dict):
+            merge_call(f.setdefault(k, {}), v)
+
+    def payload(self, request: dict[str, Any]) -> dict[str, Any]:
+        out = {"request": request, "response": {str(i): "".join(p) for i, p in sorted(self.text.items())}}
+        fields = {
+            str(i): {k: list(v.values()) if k == "tool_calls" else v for k, v in f.items()}
+            for i, f in sorted(self.fields.items())
+            if f
+        }
+        if fields:
+            out["response_fields"] = fields
+        return out
 
 
 async def _empty() -> AsyncIterator[JSON]:

@@ -1,0 +1,423 @@
+"""The output policy covers every text field the model produces, not just `content`.
+
+Tool-call arguments (whole and streamed), the legacy `function_call`, `refusal`, `reasoning_content`
+and content given as parts are scanned: blocked, redacted and restored like content. Logprobs never
+carry text the guard changed or withheld, and a stream's are held with their text. A non-streamed
+answer the output guard cuts is audited `blocked`, as a streamed one is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from gateway_harness import Running, free_port, start_gateway
+from steward.gateway.settings import ModelRoute, Settings
+from steward.guard import Vault
+
+AWS = "AKIAIOSFODNN7EXAMPLE"
+EMAIL = "john.smith@example.com"
+SYSTEM = "You are a helpful assistant for Acme. Keep answers short."
+Script = Callable[[dict[str, Any]], Any]
+
+
+class Scripted:
+    """An OpenAI-compatible upstream whose answer to each request is `script(body)`: a dict (a JSON
+    answer) or a list of chunks (an SSE stream, then `[DONE]`)."""
+
+    def __init__(self) -> None:
+        self.script: Script = lambda body: answer("hello")
+        self.seen: list[dict[str, Any]] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        ready = threading.Event()
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            self.seen.append(body)
+            out = self.script(body)
+            if isinstance(out, dict):
+                return web.json_response(out)
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            for c in out:
+                await resp.write(b"data: " + json.dumps(c).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", handle)
+            app.router.add_post("/v1/completions", handle)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            ready.set()
+            await asyncio.Event().wait()
+
+        threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
+        assert ready.wait(10)
+
+
+def answer(content: Any, finish: str = "stop", logprobs: Any = None, **msg: Any) -> dict[str, Any]:
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": content, **msg},
+        "finish_reason": finish,
+    }
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
+    return {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "up",
+        "choices": [choice],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10},
+    }
+
+
+def chunk(delta: dict[str, Any], index: int = 0, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "up",
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish, **extra}],
+    }
+
+
+def usage() -> dict[str, Any]:
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "up",
+        "choices": [],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 40, "total_tokens": 45},
+    }
+
+
+def lp(tokens: list[str]) -> dict[str, Any]:
+    entries = [{"token": t, "logprob": -0.1, "bytes": list(t.encode()), "top_logprobs": []} for t in tokens]
+    return {"content": entries, "refusal": None}
+
+
+def call(args: str, name: str = "send") -> list[dict[str, Any]]:
+    return [{"id": "call_1", "type": "function", "function": {"name": name, "arguments": args}}]
+
+
+def canary_of(body: dict[str, Any]) -> str:
+    m = re.search(r"stw-canary-[0-9a-f]+", json.dumps(body["messages"]))
+    assert m is not None
+    return m.group(0)
+
+
+@pytest.fixture(scope="module")
+def up() -> Scripted:
+    return Scripted()
+
+
+@pytest.fixture(scope="module")
+def gw(up: Scripted, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, list[Any]]]:
+    data = Path(tmp_path_factory.mktemp("fields"))
+    route = ModelRoute(name="m", backend="openai", base_url=up.url, upstream_model="up", max_retries=0)
+    settings = Settings(data_dir=data, port=free_port(), models=[route], embedding_model="")
+    records: list[Any] = []
+    for running in start_gateway(settings):
+        gateway: Any = running.gateway
+        inner = gateway.on_finish
+
+        def keep(trace: Any, inner: Any = inner) -> Any:
+            records.append(trace)
+            return inner(trace) if inner is not None else None
+
+        gateway.on_finish = keep
+        yield running, records
+
+
+def post(gw: tuple[Running, list[Any]], body: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+    running, _ = gw
+    h = {"authorization": f"Bearer {key or running.key('acme', 'user')}"}
+    r = httpx.post(running.url + "/v1/chat/completions", json={"model": "m", **body}, headers=h, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def stream(
+    gw: tuple[Running, list[Any]], body: dict[str, Any], key: str | None = None
+) -> list[dict[str, Any]]:
+    running, _ = gw
+    h = {"authorization": f"Bearer {key or running.key('acme', 'user')}"}
+    full = {"model": "m", **body, "stream": True}
+    with httpx.stream("POST", running.url + "/v1/chat/completions", json=full, headers=h, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[6:]) for ln in lines[:-1]]
+
+
+def streamed(events: list[dict[str, Any]], field: str, index: int = 0) -> str:
+    return "".join(
+        (c.get("delta") or {}).get(field) or ""
+        for e in events
+        for c in e.get("choices") or []
+        if c["index"] == index
+    )
+
+
+def streamed_args(events: list[dict[str, Any]]) -> str:
+    return "".join(
+        (t.get("function") or {}).get("arguments") or ""
+        for e in events
+        for c in e.get("choices") or []
+        for t in (c.get("delta") or {}).get("tool_calls") or []
+    )
+
+
+def finishes(events: list[dict[str, Any]]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for e in events:
+        for c in e.get("choices") or []:
+            if c.get("finish_reason"):
+                out.setdefault(c["index"], []).append(c["finish_reason"])
+    return out
+
+
+def last_trace(gw: tuple[Running, list[Any]]) -> Any:
+    return gw[1][-1]
+
+
+def outputs(trace: Any) -> dict[str, dict[str, Any]]:
+    return {g.get("field", "?"): g for g in trace.guard if g["stage"] == "output"}
+
+
+def test_every_generated_field_of_an_answer_is_redacted(gw: Any, up: Scripted) -> None:
+    up.script = lambda body: answer(
+        [{"type": "text", "text": f"key {AWS}"}],
+        refusal=f"I will not use {AWS}",
+        reasoning_content=f"the key is {AWS}",
+        tool_calls=call(json.dumps({"key": AWS})),
+        function_call={"name": "send", "arguments": json.dumps({"k": AWS})},
+    )
+    out = post(gw, {"messages": [{"role": "user", "content": "hi"}]})
+    assert AWS not in json.dumps(out)
+    msg = out["choices"][0]["message"]
+    assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"key": "[AWS_ACCESS_KEY]"}
+    assert json.loads(msg["function_call"]["arguments"]) == {"k": "[AWS_ACCESS_KEY]"}
+    assert msg["refusal"] == "I will not use [AWS_ACCESS_KEY]"
+    assert msg["reasoning_content"] == "the key is [AWS_ACCESS_KEY]"
+    assert msg["content"] == [{"type": "text", "text": "key [AWS_ACCESS_KEY]"}]
+    scanned = outputs(last_trace(gw))
+    for field in ("refusal", "reasoning_content", "content[0]", "tool_calls[0].function.arguments"):
+        assert scanned[field]["scanned"] is True and scanned[field]["action"] == "redact", field
+
+
+def test_a_leak_in_tool_arguments_cuts_the_choice_and_is_audited_blocked(gw: Any, up: Scripted) -> None:
+    up.script = lambda body: answer(
+        None,
+        finish="tool_calls",
+        logprobs=lp(["x"]),
+        tool_calls=call(json.dumps({"q": f"[{canary_of(body)}]"})),
+    )
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
+    out = post(gw, {"messages": msgs, "logprobs": True})
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and "stw-canary" not in json.dumps(out)
+    assert "tool_calls" not in choice["message"] and choice["logprobs"] is None
+    assert last_trace(gw).outcome == "blocked"  # as the same block in a stream is
+    from steward.gateway.audit_sink import event_from_trace
+
+    recorded = event_from_trace(last_trace(gw)).detail["guard"]
+    entry = next(g for g in recorded if g.get("field") == "tool_calls[0].function.arguments")
+    assert entry["stage"] == "output" and entry["action"] == "block"
+
+
+def test_pseudonyms_in_tool_arguments_are_restored(gw: Any, up: Scripted) -> None:
+    def script(body: dict[str, Any]) -> Any:
+        seen = body["messages"][-1]["content"]
+        token = re.search(r"<EMAIL_ADDRESS_\d+>", seen)
+        assert token is not None and EMAIL not in seen
+        args = json.dumps({"to": token.group(0)})
+        if not body.get("stream"):
+            return answer(None, finish="tool_calls", tool_calls=call(args))
+        first = {
+            "index": 0,
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "send", "arguments": ""},
+        }
+        return [
+            chunk({"role": "assistant", "content": None, "tool_calls": [first]}),
+            *[
+                chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 4]}}]})
+                for i in range(0, len(args), 4)
+            ],
+            chunk({}, finish="tool_calls"),
+            usage(),
+        ]
+
+    up.script = script
+    msgs = [{"role": "user", "content": f"Send an email to {EMAIL} saying the invoice is paid."}]
+    out = post(gw, {"messages": msgs})
+    assert json.loads(out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == {"to": EMAIL}
+    events = stream(gw, {"messages": msgs})
+    assert json.loads(streamed_args(events)) == {"to": EMAIL}
+    assert finishes(events) == {0: ["tool_calls"]}
+
+
+def test_restored_values_are_json_escaped_inside_arguments() -> None:
+    from steward.gateway.guarding import restore_json
+
+    vault = Vault()
+    token = vault.pseudonym("PERSON", 'Ann "Red" O\\Lee')
+    args = json.dumps({"name": token, "note": "plain"})
+    assert json.loads(restore_json(args, vault)) == {"name": 'Ann "Red" O\\Lee', "note": "plain"}
+    assert restore_json(args, None) == args
+    cut_short = args[:-2]  # not JSON (a stream cut at its token budget): each token, escaped
+    assert restore_json(cut_short, vault) == json.dumps({"name": 'Ann "Red" O\\Lee', "note": "plain"})[:-2]
+
+
+def test_streamed_tool_calls_and_reasoning_are_scanned_and_reported(gw: Any, up: Scripted) -> None:
+    first = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "send", "arguments": ""}}
+    up.script = lambda body: [
+        chunk({"role": "assistant", "reasoning_content": f"the key is {AWS}"}),
+        chunk({"content": None, "tool_calls": [first]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"key": "' + AWS[:9]}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": AWS[9:] + '"}'}}]}),
+        chunk({}, finish="tool_calls"),
+        usage(),
+    ]
+    events = stream(gw, {"messages": [{"role": "user", "content": "hi"}]})
+    assert AWS not in json.dumps(events)
+    assert json.loads(streamed_args(events)) == {"key": "[AWS_ACCESS_KEY]"}
+    assert streamed(events, "reasoning_content") == "the key is [AWS_ACCESS_KEY]"
+    assert finishes(events) == {0: ["tool_calls"]}
+    trace = last_trace(gw)
+    scanned = outputs(trace)
+    assert scanned["reasoning_content"]["scanned"] is True
+    assert scanned["tool_calls[0].function.arguments"]["scanned"] is True
+    assert scanned["tool_calls[0].function.arguments"]["action"] == "redact"
+    stored = json.dumps(trace.payload)
+    assert "[AWS_ACCESS_KEY]" in stored and AWS not in stored and "tool_calls" in stored
+
+
+def test_a_streamed_tool_call_that_leaks_is_never_sent(gw: Any, up: Scripted) -> None:
+    def script(body: dict[str, Any]) -> Any:
+        args = json.dumps({"q": f"[{canary_of(body)}]"})
+        tc = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "send", "arguments": args}}
+        return [chunk({"role": "assistant", "tool_calls": [tc]}), chunk({}, finish="tool_calls"), usage()]
+
+    up.script = script
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
+    events = stream(gw, {"messages": msgs})
+    assert "stw-canary" not in json.dumps(events) and streamed_args(events) == ""
+    assert finishes(events) == {0: ["content_filter"]}
+    assert last_trace(gw).outcome == "blocked"
+
+
+def test_logprobs_of_a_redacted_or_blocked_answer_are_not_returned(gw: Any, up: Scripted) -> None:
+    toks = ["my ", "key ", "is ", AWS]
+    up.script = lambda body: answer("".join(toks), logprobs=lp(toks))
+    out = post(gw, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True})
+    assert AWS not in json.dumps(out) and out["choices"][0]["logprobs"] is None
+    clean = ["a ", "calm ", "river"]
+    up.script = lambda body: answer("".join(clean), logprobs=lp(clean))
+    out = post(gw, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True})
+    assert [e["token"] for e in out["choices"][0]["logprobs"]["content"]] == clean
+
+
+def test_streamed_logprobs_travel_with_their_released_text(gw: Any, up: Scripted) -> None:
+    clean = ["filler words "] * 45 + ["end"]
+    up.script = lambda body: [
+        *[chunk({"content": t}, logprobs=lp([t])) for t in clean],
+        chunk({}, finish="stop"),
+        usage(),
+    ]
+    events = stream(gw, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True})
+    tokens: list[str] = []
+    for e in events:
+        for c in e.get("choices") or []:
+            if c.get("logprobs"):
+                tokens += [x["token"] for x in c["logprobs"]["content"]]
+            # what a chunk's logprobs describe never runs ahead of the text sent so far
+            assert "".join(tokens) in streamed(events[: events.index(e) + 1], "content")
+    assert tokens == clean and streamed(events, "content") == "".join(clean)
+
+    secret = ["filler words "] * 29 + [AWS, " end"]
+    up.script = lambda body: [
+        *[chunk({"content": t}, logprobs=lp([t])) for t in secret],
+        chunk({}, finish="stop"),
+        usage(),
+    ]
+    events = stream(gw, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True})
+    assert AWS not in json.dumps(events) and "[AWS_ACCESS_KEY]" in streamed(events, "content")
+    tokens = [
+        x["token"]
+        for e in events
+        for c in e["choices"]
+        if c.get("logprobs")
+        for x in c["logprobs"]["content"]
+    ]
+    assert tokens and set(tokens) <= {"filler words ", " end"}
+
+
+def test_a_stream_without_a_finish_reason_still_releases_its_tail(gw: Any, up: Scripted) -> None:
+    story = "The quick brown fox jumps over the lazy dog. " * 12
+    up.script = lambda body: (
+        [chunk({"content": story[i : i + 6]}) for i in range(0, len(story), 6)] + [usage()]
+    )
+    events = stream(gw, {"messages": [{"role": "user", "content": "Tell me a story."}]})
+    assert streamed(events, "content") == story
+    assert outputs(last_trace(gw))["content"]["scanned"] is True
+
+
+def test_a_budget_cut_finishes_every_guarded_choice(gw: Any, up: Scripted) -> None:
+    def script(body: dict[str, Any]) -> Any:
+        out = []
+        for i in range(400):
+            out += [chunk({"content": f"a{i} "}, index=0), chunk({"content": f"b{i} "}, index=1)]
+        return [*out, chunk({}, 0, "stop"), chunk({}, 1, "stop"), usage()]
+
+    up.script = script
+    running, records = gw
+    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "day", "limit": 600}])
+    events = stream(gw, {"messages": [{"role": "user", "content": "x"}], "n": 2}, key=key)
+    assert finishes(events) == {0: ["length"], 1: ["length"]}
+    stored = records[-1].payload["response"]
+    assert {i: streamed(events, "content", i) for i in (0, 1)} == {int(k): v for k, v in stored.items()}
+    assert all(stored[k] for k in ("0", "1"))
+
+
+def test_a_completion_streams_logprobs_with_its_text_and_masks_a_secret(gw: Any, up: Scripted) -> None:
+    words = ["the ", "key ", "is ", AWS, " ok"] + ["and more words "] * 40
+
+    def piece(t: str) -> dict[str, Any]:
+        lps = {"tokens": [t], "token_logprobs": [-0.1], "top_logprobs": [{t: -0.1}], "text_offset": [0]}
+        choice = {"index": 0, "text": t, "logprobs": lps, "finish_reason": None}
+        return {"id": "c1", "object": "text_completion", "created": 1, "model": "up", "choices": [choice]}
+
+    end = {"id": "c1", "object": "text_completion", "created": 1, "model": "up"}
+    up.script = lambda body: [
+        *map(piece, words),
+        {**end, "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
+    ]
+    running, _ = gw
+    h = {"authorization": f"Bearer {running.key('acme', 'user')}"}
+    body = {"model": "m", "prompt": "say", "logprobs": 1, "stream": True}
+    with httpx.stream("POST", running.url + "/v1/completions", json=body, headers=h, timeout=60) as r:
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    text = "".join(c.get("text") or "" for e in events for c in e["choices"])
+    tokens = [t for e in events for c in e["choices"] if c.get("logprobs") for t in c["logprobs"]["tokens"]]
+    assert AWS not in json.dumps(events) and text == "".join(words).replace(AWS, "[AWS_ACCESS_KEY]")
+    # each chunk's logprobs go out with its text, except those of the release the mask changed
+    assert AWS not in tokens and set(tokens) <= set(words) and len(tokens) >= 20, tokens
