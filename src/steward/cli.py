@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("steward: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except (ValueError, RuntimeError, OSError, LookupError) as exc:
+    except (ValueError, RuntimeError, OSError, LookupError, ArithmeticError) as exc:
         if os.environ.get("STEWARD_DEBUG"):
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__

@@ -8,7 +8,8 @@ verification prints its findings and exits 1.
 The commands that act on the log (`erase`, `export`, `checkpoint`) append an admin event of their own
 (role "cli", the OS user in `detail.os_user`) that the checkpoint they sign covers: an erasure is on
 the record of the log it protects. The read-only commands (`verify`, `proof`, `consistency`) append
-nothing; `verify` must not change what it checks.
+nothing; `verify` must not change what it checks, so they open the store as it is: a store that does
+not exist, or that Steward has not migrated to this version, is an error, never created or migrated.
 """
 
 from __future__ import annotations
@@ -37,16 +38,58 @@ def _engine(db: str | None) -> Engine:
     return upgrade(make_engine(db))
 
 
+def _existing_engine(db: str | None) -> Engine:
+    """The store as it is, for the read-only commands: never created, never migrated. A SQLite
+    file that does not exist (a typo in `--db`, a fresh data directory) or a database Steward has
+    not migrated is an error, not an empty log that verifies."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from steward.store.db import StoreError, _normalise, database_url, make_engine
+
+    u = _normalise(database_url(db))
+    shown = u.render_as_string(hide_password=True)
+    if u.get_backend_name() == "sqlite":
+        path = u.database
+        if not path or path == ":memory:":
+            raise StoreError("no audit store in an in-memory SQLite database")
+        if not Path(path).is_file():
+            raise StoreError(f"no audit store at {path} (check --db, STEWARD_DATABASE_URL, STEWARD_DATA_DIR)")
+    engine = make_engine(u.render_as_string(hide_password=False))
+    try:
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        from steward.store.migrate import alembic_config
+
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise StoreError(f"cannot open the store at {shown}: {' '.join(str(exc).split())}") from None
+    if current is None:
+        engine.dispose()
+        raise StoreError(f"no audit store at {shown} (the database holds no Steward tables)")
+    if current != head:
+        engine.dispose()
+        raise StoreError(
+            f"the store at {shown} is at schema revision {current}, not {head}; this command does "
+            "not migrate it (any command that writes, e.g. `steward keys list`, does)"
+        )
+    return engine
+
+
 def _keys_dir() -> Path:
     from steward.store.db import data_dir
 
     return data_dir() / "keys"
 
 
-def _open_log(db: str | None) -> AuditLog:
+def _open_log(db: str | None, *, read_only: bool = False) -> AuditLog:
     from steward.audit.log import AuditLog
 
-    return AuditLog.open(_engine(db), _keys_dir(), create_signing_key=False)
+    engine = _existing_engine(db) if read_only else _engine(db)
+    return AuditLog.open(engine, _keys_dir(), create_signing_key=False)
 
 
 def _verifier(public_key: Path | None) -> Verifier:
@@ -56,11 +99,28 @@ def _verifier(public_key: Path | None) -> Verifier:
 
 
 def _parse_since(value: str) -> datetime:
+    """An aware time in UTC; a bad or unrepresentable value is one line naming --since."""
     try:
         t = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise typer.BadParameter(f"--since: {value!r} is not an ISO 8601 date or time") from None
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+        raise ValueError(f"--since: {value!r} is not an ISO 8601 date or time") from None
+    try:
+        return t.astimezone(UTC) if t.tzinfo is not None else t.replace(tzinfo=UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError(f"--since: {value!r} is out of range") from None
+
+
+MAX_SUBJECT_CHARS = 256  # the request's `user` field, which is what names a data subject
+
+
+def _check_out(out: Path) -> None:
+    """An export target that can be written: a file name in an existing directory, not a directory.
+    Checked before the export is recorded, so a refused one leaves no record and no file."""
+    if not out.name or out.is_dir():
+        raise ValueError(f"--out: {out} is a directory; give a file to write")
+    parent = out.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out: directory not found: {parent}")
 
 
 def register(app: typer.Typer) -> None:
@@ -78,7 +138,12 @@ def register(app: typer.Typer) -> None:
         """Rebuild the Merkle tree from the store and check it against every signed checkpoint."""
         from steward.audit.verify import verify_store
 
-        report = verify_store(_engine(db), _verifier(public_key), allow_unsigned_tail=allow_unsigned_tail)
+        engine = _existing_engine(db)
+        try:
+            verifier = _verifier(public_key)
+            report = verify_store(engine, verifier, allow_unsigned_tail=allow_unsigned_tail)
+        finally:
+            engine.dispose()
         typer.echo(
             f"events={report.size} checkpoints={report.checkpoints} signed={report.signed_size} "
             f"unsigned={report.unsigned}"
@@ -107,6 +172,10 @@ def register(app: typer.Typer) -> None:
         """
         from steward.audit.log import os_user
 
+        if not subject:
+            raise ValueError("--subject must not be empty")
+        if len(subject) > MAX_SUBJECT_CHARS:
+            raise ValueError(f"--subject must be at most {MAX_SUBJECT_CHARS} characters (a request's `user`)")
         log = _open_log(db)
         try:
             erasure = log.erase(subject, tenant, role="cli", detail={"os_user": os_user()})
@@ -128,6 +197,7 @@ def register(app: typer.Typer) -> None:
         from steward.audit.log import os_user
 
         t = _parse_since(since)
+        _check_out(out)
         log = _open_log(db)
         detail: dict[str, object] = {"os_user": os_user(), "since": format_time(t), "file": out.name[:100]}
         try:
@@ -137,6 +207,7 @@ def register(app: typer.Typer) -> None:
             try:
                 with tmp.open("w", encoding="utf-8") as f:
                     summary = export_events(log, f, t)
+                tmp.replace(out)  # a crashed export never leaves a plausible-looking file behind
             except BaseException as exc:
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
@@ -149,7 +220,6 @@ def register(app: typer.Typer) -> None:
                         route="cli audit export",
                     )
                 raise
-            tmp.replace(out)  # a crashed export never leaves a plausible-looking file behind
         finally:
             log.close()
         last = f"#{summary.first}..#{summary.tree_size - 1}" if summary.events else "none"
@@ -204,7 +274,7 @@ def register(app: typer.Typer) -> None:
         """Print an inclusion proof (JSON) for one event against a signed checkpoint."""
         if (event is None) == (index is None):
             raise typer.BadParameter("give exactly one of --event or --index")
-        log = _open_log(db)
+        log = _open_log(db, read_only=True)
         proof = (
             log.inclusion_proof_for(event, tree_size)
             if event is not None
@@ -221,7 +291,7 @@ def register(app: typer.Typer) -> None:
         """Print a consistency proof (JSON, base64 hashes) between two tree sizes."""
         import base64
 
-        log = _open_log(db)
+        log = _open_log(db, read_only=True)
         hashes = log.consistency_proof(first, second)
         typer.echo(
             json.dumps(

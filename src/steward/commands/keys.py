@@ -38,6 +38,31 @@ def _audit(store: object, action: str, tenant: str, target: str) -> None:
         log.close()
 
 
+# The admin API's bounds (`routes/admin.py` MAX_KEY_LIFETIME_S, `schemas.KeyCreate`), repeated here so
+# that `steward keys` does not import the web app; tests/test_cli_config.py keeps them equal.
+MAX_KEY_LIFETIME_S = 10 * 365 * 24 * 3600
+MAX_NAME_CHARS = 128
+MAX_MODEL_CHARS = 256  # a request's `model` is at most this long: a longer name could never match
+
+
+def _check_create(name: str | None, models: list[str] | None, expires_in: int | None) -> None:
+    """Refuse what `POST /admin/keys` refuses, before the store is touched."""
+    if expires_in is not None and expires_in < 1:
+        raise ValueError("--expires-in must be a positive number of seconds")
+    if expires_in is not None and expires_in > MAX_KEY_LIFETIME_S:
+        raise ValueError(
+            f"--expires-in must be at most {MAX_KEY_LIFETIME_S} (ten years); omit it for a key that "
+            "does not expire"
+        )
+    if name is not None and len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"--name must be at most {MAX_NAME_CHARS} characters, got {len(name)}")
+    for m in models or ():
+        if not m.strip():
+            raise ValueError("--model must name a model; an empty name allows nothing")
+        if len(m) > MAX_MODEL_CHARS:
+            raise ValueError(f"--model must be at most {MAX_MODEL_CHARS} characters, got {len(m)}")
+
+
 def register(app: typer.Typer) -> None:
     keys = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
     app.add_typer(keys, name="keys")
@@ -53,8 +78,7 @@ def register(app: typer.Typer) -> None:
         """Create a key and print it once on stdout (only its hash is stored)."""
         from steward.gateway.keys import KeyStore
 
-        if expires_in is not None and expires_in < 1:
-            raise ValueError("--expires-in must be a positive number of seconds")
+        _check_create(name, model, expires_in)
         store = _store()
         assert isinstance(store, KeyStore)
         key, rec = store.create(tenant, role, name=name, models=model, expires_in_s=expires_in)

@@ -178,7 +178,14 @@ def register(app: typer.Typer) -> None:
             text = sys.stdin.read()
             text = text[:-1] if text.endswith("\n") else text
         verdict = pipeline.scan_text(text, base, "input")
-        sys.stdout.write(json.dumps(verdict_json(verdict), ensure_ascii=False) + "\n")
+        # One text: the line also names the policy applied and its version (the hash the gateway's
+        # traces and audit records carry). --jsonl lines keep the documented keys only.
+        out = {
+            **verdict_json(verdict),
+            "policy": verdict.policy_name,
+            "policy_version": verdict.policy_version,
+        }
+        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
         if verdict.errors:
             print(f"steward: error: {verdict.explain()}", file=sys.stderr)
             raise typer.Exit(2)

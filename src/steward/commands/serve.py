@@ -9,13 +9,87 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from steward.gateway.settings import Settings
 
 
 def _no_tracebacks(record: logging.LogRecord) -> bool:
     """Startup failures are logged once, as one line, by the app; uvicorn's traceback copy is dropped."""
     return not str(record.msg).startswith("Traceback (most recent call last)")
+
+
+def _preflight(settings: Settings) -> None:
+    """What the gateway would otherwise find out only while starting (after uvicorn has taken over
+    the output, as several JSON log lines and exit 3), checked here as one line and exit 2: the
+    host, the database and Redis URLs, the model directories and upstream keys, the store itself
+    (opened and migrated, as the gateway would), the policy file, and tenants bound to policies
+    the policy file does not define."""
+    import socket
+
+    from steward.gateway.settings import ConfigError
+
+    try:
+        socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        why = getattr(exc, "strerror", None) or " ".join(str(exc).split())
+        raise ConfigError(f"invalid setting host: cannot use {settings.host!r} ({why})") from None
+
+    from steward.store.db import StoreError, _normalise
+
+    url = settings.resolved_database_url()
+    try:
+        _normalise(url)
+    except StoreError as exc:
+        raise ConfigError(f"invalid setting database_url: {exc}") from None
+    if settings.redis_url:
+        from redis.asyncio.connection import parse_url
+
+        try:
+            parse_url(settings.redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"invalid setting redis_url: {' '.join(str(exc).split())}") from None
+    for i, m in enumerate(settings.models):
+        if m.backend in ("builtin", "hf") and m.path is not None and not m.path.is_dir():
+            raise ConfigError(
+                f"invalid setting models.{i}.path: model {m.name!r}: directory not found: {m.path}"
+            )
+        if m.api_key_env and not os.environ.get(m.api_key_env):
+            raise ConfigError(
+                f"invalid setting models.{i}.api_key_env: model {m.name!r}: environment variable "
+                f"{m.api_key_env} is not set"
+            )
+
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid setting data_dir: cannot create {settings.data_dir}: {exc.strerror or exc}"
+        ) from None
+    from steward.gateway.keys import KeyStore
+    from steward.store import upgrade
+
+    try:
+        engine = upgrade(url)
+    except StoreError as exc:
+        raise ConfigError(f"database_url: {exc}") from None
+    except ImportError as exc:  # a database driver that is not installed
+        raise ConfigError(f"database_url: {exc}") from None
+    try:
+        bound = [t for t in KeyStore(engine).list_tenants() if t.get("policy")]
+    finally:
+        engine.dispose()
+
+    if settings.guards and (settings.guard_policies is not None or bound):
+        from steward.gateway.app import check_tenant_policies
+        from steward.guard import load_policy_set
+
+        pset = load_policy_set(settings.guard_policies)  # a bad policy file is one line, before binding
+        if bound:
+            check_tenant_policies(bound, sorted(pset.policies), settings.guard_policies)
 
 
 def register(app: typer.Typer) -> None:
@@ -40,10 +114,7 @@ def register(app: typer.Typer) -> None:
         if config is not None:
             os.environ["STEWARD_CONFIG"] = str(config.resolve())
         os.environ["STEWARD_DATA_DIR"] = str(settings.data_dir.resolve())
-        if settings.guards and settings.guard_policies is not None:
-            from steward.guard import load_policy_set
-
-            load_policy_set(settings.guard_policies)  # a bad policy file is one line, before binding
+        _preflight(settings)
         configure_logging(settings.log_level)
         for name in ("uvicorn", "uvicorn.error"):
             lg = logging.getLogger(name)

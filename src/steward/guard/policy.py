@@ -15,11 +15,23 @@ import difflib
 import functools
 import hashlib
 import json
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .base import Registry, default_registry
 from .types import Action
@@ -33,18 +45,23 @@ class PolicyError(ValueError):
     """A policy file that cannot be used; the message says where and why."""
 
 
+# Numbers and flags are read strictly: YAML's `true` is not the threshold 1.0 (which switches a
+# scanner off), and the string "0.5" is not a number. An int is a number (1 -> 1.0, same hash).
+StrictNumber = Annotated[float, Strict()]
+
+
 class ScannerSpec(BaseModel):
     """One scanner in a policy: which, how sure it must be, and what to do."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scanner: str
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    threshold: StrictNumber | None = Field(default=None, ge=0.0, le=1.0)
     action: Action = Action.BLOCK
     entity_actions: dict[str, Action] = Field(default_factory=dict)
     quasi_action: Action = Action.FLAG
     redaction: Literal["pseudonym", "mask", "hash"] = "pseudonym"
-    fail_closed: bool | None = None
+    fail_closed: StrictBool | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -54,9 +71,9 @@ class Policy(BaseModel):
     description: str = ""
     input: list[ScannerSpec] = Field(default_factory=list)
     output: list[ScannerSpec] = Field(default_factory=list)
-    fail_closed: bool = True
-    restore_pseudonyms: bool = True
-    documents: bool = True  # scan retrieved documents (tool / document messages) for indirect injection
+    fail_closed: StrictBool = True
+    restore_pseudonyms: StrictBool = True
+    documents: StrictBool = True  # scan retrieved documents (tool / document messages) for indirect injection
 
     def version(self) -> str:
         """SHA-256 of the canonical JSON of this validated policy."""
@@ -81,7 +98,7 @@ class Binding(BaseModel):
 class PolicySet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: int = 1
+    version: StrictInt = 1
     policies: dict[str, Policy]
     bindings: list[Binding] = Field(default_factory=list)
 
@@ -103,7 +120,10 @@ class PolicySet(BaseModel):
 
     def check_scanners(self, registry: Registry) -> None:
         """Every scanner named exists and accepts its options (constructed once, then dropped), and
-        every `entity_actions` key is an entity that scanner, with those options, can report."""
+        every `entity_actions` key is an entity that scanner, with those options, can report.
+        Option values are checked against the types of the scanner's constructor first, so that
+        `ngram: 2.5` is refused here rather than failing (closed) on every scan."""
+        classes: dict[str, type | None] = {}
         for name, pol in self.policies.items():
             for direction, specs in (("input", pol.input), ("output", pol.output)):
                 for i, spec in enumerate(specs):
@@ -112,10 +132,18 @@ class PolicySet(BaseModel):
                         raise PolicyError(
                             f"{where}: unknown scanner {spec.scanner!r}; known: {', '.join(registry.names())}"
                         )
+                    if spec.options:
+                        if spec.scanner not in classes:
+                            classes[spec.scanner] = _scanner_class(registry, spec.scanner)
+                        cls = classes[spec.scanner]
+                        if cls is not None:
+                            _check_option_types(where, spec, cls)
                     try:
                         scanner = registry.create(spec.scanner, spec.options)
                     except (TypeError, ValueError) as exc:
                         raise PolicyError(f"{where}: bad options for {spec.scanner}: {exc}") from exc
+                    if spec.options and classes.get(spec.scanner) is None:
+                        _check_option_types(where, spec, type(scanner))
                     if spec.entity_actions:
                         _check_entity_actions(where, spec, registry, scanner)
 
@@ -131,6 +159,54 @@ class PolicySet(BaseModel):
                     best = (rank, b.policy)
         name = best[1] if best else "default"
         return name, self.policies[name]
+
+
+def _scanner_class(registry: Registry, name: str) -> type | None:
+    """The class a registered scanner is built from (by building one with no options), or None
+    when it cannot be built without options (its options are then checked after construction)."""
+    try:
+        return type(registry.create(name))
+    except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _option_hints(cls: type) -> dict[str, Any]:
+    init = getattr(cls, "__init__", None)
+    try:
+        hints = typing.get_type_hints(init) if init is not None else {}
+    except Exception:  # annotations that do not resolve: the values are not type-checked
+        return {}
+    hints.pop("return", None)
+    return hints
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter(hint: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(hint)
+
+
+def _check_option_types(where: str, spec: ScannerSpec, cls: type) -> None:
+    """Each option whose constructor parameter is annotated gets a value of that type, strictly (no
+    `true` for an int, no string for a number; an int is a float). Unknown option names are left to
+    the constructor, which refuses them with a TypeError."""
+    hints = _option_hints(cls)
+    for key, value in spec.options.items():
+        hint = hints.get(key)
+        if hint is None or hint is Any:
+            continue
+        try:
+            adapter = _adapter(hint)
+        except Exception:  # an annotation pydantic cannot check (unhashable, arbitrary class)
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            at = "".join(f"[{p}]" for p in first["loc"] if isinstance(p, int))  # entities[1]
+            raise PolicyError(
+                f"{where}: bad options for {spec.scanner}: {key}{at}: {first['msg']} (got {value!r:.80})"
+            ) from None
 
 
 def _check_entity_actions(where: str, spec: ScannerSpec, registry: Registry, scanner: Any) -> None:
@@ -163,8 +239,58 @@ def _format_validation(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{loc}: {err['msg']}")
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return f"{source}: invalid policy: " + "; ".join(parts)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in a YAML file names the same key twice; `line` is 1-based."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+        self.line = line
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def safe_load_unique(text: str) -> Any:
+    """`yaml.safe_load`, refusing any mapping that repeats a key (PyYAML keeps the last silently,
+    so `action: block, action: allow` allowed). Keys merged in with `<<: *anchor` may be
+    overridden by the mapping's own keys, as YAML intends. The node graph is checked before
+    anything is constructed (construction flattens merges in place), once per node, so an alias
+    bomb costs no more here than in the constructor. (`steward.gateway.settings` has a twin.)"""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        seen: set[int] = set()
+        stack: list[yaml.Node] = [root]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                keys: set[Any] = set()
+                for key_node, value_node in node.value:
+                    stack.append(value_node)
+                    if key_node.tag == _MERGE_TAG:
+                        continue
+                    if not isinstance(key_node, yaml.ScalarNode):
+                        continue  # a complex key: the constructor refuses it (unhashable)
+                    key = loader.construct_object(key_node, deep=True)
+                    if key in keys:
+                        raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+                    keys.add(key)
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend(node.value)
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 def load_policy_set(
@@ -181,14 +307,27 @@ def load_policy_set(
         if not path.is_file():
             raise PolicyError(f"policy file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise PolicyError(
+                f"{path}: cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
+        except OSError as exc:
+            raise PolicyError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        try:
+            data = safe_load_unique(text)
+        except DuplicateKeyError as exc:
+            raise PolicyError(f"{path}:{exc.line}: duplicate key {exc.key!r}") from None
         except yaml.YAMLError as exc:
-            raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
+            raise PolicyError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise PolicyError(f"{label}: a policy file must be a mapping")
     try:
         pset = PolicySet.model_validate(data)
     except ValidationError as exc:
         raise PolicyError(_format_validation(exc, label)) from None
-    pset.check_scanners(registry or default_registry())
+    try:
+        pset.check_scanners(registry or default_registry())
+    except PolicyError as exc:
+        raise PolicyError(f"{label}: {exc}") from None
     return pset
