@@ -388,7 +388,8 @@ def test_entity_actions_keys_are_checked_against_the_scanner() -> None:
             policy({"scanner": "secrets", "action": "flag", "entity_actions": {"AWS_KEY": "block"}})
         )
     message = str(err.value)
-    assert message.split(": ", 1)[1].startswith("policies.default.input[0]: entity_actions key 'AWS_KEY' is not")
+    where = message.split(": ", 1)[1]  # after the policy's source
+    assert where.startswith("policies.default.input[0]: entity_actions key 'AWS_KEY' is not")
     assert "'secrets'" in message and "did you mean 'AWS_ACCESS_KEY'" in message and "\n" not in message
     with pytest.raises(PolicyError, match=r"key 'PERSON'.*'pii' reports with its options"):
         load_policy_set(
