@@ -421,3 +421,238 @@ def test_a_completion_streams_logprobs_with_its_text_and_masks_a_secret(gw: Any,
     assert AWS not in json.dumps(events) and text == "".join(words).replace(AWS, "[AWS_ACCESS_KEY]")
     # each chunk's logprobs go out with its text, except those of the release the mask changed
     assert AWS not in tokens and set(tokens) <= set(words) and len(tokens) >= 20, tokens
+
+
+# -- one answer's fields are judged together, and share the request's vault ------------------------
+
+# 20 words (16 word 5-grams, none of them text the prompt tells the model to say): either half alone
+# repeats 6 of them, under the minimum of 8; both halves repeat 12, three quarters of the prompt.
+LEAK_SYSTEM = (
+    "You are Zeta, the internal billing assistant of Northwind Traders. "
+    "Escalate refunds above five hundred dollars to the finance desk."
+)
+HALF_1 = "You are Zeta, the internal billing assistant of Northwind Traders."
+HALF_2 = "Escalate refunds above five hundred dollars to the finance desk."
+OTHER = "jane.doe@example.org"
+
+
+def leak_msgs() -> list[dict[str, Any]]:
+    return [{"role": "system", "content": LEAK_SYSTEM}, {"role": "user", "content": "What can you do?"}]
+
+
+def streamed_call(args: str, name: str = "send", step: int = 7) -> list[dict[str, Any]]:
+    """The chunks of one streamed tool call: opened with its name, arguments in pieces."""
+    first = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": ""}}
+    return [
+        chunk({"content": None, "tool_calls": [first]}),
+        *[
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + step]}}]})
+            for i in range(0, len(args), step)
+        ],
+    ]
+
+
+def pieces(field: str, text: str, step: int = 6) -> list[dict[str, Any]]:
+    return [chunk({field: text[i : i + step]}) for i in range(0, len(text), step)]
+
+
+def test_a_prompt_leaked_half_in_content_and_half_in_tool_arguments_is_blocked(gw: Any, up: Scripted) -> None:
+    args = json.dumps({"note": HALF_2})
+    up.script = lambda body: answer(HALF_1, finish="tool_calls", tool_calls=call(json.dumps({"q": "x"})))
+    out = post(gw, {"messages": leak_msgs()})
+    assert out["choices"][0]["finish_reason"] == "tool_calls"  # half the prompt alone is no leak
+    up.script = lambda body: answer(HALF_1, finish="tool_calls", tool_calls=call(args))
+    out = post(gw, {"messages": leak_msgs()})
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "content_filter", choice
+    assert "tool_calls" not in choice["message"] and "Zeta" not in json.dumps(out)
+    assert last_trace(gw).outcome == "blocked"
+    blocked = outputs(last_trace(gw))["tool_calls[0].function.arguments"]
+    assert blocked["action"] == "block"
+
+
+def test_a_prompt_leaked_half_in_reasoning_and_half_in_content_is_blocked(gw: Any, up: Scripted) -> None:
+    up.script = lambda body: answer(HALF_2, reasoning_content=HALF_1)
+    out = post(gw, {"messages": leak_msgs()})
+    assert out["choices"][0]["finish_reason"] == "content_filter"
+    assert "finance desk" not in json.dumps(out) and last_trace(gw).outcome == "blocked"
+    up.script = lambda body: answer([{"type": "text", "text": HALF_1}, {"type": "text", "text": HALF_2}])
+    out = post(gw, {"messages": leak_msgs()})
+    assert out["choices"][0]["finish_reason"] == "content_filter"  # content parts add up too
+
+
+def test_a_streamed_prompt_leak_split_between_content_and_tool_arguments_is_cut(
+    gw: Any, up: Scripted
+) -> None:
+    args = json.dumps({"note": HALF_2})
+    up.script = lambda body: [
+        chunk({"role": "assistant", "content": ""}),
+        *pieces("content", HALF_1),
+        *streamed_call(args),
+        chunk({}, finish="tool_calls"),
+        usage(),
+    ]
+    events = stream(gw, {"messages": leak_msgs()})
+    assert finishes(events) == {0: ["content_filter"]}
+    assert streamed_args(events) == "" and "finance desk" not in json.dumps(events)
+    assert last_trace(gw).outcome == "blocked"
+
+
+def test_a_streamed_prompt_leak_split_between_reasoning_and_content_is_cut(gw: Any, up: Scripted) -> None:
+    up.script = lambda body: [
+        chunk({"role": "assistant", "content": ""}),
+        *pieces("reasoning_content", HALF_1),
+        *pieces("content", HALF_2),
+        chunk({}, finish="stop"),
+        usage(),
+    ]
+    events = stream(gw, {"messages": leak_msgs()})
+    assert finishes(events) == {0: ["content_filter"]}
+    assert "finance desk" not in streamed(events, "content")
+    assert last_trace(gw).outcome == "blocked"
+    up.script = lambda body: [  # either half alone still streams through
+        chunk({"role": "assistant", "content": ""}),
+        *pieces("reasoning_content", HALF_1),
+        *pieces("content", "Happy to help with billing."),
+        chunk({}, finish="stop"),
+        usage(),
+    ]
+    events = stream(gw, {"messages": leak_msgs()})
+    assert finishes(events) == {0: ["stop"]} and streamed(events, "reasoning_content") == HALF_1
+
+
+PSEUDO_POLICY = """\
+version: 1
+policies:
+  default:
+    fail_closed: true
+    restore_pseudonyms: true
+    input:
+      - {scanner: secrets, action: redact, redaction: mask}
+      - {scanner: pii, action: redact, redaction: pseudonym, quasi_action: flag}
+    output:
+      - {scanner: prompt_leak, action: block, threshold: 0.3}
+      - {scanner: secrets, action: redact, redaction: mask}
+      - {scanner: pii, action: redact, redaction: pseudonym, quasi_action: allow}
+bindings: []
+"""
+
+
+@pytest.fixture(scope="module")
+def pgw(up: Scripted, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, list[Any]]]:
+    """A gateway whose output policy pseudonymises PII (rather than masking it)."""
+    data = Path(tmp_path_factory.mktemp("pseudo"))
+    policy = data / "policy.yaml"
+    policy.write_text(PSEUDO_POLICY)
+    route = ModelRoute(name="m", backend="openai", base_url=up.url, upstream_model="up", max_retries=0)
+    settings = Settings(
+        data_dir=data, port=free_port(), models=[route], embedding_model="", guard_policies=policy
+    )
+    records: list[Any] = []
+    for running in start_gateway(settings):
+        gateway: Any = running.gateway
+        inner = gateway.on_finish
+
+        def keep(trace: Any, inner: Any = inner) -> Any:
+            records.append(trace)
+            return inner(trace) if inner is not None else None
+
+        gateway.on_finish = keep
+        yield running, records
+
+
+def token_of(body: dict[str, Any]) -> str:
+    m = re.search(r"<EMAIL_ADDRESS_\d+>", body["messages"][-1]["content"])
+    assert m is not None and EMAIL not in body["messages"][-1]["content"]
+    return m.group(0)
+
+
+def answer_or_stream(body: dict[str, Any], content: str | None, args: str) -> Any:
+    if not body.get("stream"):
+        return answer(content, finish="tool_calls", tool_calls=call(args))
+    return [
+        chunk({"role": "assistant", "content": ""}),
+        *(pieces("content", content) if content else []),
+        *streamed_call(args),
+        chunk({}, finish="tool_calls"),
+        usage(),
+    ]
+
+
+def both_ways(gw: Any, msgs: list[dict[str, Any]]) -> list[tuple[str | None, str]]:
+    """(content, tool-call arguments) the client gets, non-streamed then streamed."""
+    out = post(gw, {"messages": msgs})["choices"][0]["message"]
+    events = stream(gw, {"messages": msgs})
+    assert finishes(events) == {0: ["tool_calls"]}
+    return [
+        (out["content"], out["tool_calls"][0]["function"]["arguments"]),
+        (streamed(events, "content"), streamed_args(events)),
+    ]
+
+
+def test_an_output_pseudonym_never_takes_the_users_token(pgw: Any, up: Scripted) -> None:
+    up.script = lambda body: answer_or_stream(body, None, json.dumps({"to": token_of(body), "cc": OTHER}))
+    msgs = [{"role": "user", "content": f"Mail {EMAIL} the invoice."}]
+    for _, args in both_ways(pgw, msgs):
+        got = json.loads(args)
+        assert got["to"] == EMAIL, args  # the user's own value, restored
+        # the answer's own address is pseudonymised under a token of its own, never restored
+        assert re.fullmatch(r"<EMAIL_ADDRESS_\d+>", got["cc"]) and got["cc"] != "<EMAIL_ADDRESS_1>", args
+        assert OTHER not in args
+
+
+def test_output_pseudonyms_of_one_answer_never_collide_across_fields(pgw: Any, up: Scripted) -> None:
+    up.script = lambda body: answer_or_stream(body, f"I will write to {OTHER} ", json.dumps({"cc": EMAIL}))
+    msgs = [{"role": "user", "content": "Who gets the invoice?"}]  # no PII in the request
+    for content, args in both_ways(pgw, msgs):
+        assert content is not None and OTHER not in content and EMAIL not in args
+        mine = re.findall(r"<EMAIL_ADDRESS_\d+>", content)
+        theirs = json.loads(args)["cc"]
+        assert len(mine) == 1 and re.fullmatch(r"<EMAIL_ADDRESS_\d+>", theirs)
+        assert mine[0] != theirs, (content, args)  # two addresses, two tokens
+
+
+def test_a_users_email_is_restored_json_escaped_in_tool_arguments(pgw: Any, up: Scripted) -> None:
+    odd = "o'brien.müller@example.com"
+
+    def script(body: dict[str, Any]) -> Any:
+        tok = re.search(r"<EMAIL_ADDRESS_\d+>", body["messages"][-1]["content"])
+        assert tok is not None and odd not in json.dumps(body["messages"], ensure_ascii=False)
+        t = tok.group(0)
+        go = t.replace("<", "\\u003c").replace(">", "\\u003e")  # how Go's encoder writes the token
+        args = f'{{"to": "{t}", "note": "write to {t} today", "raw": "{go}"}}'
+        return answer_or_stream(body, None, args)
+
+    up.script = script
+    msgs = [{"role": "user", "content": f"Mail {odd} the invoice."}]
+    for _, args in both_ways(pgw, msgs):
+        assert json.loads(args) == {"to": odd, "note": f"write to {odd} today", "raw": odd}, args
+
+
+def test_guard_restores_values_json_escaped_into_arguments() -> None:
+    from steward.gateway.guarding import Guard, InputResult
+    from steward.guard import ScanContext
+
+    guard = Guard(
+        {
+            "version": 1,
+            "policies": {
+                "default": {
+                    "restore_pseudonyms": True,
+                    "input": [{"scanner": "pii", "action": "redact", "redaction": "pseudonym"}],
+                    "output": [{"scanner": "pii", "action": "redact", "redaction": "pseudonym"}],
+                }
+            },
+        }
+    )
+    vault = Vault()
+    token = vault.pseudonym("PERSON", 'Ann "Red" O\\Lee', "user")
+    hidden = vault.pseudonym("PERSON", "Bob Secret", "system")
+    inp = InputResult(ScanContext(), vault)
+    args = json.dumps({"name": token, "alias": f"{token.lower()} and {hidden}", "cc": OTHER})
+    s = asyncio.run(guard.scan_field(args, inp, json_text=True, leak_state={}))
+    assert s.text is not None and s.changed
+    got = json.loads(s.text)
+    assert got["name"] == 'Ann "Red" O\\Lee' and got["alias"] == f'Ann "Red" O\\Lee and {hidden}'
+    assert re.fullmatch(r"<EMAIL_ADDRESS_\d+>", got["cc"])
+    assert vault.origins(got["cc"]) == {"output"}  # pseudonymised into the request's vault

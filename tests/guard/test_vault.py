@@ -4,6 +4,7 @@ L2), and assistant tool-call arguments in the request history are scanned (revie
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -219,3 +220,18 @@ def test_restore_can_escape_values_for_json_arguments() -> None:
     vault = Vault()
     vault.pseudonym("PERSON", 'John "Jack" Smith')
     assert json.loads(vault.restore('{"n": "< person_1 >"}', escape=esc)) == {"n": 'John "Jack" Smith'}
+
+
+@pytest.mark.parametrize("vault", [None, "empty"])
+def test_a_stream_numbers_its_output_pseudonyms_once_across_releases(vault: str | None) -> None:
+    """With no vault, or an empty one, each release took a fresh vault: two addresses in two
+    releases were both <EMAIL_ADDRESS_1>, and a reader could not tell them apart."""
+    policy = json.loads(json.dumps(POLICY))
+    policy["policies"]["default"]["output"] = [
+        {"scanner": "pii", "action": "redact", "redaction": "pseudonym"}
+    ]
+    answer = "First write to ann.lee@example.com. " + "Then wait a while. " * 12
+    answer += "Later copy bo.chan@example.net too."
+    out = _stream(Pipeline(policy), Vault() if vault else None, answer, step=7, window=96, overlap=32)
+    tokens = re.findall(r"<EMAIL_ADDRESS_\d+>", out)
+    assert len(tokens) == 2 and tokens[0] != tokens[1], out

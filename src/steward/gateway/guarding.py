@@ -26,7 +26,10 @@ STREAM_OVERLAP = 128
 @dataclass
 class InputResult:
     ctx: Any  # steward.guard.ScanContext
-    vault: Any  # steward.guard.Vault | None
+    # steward.guard.Vault: the request's, even when the input had nothing to pseudonymise, so that
+    # every pseudonym the output policy writes (in any field or choice) comes from one vault and
+    # never takes a token another value already has.
+    vault: Any
 
 
 TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
@@ -132,6 +135,19 @@ def _restore_strings(value: Any, vault: Any) -> Any:
     return value
 
 
+def request_vault() -> Any:
+    """An empty vault for a request whose input had nothing to pseudonymise (see `InputResult`):
+    every pseudonym the output policy writes for the request then comes from this one vault."""
+    from steward.guard import Vault
+
+    return Vault()
+
+
+def json_escape(value: str) -> str:
+    """`value` as it goes between the quotes of a JSON string."""
+    return json.dumps(value, ensure_ascii=False)[1:-1]
+
+
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
@@ -184,6 +200,8 @@ class _Choice:
     reports: list[dict[str, Any]] = field(default_factory=list)
     cut: bool = False
     done: bool = False
+    # System-prompt overlap seen so far in any field of this choice (see `leak.STREAM_STATE_KEY`).
+    leak: dict[Any, Any] = field(default_factory=dict)
 
 
 class StreamScan:
@@ -194,7 +212,9 @@ class StreamScan:
     restored. Tool calls (and the legacy `function_call`) are held until their choice ends, then
     scanned whole and sent as one delta each: a client acts on a call only once its arguments are
     complete anyway, and only whole arguments can be judged and restored as JSON. A block in any
-    field cuts the choice with `content_filter`; what it still held is dropped.
+    field cuts the choice with `content_filter`; what it still held is dropped. All fields of a
+    choice add up their evidence of a system-prompt leak: a prompt leaked half in the reasoning
+    and half in a tool call's arguments is cut as the same text in the content alone would be.
 
     Logprobs are held with the text they describe and leave with the chunk that releases it. Those
     of text the guard changed (a redacted span, or a restored pseudonym) or never released (held
@@ -291,7 +311,7 @@ class StreamScan:
                 continue
             s = st.texts.get(f)
             if s is None:
-                s = st.texts[f] = _Stream(self.guard.new_stream_guard(self.inp))
+                s = st.texts[f] = _Stream(self.guard.new_stream_guard(self.inp, st.leak))
             start, before = len(s.guard.buffer), s.guard.emitted
             r = await self._feed(s.guard, piece)
             sent[f] = sent.get(f, "") + s.taken(r.text, before)
@@ -346,7 +366,9 @@ class StreamScan:
             for key in ("name", "arguments") if isinstance(fn, dict) else ():
                 if not _text(fn, key):
                     continue
-                s = await self.guard.scan_field(fn[key], self.inp, json_text=key == "arguments")
+                s = await self.guard.scan_field(
+                    fn[key], self.inp, json_text=key == "arguments", leak_state=st.leak
+                )
                 st.reports.append({"stage": "output", "choice": i, "field": f"{where}.{key}", **s.report})
                 if s.text is None:
                     return None
@@ -489,7 +511,7 @@ class Guard:
                 if isinstance(body.get("suffix"), str):
                     body["suffix"] = texts.pop()
                 body[key] = texts if isinstance(body[key], list) else texts[0]
-        return InputResult(ctx, v.vault)
+        return InputResult(ctx, v.vault if v.vault is not None else request_vault())
 
     async def scan_output(self, route: str, out: dict[str, Any], inp: InputResult, trace: Trace) -> bool:
         """Scan every text each choice carries from the model (content, as a string or as parts;
@@ -497,6 +519,9 @@ class Guard:
         A block in any field cuts the choice: `finish_reason: "content_filter"`, no text and no
         tool call. Returns whether every choice was cut, which makes the outcome "blocked", as it
         is for a stream.
+
+        The fields of one choice are scanned as parts of one answer: their system-prompt overlap
+        adds up, so a prompt leaked in pieces across fields is blocked as it would be in one.
 
         Logprobs are dropped (null) for a choice whose text the client gets changed: they would
         carry the words the guard masked or blocked. A whole answer's logprobs are tokens, not
@@ -509,8 +534,9 @@ class Guard:
             if not isinstance(holder, dict):
                 continue
             blocked = changed = False
+            leak: dict[Any, Any] = {}  # this choice's system-prompt overlap, over all its fields
             for where, box, key in _slots(holder, chat):
-                s = await self.scan_field(box[key], inp, json_text=key == "arguments")
+                s = await self.scan_field(box[key], inp, json_text=key == "arguments", leak_state=leak)
                 entry = {"stage": "output", "choice": choice.get("index", 0), "field": where}
                 trace.guard.append({**entry, **s.report})
                 if s.text is None:
@@ -530,29 +556,43 @@ class Guard:
                 choice["logprobs"] = None
         return bool(choices) and cut == len(choices)
 
-    async def scan_field(self, text: str, inp: InputResult, *, json_text: bool = False) -> FieldScan:
-        """One generated text through the output policy. Tool-call arguments (`json_text`) are
-        restored JSON-escaped (`restore_json`), not as plain text; and if masking a span broke
-        arguments that were valid JSON, the field blocks: the client's tool cannot parse them, and
-        unmasking is not an option."""
+    async def scan_field(
+        self,
+        text: str,
+        inp: InputResult,
+        *,
+        json_text: bool = False,
+        leak_state: dict[Any, Any] | None = None,
+    ) -> FieldScan:
+        """One generated text through the output policy, with the request's vault: the answer's
+        own PII is pseudonymised into it (so never under a token of the request's) and the
+        caller's values are restored from it. `leak_state` is shared by the fields of one choice
+        (their system-prompt overlap adds up). Tool-call arguments (`json_text`) get restored values
+        JSON-escaped, and tokens seen only once the JSON is decoded (`\\u003c...`) restored by
+        `restore_json`; if redacting or restoring broke arguments that were valid JSON, the field
+        blocks: the client's tool cannot parse them, and unmasking is not an option."""
         from steward.guard import Action
 
-        v = await self.pipeline.scan_output(text, inp.ctx, None if json_text else inp.vault)
+        escape = json_escape if json_text else None
+        v = await self.pipeline.scan_output(text, inp.ctx, inp.vault, leak_state=leak_state, escape=escape)
         report = v.to_trace()
         if v.blocked:
             return FieldScan(report, None, True)
         shown = v.text if v.text is not None else text
         if json_text:
-            if shown != text and _is_json(text) and not _is_json(shown):
-                why = "masking a span left the arguments invalid JSON"
-                report.update(action=Action.BLOCK.value, errors={**report["errors"], "json": why})
-                return FieldScan(report, None, True)
             if self.pipeline.policy_for(inp.ctx)[1].restore_pseudonyms:
                 shown = restore_json(shown, inp.vault)
+            if shown != text and _is_json(text) and not _is_json(shown):
+                why = "redacting or restoring a span left the arguments invalid JSON"
+                report.update(action=Action.BLOCK.value, errors={**report["errors"], "json": why})
+                return FieldScan(report, None, True)
         return FieldScan(report, shown, shown != text)
 
-    def new_stream_guard(self, inp: InputResult) -> Any:
-        return self.pipeline.stream(inp.ctx, inp.vault, window=STREAM_WINDOW, overlap=STREAM_OVERLAP)
+    def new_stream_guard(self, inp: InputResult, leak_state: dict[Any, Any] | None = None) -> Any:
+        """A StreamGuard for one streamed field; the fields of one choice share `leak_state`."""
+        return self.pipeline.stream(
+            inp.ctx, inp.vault, window=STREAM_WINDOW, overlap=STREAM_OVERLAP, leak_state=leak_state
+        )
 
     def stream(self, inp: InputResult, route: str = "chat", n_choices: int = 1) -> StreamScan:
         return StreamScan(self, inp, route, n_choices)

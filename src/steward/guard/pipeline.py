@@ -598,6 +598,9 @@ class StreamGuard:
         self.pipeline = pipeline
         self.ctx = ctx
         self.vault = vault
+        # Pseudonyms the output policy writes when the caller gave no vault: one vault for the whole
+        # stream, so two releases never both number an address <EMAIL_ADDRESS_1>.
+        self._own_vault = Vault()
         self.window = window
         self.overlap = overlap
         self.buffer = ""
@@ -645,7 +648,8 @@ class StreamGuard:
                 )
                 piece_findings.append((clipped, mode))
         piece = self.buffer[self.emitted : upto]
-        out = redact_many(piece, piece_findings, self.vault or Vault(), self.pipeline.hash_key, "output")
+        vault = self.vault if self.vault is not None else self._own_vault
+        out = redact_many(piece, piece_findings, vault, self.pipeline.hash_key, "output")
         if self.vault is not None and self._restore:
             out = self.vault.restore(out)
         self.emitted = upto
