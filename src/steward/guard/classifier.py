@@ -18,6 +18,18 @@ how far the reduced-precision scores move (max score difference and decision agr
 held-out split) and the manifest records it. Windows are batched by similar length so a short tail
 window is not padded to 256 tokens, and the AILuminate hazard hint reuses the window embedding
 against hazard-description embeddings computed once, instead of a second encoder pass.
+
+Sentences (`passages`, a scanner option the default policy sets for `harmful` on output): a window's
+embedding is a mean over its tokens, so benign text around a harmful span dilutes it. Pipe-bomb
+steps score 0.99 alone and 0.03 after one friendly sentence in the same window, and models open
+answers with exactly such sentences. A scanner with `passages: true` also scores each sentence of a
+text longer than one passage on its own (a long sentence in overlapping 64-token pieces), and a
+sentence's score counts only at or above `PASSAGE_FLOOR`: the head learnt from whole prompts, and
+short sentences read alone score high more easily. Measured on the validation split's harmful
+requests with a benign news paragraph in front (212): the whole-window reader catches 2, sentences
+at the head's threshold 94 but flag 15 of 1,057 long benign texts (news, BIPIA documents, T0 and
+self-instruct text), sentences at the floor 79 with 1 flagged. The extra encoder rows are about
+the text's own length (twice the encoder cost of an answer).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -65,6 +78,11 @@ BATCH_ROWS = 32
 # 121-token tail window then runs on its own instead of as 256 tokens, most of them padding.
 PAD_WASTE = 0.25
 PAD_MIN = 16
+PASSAGE_TOKENS = 64  # a sentence scored on its own; longer ones in pieces of this many tokens
+PASSAGE_MIN_TOKENS = 8  # shorter sentences ("Sure.") ride with the next one
+PASSAGE_FLOOR = 0.988  # a sentence read alone counts from this score up (module docstring)
+# A sentence ends at . ! ? ; (ASCII or fullwidth) before a space or the end, or at a line break.
+_SENTENCE_END = re.compile(r"[.!?;](?=\s|$)|[。！？；]|\n+")
 
 Precision = Literal["fp32", "bf16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "int8")
@@ -390,6 +408,60 @@ class GuardModel:
             start += stride
         return out
 
+    def passages(self, text: str) -> list[tuple[list[int], tuple[int, int]]]:
+        """Token-id rows of `text`'s sentences with their character ranges; none for a text that
+        fits one passage (its window is that text already). See the module docstring."""
+        enc = self.encoder.tokenizer.inner.encode(text, add_special_tokens=False)
+        ids, offsets = enc.ids, enc.offsets
+        if len(ids) <= PASSAGE_TOKENS:
+            return []
+        # Token index at which each sentence starts: the first token starting at or after a cut.
+        cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
+        starts = [0]
+        t = 0
+        for c in cuts:
+            while t < len(ids) and offsets[t][0] < c:
+                t += 1
+            if starts[-1] < t < len(ids):
+                starts.append(t)
+        bounds = [*starts, len(ids)]
+        spans: list[tuple[int, int]] = []
+        a = 0
+        for b in bounds[1:]:
+            if b - a < PASSAGE_MIN_TOKENS and b < len(ids):
+                continue  # too short to read alone: joined with what follows
+            spans.append((a, b))
+            a = b
+        out: list[tuple[list[int], tuple[int, int]]] = []
+        half = PASSAGE_TOKENS // 2
+        for a, b in spans:
+            s = a
+            while True:
+                e = min(b, s + PASSAGE_TOKENS)
+                chunk = [self.encoder.cls_id, *self.prefix_ids, *ids[s:e], self.encoder.sep_id]
+                out.append((chunk, (offsets[s][0], offsets[e - 1][1])))
+                if e >= b:
+                    break
+                s += half
+        return out
+
+    def passage_scores(self, doc: Document) -> WindowScores:
+        """Per-sentence scores of `doc`'s text (cached on the document; see `passages`)."""
+        key = self.cache_key + "/passages"
+        got: WindowScores | None = doc.cache.get(key)
+        if got is not None:
+            return got
+        found = self.passages(doc.text)
+        rows = [r for r, _ in found]
+        with self._lock:
+            emb = self.embed(rows) if rows else torch.empty(0, self.encoder.dim)
+            probs = self.probabilities(emb, rows) if rows else torch.empty(0, len(self.labels))
+        got = WindowScores(
+            probs, [doc.to_original(s, e) for _, (s, e) in found], [False] * len(rows), emb, rows
+        )
+        doc.cache[key] = got
+        return got
+
     def embed(self, rows: list[list[int]], batch_size: int = BATCH_ROWS) -> torch.Tensor:
         """L2-normalised fp32 sentence embeddings of token-id rows.
 
@@ -542,14 +614,21 @@ def get_guard_model(head_dir: str | Path | None = None, key: str | None = None) 
 class ClassifierScanner:
     """One category of the shared head, as a scanner."""
 
-    def __init__(self, category: str, head_dir: str | None = None, hazard_hint: bool = True) -> None:
+    def __init__(
+        self, category: str, head_dir: str | None = None, hazard_hint: bool = True, passages: bool = False
+    ) -> None:
+        """`passages`: also score each sentence alone (module docstring), for text where benign
+        sentences around a harmful span would dilute a whole window's score (answers)."""
         if category not in HEAD_LABELS:
             raise ValueError(f"no classifier for category {category!r}")
+        if not isinstance(passages, bool) or not isinstance(hazard_hint, bool):
+            raise ValueError("the classifier options passages and hazard_hint take true or false")
         self.name: str = category
         self.category: Category = category
         self.head_dir = head_dir
         self.head_key = head_key(head_dir)
         self.hazard_hint = hazard_hint
+        self.passages = passages
 
     @property
     def model(self) -> GuardModel:
@@ -601,6 +680,13 @@ class ClassifierScanner:
                     own = ml.thresholds[self.category]
                     note = f" (multilingual reader: p={raw:.2f}, its threshold {own:.2f})"
                     reader, scores, best, score = ml, ml_scores, ml_best, cal
+        if self.passages:
+            sentences = model.passage_scores(doc)
+            if sentences.probs.shape[0]:
+                k = int(sentences.probs[:, j].argmax())
+                if float(sentences.probs[k, j]) > score and float(sentences.probs[k, j]) >= PASSAGE_FLOOR:
+                    reader, scores, best, score = model, sentences, k, float(sentences.probs[k, j])
+                    note = " (one sentence read alone; the whole window scored lower)"
         span = scores.spans[best]
         where = "decoded text" if scores.decoded[best] else f"characters {span.start}-{span.end}"
         reason = f"{self.category.replace('_', ' ')} classifier p={score:.2f} on {where}{note}"
