@@ -15,51 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from steward.yaml_unique import DuplicateKeyError, safe_load_unique
+
 
 class ConfigError(ValueError):
     """Invalid configuration; the message is one line naming the field and the problem."""
-
-
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, line: int) -> None:
-        super().__init__(f"duplicate key {key!r}")
-        self.key = key
-        self.line = line
-
-
-def _safe_load_unique(text: str) -> Any:
-    """`yaml.safe_load`, refusing a mapping that repeats a key (PyYAML keeps the last one silently:
-    `guards: true` then `guards: false` turned the guards off). Keys merged in with `<<: *anchor`
-    may be overridden, as YAML intends. The node graph is checked before anything is constructed,
-    once per node. Twin of `steward.guard.policy.safe_load_unique`, kept apart so that reading
-    the settings does not import the guard package (and torch)."""
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            return None
-        seen: set[int] = set()
-        stack: list[yaml.Node] = [root]
-        while stack:
-            node = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if isinstance(node, yaml.MappingNode):
-                keys: set[Any] = set()
-                for key_node, value_node in node.value:
-                    stack.append(value_node)
-                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                        continue
-                    key = loader.construct_object(key_node, deep=True)
-                    if key in keys:
-                        raise _DuplicateKey(key, key_node.start_mark.line + 1)
-                    keys.add(key)
-            elif isinstance(node, yaml.SequenceNode):
-                stack.extend(node.value)
-        return loader.construct_document(root)
-    finally:
-        loader.dispose()
 
 
 class ModelRoute(BaseModel):
@@ -124,10 +84,10 @@ class _YamlSource(PydanticBaseSettingsSource):
         if self.path is None:
             return {}
         try:
-            data = _safe_load_unique(self.path.read_text(encoding="utf-8"))
+            data = safe_load_unique(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {self.path}") from None
-        except _DuplicateKey as exc:
+        except DuplicateKeyError as exc:
             raise ConfigError(f"config file {self.path}:{exc.line}: duplicate key {exc.key!r}") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config file {self.path}: {' '.join(str(exc).split())}") from None

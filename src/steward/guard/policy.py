@@ -33,6 +33,8 @@ from pydantic import (
     model_validator,
 )
 
+from steward.yaml_unique import DuplicateKeyError, safe_load_unique
+
 from .base import Registry, default_registry
 from .types import Action
 
@@ -242,55 +244,6 @@ def _format_validation(exc: ValidationError, source: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return f"{source}: invalid policy: " + "; ".join(parts)
-
-
-class DuplicateKeyError(yaml.YAMLError):
-    """A mapping in a YAML file names the same key twice; `line` is 1-based."""
-
-    def __init__(self, key: Any, line: int) -> None:
-        super().__init__(f"duplicate key {key!r}")
-        self.key = key
-        self.line = line
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-def safe_load_unique(text: str) -> Any:
-    """`yaml.safe_load`, refusing any mapping that repeats a key (PyYAML keeps the last silently,
-    so `action: block, action: allow` allowed). Keys merged in with `<<: *anchor` may be
-    overridden by the mapping's own keys, as YAML intends. The node graph is checked before
-    anything is constructed (construction flattens merges in place), once per node, so an alias
-    bomb costs no more here than in the constructor. (`steward.gateway.settings` has a twin.)"""
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            return None
-        seen: set[int] = set()
-        stack: list[yaml.Node] = [root]
-        while stack:
-            node = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if isinstance(node, yaml.MappingNode):
-                keys: set[Any] = set()
-                for key_node, value_node in node.value:
-                    stack.append(value_node)
-                    if key_node.tag == _MERGE_TAG:
-                        continue
-                    if not isinstance(key_node, yaml.ScalarNode):
-                        continue  # a complex key: the constructor refuses it (unhashable)
-                    key = loader.construct_object(key_node, deep=True)
-                    if key in keys:
-                        raise DuplicateKeyError(key, key_node.start_mark.line + 1)
-                    keys.add(key)
-            elif isinstance(node, yaml.SequenceNode):
-                stack.extend(node.value)
-        return loader.construct_document(root)
-    finally:
-        loader.dispose()
 
 
 def load_policy_set(
