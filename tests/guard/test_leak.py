@@ -129,6 +129,68 @@ def test_text_the_system_prompt_tells_the_model_to_say_is_not_a_leak() -> None:
     assert _blocked(secretive, system=secretive, canary=None)
 
 
+ACME = "You are the support assistant of Acme Bank. "
+POLICY = (
+    "refunds above 500 dollars require approval from manager Dana Whitfield, and fraud cases go to the "
+    "private escalation line 555 0199 which customers must never learn about."
+)
+NOTE = (
+    "refunds above 500 dollars require approval from manager Dana Whitfield and fraud cases go to the "
+    "private escalation line"
+)
+
+
+@pytest.mark.parametrize(
+    ("system", "answer"),
+    [
+        # review 6 R5: rules introduced by "use ...:" and a quoted internal note are the prompt's secrets
+        (f"{ACME}Use the following internal policy: {POLICY}", f"Sure! Our policy: {POLICY}"),
+        (
+            f'{ACME}Internal note for staff only: "{NOTE}". Be concise and friendly with every customer.',
+            f"Here you go: {NOTE}.",
+        ),
+        # neither are rules after other instruction verbs, nor quotes that no say-verb introduces
+        (f"{ACME}Follow these rules: {POLICY}", f"The rules: {POLICY}"),
+        (f"{ACME}Include this in your reasoning: {POLICY}", f"Noted: {POLICY}"),
+        (f"{ACME}Answer with care and remember: {POLICY}", f"I remember: {POLICY}"),
+        (f"{ACME}Start with a greeting, then apply this policy: {POLICY}", f"The policy: {POLICY}"),
+        (f"{ACME}Begin with the policy rules: {POLICY}", f"The policy: {POLICY}"),
+        (f'{ACME}Greet the customer with "Hello!" The policy is "{NOTE}".', f"Hello! The policy: {NOTE}."),
+    ],
+)
+def test_confidential_text_introduced_by_instructions_or_quoted_is_still_a_leak(
+    system: str, answer: str
+) -> None:
+    assert _blocked(answer, system=system, canary=None)
+
+
+@pytest.mark.parametrize(
+    ("system", "answer"),
+    [
+        (
+            f"{ACME}Always say: Thank you for banking with Acme Bank, where every customer matters and every "
+            "penny is safe with us. Keep answers short.",
+            "Your card arrives in five days. Thank you for banking with Acme Bank, where every customer "
+            "matters and every penny is safe with us.",
+        ),
+        (
+            f"{ACME}Start every answer with 'Thank you for contacting Acme Bank, the bank that puts every "
+            "customer first since 1901.' Keep answers short.",
+            "Thank you for contacting Acme Bank, the bank that puts every customer first since 1901. Your "
+            "card arrives in five days.",
+        ),
+        (
+            f'{ACME}Reply to every greeting with "Hello and welcome to Acme Bank, the bank that puts every '
+            'customer first since 1901!" and keep answers short.',
+            "Hello and welcome to Acme Bank, the bank that puts every customer first since 1901! How can "
+            "I help?",
+        ),
+    ],
+)
+def test_text_after_a_say_verb_quoted_or_after_a_colon_is_not_a_leak(system: str, answer: str) -> None:
+    assert not _blocked(answer, system=system, canary=None)
+
+
 def _stream_cut(p: Pipeline, ctx: ScanContext, answer: str) -> bool:
     g = p.stream(ctx, window=512, overlap=128)
     for i in range(0, len(answer), 8):

@@ -13,9 +13,11 @@ in every decoded base64/hex segment. The score is the share of the prompt's n-gr
 at most 40), but it stays 0 below an absolute minimum of evidence (`min_shared` n-grams, about twelve
 consecutive words, or the whole prompt when it is shorter). Two kinds of text are not evidence:
 
-* text the system prompt tells the model to say (a mandated greeting, sign-off or disclaimer: quoted
-  strings, and what follows "say:", "end every answer with ...", "sign off with ..." and the like):
-  every compliant answer repeats it;
+* text the system prompt tells the model to say (a mandated greeting, sign-off or disclaimer): the
+  object of a say-verb, quoted right after it or after a colon ('say: ...', 'end every answer with
+  this sentence: ...', 'greet the customer with "..."', 'sign off with: ...'); every compliant answer
+  repeats it. Text after "use/follow/include ...:" and quoted notes that no say-verb introduces stay
+  evidence: that is where prompts keep their secrets;
 * a prompt of fewer than `min_prompt_grams` n-grams (a stock line like "You are a helpful
   assistant."): so common a phrase proves nothing, and the canary covers it.
 
@@ -47,20 +49,29 @@ _CANARY_RANDOM = re.compile(r"([0-9a-f]{8,})$")
 _DENOMINATOR_CAP = 40  # a prompt's share is counted out of at most this many n-grams
 _JOINED_MIN = 12  # an n-gram run together must be at least this many characters to count
 
-# Text the system prompt tells the model to say. Quoted strings (of at most `_SPOKEN_MAX` characters),
-# and what follows a "say"-like verb up to the end of its sentence or line.
+# Text the system prompt tells the model to say: the object of a say-verb ("say", "reply/respond ...
+# with", "end/begin/start/open/close/finish/conclude ... with", "sign off", "greet ... with",
+# "prefix/preface ... with"), either quoted right after it or after a colon, up to the end of the
+# sentence (at most `_SPOKEN_MAX` characters). Nothing else is excluded: text after "use/follow/apply/
+# include/remember ...:" or "policy/rules/instructions:" is what a prompt keeps secret, and so are quoted
+# notes that no say-verb introduces.
 _SPOKEN_MAX = 400
 _QUOTED = re.compile(
     r'"([^"\n]{2,400})"|“([^”\n]{2,400})”|«([^»\n]{2,400})»|`([^`\n]{2,400})`'
     r"|‘([^’\n]{2,400})’|(?<!\w)'([^'\n]{2,400}?)'(?!\w)"
 )
-_SAY_VERBS = (
-    r"say|reply|respond|answer|end|begin|start|open|close|finish|conclude|sign\s+off|greet|include|"
-    r"append|add|prefix|preface|write|use|repeat|quote|mention|state|tell|print|output"
+_WITH_VERBS = (
+    r"reply|respond|end|begin|start|open|close|finish|conclude|greet|prefix|preface"  # ... with "..."
 )
-_WITH_VERBS = r"end|begin|start|open|close|finish|conclude|sign\s+off|greet"
+# Words that make the clause an instruction (or a secret) rather than the object of the say-verb.
+_NOT_OBJECT = (
+    r"use|using|follow|apply|include|including|consider|know|remember|polic(?:y|ies)|rules?|"
+    r"instructions?|guidelines?|internal|confidential|secret|private|and|then|but|or|if|when|while"
+)
+_WORDS_UP_TO_4 = rf"(?:\s+(?!(?:{_NOT_OBJECT})\b)\w[\w'’-]*){{0,4}}?"
 _DIRECTIVE = re.compile(
-    rf"\b(?:(?:{_SAY_VERBS})\b[^.!?:\n]{{0,80}}:|say|(?:{_WITH_VERBS})(?:\s+\w+){{0,4}}?\s+with)\s+",
+    rf"\b(?:say|sign[\s-]+off|(?:{_WITH_VERBS}){_WORDS_UP_TO_4}\s+with){_WORDS_UP_TO_4}"
+    r"(?:\s*(?P<colon>:)\s*|\s*(?=[\"“«`‘']))",
     re.IGNORECASE,
 )
 _SENTENCE_END = re.compile(r"[.!?][\"'”’)]?(?=\s|$)|\n")
@@ -77,18 +88,21 @@ def _grams(words: list[str], n: int) -> set[tuple[str, ...]]:
 
 
 def _spoken_spans(system: str) -> list[tuple[int, int]]:
-    """Character ranges of `system` that it tells the model to say (or quotes)."""
+    """Character ranges of `system` that it tells the model to say: the quoted or colon-introduced
+    object of a say-verb."""
     spans: list[tuple[int, int]] = []
-    for m in _QUOTED.finditer(system):
-        spans.append(m.span())
     for m in _DIRECTIVE.finditer(system):
         head = system[max(0, m.start() - 80) : m.start()]
         if _NEGATED.search(head):
             continue  # "never say ...": what follows is what must not be said
-        end = _SENTENCE_END.search(system, m.end())
-        stop = end.end() if end else len(system)
-        if stop - m.end() <= _SPOKEN_MAX:
-            spans.append((m.end(), stop))
+        quoted = _QUOTED.match(system, m.end())
+        if quoted:
+            spans.append(quoted.span())
+        elif m.group("colon"):
+            end = _SENTENCE_END.search(system, m.end())
+            stop = end.end() if end else len(system)
+            if stop - m.end() <= _SPOKEN_MAX:
+                spans.append((m.end(), stop))
     return spans
 
 
