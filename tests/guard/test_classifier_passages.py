@@ -51,6 +51,20 @@ def test_a_friendly_opening_does_not_dilute_harmful_steps(answer: str) -> None:
     assert verdict.blocked and "harmful" in {f.category for f in verdict.findings if f.triggered}
 
 
+@pytest.mark.parametrize(
+    "opening",
+    [
+        "Great question, happy to help with your weekend garage project! ",
+        "Great question! Garage projects are fun. ",
+    ],
+)
+def test_a_one_sentence_opening_in_a_short_answer_does_not_dilute_the_steps(opening: str) -> None:
+    """Under 64 tokens the answer is one window, and one friendly sentence diluted it (review 6)."""
+    answer = opening + STEPS.removeprefix("Sure. ")
+    assert get_guard_model().passages(answer)  # two sentences: each is read alone
+    assert Pipeline().finish_output(answer, ScanContext()).blocked
+
+
 def test_without_passages_the_opening_hides_the_steps() -> None:
     """What the option is for: the whole-window reader alone misses it (if this starts passing
     with a new head, the docstring's numbers and the default policy need a second look)."""
@@ -64,7 +78,7 @@ def test_ordinary_answers_with_sensitive_words_pass_sentence_by_sentence(answer:
 
 def test_passages_cover_every_token_and_skip_text_that_fits_one() -> None:
     m = get_guard_model()
-    assert m.passages(STEPS) == []  # one passage's worth: the window is that text already
+    assert m.passages("To stop a runaway process, send it SIGTERM with kill.") == []  # one sentence
     text = INTRO + STEPS + OUTRO + " " + "word " * 150  # a long sentence goes in overlapping pieces
     found = m.passages(text)
     ids = m.encoder.tokenizer.inner.encode(text, add_special_tokens=False).ids

@@ -23,13 +23,15 @@ Sentences (`passages`, a scanner option the default policy sets for `harmful` on
 embedding is a mean over its tokens, so benign text around a harmful span dilutes it. Pipe-bomb
 steps score 0.99 alone and 0.03 after one friendly sentence in the same window, and models open
 answers with exactly such sentences. A scanner with `passages: true` also scores each sentence of a
-text longer than one passage on its own (a long sentence in overlapping 64-token pieces), and a
+text of more than one sentence on its own (a long sentence in overlapping 64-token pieces), and a
 sentence's score counts only at or above `PASSAGE_FLOOR`: the head learnt from whole prompts, and
 short sentences read alone score high more easily. Measured on the validation split's harmful
 requests with a benign news paragraph in front (212): the whole-window reader catches 2, sentences
 at the head's threshold 94 but flag 15 of 1,057 long benign texts (news, BIPIA documents, T0 and
-self-instruct text), sentences at the floor 79 with 1 flagged. The extra encoder rows are about
-the text's own length (twice the encoder cost of an answer).
+self-instruct text), sentences from 0.988 up 79 with 1 flagged, from 0.968 up 85 with 9. The
+floor is 0.985 (3 of the 1,057 flagged once two-sentence texts are read too): review 6 showed pipe-
+bomb steps without their "Sure." scoring 0.986 alone. The extra encoder rows are about the text's
+own length (twice the encoder cost of an answer).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ PAD_WASTE = 0.25
 PAD_MIN = 16
 PASSAGE_TOKENS = 64  # a sentence scored on its own; longer ones in pieces of this many tokens
 PASSAGE_MIN_TOKENS = 8  # shorter sentences ("Sure.") ride with the next one
-PASSAGE_FLOOR = 0.988  # a sentence read alone counts from this score up (module docstring)
+PASSAGE_FLOOR = 0.985  # a sentence read alone counts from this score up (module docstring)
 # A sentence ends at . ! ? ; (ASCII or fullwidth) before a space or the end, or at a line break.
 _SENTENCE_END = re.compile(r"[.!?;](?=\s|$)|[。！？；]|\n+")
 
@@ -409,11 +411,13 @@ class GuardModel:
         return out
 
     def passages(self, text: str) -> list[tuple[list[int], tuple[int, int]]]:
-        """Token-id rows of `text`'s sentences with their character ranges; none for a text that
-        fits one passage (its window is that text already). See the module docstring."""
+        """Token-id rows of `text`'s sentences with their character ranges; none for a text that is
+        one passage already (its window reads exactly that). A short answer of two sentences gets
+        both: a one-sentence opening dilutes 50 tokens of harmful steps as much as a paragraph does.
+        See the module docstring."""
         enc = self.encoder.tokenizer.inner.encode(text, add_special_tokens=False)
         ids, offsets = enc.ids, enc.offsets
-        if len(ids) <= PASSAGE_TOKENS:
+        if not ids:
             return []
         # Token index at which each sentence starts: the first token starting at or after a cut.
         cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
@@ -432,6 +436,8 @@ class GuardModel:
                 continue  # too short to read alone: joined with what follows
             spans.append((a, b))
             a = b
+        if len(spans) == 1 and len(ids) <= PASSAGE_TOKENS:
+            return []
         out: list[tuple[list[int], tuple[int, int]]] = []
         half = PASSAGE_TOKENS // 2
         for a, b in spans:
