@@ -196,7 +196,7 @@ class RefusalSampler:
     def remaining(self, now: float) -> float:
         return max(0.0, self.window_s - (now - self._start))
 
-    def admit(self, route: str, status: int, now: float) -> bool:
+    def admit(self, route: str, status: int) -> bool:
         """True: record this refusal itself; False: it is counted for the window's summary."""
         if self._admitted < self.limit:
             self._admitted += 1
@@ -264,7 +264,7 @@ class AuditSink:
             now = time.monotonic()
             if self.sampler.due(now):
                 await self._summarise(now)
-            if not self.sampler.admit(trace.route, trace.status, now):
+            if not self.sampler.admit(trace.route, trace.status):
                 trace.audit = {"summarised": True}
                 if self._flush is None:  # the window's summary is written when it ends, come what may
                     loop = asyncio.get_running_loop()
