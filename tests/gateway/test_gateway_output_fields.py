@@ -656,3 +656,223 @@ def test_guard_restores_values_json_escaped_into_arguments() -> None:
     assert got["name"] == 'Ann "Red" O\\Lee' and got["alias"] == f'Ann "Red" O\\Lee and {hidden}'
     assert re.fullmatch(r"<EMAIL_ADDRESS_\d+>", got["cc"])
     assert vault.origins(got["cc"]) == {"output"}  # pseudonymised into the request's vault
+
+
+def _secrets_guard() -> Any:
+    from steward.gateway.guarding import Guard
+
+    return Guard(
+        {
+            "version": 1,
+            "policies": {
+                "default": {
+                    "fail_closed": True,
+                    "restore_pseudonyms": True,
+                    "input": [],
+                    "output": [{"scanner": "secrets", "action": "redact", "redaction": "mask"}],
+                }
+            },
+        }
+    )
+
+
+def _inp() -> Any:
+    from steward.gateway.guarding import InputResult, request_vault
+    from steward.guard import ScanContext
+
+    return InputResult(ScanContext(), request_vault())
+
+
+def _scan(out: dict[str, Any]) -> list[dict[str, Any]]:
+    from steward.gateway.trace import Trace
+
+    trace = Trace(request_id="r", route="POST /v1/chat/completions")
+    asyncio.run(_secrets_guard().scan_output("chat", out, _inp(), trace))
+    return trace.guard
+
+
+def _message(**fields: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", **fields}}]}
+
+
+def _stream_chunks(
+    deltas: list[dict[str, Any]], finish: str = "tool_calls", **extra: Any
+) -> list[dict[str, Any]]:
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+    scan = _secrets_guard().stream(_inp(), "chat", 1)
+
+    async def go() -> list[dict[str, Any]]:
+        out = []
+        for d in deltas:
+            out += await scan.chunk(
+                {**base, "choices": [{"index": 0, "delta": d, "finish_reason": None, **extra}]}
+            )
+        out += await scan.chunk({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+        return out
+
+    events = asyncio.run(go())
+    events.append({"reports": scan.reports()})
+    return events
+
+
+def test_custom_tool_calls_object_arguments_and_refusal_parts_are_redacted() -> None:
+    custom = {"id": "c1", "type": "custom", "custom": {"name": "shell", "input": f"export KEY={AWS}"}}
+    out = _message(content=None, tool_calls=[custom])
+    trace = _scan(out)
+    assert AWS not in json.dumps(out) and "[AWS_ACCESS_KEY]" in json.dumps(out)
+    assert any(e["field"] == "tool_calls[0].custom.input" for e in trace)
+
+    fn = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"key": AWS, "n": 3}}}
+    out = _message(content=None, tool_calls=[fn])
+    _scan(out)
+    args = out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert args == {"key": "[AWS_ACCESS_KEY]", "n": 3}  # still an object
+
+    out = _message(content=[{"type": "refusal", "refusal": f"I cannot share {AWS}"}])
+    _scan(out)
+    assert out["choices"][0]["message"]["content"] == [
+        {"type": "refusal", "refusal": "I cannot share [AWS_ACCESS_KEY]"}
+    ]
+
+    # a call of a shape nobody knows yet: its strings are scanned all the same
+    odd = {"id": "c1", "type": "future", "future": {"body": {"deep": [f"k={AWS}"]}}}
+    out = _message(content=None, tool_calls=[odd])
+    _scan(out)
+    assert AWS not in json.dumps(out)
+
+
+def test_a_streamed_custom_tool_call_arrives_whole_and_scanned() -> None:
+    first = {"index": 0, "id": "call1", "type": "custom", "custom": {"name": "shell", "input": "export "}}
+    deltas = [{"role": "assistant", "tool_calls": [first]}] + [
+        {"tool_calls": [{"index": 0, "type": "custom", "custom": {"input": p}}]}
+        for p in ["KEY=", AWS, " && run"]
+    ]
+    events = _stream_chunks(deltas)
+    calls = [tc for e in events[:-1] for c in e["choices"] for tc in (c["delta"].get("tool_calls") or [])]
+    assert calls == [
+        {
+            "index": 0,
+            "id": "call1",
+            "type": "custom",
+            "custom": {"name": "shell", "input": "export KEY=[AWS_ACCESS_KEY] && run"},
+        }
+    ]
+
+
+def test_json_escaped_secrets_in_tool_arguments_are_redacted() -> None:
+    escaped = "\\u0041" + AWS[1:]
+    args = '{"cmd": "export AWS_ACCESS_KEY_ID=' + escaped + '", "n": 1}'
+    fn = {"id": "c1", "type": "function", "function": {"name": "shell", "arguments": args}}
+    out = _message(content=None, tool_calls=[fn])
+    _scan(out)
+    got = out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(got) == {"cmd": "export AWS_ACCESS_KEY_ID=[AWS_ACCESS_KEY]", "n": 1}
+
+    first = {"index": 0, "id": "c1", "type": "function", "function": {"name": "shell", "arguments": args}}
+    events = _stream_chunks([{"role": "assistant", "tool_calls": [first]}])
+    streamed = "".join(
+        tc["function"]["arguments"]
+        for e in events[:-1]
+        for c in e["choices"]
+        for tc in c["delta"].get("tool_calls") or []
+    )
+    assert AWS not in json.loads(streamed)["cmd"]
+
+    # arguments that are not JSON are scanned as text
+    fn = {"id": "c1", "type": "function", "function": {"name": "shell", "arguments": f"KEY={AWS}"}}
+    out = _message(content=None, tool_calls=[fn])
+    _scan(out)
+    assert out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == "KEY=[AWS_ACCESS_KEY]"
+
+
+def test_merges_of_held_stream_pieces_are_linear() -> None:
+    import time
+
+    from steward.gateway.guarding import merge_logprobs
+
+    def timed(n: int) -> float:
+        parts = [{"content": [{"token": "a", "logprob": -0.1}], "refusal": None} for _ in range(n)]
+        t = time.perf_counter()
+        merged = merge_logprobs(parts)
+        assert merged is not None and len(merged["content"]) == n
+        return time.perf_counter() - t
+
+    assert timed(40_000) < 0.5
+    first = {"content": [1]}
+    assert merge_logprobs([first, {"content": [2]}]) == {"content": [1, 2]}
+    assert first == {"content": [1]}  # the parts themselves are left as they were
+
+
+def test_a_held_tool_call_past_the_cap_cuts_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from steward.gateway import guarding
+
+    monkeypatch.setattr(guarding, "MAX_HELD_CALL_CHARS", 100)
+    first = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    deltas = [{"role": "assistant", "tool_calls": [first]}] + [
+        {"tool_calls": [{"index": 0, "function": {"arguments": "x" * 30}}]} for _ in range(5)
+    ]
+    events = _stream_chunks(deltas)
+    finishes = [c["finish_reason"] for e in events[:-1] for c in e["choices"] if c["finish_reason"]]
+    assert finishes == ["content_filter"]
+    assert not any(c["delta"].get("tool_calls") for e in events[:-1] for c in e["choices"])
+    (report,) = [r for r in events[-1]["reports"] if r["field"] == "tool_calls"]
+    assert report["cut"] and "held tool calls exceed" in report["errors"]["size"]
+
+
+def test_streamed_call_pieces_merge_at_any_depth() -> None:
+    from steward.gateway.guarding import merge_call, merge_pieces
+
+    pieces: list[dict[str, Any]] = [
+        {"index": 0, "id": "c1", "type": "custom", "custom": {"name": "sh", "input": None}},
+        {"index": 0, "type": "custom", "custom": {"input": "ls "}},
+        {"index": 0, "custom": {"input": "-l", "meta": {"note": "a"}}},
+        {"index": 0, "custom": {"meta": {"note": "b"}}},
+    ]
+    want = {
+        "index": 0,
+        "id": "c1",
+        "type": "custom",
+        "custom": {"name": "sh", "input": "ls -l", "meta": {"note": "ab"}},
+    }
+    assert merge_pieces(pieces) == want
+    acc: dict[str, Any] = {}
+    for p in pieces:
+        merge_call(acc, p)
+    assert acc == want
+
+
+def test_numbers_in_json_arguments_are_scanned_too() -> None:
+    from steward.gateway.guarding import Guard
+
+    guard = Guard(
+        {
+            "version": 1,
+            "policies": {
+                "default": {
+                    "input": [],
+                    "output": [{"scanner": "pii", "action": "redact", "redaction": "mask"}],
+                }
+            },
+        }
+    )
+    s = asyncio.run(
+        guard.scan_field('{"card": 4111111111111111, "n": 2}', _inp(), json_text=True, leak_state={})
+    )
+    assert s.text is not None and json.loads(s.text) == {"card": "[CREDIT_CARD]", "n": 2}
+
+
+def test_only_the_changed_leaves_of_json_arguments_are_scanned_again() -> None:
+    guard = _secrets_guard()
+    calls: list[str] = []
+    scan = guard.pipeline.scan_output
+
+    async def counted(text: str, *a: Any, **kw: Any) -> Any:
+        calls.append(text)
+        return await scan(text, *a, **kw)
+
+    guard.pipeline.scan_output = counted  # type: ignore[method-assign]
+    args = json.dumps({"items": [f"line {n}\nmore" for n in range(200)], "key": f"k={AWS}"})
+    s = asyncio.run(guard.scan_field(args, _inp(), json_text=True, leak_state={}))
+    assert s.text is not None and json.loads(s.text)["key"] == "k=[AWS_ACCESS_KEY]"
+    assert json.loads(s.text)["items"] == [f"line {n}\nmore" for n in range(200)]
+    assert calls[1:] == [f"k={AWS}"]  # the whole text, then only the leaf that changed

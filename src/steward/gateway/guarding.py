@@ -40,35 +40,77 @@ CALL_FIELDS = ("tool_calls", "function_call")  # `function_call`: the legacy for
 GENERATED = (*TEXT_FIELDS, *CALL_FIELDS)
 
 
-def _slots(holder: dict[str, Any], chat: bool) -> list[tuple[str, dict[str, Any], str]]:
+CALL_META = ("id", "type", "index")
+"""Keys of a tool call the server writes, not the model: never scanned, and in a stream each keeps
+its first value (some servers repeat `type` in every delta)."""
+JSON_KEYS = ("arguments",)
+"""Keys whose value is JSON for a tool to parse: scanned decoded, and when given as an object
+(several OpenAI-compatible servers do) scanned serialised and written back as an object."""
+MAX_HELD_CALL_CHARS = 1 << 20
+"""The most characters a stream's held tool calls (every string of them, per choice) may add up to
+before they are scanned. A call is held whole until its choice ends, so without a bound one choice
+could hold all the key's budget in memory and then merge and scan it at once; past the bound the
+choice is cut with `content_filter` and the trace says why. 1 MiB of arguments is far beyond any
+real tool call, and over the scanners' own size limit, which would fail the scan anyway."""
+
+Slot = tuple[str, Any, Any]  # (field name for the trace, the dict or list holding it, its key there)
+
+
+def _slots(holder: dict[str, Any], chat: bool) -> list[Slot]:
     """Every non-empty text the model wrote into `holder` (a message, a delta, or a completion
-    choice), as (field name for the trace, the dict holding it, its key there): what the output
-    policy scans and redacts in place, whatever shape the answer took."""
+    choice), as (field name for the trace, the dict or list holding it, its key there): what the
+    output policy scans and redacts in place, whatever shape the answer took. Content parts give
+    every string they hold but their `type` (`text`, `refusal`, ...); a tool call gives every string
+    under it but its `id`/`type`/`index`, whatever its type (`function`, `custom`, one not known
+    yet), and `arguments` given as an object as one slot (scanned as JSON)."""
     if not chat:
         text = holder.get("text")
         return [("text", holder, "text")] if isinstance(text, str) and text else []
-    out: list[tuple[str, dict[str, Any], str]] = []
+    out: list[Slot] = []
     for f in TEXT_FIELDS:
         value = holder.get(f)
         if isinstance(value, str) and value:
             out.append((f, holder, f))
-        elif isinstance(value, list):  # content given as parts: each text part is scanned
+        elif isinstance(value, list):  # content given as parts: every string of each part
             for k, part in enumerate(value):
-                if isinstance(part, dict) and isinstance(part.get("text"), str) and part["text"]:
-                    out.append((f"{f}[{k}]", part, "text"))
+                if not isinstance(part, dict):
+                    _leaves(part, f"{f}[{k}]", value, k, out)
+                    continue
+                for pk, pv in part.items():
+                    if pk != "type":
+                        _leaves(pv, f"{f}[{k}]" if pk == "text" else f"{f}[{k}].{pk}", part, pk, out)
     calls = holder.get("tool_calls")
     for j, tc in enumerate(calls if isinstance(calls, list) else []):
-        fn = tc.get("function") if isinstance(tc, dict) else None
-        if isinstance(fn, dict):
-            out += [(f"tool_calls[{j}].function.{k}", fn, k) for k in ("name", "arguments") if _text(fn, k)]
-    fc = holder.get("function_call")
-    if isinstance(fc, dict):
-        out += [(f"function_call.{k}", fc, k) for k in ("name", "arguments") if _text(fc, k)]
+        if not isinstance(tc, dict):
+            _leaves(tc, f"tool_calls[{j}]", calls, j, out)
+            continue
+        for k, v in tc.items():
+            if k not in CALL_META:
+                _leaves(v, f"tool_calls[{j}].{k}", tc, k, out)
+    if "function_call" in holder:
+        _leaves(holder["function_call"], "function_call", holder, "function_call", out)
     return out
 
 
-def _text(d: dict[str, Any], key: str) -> bool:
-    return isinstance(d.get(key), str) and bool(d[key])
+def _leaves(value: Any, where: str, box: Any, key: Any, out: list[Slot]) -> None:
+    """The slots of every non-empty string under `value` (`box[key]`); an object or list under a
+    JSON key is one slot."""
+    if isinstance(value, str):
+        if value:
+            out.append((where, box, key))
+    elif isinstance(value, (dict, list)) and key in JSON_KEYS:
+        out.append((where, box, key))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _leaves(v, f"{where}.{k}", value, k, out)
+    elif isinstance(value, list):
+        for n, v in enumerate(value):
+            _leaves(v, f"{where}[{n}]", value, n, out)
+
+
+def _slot_text(value: Any) -> str:
+    """A slot's text: the string, or an object given for JSON serialised."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def generated_texts(choice: dict[str, Any]) -> list[str]:
@@ -76,32 +118,87 @@ def generated_texts(choice: dict[str, Any]) -> list[str]:
     tool-call arguments included): what a stream's token count is estimated from."""
     chat = "delta" in choice or "message" in choice
     holder = (choice.get("delta") if "delta" in choice else choice.get("message")) if chat else choice
-    return [box[key] for _, box, key in _slots(holder, chat)] if isinstance(holder, dict) else []
+    return [_slot_text(box[key]) for _, box, key in _slots(holder, chat)] if isinstance(holder, dict) else []
 
 
-def merge_call(acc: dict[str, Any], piece: dict[str, Any]) -> dict[str, Any]:
-    """Add one streamed tool-call delta to the call assembled so far: `name` and `arguments` come
-    in pieces and are concatenated; any other key (`id`, `type`, `index`) keeps its first value."""
+def merge_call(acc: dict[str, Any], piece: dict[str, Any], top: bool = True) -> dict[str, Any]:
+    """Add one streamed tool-call delta to the call assembled so far: strings at any depth
+    (`function.arguments`, `custom.input`, ...) come in pieces and are concatenated; nested objects
+    are merged; the call's own `id`/`type`/`index`, and any other value, keep their first value.
+    (A whole stream's pieces are better merged at once with `merge_pieces`.)"""
     for k, v in piece.items():
-        if k == "function" and isinstance(v, dict):
-            merge_call(acc.setdefault("function", {}), v)
-        elif k in ("name", "arguments") and isinstance(v, str):
-            acc[k] = acc.get(k, "") + v
-        elif k not in acc:
+        cur = acc.get(k)
+        if isinstance(v, dict) and (cur is None or isinstance(cur, dict)):
+            if cur is None:
+                cur = acc[k] = {}
+            merge_call(cur, v, top=False)
+        elif cur is None:  # a key not given yet, or given as null
             acc[k] = v
+        elif isinstance(v, str) and isinstance(cur, str) and not (top and k in CALL_META):
+            acc[k] = cur + v
     return acc
+
+
+class _Pieces(list[str]):
+    """A string being assembled from a stream's pieces, joined once at the end."""
+
+
+def merge_pieces(pieces: list[dict[str, Any]]) -> dict[str, Any]:
+    """A streamed tool call's deltas as one call, as `merge_call` one after the other would make
+    it, in linear time: every string's pieces are gathered in a list and joined once."""
+    acc: dict[str, Any] = {}
+    for piece in pieces:
+        _gather(acc, piece, top=True)
+    merged: dict[str, Any] = _joined(acc)
+    return merged
+
+
+def _gather(acc: dict[str, Any], piece: dict[str, Any], top: bool) -> None:
+    for k, v in piece.items():
+        cur = acc.get(k)
+        if isinstance(v, dict) and (cur is None or isinstance(cur, dict)):
+            if cur is None:
+                cur = acc[k] = {}
+            _gather(cur, v, top=False)
+        elif cur is None:  # a key not given yet, or given as null
+            acc[k] = _Pieces([v]) if isinstance(v, str) else v
+        elif isinstance(v, str) and isinstance(cur, _Pieces) and not (top and k in CALL_META):
+            cur.append(v)
+
+
+def _joined(value: Any) -> Any:
+    if isinstance(value, _Pieces):
+        return "".join(value)
+    if isinstance(value, dict):
+        return {k: _joined(v) for k, v in value.items()}
+    return value
+
+
+def _chars(value: Any) -> int:
+    """How many characters of strings `value` holds, at any depth."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    return 0
 
 
 def merge_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Several chunks' logprobs as one: chat's `content`/`refusal` lists, or a completion's parallel
-    `tokens`/`token_logprobs`/`top_logprobs`/`text_offset` lists, concatenated in order."""
+    `tokens`/`token_logprobs`/`top_logprobs`/`text_offset` lists, concatenated in order (extended in
+    place, in linear time: a long held tool call can have tens of thousands of parts)."""
     if not parts:
         return None
     out: dict[str, Any] = {}
+    lists: dict[str, list[Any]] = {}
     for p in parts:
         for k, v in p.items():
             if isinstance(v, list):
-                out[k] = [*(out.get(k) or []), *v]
+                if k not in lists:
+                    lists[k] = out[k] = []
+                lists[k].extend(v)
             elif k not in out:
                 out[k] = v
     return out
@@ -192,8 +289,11 @@ class _Held:
 @dataclass
 class _Choice:
     texts: dict[str, _Stream] = field(default_factory=dict)
-    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
-    function_call: dict[str, Any] | None = None
+    # Held tool-call deltas per call index (and of the legacy `function_call`), merged once the
+    # choice ends (`merge_pieces`); `held_chars` counts their strings against MAX_HELD_CALL_CHARS.
+    calls: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    function_call: list[dict[str, Any]] | None = None
+    held_chars: int = 0
     calls_released: bool = False
     calls_changed: bool = False
     pending: list[_Held] = field(default_factory=list)
@@ -209,9 +309,11 @@ class StreamScan:
 
     Each text field (`content`, or a completion's `text`; `refusal`; `reasoning_content`;
     `reasoning`) gets its own StreamGuard: its text goes out only once scanned, redacted and
-    restored. Tool calls (and the legacy `function_call`) are held until their choice ends, then
-    scanned whole and sent as one delta each: a client acts on a call only once its arguments are
-    complete anyway, and only whole arguments can be judged and restored as JSON. A block in any
+    restored. Tool calls of any type (`function`, `custom`, ...; and the legacy `function_call`)
+    are held until their choice ends, merged (every string concatenated, at any depth), then
+    scanned whole, every string of them, and sent as one delta each: a client acts on a call only
+    once its arguments are complete anyway, and only whole arguments can be judged and restored as
+    JSON. A choice whose held calls pass MAX_HELD_CALL_CHARS is cut there. A block in any
     field cuts the choice with `content_filter`; what it still held is dropped. All fields of a
     choice add up their evidence of a system-prompt leak: a prompt leaked half in the reasoning
     and half in a tool call's arguments is cut as the same text in the content alone would be.
@@ -269,7 +371,7 @@ class StreamScan:
         delta = dict(given)  # what is left once the generated fields are taken out: role, extras
         sent: dict[str, str] = {}  # field -> text released now
         spans = await self._take_texts(st, delta, sent)
-        spans += self._take_calls(st, delta)
+        spans += self._take_calls(st, delta, int(c.get("index", 0)))
         if c.get("logprobs"):
             st.pending.append(_Held(c["logprobs"], spans))
         if ending and not st.cut:
@@ -305,8 +407,8 @@ class StreamScan:
         spans = []
         for f in TEXT_FIELDS if self.chat else ("text",):
             piece = delta.pop(f, None)
-            if isinstance(piece, list):  # parts in a delta: their text
-                piece = "".join(p.get("text") or "" for p in piece if isinstance(p, dict))
+            if isinstance(piece, list):  # parts in a delta: every string of them (`text`, `refusal`)
+                piece = "".join(_slot_text(part[key]) for _, part, key in _slots({f: piece}, chat=True))
             if not isinstance(piece, str) or not piece or st.cut:
                 continue
             s = st.texts.get(f)
@@ -320,17 +422,38 @@ class StreamScan:
         return spans
 
     @staticmethod
-    def _take_calls(st: _Choice, delta: dict[str, Any]) -> list[tuple[str, int, int]]:
-        """Hold the delta's tool-call pieces, assembled per call, until the choice ends."""
+    def _take_calls(st: _Choice, delta: dict[str, Any], i: int) -> list[tuple[str, int, int]]:
+        """Hold the delta's tool-call pieces, per call, until the choice ends. Past
+        MAX_HELD_CALL_CHARS the choice is cut: what it held is dropped, and the trace says why."""
         spans: list[tuple[str, int, int]] = []
         for tc in delta.pop("tool_calls", None) or []:
             if isinstance(tc, dict):
-                merge_call(st.calls.setdefault(int(tc.get("index") or 0), {}), tc)
+                st.calls.setdefault(int(tc.get("index") or 0), []).append(tc)
+                st.held_chars += _chars(tc)
                 spans.append(("calls", 0, 0))
         fc = delta.pop("function_call", None)
         if isinstance(fc, dict):
-            st.function_call = merge_call(st.function_call or {}, fc)
+            if st.function_call is None:
+                st.function_call = []
+            st.function_call.append(fc)
+            st.held_chars += _chars(fc)
             spans.append(("calls", 0, 0))
+        if st.held_chars > MAX_HELD_CALL_CHARS and not st.cut:
+            st.cut = True
+            st.calls.clear()
+            st.function_call = None
+            why = f"held tool calls exceed {MAX_HELD_CALL_CHARS} characters before their choice ended"
+            st.reports.append(
+                {
+                    "stage": "output",
+                    "choice": i,
+                    "field": "tool_calls",
+                    "scanned": False,
+                    "cut": True,
+                    "action": "block",
+                    "errors": {"size": why},
+                }
+            )
         return spans
 
     async def _end(self, st: _Choice, i: int, delta: dict[str, Any], sent: dict[str, str]) -> None:
@@ -357,29 +480,19 @@ class StreamScan:
     async def _release_calls(self, st: _Choice, i: int) -> dict[str, Any] | None:
         """Scan a finished choice's held tool calls: what to add to its last delta, or None when
         one of them blocks (the choice is then cut, and no call goes out)."""
-        held: list[tuple[str, Any]] = [
-            (f"tool_calls[{j}].function", st.calls[j].get("function")) for j in sorted(st.calls)
-        ]
-        if st.function_call is not None:
-            held.append(("function_call", st.function_call))
-        for where, fn in held:
-            for key in ("name", "arguments") if isinstance(fn, dict) else ():
-                if not _text(fn, key):
-                    continue
-                s = await self.guard.scan_field(
-                    fn[key], self.inp, json_text=key == "arguments", leak_state=st.leak
-                )
-                st.reports.append({"stage": "output", "choice": i, "field": f"{where}.{key}", **s.report})
-                if s.text is None:
-                    return None
-                st.calls_changed = st.calls_changed or s.changed
-                fn[key] = s.text
-        st.calls_released = True
         out: dict[str, Any] = {}
         if st.calls:
-            out["tool_calls"] = [{"index": j, **st.calls[j]} for j in sorted(st.calls)]
+            calls = {j: merge_pieces(st.calls[j]) for j in sorted(st.calls)}
+            out["tool_calls"] = [
+                {"index": j, **{k: v for k, v in c.items() if k != "index"}} for j, c in calls.items()
+            ]
         if st.function_call is not None:
-            out["function_call"] = st.function_call
+            out["function_call"] = merge_pieces(st.function_call)
+        blocked, changed = await self.guard.scan_slots(out, self.chat, self.inp, i, st.leak, st.reports)
+        if blocked:
+            return None
+        st.calls_changed = st.calls_changed or changed
+        st.calls_released = True
         return out
 
     @staticmethod
@@ -515,7 +628,8 @@ class Guard:
 
     async def scan_output(self, route: str, out: dict[str, Any], inp: InputResult, trace: Trace) -> bool:
         """Scan every text each choice carries from the model (content, as a string or as parts;
-        refusal; reasoning; tool-call names and arguments), redacting and restoring each in place.
+        refusal; reasoning; every string of every tool call, `custom.input` and object-valued
+        `arguments` included; see `_slots`), redacting and restoring each in place.
         A block in any field cuts the choice: `finish_reason: "content_filter"`, no text and no
         tool call. Returns whether every choice was cut, which makes the outcome "blocked", as it
         is for a stream.
@@ -533,17 +647,10 @@ class Guard:
             holder = choice.get("message") if chat else choice
             if not isinstance(holder, dict):
                 continue
-            blocked = changed = False
             leak: dict[Any, Any] = {}  # this choice's system-prompt overlap, over all its fields
-            for where, box, key in _slots(holder, chat):
-                s = await self.scan_field(box[key], inp, json_text=key == "arguments", leak_state=leak)
-                entry = {"stage": "output", "choice": choice.get("index", 0), "field": where}
-                trace.guard.append({**entry, **s.report})
-                if s.text is None:
-                    blocked = True
-                    break
-                box[key] = s.text
-                changed = changed or s.changed
+            blocked, changed = await self.scan_slots(
+                holder, chat, inp, choice.get("index", 0), leak, trace.guard
+            )
             if blocked:
                 cut += 1
                 choice["finish_reason"] = "content_filter"
@@ -556,6 +663,33 @@ class Guard:
                 choice["logprobs"] = None
         return bool(choices) and cut == len(choices)
 
+    async def scan_slots(
+        self,
+        holder: dict[str, Any],
+        chat: bool,
+        inp: InputResult,
+        i: Any,
+        leak: dict[Any, Any],
+        reports: list[dict[str, Any]],
+    ) -> tuple[bool, bool]:
+        """Scan every generated slot of `holder` (see `_slots`), redacting in place and adding one
+        entry per field to `reports`; returns (blocked, changed). The first block stops the scan.
+        `arguments` given as an object are scanned serialised and written back as an object."""
+        changed = False
+        for where, box, key in _slots(holder, chat):
+            value = box[key]
+            text = _slot_text(value)
+            s = await self.scan_field(
+                text, inp, json_text=key in JSON_KEYS or not isinstance(value, str), leak_state=leak
+            )
+            reports.append({"stage": "output", "choice": i, "field": where, **s.report})
+            if s.text is None:
+                return True, True
+            if s.changed:
+                box[key] = s.text if isinstance(value, str) else json.loads(s.text)
+            changed = changed or s.changed
+        return False, changed
+
     async def scan_field(
         self,
         text: str,
@@ -567,12 +701,21 @@ class Guard:
         """One generated text through the output policy, with the request's vault: the answer's
         own PII is pseudonymised into it (so never under a token of the request's) and the
         caller's values are restored from it. `leak_state` is shared by the fields of one choice
-        (their system-prompt overlap adds up). Tool-call arguments (`json_text`) get restored values
-        JSON-escaped, and tokens seen only once the JSON is decoded (`\\u003c...`) restored by
-        `restore_json`; if redacting or restoring broke arguments that were valid JSON, the field
-        blocks: the client's tool cannot parse them, and unmasking is not an option."""
+        (their system-prompt overlap adds up). Tool-call arguments (`json_text`) that are JSON with
+        strings are scanned decoded, string by string (`_scan_json`); other arguments are scanned
+        as text, get restored values JSON-escaped, and tokens seen only once the JSON is decoded
+        (`\\u003c...`) restored by `restore_json`; if redacting or restoring broke arguments that
+        were valid JSON, the field blocks: the client's tool cannot parse them, and unmasking is not
+        an option."""
         from steward.guard import Action
 
+        if json_text:
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                obj = None
+            if _json_leaves(obj):
+                return await self._scan_json(text, obj, inp, leak_state)
         escape = json_escape if json_text else None
         v = await self.pipeline.scan_output(text, inp.ctx, inp.vault, leak_state=leak_state, escape=escape)
         report = v.to_trace()
@@ -588,6 +731,52 @@ class Guard:
                 return FieldScan(report, None, True)
         return FieldScan(report, shown, shown != text)
 
+    async def _scan_json(
+        self, text: str, obj: Any, inp: InputResult, leak_state: dict[Any, Any] | None
+    ) -> FieldScan:
+        """JSON arguments as the client's tool reads them (`_json_leaves`): their strings decoded,
+        keys included, and their numbers, one per line, as the input side scans them
+        (`pipeline._arguments_text`), so that a value written with JSON escapes (`\\u0041KIA...`)
+        is seen as what it decodes to. If the policy changes anything (a redaction, a restored
+        pseudonym), each leaf is redacted and restored on its own and the arguments are written
+        out again, valid JSON by construction; the leaves must then join to what the whole scan
+        gave, or the field blocks (a span that crossed leaves cannot be placed, and unmasking is
+        not an option)."""
+        from steward.guard import Action
+
+        strings = _json_leaves(obj)
+        joined = "\n".join(strings)
+        ctx, vault = inp.ctx, inp.vault
+        v = await self.pipeline.scan_output(joined, ctx, vault, leak_state=leak_state)
+        report = v.to_trace()
+        if v.blocked:
+            return FieldScan(report, None, True)
+        shown = v.text if v.text is not None else joined
+        if shown == joined:
+            return FieldScan(report, text, False)
+        # Which leaves changed, line by line where the policy kept the lines (it usually does):
+        # only those are scanned again; else all are.
+        lines, shown_lines = joined.split("\n"), shown.split("\n")
+        same = len(lines) == len(shown_lines)
+        new: list[str] = []
+        at = 0
+        for one in strings:
+            end = at + one.count("\n") + 1
+            if same and lines[at:end] == shown_lines[at:end]:
+                new.append(one)
+            else:
+                w = await self.pipeline.scan_output(one, ctx, vault)
+                if w.blocked:
+                    new = []
+                    break
+                new.append(w.text if w.text is not None else one)
+            at = end
+        if len(new) != len(strings) or "\n".join(new) != shown:
+            why = "a redaction of the decoded arguments could not be placed string by string"
+            report.update(action=Action.BLOCK.value, errors={**report["errors"], "json": why})
+            return FieldScan(report, None, True)
+        return FieldScan(report, json.dumps(_json_put(obj, new), ensure_ascii=False), True)
+
     def new_stream_guard(self, inp: InputResult, leak_state: dict[Any, Any] | None = None) -> Any:
         """A StreamGuard for one streamed field; the fields of one choice share `leak_state`."""
         return self.pipeline.stream(
@@ -596,6 +785,41 @@ class Guard:
 
     def stream(self, inp: InputResult, route: str = "chat", n_choices: int = 1) -> StreamScan:
         return StreamScan(self, inp, route, n_choices)
+
+
+def _json_leaves(obj: Any) -> list[str]:
+    """What is scanned of JSON arguments: every string decoded, keys included, as the input side
+    reads them (`pipeline._json_strings`), and every number as JSON writes it (a card or phone
+    number given as a number), in document order."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return [json.dumps(obj)]
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in (k, *_json_leaves(v))]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _json_leaves(v)]
+    return []
+
+
+def _json_put(obj: Any, new: list[str]) -> Any:
+    """`obj` with its leaves (in `_json_leaves` order) taken from `new`, front first: a number
+    the policy changed becomes the redacted string."""
+    it = iter(new)
+
+    def put(value: Any) -> Any:
+        if isinstance(value, str):
+            return next(it)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            text = next(it)
+            return value if text == json.dumps(value) else text
+        if isinstance(value, dict):
+            return {next(it): put(v) for v in value.values()}
+        if isinstance(value, list):
+            return [put(v) for v in value]
+        return value
+
+    return put(obj)
 
 
 def _blocked_message(v: Any) -> str:
