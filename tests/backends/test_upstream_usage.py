@@ -360,3 +360,22 @@ def test_the_floors_leave_honest_answers_alone() -> None:
             await backend.aclose()
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"retry-after": "inf"},
+        {"retry-after": "1e400"},
+        {"retry-after": "nan"},
+        {"retry-after-ms": "inf"},
+        {"retry-after-ms": "1e400"},
+        {"retry-after": "1e12"},
+        {"retry-after-ms": "1e15"},
+    ],
+)
+def test_a_retry_after_that_is_not_finite_or_absurd_is_refused_or_capped(headers: dict[str, str]) -> None:
+    from steward.backends.openai import MAX_RETRY_AFTER_S, _parse_retry_after
+
+    value = _parse_retry_after(headers)
+    assert value is None or (math.isfinite(value) and 0 <= value <= MAX_RETRY_AFTER_S), value

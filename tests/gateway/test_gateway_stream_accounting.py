@@ -137,6 +137,47 @@ def test_the_stream_budget_counts_tokens_not_events(gw: Any, up: Scripted) -> No
     assert [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")] == ["length"]
 
 
+@pytest.mark.parametrize("unit", ["lorem ipsum ", "żółć ", "😀"])
+def test_one_huge_event_is_trimmed_to_the_budget(gw: Any, up: Scripted, unit: str) -> None:
+    """The event that crosses the budget is cut to what the budget allows (bytes / 4 tokens), not
+    sent whole: one 192 KB event on a 600-token key."""
+    big = unit * (192_000 // len(unit.encode()))
+    up.script = lambda body: [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": big}),
+        chunk({}, finish="stop"),
+        usage(48_000),
+    ]
+    running, records = gw
+    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "day", "limit": 600}])
+    events = sse(running, key, {"stream_options": {"include_usage": True}})
+    got = text_of(events)
+    assert got and big.startswith(got) and len(got.encode()) <= (600 + 256) * 4
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")] == ["length"]
+    spent = [e["usage"] for e in events if e.get("usage")][-1]
+    assert spent["total_tokens"] <= 600 + 256
+    assert records[-1].outcome == "cut" and records[-1].payload["response"] == {"0": got}
+
+
+def test_a_crossing_event_of_several_choices_is_trimmed_in_each(gw: Any, up: Scripted) -> None:
+    def script(body: dict[str, Any]) -> Any:
+        both = chunk({"content": "a" * 50_000}, index=0)
+        both["choices"].append({"index": 1, "delta": {"content": "b" * 50_000}, "finish_reason": "stop"})
+        return [both, chunk({}, 0, "stop"), usage(25_000)]
+
+    up.script = script
+    running, records = gw
+    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "day", "limit": 600}])
+    events = sse(running, key, {"n": 2})
+    reasons = {c["index"]: c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")}
+    assert reasons == {0: "length", 1: "length"}
+    sent = text_of(events, 0) + text_of(events, 1)
+    assert len(sent) <= (600 + 256) * 4
+    assert records[-1].payload["response"] == {
+        str(i): text_of(events, i) for i in (0, 1) if text_of(events, i)
+    }
+
+
 def test_a_budget_cut_finishes_every_choice_and_stores_what_was_sent(gw: Any, up: Scripted) -> None:
     def script(body: dict[str, Any]) -> Any:
         out = []
@@ -166,6 +207,71 @@ def test_retry_after_reaches_the_client_rounded_up(gw: Any, up: Scripted, stream
         body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": stream}
         r = httpx.post(running.url + "/v1/chat/completions", json=body, headers=h, timeout=30)
         assert r.status_code == 503 and r.headers.get("retry-after") == expected, (header, r.headers)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "header", [{"retry-after": "inf"}, {"retry-after": "1e400"}, {"retry-after-ms": "inf"}]
+)
+def test_a_retry_after_that_is_not_finite_is_no_internal_error(
+    gw: Any, up: Scripted, stream: bool, header: dict[str, str]
+) -> None:
+    running, _ = gw
+    h = {"authorization": f"Bearer {running.key('acme', 'user')}"}
+    up.script = lambda body: web.json_response(
+        {"error": {"message": "slow down"}}, status=429, headers=header
+    )
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": stream}
+    r = httpx.post(running.url + "/v1/chat/completions", json=body, headers=h, timeout=30)
+    assert r.status_code == 503, (header, r.status_code, r.text)
+    wait = r.headers.get("retry-after")
+    assert wait is None or 0 <= int(wait) <= 3600
+
+
+def test_an_infinite_wait_is_capped_when_rounded() -> None:
+    from steward.backends.base import BackendError
+    from steward.gateway.service import _api_error
+
+    for value in (float("inf"), float("nan"), 1e300):
+        err = _api_error(BackendError("slow down", status=503, retry_after=value))
+        wait = (err.headers or {}).get("retry-after")
+        assert wait is None or 0 <= int(wait) <= 3600, (value, wait)
+
+
+@pytest.mark.parametrize("bad", [None, "0", 0.5, True, [0]])
+def test_a_chunk_without_a_valid_index_is_choice_0_of_a_single_choice_stream(
+    gw: Any, up: Scripted, bad: Any
+) -> None:
+    def script(body: dict[str, Any]) -> Any:
+        first, last = chunk({"content": "hello "}), chunk({"content": "world"})
+        first["choices"][0]["index"] = bad
+        del last["choices"][0]["index"]
+        return [first, last, chunk({}, finish="stop"), usage(2)]
+
+    up.script = script
+    running, records = gw
+    events = sse(running, running.key("acme", "user"), {})
+    assert not [e for e in events if "error" in e]
+    assert text_of(events) == "hello world"
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")] == ["stop"]
+    assert records[-1].outcome == "ok" and records[-1].payload["response"] == {"0": "hello world"}
+
+
+def test_a_chunk_without_a_valid_index_ends_a_multi_choice_stream_with_an_upstream_error(
+    gw: Any, up: Scripted
+) -> None:
+    def script(body: dict[str, Any]) -> Any:
+        bad = chunk({"content": "b"}, index=1)
+        bad["choices"][0]["index"] = None
+        return [chunk({"content": "a"}, index=0), bad, chunk({}, 0, "stop"), chunk({}, 1, "stop"), usage(2)]
+
+    up.script = script
+    running, records = gw
+    events = sse(running, running.key("acme", "user"), {"n": 2})
+    errors = [e["error"] for e in events if "error" in e]
+    assert len(errors) == 1 and errors[0]["type"] == "upstream_error", events
+    assert records[-1].status == 502 and records[-1].outcome == "error"
+    assert text_of(events, 0) == "a"
 
 
 def test_a_large_prompt_is_tokenised_off_the_event_loop(gw: Any, up: Scripted) -> None:
@@ -222,3 +328,59 @@ def test_a_prompt_no_context_could_hold_is_refused_without_tokenising(gw: Any, u
     finally:
         gateway.models["m"] = entry
         del backend.count_prompt_tokens, backend.max_new_tokens
+
+
+@pytest.fixture(scope="module")
+def guarded(up: Scripted, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    route = ModelRoute(name="m", backend="openai", base_url=up.url, upstream_model="up", max_retries=0)
+    data = Path(tmp_path_factory.mktemp("acct-guarded"))
+    settings = Settings(data_dir=data, port=free_port(), models=[route], embedding_model="")
+    yield from start_gateway(settings)
+
+
+def test_a_guarded_stream_releases_nothing_past_the_budget_at_the_cut(guarded: Running, up: Scripted) -> None:
+    """With guards on, the crossing event is cut before the guard holds it: the text the guard
+    releases when the budget ends the stream is only what the budget allowed."""
+    big = "lorem ipsum " * 16_000
+    up.script = lambda body: [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": big}),
+        usage(48_000),
+    ]
+    key = guarded.key("acme", "user", limits=[{"kind": "tokens", "window": "day", "limit": 600}])
+    events = sse(guarded, key, {})
+    got = text_of(events)
+    assert got and big.startswith(got) and len(got.encode()) <= (600 + 256) * 4
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")] == ["length"]
+
+
+def test_trimming_cuts_only_generated_strings_and_keeps_the_shape() -> None:
+    from steward.gateway.service import _generated_bytes, _trim_choices
+
+    choices: list[Any] = [
+        {
+            "index": 0,
+            "delta": {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "x" * 30}],
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": "y" * 30},
+                    }
+                ],
+            },
+            "logprobs": {"content": [{"token": "x"}]},
+            "finish_reason": "tool_calls",
+        }
+    ]
+    _trim_choices(choices, 33)
+    c = choices[0]
+    delta = c["delta"]
+    assert delta["role"] == "assistant" and delta["content"] == [{"type": "text", "text": "x" * 30}]
+    call = delta["tool_calls"][0]
+    assert (call["index"], call["id"], call["type"]) == (0, "call_1", "function")
+    assert call["function"] == {"name": "", "arguments": "yyy"}  # a name that does not fit whole is dropped
+    assert _generated_bytes(c) <= 33 and c["finish_reason"] is None and not c["logprobs"]

@@ -809,19 +809,33 @@ def _note_estimated(call: Call, usage: JSON) -> None:
         call.metadata.pop("usage_estimated", None)
 
 
+MAX_RETRY_AFTER_S = 3600.0  # the longest upstream wait handed on (a larger one is capped to it)
+
+
+def _retry_seconds(value: float) -> float | None:
+    """A wait in seconds, clamped to [0, MAX_RETRY_AFTER_S]; None for NaN (not a wait at all).
+    `inf` and `1e400` are capped like any other absurd wait, never handed on as infinity."""
+    if math.isnan(value):
+        return None
+    return min(max(0.0, value), MAX_RETRY_AFTER_S)
+
+
 def _parse_retry_after(headers: Any) -> float | None:
-    """`retry-after-ms` (OpenAI's), or `retry-after` as seconds or an HTTP date."""
+    """`retry-after-ms` (OpenAI's), or `retry-after` as seconds or an HTTP date; at most
+    MAX_RETRY_AFTER_S, never infinite or NaN."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000.0)
+            wait = _retry_seconds(float(ms) / 1000.0)
         except ValueError:
-            pass
+            wait = None
+        if wait is not None:
+            return wait
     value = headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return _retry_seconds(float(value))
     except ValueError:
         pass
     try:
@@ -830,7 +844,7 @@ def _parse_retry_after(headers: Any) -> float | None:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return _retry_seconds((when - datetime.now(UTC)).total_seconds())
 
 
 def _upstream_error_fields(raw: bytes) -> tuple[str | None, str | None, str | None, str | None]:

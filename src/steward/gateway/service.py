@@ -670,8 +670,10 @@ class Gateway:
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                     if chunk.get("choices"):
+                        _check_indexes(chunk, n_choices, entry.route.name)
                         chunk["model"] = entry.route.name
                         base = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
+                        before = counted
                         pieces += len(chunk["choices"])
                         text_bytes += sum(_generated_bytes(c) for c in chunk["choices"])
                         counted = max(pieces, math.ceil(text_bytes / STREAM_BYTES_PER_TOKEN))
@@ -681,6 +683,15 @@ class Gateway:
                             more = STREAM_CHUNK_TOKENS * ((counted - reserved) // STREAM_CHUNK_TOKENS + 1)
                             over = not await self.limiter.extend(res, {"tokens": more})
                             reserved += 0 if over else more
+                        if over and counted > reserved:
+                            # The event crosses the budget: only what the budget still allows goes
+                            # on (by the same bytes-per-token estimate), the rest is dropped here,
+                            # before a guard could hold it and release it at the cut.
+                            allowed = int(max(0, reserved - before) * STREAM_BYTES_PER_TOKEN)
+                            text_bytes -= sum(_generated_bytes(c) for c in chunk["choices"])
+                            _trim_choices(chunk["choices"], allowed)
+                            text_bytes += sum(_generated_bytes(c) for c in chunk["choices"])
+                            counted = max(pieces, math.ceil(text_bytes / STREAM_BYTES_PER_TOKEN))
                         out = [chunk] if scan is None else await scan.chunk(chunk)
                         for oc in out:
                             yield event(oc)
@@ -752,12 +763,101 @@ class Gateway:
         return EventStreamResponse(events(), headers=hdrs)
 
 
+MAX_RETRY_AFTER_S = 3600  # the longest Retry-After the gateway hands on
+
+
 def _api_error(exc: BackendError) -> APIError:
     """A backend's error as the client gets it, streamed or not. The upstream's wait goes on in
     Retry-After as whole seconds rounded up: a 0.4 s wait read as "0" would have clients retry at
-    once."""
-    headers = {"retry-after": str(math.ceil(exc.retry_after))} if exc.retry_after else None
+    once. A wait that is not finite (or absurd) from any backend is capped at MAX_RETRY_AFTER_S."""
+    wait = exc.retry_after
+    headers = None
+    if wait and not math.isnan(wait):
+        headers = {"retry-after": str(math.ceil(min(wait, MAX_RETRY_AFTER_S)))}
     return APIError(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=headers)
+
+
+def _check_indexes(chunk: dict[str, Any], n_choices: int, model: str) -> None:
+    """Every choice of a stream chunk gets an int `index`. A choice whose index is missing or not an
+    int (`null`, a string) is choice 0 of a single-choice stream; in a stream of several choices
+    there is no telling which it belongs to, so the stream ends with a 502 (a malformed upstream
+    answer) rather than a 500. A choice that is not an object, or a `choices` that is not a list,
+    is malformed too."""
+    choices = chunk["choices"]
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise BackendError(f"upstream {model!r} sent a stream chunk whose choices are malformed", status=502)
+    for c in choices:
+        index = c.get("index")
+        if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
+            continue
+        if n_choices == 1 and len(choices) == 1:
+            c["index"] = 0
+        else:
+            raise BackendError(
+                f"upstream {model!r} sent a stream chunk whose choice has no valid index", status=502
+            )
+
+
+_TRIMMED_KEYS = ("text", "refusal", "name", "arguments", "input")
+"""The strings a content part or a tool call carries from the model; `type`, `id` and the like
+keep their values when a crossing event is trimmed."""
+
+
+def _trim_text(text: str, budget: list[int]) -> str:
+    """`text` cut to at most `budget[0]` UTF-8 bytes (never inside a character); the budget is spent."""
+    raw = text.encode("utf-8", "replace")
+    kept = raw[: budget[0]].decode("utf-8", "ignore") if len(raw) > budget[0] else text
+    budget[0] -= len(kept.encode("utf-8", "replace"))
+    return kept
+
+
+def _trim_value(value: Any, budget: list[int]) -> Any:
+    """A generated field's value with its text cut to the budget, walked in order: a string, content
+    parts, tool calls (their name, arguments or input; a name that does not fit whole is dropped,
+    never cut into another name)."""
+    if isinstance(value, str):
+        return _trim_text(value, budget)
+    if isinstance(value, list):
+        return [_trim_value(v, budget) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if k == "name" and isinstance(v, str) and len(v.encode("utf-8", "replace")) > budget[0]:
+            out[k] = ""
+        elif isinstance(v, dict | list) or (isinstance(v, str) and k in _TRIMMED_KEYS):
+            out[k] = _trim_value(v, budget)
+        else:
+            out[k] = v
+    return out
+
+
+def _trim_choices(choices: list[Any], allowed: int) -> None:
+    """Cut the generated text of a stream chunk's choices, in order, to `allowed` UTF-8 bytes in
+    all, in place. A choice cut (or emptied) loses its finish_reason: the budget cut finishes it
+    with "length". A choice whose text cannot be measured after the cut is emptied whole."""
+    budget = [allowed]
+    for c in choices:
+        if not isinstance(c, dict):
+            continue
+        size = _generated_bytes(c)
+        if size <= budget[0]:
+            budget[0] -= size
+            continue
+        start = budget[0]
+        if "delta" in c and isinstance(c["delta"], dict):
+            c["delta"] = {k: _trim_value(v, budget) if k in GENERATED else v for k, v in c["delta"].items()}
+        elif isinstance(c.get("text"), str):
+            c["text"] = _trim_text(c["text"], budget)
+        if _generated_bytes(c) > start:  # a shape the walk does not know: drop its text entirely
+            if isinstance(c.get("delta"), dict):
+                c["delta"] = {k: v for k, v in c["delta"].items() if k not in GENERATED}
+            if "text" in c:
+                c["text"] = ""
+            budget[0] = start
+        c["finish_reason"] = None
+        if c.get("logprobs"):
+            c["logprobs"] = None  # they carry the dropped tokens' text too
 
 
 def _prompt_bytes(body: dict[str, Any]) -> int:
