@@ -384,3 +384,32 @@ def test_trimming_cuts_only_generated_strings_and_keeps_the_shape() -> None:
     assert (call["index"], call["id"], call["type"]) == (0, "call_1", "function")
     assert call["function"] == {"name": "", "arguments": "yyy"}  # a name that does not fit whole is dropped
     assert _generated_bytes(c) <= 33 and c["finish_reason"] is None and not c["logprobs"]
+
+
+def test_the_stream_payload_joins_field_pieces_once_and_merges_tool_calls_by_index() -> None:
+    """What a stream's audit payload records of its other fields: pieces kept as they came and
+    joined once (40,000 reasoning pieces were a quadratic string build on the event loop)."""
+    from steward.gateway.service import _Delivered
+
+    d = _Delivered()
+    n = 40_000
+    for _ in range(n):
+        d.record({"choices": [{"index": 0, "delta": {"reasoning_content": "ab"}}]})
+    call = {"index": 1, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    d.record({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+    for piece in ('{"a"', ": 1}"):
+        d.record(
+            {
+                "choices": [
+                    {"index": 0, "delta": {"tool_calls": [{"index": 1, "function": {"arguments": piece}}]}}
+                ]
+            }
+        )
+    d.record({"choices": [{"index": 0, "delta": {"content": "done"}, "finish_reason": "stop"}]})
+    out = d.payload({"messages": []})
+    fields = out["response_fields"]["0"]
+    assert fields["reasoning_content"] == "ab" * n
+    assert fields["tool_calls"] == [
+        {"index": 1, "id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    ]
+    assert out["response"] == {"0": "done"} and d.finished == {0}

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from steward.backends.base import JSON, Backend, BackendError, Call, ModelInfo
 from steward.gateway.errors import APIError, json_response, validation_message
-from steward.gateway.guarding import GENERATED, TEXT_FIELDS, generated_texts, merge_call
+from steward.gateway.guarding import GENERATED, TEXT_FIELDS, generated_texts, merge_pieces
 from steward.gateway.keys import KeyStore, Principal, hash_key
 from steward.gateway.limits.base import (
     DEFAULT_LEASE_TTL_S,
@@ -903,27 +903,35 @@ class _Delivered:
                     self._field(i, k, v)
 
     def _field(self, i: int, k: str, v: Any) -> None:
+        # Pieces are kept as they came and joined once in `payload`: a long stream's reasoning or
+        # tool-call arguments arrive in tens of thousands of pieces (string += was quadratic).
         f = self.fields.setdefault(i, {})
         if k in TEXT_FIELDS and isinstance(v, str):
-            f[k] = f.get(k, "") + v
+            f.setdefault(k, []).append(v)
         elif k == "tool_calls" and isinstance(v, list):
             calls = f.setdefault(k, {})
             for tc in v:
                 if isinstance(tc, dict):
-                    merge_call(calls.setdefault(int(tc.get("index") or 0), {}), tc)
+                    calls.setdefault(int(tc.get("index") or 0), []).append(tc)
         elif k == "function_call" and isinstance(v, dict):
-            merge_call(f.setdefault(k, {}), v)
+            f.setdefault(k, []).append(v)
 
     def payload(self, request: dict[str, Any]) -> dict[str, Any]:
         out = {"request": request, "response": {str(i): "".join(p) for i, p in sorted(self.text.items())}}
         fields = {
-            str(i): {k: list(v.values()) if k == "tool_calls" else v for k, v in f.items()}
-            for i, f in sorted(self.fields.items())
-            if f
+            str(i): {k: self._joined(k, v) for k, v in f.items()} for i, f in sorted(self.fields.items()) if f
         }
         if fields:
             out["response_fields"] = fields
         return out
+
+    @staticmethod
+    def _joined(k: str, v: Any) -> Any:
+        if k == "tool_calls":
+            return [merge_pieces(v[j]) for j in sorted(v)]
+        if k == "function_call":
+            return merge_pieces(v)
+        return "".join(v)
 
 
 async def _empty() -> AsyncIterator[JSON]:
