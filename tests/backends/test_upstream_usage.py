@@ -197,6 +197,47 @@ def test_bad_usage_of_a_stream_is_replaced_by_the_estimate(usage: Any) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("cap", "n", "ceiling"),
+    [({"max_tokens": 150}, 1, 150), ({"max_completion_tokens": 200, "max_tokens": 300}, 2, 400)],
+)
+def test_completion_tokens_over_what_the_cap_allowed_are_the_cap(
+    stream: bool, cap: dict[str, int], n: int, ceiling: int
+) -> None:
+    """An upstream that bills 10**8 completion tokens for an answer capped at 150 cannot charge a
+    key's budget for them: the request allowed cap x n at most."""
+    absurd = {"prompt_tokens": 20, "completion_tokens": 10**8, "total_tokens": 10**8 + 20}
+
+    async def main() -> None:
+        async with Scripted() as up:
+            backend = make(up.url)
+            call = chat_call(stream=stream, n=n, **cap)
+            if stream:
+                up.reply = stream_of(TEXT, absurd)
+                u = (await collect(backend.chat_stream(call)))[-1]["usage"]
+            else:
+                up.reply = completion(usage=absurd)
+                u = (await backend.chat(call))["usage"]
+            await backend.aclose()
+            assert u["completion_tokens"] == ceiling and u["estimated"] is True
+            assert u["total_tokens"] == 20 + ceiling
+
+    run(main())
+    # within the cap, an honest count is not touched
+    within = {"prompt_tokens": 20, "completion_tokens": 140, "total_tokens": 160}
+
+    async def honest() -> None:
+        async with Scripted() as up:
+            backend = make(up.url)
+            up.reply = completion(usage=within)
+            u = (await backend.chat(chat_call(max_tokens=150)))["usage"]
+            await backend.aclose()
+            assert u == within
+
+    run(honest())
+
+
 def test_honest_usage_passes_unchanged() -> None:
     async def main() -> None:
         async with Scripted() as up:

@@ -595,7 +595,10 @@ class OpenAIBackend:
                         if prompt is None:
                             prompt = self._prompt_bounds(route, call)
                         chunk["usage"] = _reconcile_usage(
-                            last_usage, prompt, self._stream_completion(route, call, deltas, text_bytes)
+                            last_usage,
+                            prompt,
+                            self._stream_completion(route, call, deltas, text_bytes),
+                            _completion_ceiling(route, call),
                         )
                     else:  # not a usage object: as if none had come
                         chunk["usage"] = None
@@ -616,7 +619,12 @@ class OpenAIBackend:
         # answer), or the estimate when it sent none.
         if prompt is None:
             prompt = self._prompt_bounds(route, call)
-        usage = _reconcile_usage(last_usage, prompt, self._stream_completion(route, call, deltas, text_bytes))
+        usage = _reconcile_usage(
+            last_usage,
+            prompt,
+            self._stream_completion(route, call, deltas, text_bytes),
+            _completion_ceiling(route, call),
+        )
         _note_estimated(call, usage)
         tail: JSON = {k: last[k] for k in ("id", "object", "created", "model") if k in last} if last else {}
         if not tail:
@@ -643,7 +651,12 @@ class OpenAIBackend:
                 n_bytes += self._measure({k: v for k, v in src.items() if k != "role"})[0]
                 generated += _choice_text_bytes(choice, route, "message")
         completion = (max(n_choices, math.ceil(n_bytes / 4)), _completion_floor(route, call, generated))
-        result["usage"] = _reconcile_usage(result.get("usage"), self._prompt_bounds(route, call), completion)
+        result["usage"] = _reconcile_usage(
+            result.get("usage"),
+            self._prompt_bounds(route, call),
+            completion,
+            _completion_ceiling(route, call),
+        )
         _note_estimated(call, result["usage"])
 
 
@@ -760,10 +773,33 @@ def _completion_floor(route: Route, call: Call, generated_bytes: int) -> int:
     return math.ceil(generated_bytes / _MAX_BYTES_PER_TOKEN)
 
 
-def _reconcile_usage(reported: Any, prompt: _Prompt, completion: tuple[int, int] | None) -> JSON:
+def _completion_ceiling(route: Route, call: Call) -> int | None:
+    """The most completion tokens the request allowed the upstream: its cap (`max_tokens`, or
+    `max_completion_tokens`, which also bounds a reasoning model's hidden tokens) times every
+    sequence it asked for (`n`, `best_of`, each completion prompt). None without a cap."""
+    body = call.body
+    caps = [c for v in (body.get("max_completion_tokens"), body.get("max_tokens")) if (c := _count(v))]
+    if not caps:
+        return None
+    per = 1
+    for key in ("n", "best_of"):
+        v = _count(body.get(key))
+        per = max(per, v or 1)
+    prompts = 1
+    prompt = body.get("prompt")
+    if route == "completions" and isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        prompts = len(prompt)
+    return min(caps) * per * prompts
+
+
+def _reconcile_usage(
+    reported: Any, prompt: _Prompt, completion: tuple[int, int] | None, ceiling: int | None = None
+) -> JSON:
     """The usage to hand the gateway: the upstream's `reported` usage where each count is
     plausible, the gateway's own estimate where it is missing, not a count, negative, absurd or
-    below the floor the text implies (never below the text: max(reported, estimate)).
+    below the floor the text implies (never below the text: max(reported, estimate)); completion
+    tokens above `ceiling` (what the request's cap allowed, `_completion_ceiling`) are the ceiling,
+    so a buggy upstream cannot bill a key for more than it could have generated.
 
     `prompt` is the prompt's (lazy) estimate and floor, `completion` the completion's (estimate,
     floor), None for embeddings (which report no completion). The counts returned are
@@ -784,6 +820,8 @@ def _reconcile_usage(reported: Any, prompt: _Prompt, completion: tuple[int, int]
             c, estimated = max(reported_c or 0, completion[0]), True
         else:
             c = reported_c
+        if ceiling is not None and c > ceiling:
+            c, estimated = ceiling, True
     if estimated:
         usage: JSON = {"prompt_tokens": p}
         if completion is not None:
