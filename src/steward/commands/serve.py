@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,8 +27,8 @@ def _preflight(settings: Settings) -> None:
     """What the gateway would otherwise find out only while starting (after uvicorn has taken over
     the output, as several JSON log lines and exit 3), checked here as one line and exit 2: the
     host, the database and Redis URLs, the model directories and upstream keys, the store itself
-    (opened and migrated, as the gateway would), the policy file, and tenants bound to policies
-    the policy file does not define."""
+    (opened and migrated, as the gateway would) and the policy file. A tenant bound to a policy the
+    file does not define is a `warning:` line, not a refusal (`stale_tenant_policies`)."""
     import socket
 
     from steward.gateway.settings import ConfigError
@@ -84,12 +85,12 @@ def _preflight(settings: Settings) -> None:
         engine.dispose()
 
     if settings.guards and (settings.guard_policies is not None or bound):
-        from steward.gateway.app import check_tenant_policies
+        from steward.gateway.app import stale_tenant_policies
         from steward.guard import load_policy_set
 
         pset = load_policy_set(settings.guard_policies)  # a bad policy file is one line, before binding
-        if bound:
-            check_tenant_policies(bound, sorted(pset.policies), settings.guard_policies)
+        for line in stale_tenant_policies(bound, sorted(pset.policies), settings.guard_policies):
+            print(f"warning: {line}", file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:

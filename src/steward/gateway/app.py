@@ -161,24 +161,28 @@ async def build_models(settings: Settings) -> dict[str, ModelEntry]:
     return entries
 
 
-def check_tenant_policies(tenants: list[dict[str, Any]], policy_names: list[str], source: object) -> None:
-    """Every tenant bound to a guard policy in the store names one the policy set defines. A binding
-    to a policy the file no longer has (renamed, removed, or set while the guards were off) would
-    otherwise answer each of that tenant's requests with a 500; it is a bad configuration, so the
-    gateway refuses to start, naming the tenant and the policy."""
+def stale_tenant_policies(
+    tenants: list[dict[str, Any]], policy_names: list[str], source: object
+) -> list[str]:
+    """One line for every tenant bound to a guard policy the policy set does not define (renamed,
+    removed, or set while the guards were off).
+
+    Not a reason to refuse to start: one stale binding would take every tenant down, and the way
+    to clear it (`PUT /admin/tenants/{id}`) is on the gateway itself. So the gateway starts, says
+    so at start-up, and refuses only that tenant's requests (503 `policy_unavailable`) until an
+    admin binds a policy that exists."""
     known = set(policy_names)
+    where = f"the policy file {source}" if source is not None else "the built-in policy set"
+    out = []
     for t in tenants:
         name = t.get("policy")
         if name and name not in known:
-            if source is not None:
-                where, fix = f"the policy file {source}", "add it there"
-            else:
-                where, fix = "the built-in policy set", "set guard_policies to a file that defines it"
-            raise ValueError(
+            out.append(
                 f"tenant {t['id']!r} is bound to guard policy {name!r}, which {where} does not define "
-                f"(it has: {', '.join(sorted(known))}); {fix}, or clear the binding with "
-                f'PUT /admin/tenants/{t["id"]} {{"policy": ""}}'
+                f"(it has: {', '.join(sorted(known))}); its requests are refused until an admin sets "
+                f'PUT /admin/tenants/{t["id"]} {{"policy": ""}} or a policy that exists'
             )
+    return out
 
 
 async def _start(settings: Settings, models: dict[str, ModelEntry] | None) -> Gateway:
@@ -205,7 +209,8 @@ async def _start(settings: Settings, models: dict[str, ModelEntry] | None) -> Ga
         from steward.gateway.guarding import Guard
 
         guard = Guard(settings.guard_policies)
-        check_tenant_policies(keys.list_tenants(), guard.policy_names(), settings.guard_policies)
+        for line in stale_tenant_policies(keys.list_tenants(), guard.policy_names(), settings.guard_policies):
+            log.warning(line)
         # Load the classifier heads and the encoder now, not on the first request.
         await guard.pipeline.scan_input([{"role": "user", "content": "warm up"}], None)
     entries = models if models is not None else await build_models(settings)

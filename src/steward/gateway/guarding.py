@@ -553,8 +553,14 @@ class Guard:
         if self._stored.get(p.tenant) == name:
             return
         if name is not None and name not in self._file.policies:
+            # Fail closed for this tenant only (see app.stale_tenant_policies): a configuration
+            # problem an admin can fix at once, not an internal error.
             raise APIError(
-                500, f"tenant {p.tenant!r} names unknown guard policy {name!r}", code="policy_not_found"
+                503,
+                f"this tenant is bound to guard policy {name!r}, which this gateway does not define; "
+                "its requests are refused until an admin binds a policy that exists",
+                type="service_unavailable",
+                code="policy_unavailable",
             )
         from steward.guard.policy import Binding
 
