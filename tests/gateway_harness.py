@@ -170,3 +170,48 @@ class ThreadedUpstream:
         assert self._loop is not None and self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+
+class ScriptedUpstream:
+    """An OpenAI-compatible upstream on loopback whose answer to each request is `script(body)`: a
+    dict (a JSON answer), an aiohttp response (sent as it is), or a list of chunks (an SSE stream
+    ending in `[DONE]`). `seen` holds every request body."""
+
+    def __init__(self, script: Any = None) -> None:
+        import json
+
+        from aiohttp import web
+
+        self.script: Any = script if script is not None else (lambda body: [])
+        self.seen: list[Any] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        ready = threading.Event()
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            self.seen.append(body)
+            out = self.script(body)
+            if isinstance(out, web.StreamResponse):
+                return out
+            if isinstance(out, dict):
+                return web.json_response(out)
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            for c in out:
+                await resp.write(b"data: " + json.dumps(c).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", handle)
+            app.router.add_post("/v1/completions", handle)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            ready.set()
+            await asyncio.Event().wait()
+
+        threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
+        assert ready.wait(10)

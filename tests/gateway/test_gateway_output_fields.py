@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
-from gateway_harness import Running, free_port, start_gateway
+from gateway_harness import Running, ScriptedUpstream, free_port, start_gateway
 from steward.gateway.settings import ModelRoute, Settings
 from steward.guard import Vault
 
@@ -30,42 +28,7 @@ SYSTEM = "You are a helpful assistant for Acme. Keep answers short."
 Script = Callable[[dict[str, Any]], Any]
 
 
-class Scripted:
-    """An OpenAI-compatible upstream whose answer to each request is `script(body)`: a dict (a JSON
-    answer) or a list of chunks (an SSE stream, then `[DONE]`)."""
-
-    def __init__(self) -> None:
-        self.script: Script = lambda body: answer("hello")
-        self.seen: list[dict[str, Any]] = []
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        ready = threading.Event()
-
-        async def handle(request: web.Request) -> web.StreamResponse:
-            body = await request.json()
-            self.seen.append(body)
-            out = self.script(body)
-            if isinstance(out, dict):
-                return web.json_response(out)
-            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-            await resp.prepare(request)
-            for c in out:
-                await resp.write(b"data: " + json.dumps(c).encode() + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
-            return resp
-
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", handle)
-            app.router.add_post("/v1/completions", handle)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
-            ready.set()
-            await asyncio.Event().wait()
-
-        threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
-        assert ready.wait(10)
+Scripted = ScriptedUpstream
 
 
 def answer(content: Any, finish: str = "stop", logprobs: Any = None, **msg: Any) -> dict[str, Any]:

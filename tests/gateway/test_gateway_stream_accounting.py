@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,42 +14,10 @@ import httpx
 import pytest
 from aiohttp import web
 
-from gateway_harness import Running, free_port, start_gateway
+from gateway_harness import Running, ScriptedUpstream, free_port, start_gateway
 from steward.gateway.settings import ModelRoute, Settings
 
-
-class Scripted:
-    """An OpenAI-compatible upstream answering each request with `script(body)`: a `web.Response`
-    as it is, or a list of chunks as an SSE stream ending in `[DONE]`."""
-
-    def __init__(self) -> None:
-        self.script: Callable[[dict[str, Any]], Any] = lambda body: []
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        ready = threading.Event()
-
-        async def handle(request: web.Request) -> web.StreamResponse:
-            out = self.script(await request.json())
-            if isinstance(out, web.StreamResponse):
-                return out
-            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-            await resp.prepare(request)
-            for c in out:
-                await resp.write(b"data: " + json.dumps(c).encode() + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
-            return resp
-
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", handle)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
-            ready.set()
-            await asyncio.Event().wait()
-
-        threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
-        assert ready.wait(10)
+Scripted = ScriptedUpstream
 
 
 def chunk(delta: dict[str, Any], index: int = 0, finish: str | None = None) -> dict[str, Any]:
