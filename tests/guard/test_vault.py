@@ -235,3 +235,14 @@ def test_a_stream_numbers_its_output_pseudonyms_once_across_releases(vault: str 
     out = _stream(Pipeline(policy), Vault() if vault else None, answer, step=7, window=96, overlap=32)
     tokens = re.findall(r"<EMAIL_ADDRESS_\d+>", out)
     assert len(tokens) == 2 and tokens[0] != tokens[1], out
+
+
+def test_numbers_in_tool_call_arguments_in_the_history_are_scanned_too() -> None:
+    """A card number written as a JSON number (no quotes) went upstream in clear: only the
+    arguments' strings were scanned. The output side scans numbers; so does the input side."""
+    args = json.dumps({"card": 4111111111111111, "qty": 2, "ok": True, "note": "order"})
+    v = Pipeline(POLICY).scan_messages(_history(args))
+    assert v.action is Action.REDACT and v.messages is not None
+    parsed = json.loads(v.messages[1]["tool_calls"][0]["function"]["arguments"])
+    assert "4111111111111111" not in json.dumps(parsed)
+    assert parsed["qty"] == 2 and parsed["ok"] is True and parsed["note"] == "order"  # untouched

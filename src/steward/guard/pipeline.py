@@ -433,10 +433,17 @@ def _get_call_arguments(msg: dict[str, Any], where: tuple[Any, ...]) -> str:
     return str(call["arguments"])
 
 
+def _is_number(obj: Any) -> bool:
+    return isinstance(obj, int | float) and not isinstance(obj, bool)
+
+
 def _json_strings(obj: Any) -> list[str]:
-    """Every string of a JSON value, keys included, in document order."""
+    """Every string of a JSON value, keys included, and every number as its JSON text (a card or
+    phone number need not be quoted), in document order."""
     if isinstance(obj, str):
         return [obj]
+    if _is_number(obj):
+        return [json.dumps(obj)]
     if isinstance(obj, dict):
         return [s for k, v in obj.items() for s in (k, *_json_strings(v))]
     if isinstance(obj, list):
@@ -445,9 +452,13 @@ def _json_strings(obj: Any) -> list[str]:
 
 
 def _json_replace(obj: Any, new: list[str]) -> Any:
-    """`obj` with its strings (in `_json_strings` order) taken from `new`, front first."""
+    """`obj` with its strings and numbers (in `_json_strings` order) taken from `new`, front first;
+    a number the redaction changed becomes the redacted string."""
     if isinstance(obj, str):
         return new.pop(0)
+    if _is_number(obj):
+        text = new.pop(0)
+        return obj if text == json.dumps(obj) else text
     if isinstance(obj, dict):
         out = {}
         for v in obj.values():
@@ -460,7 +471,7 @@ def _json_replace(obj: Any, new: list[str]) -> Any:
 
 
 def _json_arguments(args: str) -> Any:
-    """The parsed arguments when they are JSON with at least one string, else None."""
+    """The parsed arguments when they are JSON with at least one string or number, else None."""
     try:
         obj = json.loads(args)
     except ValueError:
@@ -469,8 +480,9 @@ def _json_arguments(args: str) -> Any:
 
 
 def _arguments_text(args: str) -> str:
-    """What is scanned of call arguments: JSON's strings decoded, one per line (an instruction read
-    as a quoted JSON string would score lower than the model reads it), else the raw text."""
+    """What is scanned of call arguments: JSON's strings decoded and its numbers, one per line (an
+    instruction read as a quoted JSON string would score lower than the model reads it), else the
+    raw text."""
     obj = _json_arguments(args)
     return args if obj is None else "\n".join(_json_strings(obj))
 
