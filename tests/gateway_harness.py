@@ -172,6 +172,21 @@ class ThreadedUpstream:
         self._thread.join(10)
 
 
+def start_recording(settings: Settings) -> Iterator[tuple[Running, list[Any]]]:
+    """`start_gateway`, also keeping every finished request's trace (in order) for the test."""
+    records: list[Any] = []
+    for running in start_gateway(settings):
+        gateway: Any = running.gateway
+        inner = gateway.on_finish
+
+        def keep(trace: Any, inner: Any = inner) -> Any:
+            records.append(trace)
+            return inner(trace) if inner is not None else None
+
+        gateway.on_finish = keep
+        yield running, records
+
+
 class ScriptedUpstream:
     """An OpenAI-compatible upstream on loopback whose answer to each request is `script(body)`: a
     dict (a JSON answer), an aiohttp response (sent as it is), or a list of chunks (an SSE stream

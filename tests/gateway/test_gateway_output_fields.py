@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway_harness import Running, ScriptedUpstream, free_port, start_gateway
+from gateway_harness import Running, ScriptedUpstream, free_port, start_recording
 from steward.gateway.settings import ModelRoute, Settings
 from steward.guard import Vault
 
@@ -95,17 +95,7 @@ def gw(up: Scripted, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     data = Path(tmp_path_factory.mktemp("fields"))
     route = ModelRoute(name="m", backend="openai", base_url=up.url, upstream_model="up", max_retries=0)
     settings = Settings(data_dir=data, port=free_port(), models=[route], embedding_model="")
-    records: list[Any] = []
-    for running in start_gateway(settings):
-        gateway: Any = running.gateway
-        inner = gateway.on_finish
-
-        def keep(trace: Any, inner: Any = inner) -> Any:
-            records.append(trace)
-            return inner(trace) if inner is not None else None
-
-        gateway.on_finish = keep
-        yield running, records
+    yield from start_recording(settings)
 
 
 def post(gw: tuple[Running, list[Any]], body: dict[str, Any], key: str | None = None) -> dict[str, Any]:
@@ -511,17 +501,7 @@ def pgw(up: Scripted, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
     settings = Settings(
         data_dir=data, port=free_port(), models=[route], embedding_model="", guard_policies=policy
     )
-    records: list[Any] = []
-    for running in start_gateway(settings):
-        gateway: Any = running.gateway
-        inner = gateway.on_finish
-
-        def keep(trace: Any, inner: Any = inner) -> Any:
-            records.append(trace)
-            return inner(trace) if inner is not None else None
-
-        gateway.on_finish = keep
-        yield running, records
+    yield from start_recording(settings)
 
 
 def token_of(body: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from gateway_harness import Running, ScriptedUpstream, free_port, start_gateway
+from gateway_harness import Running, ScriptedUpstream, free_port, start_gateway, start_recording
 from steward.gateway.settings import ModelRoute, Settings
 
 Scripted = ScriptedUpstream
@@ -57,17 +57,7 @@ def gw(up: Scripted, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
         embedding_model="",
         guards=False,
     )
-    records: list[Any] = []
-    for running in start_gateway(settings):
-        gateway: Any = running.gateway
-        inner = gateway.on_finish
-
-        def keep(trace: Any, inner: Any = inner) -> Any:
-            records.append(trace)
-            return inner(trace) if inner is not None else None
-
-        gateway.on_finish = keep
-        yield running, records
+    yield from start_recording(settings)
 
 
 def sse(running: Running, key: str, body: dict[str, Any]) -> list[dict[str, Any]]:
