@@ -343,7 +343,7 @@ def test_a_budget_cut_finishes_every_guarded_choice(gw: Any, up: Scripted) -> No
 
     up.script = script
     running, records = gw
-    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "day", "limit": 600}])
+    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "month", "limit": 600}])
     events = stream(gw, {"messages": [{"role": "user", "content": "x"}], "n": 2}, key=key)
     assert finishes(events) == {0: ["length"], 1: ["length"]}
     stored = records[-1].payload["response"]

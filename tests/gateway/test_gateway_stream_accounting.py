@@ -87,7 +87,7 @@ def test_the_stream_budget_counts_tokens_not_events(gw: Any, up: Scripted) -> No
         ]
     )
     running, _ = gw
-    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "day", "limit": 600}])
+    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "month", "limit": 600}])
     events = sse(running, key, {"stream_options": {"include_usage": True}})
     spent = [e["usage"] for e in events if e.get("usage")][-1]
     assert spent["total_tokens"] <= 600 + 256 + 75
@@ -106,7 +106,7 @@ def test_one_huge_event_is_trimmed_to_the_budget(gw: Any, up: Scripted, unit: st
         usage(48_000),
     ]
     running, records = gw
-    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "day", "limit": 600}])
+    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "month", "limit": 600}])
     events = sse(running, key, {"stream_options": {"include_usage": True}})
     got = text_of(events)
     assert got and big.startswith(got) and len(got.encode()) <= (600 + 256) * 4
@@ -124,7 +124,7 @@ def test_a_crossing_event_of_several_choices_is_trimmed_in_each(gw: Any, up: Scr
 
     up.script = script
     running, records = gw
-    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "day", "limit": 600}])
+    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "month", "limit": 600}])
     events = sse(running, key, {"n": 2})
     reasons = {c["index"]: c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")}
     assert reasons == {0: "length", 1: "length"}
@@ -144,7 +144,7 @@ def test_a_budget_cut_finishes_every_choice_and_stores_what_was_sent(gw: Any, up
 
     up.script = script
     running, records = gw
-    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "day", "limit": 600}])
+    key = running.key("acme", "user", limits=[{"kind": "tokens", "window": "month", "limit": 600}])
     events = sse(running, key, {"n": 2})
     reasons = {c["index"]: c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")}
     assert reasons == {0: "length", 1: "length"}
@@ -304,7 +304,7 @@ def test_a_guarded_stream_releases_nothing_past_the_budget_at_the_cut(guarded: R
         chunk({"content": big}),
         usage(48_000),
     ]
-    key = guarded.key("acme", "user", limits=[{"kind": "tokens", "window": "day", "limit": 600}])
+    key = guarded.key("acme", "user", limits=[{"kind": "tokens", "window": "month", "limit": 600}])
     events = sse(guarded, key, {})
     got = text_of(events)
     assert got and big.startswith(got) and len(got.encode()) <= (600 + 256) * 4
