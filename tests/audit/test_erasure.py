@@ -152,3 +152,35 @@ def test_cli_erase_prints_one_warning_when_the_wal_stays_busy(
     r = CliRunner().invoke(_app(), ["audit", "erase", "--subject", "dora"])
     assert r.exit_code == 0 and "destroyed 0" in r.output and "warning" not in r.output
     engine.dispose()
+
+
+def test_postgres_scrub_held_back_by_an_older_snapshot_is_reported_incomplete(
+    fresh_pg_url: str, keys_dir: Path
+) -> None:
+    """PostgreSQL: a session holding a snapshot from before the erasure keeps VACUUM from removing
+    the destroyed key's old row version; the scrub says so (and why) instead of claiming success,
+    and a scrub after that session ends completes."""
+    from sqlalchemy import text
+
+    from steward.store.db import make_engine
+    from steward.store.migrate import upgrade
+
+    engine = upgrade(make_engine(fresh_pg_url))
+    try:
+        log = AuditLog.open(engine, keys_dir, checkpoint_every=10_000, checkpoint_interval_s=3600)
+        log.append(make_event(0, subject="alice"))
+        holder = engine.connect()  # a REPEATABLE READ report that started before the erasure
+        holder.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        holder.execute(text("SELECT count(*) FROM audit_events")).scalar()
+        try:
+            erasure = log.erase("alice", "acme")
+            assert erasure.count == 1
+            assert not erasure.scrub.complete, erasure.scrub.message
+            assert "snapshot" in erasure.scrub.message and "later scrub" in erasure.scrub.message
+        finally:
+            holder.rollback()
+            holder.close()
+        scrub = log.keys.scrub()
+        assert scrub.complete, scrub.message
+    finally:
+        engine.dispose()

@@ -295,3 +295,55 @@ def test_an_event_filed_under_another_tenant(log: AuditLog, keys_dir: Path, tmp_
     with out.open("w") as f:
         export_events(log, f, datetime.now(UTC) - timedelta(days=1))
     assert verify_export(out, verifier).events == 2
+
+
+def test_a_failed_checkpoint_after_the_commit_does_not_fail_committed_events(
+    log: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint signed right after a commit fails (the store went away just then): every
+    caller still gets its receipt, nothing is appended twice, and the periodic checkpoint signs the
+    tail later."""
+    from sqlalchemy.exc import OperationalError
+
+    real = log.checkpoint
+    calls = {"n": 0}
+
+    def flaky() -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OperationalError("SELECT ... FOR UPDATE", {}, Exception("server closed the connection"))
+        return real()
+
+    monkeypatch.setattr(log, "checkpoint", flaky)
+    log.checkpoint_every = 3
+    committer = GroupCommitter(log, max_wait_s=0.2)
+    events = [make_event(i) for i in range(3)]
+
+    async def scenario() -> list[object]:
+        return list(await asyncio.gather(*(committer.append(e) for e in events), return_exceptions=True))
+
+    outs = asyncio.run(scenario())
+    committer.close()
+    assert [getattr(o, "event_id", o) for o in outs] == [e.event_id for e in events]
+    assert sorted(getattr(o, "index", -1) for o in outs) == [0, 1, 2]
+    assert log.size() == 3 and calls["n"] == 1
+    assert log.latest_checkpoint() is None  # unsigned so far, and still pending
+    log.checkpoint_interval_s = 0
+    cp = log.maybe_checkpoint()
+    assert cp is not None and cp.size == 3
+
+
+def test_a_retried_append_of_a_committed_event_is_a_success(log: AuditLog) -> None:
+    """An append retried after its commit succeeded (unique violation on event_id) returns the
+    stored event's receipt; a different event under a stored event id still fails."""
+    from dataclasses import replace
+
+    events = [make_event(0), make_event(1)]
+    first = log.append_many(events)
+    assert log.append_many(events) == first  # the whole batch again
+    assert log.append(events[1]) == first[1]  # one of them again (GroupCommitter's one-by-one retry)
+    assert log.size() == 2
+    impostor = replace(events[0], status=500)
+    with pytest.raises(Exception, match=r"(?i)unique"):
+        log.append(impostor)
+    assert log.size() == 2

@@ -65,7 +65,7 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _wrap_aad(key_id: str, tenant: str, subject_ref: str | None, purpose: str) -> bytes:
+def wrap_aad(key_id: str, tenant: str, subject_ref: str | None, purpose: str) -> bytes:
     return b"\x00".join(
         [
             b"steward-data-key",
@@ -124,6 +124,7 @@ class KeyRing:
         self._lock = threading.Lock()
         self._current: dict[tuple[str, str | None], _Cached] = {}
         self._pseudo: dict[str, bytes] = {}
+        self._pg_written_xid: str | None = None  # 32-bit xid of this process's last data_keys write
 
     # --- pseudonyms ---------------------------------------------------------------------------------
 
@@ -133,7 +134,7 @@ class KeyRing:
         if cached is not None:
             return cached
         key_id = "ps_" + hashlib.sha256(tenant.encode()).hexdigest()[:32]
-        aad = _wrap_aad(key_id, tenant, None, PSEUDONYM)
+        aad = wrap_aad(key_id, tenant, None, PSEUDONYM)
         with self.engine.connect() as conn:
             row = conn.execute(select(_T.c.wrapped).where(_T.c.id == key_id)).first()
         if row is None:
@@ -196,10 +197,10 @@ class KeyRing:
                 select(_T.c.id, _T.c.wrapped).where(*cond).order_by(_T.c.created_us.desc())
             ).first()
         if row is not None and row[1] is not None:
-            return row[0], self.provider.unwrap(row[1], _wrap_aad(row[0], tenant, subject_ref, PAYLOAD))
+            return row[0], self.provider.unwrap(row[1], wrap_aad(row[0], tenant, subject_ref, PAYLOAD))
         key_id = "dk_" + secrets.token_hex(16)
         key = os.urandom(KEY_SIZE)
-        wrapped = self.provider.wrap(key, _wrap_aad(key_id, tenant, subject_ref, PAYLOAD))
+        wrapped = self.provider.wrap(key, wrap_aad(key_id, tenant, subject_ref, PAYLOAD))
         with self._writing() as conn:
             conn.execute(
                 insert(_T).values(
@@ -229,7 +230,7 @@ class KeyRing:
             raise PayloadUnavailable(
                 f"payload unavailable: its data key was destroyed ({reason or 'destroyed'})"
             )
-        return self.provider.unwrap(wrapped, _wrap_aad(key_id, tenant, subject_ref, purpose))
+        return self.provider.unwrap(wrapped, wrap_aad(key_id, tenant, subject_ref, purpose))
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -245,7 +246,11 @@ class KeyRing:
                 _pragma(raw, "PRAGMA secure_delete=ON")
             try:
                 with conn.begin():
+                    if raw is None:  # PostgreSQL: the xid whose old row versions `scrub` waits for
+                        xid = int(conn.execute(text("SELECT txid_current()")).scalar_one())
                     yield conn
+                if raw is None:
+                    self._pg_written_xid = str(xid % (1 << 32))
             finally:
                 if raw is not None and before is not None:
                     with contextlib.suppress(sqlite3.Error):
@@ -331,7 +336,7 @@ class KeyRing:
                 )
             ).all()
             for key_id, tenant, subject_ref, purpose, wrapped in rows:
-                aad = _wrap_aad(key_id, tenant, subject_ref, purpose)
+                aad = wrap_aad(key_id, tenant, subject_ref, purpose)
                 fresh = self.provider.wrap(self.provider.unwrap(wrapped, aad), aad)
                 conn.execute(update(_T).where(_T.c.id == key_id).values(wrapped=fresh, kek_id=current))
                 n += 1
@@ -375,6 +380,7 @@ class KeyRing:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                 conn.execute(text(f"VACUUM {_T.name}"))
+                holders = conn.execute(text(_PG_HOLDERS), {"xid": self._pg_written_xid}).one()
         except SQLAlchemyError as exc:
             cause = getattr(exc, "orig", None) or exc
             msg = (
@@ -383,8 +389,53 @@ class KeyRing:
             )
             _log.warning(msg)
             return Scrub(False, msg)
+        sessions, prepared, slots = (int(n or 0) for n in holders)
+        if sessions or prepared or slots:
+            why = ", ".join(
+                f"{n} {what}"
+                for n, what in (
+                    (sessions, "session(s) with a snapshot or transaction older than the destruction"),
+                    (prepared, "prepared transaction(s)"),
+                    (slots, "replication slot(s)"),
+                )
+                if n
+            )
+            msg = (
+                f"VACUUM {_T.name} could not remove the destroyed keys' old row versions yet: {why} "
+                "still may see them (idle-in-transaction sessions, long reports, pg_dump), so their "
+                "bytes stay in the table file (and later in page free space) until those end; a later "
+                "scrub finishes it (run `steward audit erase` again, or the next erasure or expiry does)"
+            )
+            _log.warning(msg)
+            return Scrub(False, msg)
+        self._pg_written_xid = None
         return Scrub(
             True,
             f"VACUUM {_T.name} done; old bytes may remain in PostgreSQL's WAL and backups "
             "until they are recycled (rotate the KEK to make them useless)",
         )
+
+
+# What keeps VACUUM from removing the old row versions of the newest destruction in `data_keys`:
+# any snapshot (backend_xmin), running transaction (backend_xid), prepared transaction or
+# replication slot as old as the transaction that destroyed (or re-wrapped) keys. That transaction
+# is the newest `xmin` among destroyed rows (their current versions were written by it), or the
+# newest write this process made (`:xid`, re-wraps included). Older xid <=> larger age().
+_PG_HOLDERS = f"""
+WITH target AS (
+    SELECT LEAST(
+        (SELECT min(age(xmin)) FROM {_T.name} WHERE wrapped IS NULL),
+        age(CAST(CAST(:xid AS text) AS xid))
+    ) AS a
+)
+SELECT
+    (SELECT count(*) FROM pg_stat_activity, target
+      WHERE pid <> pg_backend_pid()
+        AND backend_type IS DISTINCT FROM 'autovacuum worker'
+        AND (datname = current_database() OR datname IS NULL)
+        AND (age(backend_xmin) >= target.a OR age(backend_xid) >= target.a)),
+    (SELECT count(*) FROM pg_prepared_xacts, target
+      WHERE database = current_database() AND age(transaction) >= target.a),
+    (SELECT count(*) FROM pg_replication_slots, target
+      WHERE (database IS NULL OR database = current_database()) AND age(xmin) >= target.a)
+"""

@@ -25,9 +25,11 @@ OPERATOR_TENANT, which no API key can belong to (tenant ids starting with `_` ar
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -37,11 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from steward.audit import merkle
-from steward.audit.crypto import KeyProvider, LocalKeyProvider, seal, unseal
+from steward.audit.crypto import DecryptionError, KeyFileError, KeyProvider, LocalKeyProvider, seal, unseal
 from steward.audit.events import (
     JSON,
     AuditEvent,
@@ -52,9 +54,17 @@ from steward.audit.events import (
     payload_aad,
     time_us,
 )
-from steward.audit.keyring import KeyRing, Scrub
+from steward.audit.keyring import KeyRing, Scrub, wrap_aad
 from steward.audit.merkle import CompactRange, ProofError, Subtree
-from steward.audit.note import Checkpoint, Signer, load_or_create_signer
+from steward.audit.note import (
+    PRIVATE_NAME,
+    PUBLIC_NAME,
+    Checkpoint,
+    Signer,
+    SigningKeyError,
+    Verifier,
+    load_or_create_signer,
+)
 from steward.audit.schema import CHECKPOINTS, DATA_KEYS, EVENTS, NODE_LEVEL_SHIFT, NODES, STATE
 from steward.store.db import begin_immediate
 
@@ -206,6 +216,146 @@ class StoreNodes:
         return out
 
 
+IDENTITY_ROW = 2  # the merkle_state row naming the KEK and the checkpoint signer of this store
+_KEK_CHECK_AAD = b"steward-audit-kek-check"
+
+
+def _identity_json(kek_id: str, kek_check: bytes, signer: Signer) -> bytes:
+    doc = {
+        "kek_id": kek_id,
+        "kek_check": base64.b64encode(kek_check).decode(),
+        "signer": signer.verifier.vkey(),
+    }
+    return canonical_json(doc)
+
+
+def _kek_check(provider: KeyProvider) -> bytes:
+    """A random key wrapped by the current KEK: unwrapping it later proves a provider holds that KEK."""
+    return provider.wrap(os.urandom(32), _KEK_CHECK_AAD)
+
+
+def _lock_identity(conn: Connection) -> dict[str, Any] | None:
+    """Take the append lock (SQLite: the engine's BEGIN IMMEDIATE; PostgreSQL: the sequencer row
+    FOR UPDATE) and read the store's key identity, None if none was recorded yet."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(select(STATE.c.id).where(STATE.c.id == 1).with_for_update()).first()
+    blob = conn.execute(select(STATE.c.frontier).where(STATE.c.id == IDENTITY_ROW)).scalar()
+    if blob is None:
+        return None
+    try:
+        doc = json.loads(bytes(blob))
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise AuditError(
+            f"merkle_state row {IDENTITY_ROW} (the store's key identity) is malformed: {exc}"
+        ) from None
+    return doc
+
+
+def _copy_hint(keys_dir: Path) -> str:
+    return (
+        f"copy {KEK_FILE} and {PRIVATE_NAME} (keep them mode 0600) and {PUBLIC_NAME} from the keys "
+        f"directory ($STEWARD_DATA_DIR/keys) of the first Steward process that opened this store into "
+        f"{keys_dir}; every replica sharing one store needs the same keys"
+    )
+
+
+def _bind_keys(
+    engine: Engine, keys_dir: Path, provider: KeyProvider | None, origin: str | None, create_signer: bool
+) -> tuple[Signer, KeyProvider]:
+    """The KEK provider and checkpoint signer this store belongs to.
+
+    On a brand-new store (no identity recorded yet) the keys are loaded or created as before and their
+    identity (KEK id plus a key wrapped by it, the signer's public key and origin) is written to the
+    store under the append lock, so replicas starting together cannot each record their own. On a
+    store that names its keys, nothing is ever created: a KEK that cannot unwrap the recorded check,
+    or a signing key or origin other than the recorded one, refuses to start, naming what to copy.
+    """
+    kek_path = keys_dir / KEK_FILE
+    with engine.begin() as conn:
+        ident = _lock_identity(conn)
+        if ident is None:
+            if provider is None:
+                existing = conn.execute(select(func.count()).select_from(DATA_KEYS)).scalar_one()
+                provider = LocalKeyProvider(kek_path, create=existing == 0)
+            _check_existing_keys(conn, provider, keys_dir)
+            signer = load_or_create_signer(keys_dir, origin, create=create_signer)
+            frontier = _identity_json(provider.current_kek_id, _kek_check(provider), signer)
+            conn.execute(insert(STATE).values(id=IDENTITY_ROW, size=0, frontier=frontier))
+            return signer, provider
+    kek_id = str(ident.get("kek_id"))
+    if provider is None:
+        if not kek_path.exists():
+            raise KeyFileError(
+                f"key file {kek_path} is missing, and this store's data keys are wrapped by KEK "
+                f"{kek_id!r}: {_copy_hint(keys_dir)}"
+            )
+        provider = LocalKeyProvider(kek_path)
+    try:
+        provider.unwrap(base64.b64decode(str(ident.get("kek_check"))), _KEK_CHECK_AAD)
+    except (DecryptionError, ValueError) as exc:
+        where = kek_path if isinstance(provider, LocalKeyProvider) else "the key provider"
+        raise KeyFileError(
+            f"this store's data keys are wrapped by KEK {kek_id!r}, which {where} does not hold "
+            f"({exc}); a second KEK would make payloads unreadable across replicas: {_copy_hint(keys_dir)}"
+        ) from None
+    recorded = Verifier.parse(str(ident.get("signer")))
+    if origin is not None and origin != recorded.name:
+        raise SigningKeyError(
+            f"this store's checkpoints carry origin {recorded.name!r}, not {origin!r}: start every "
+            "replica with the same origin"
+        )
+    priv = keys_dir / PRIVATE_NAME
+    if not priv.exists():
+        raise SigningKeyError(
+            f"checkpoint signing key {priv} is missing, and this store's checkpoints are signed by "
+            f"{recorded.name} ({recorded.key_hash.hex()}): {_copy_hint(keys_dir)}"
+        )
+    signer = load_or_create_signer(keys_dir, recorded.name, create=False)
+    if signer.verifier.raw != recorded.raw:
+        raise SigningKeyError(
+            f"checkpoint signing key {priv} is not the key this store's checkpoints are signed by "
+            f"({recorded.name}, key hash {recorded.key_hash.hex()}): {_copy_hint(keys_dir)}"
+        )
+    return signer, provider
+
+
+def _check_existing_keys(conn: Connection, provider: KeyProvider, keys_dir: Path) -> None:
+    """A store from before identities were recorded: its data keys must open with this KEK."""
+    row = conn.execute(
+        select(
+            DATA_KEYS.c.id,
+            DATA_KEYS.c.tenant,
+            DATA_KEYS.c.subject_ref,
+            DATA_KEYS.c.purpose,
+            DATA_KEYS.c.wrapped,
+        )
+        .where(DATA_KEYS.c.wrapped.is_not(None))
+        .order_by(DATA_KEYS.c.created_us.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return
+    try:
+        provider.unwrap(bytes(row.wrapped), wrap_aad(row.id, row.tenant, row.subject_ref, row.purpose))
+    except DecryptionError as exc:
+        raise KeyFileError(
+            f"this store's data keys do not open with this KEK ({exc}): {_copy_hint(keys_dir)}"
+        ) from None
+
+
+def _record_kek(engine: Engine, provider: KeyProvider) -> None:
+    """After a re-wrap the store belongs to the current KEK: record it (old KEKs may be retired)."""
+    with engine.begin() as conn:
+        ident = _lock_identity(conn)
+        if ident is None:
+            return
+        ident["kek_id"] = provider.current_kek_id
+        ident["kek_check"] = base64.b64encode(_kek_check(provider)).decode()
+        conn.execute(update(STATE).where(STATE.c.id == IDENTITY_ROW).values(frontier=canonical_json(ident)))
+
+
 class AuditLog:
     """The log over one store. Thread-safe; one instance per process is enough."""
 
@@ -245,12 +395,12 @@ class AuditLog:
         The local KEK file is created only while the store holds no data keys: a missing key file in
         front of existing wrapped keys means payloads would be unreadable, and we refuse to start
         rather than quietly begin a second, disjoint key hierarchy.
+
+        The store names the KEK and the checkpoint signing key it belongs to (`_bind_keys`): the
+        first process to open a brand-new store creates (or brings) both and records them; every
+        later one, on any host, must hold the same ones or refuses to start, saying what to copy.
         """
-        if provider is None:
-            with engine.connect() as conn:
-                existing = conn.execute(select(func.count()).select_from(DATA_KEYS)).scalar_one()
-            provider = LocalKeyProvider(keys_dir / KEK_FILE, create=existing == 0)
-        signer = load_or_create_signer(keys_dir, origin, create=create_signing_key)
+        signer, provider = _bind_keys(engine, keys_dir, provider, origin, create_signing_key)
         key_args = {k: kwargs.pop(k) for k in ("key_period_s", "cache_ttl_s", "scrub_wait_s") if k in kwargs}
         return cls(engine, signer=signer, keys=KeyRing(engine, provider, **key_args), **kwargs)
 
@@ -330,25 +480,70 @@ class AuditLog:
             cur.execute(sql.update_state, (compact.size, compact.pack()))
             cur.close()
             raw.commit()  # sqlite3 commits the BEGIN IMMEDIATE it did not open itself, too
-        except BaseException:
+        except BaseException as exc:
             try:
                 raw.rollback()
             except Exception:
                 _log.debug("rollback of a failed audit append failed", exc_info=True)
+            if isinstance(exc, self.engine.dialect.loaded_dbapi.IntegrityError):
+                stored = self._already_stored(prepared)
+                if stored is not None:  # a retry of events that are in the log: they are committed
+                    return stored
             raise
         finally:
             raw.close()  # back to the pool
         self._after_append(len(events))
         return receipts
 
+    def _already_stored(self, prepared: Sequence[_Prepared]) -> list[Receipt] | None:
+        """Receipts for `prepared` if every one of them is already in the log as that same event
+        (an append retried after its commit succeeded, e.g. the connection dropped during COMMIT);
+        None if any is missing or a stored row with its event id is a different event."""
+        ids = [p.event.event_id for p in prepared]
+        c = EVENTS.c
+        try:
+            with self.engine.connect() as conn:
+                rows = {
+                    r.event_id: r
+                    for r in conn.execute(
+                        select(
+                            c.idx, c.event_id, c.time_us, c.tenant, c.kind, c.request_id,
+                            c.subject_ref, c.outcome, c.status, c.leaf_hash,
+                        ).where(c.event_id.in_(ids))
+                    )
+                }  # fmt: skip
+        except Exception:
+            _log.debug("could not look up the events of a failed audit append", exc_info=True)
+            return None
+        out: list[Receipt] = []
+        for p in prepared:
+            ev, row = p.event, rows.get(p.event.event_id)
+            if row is None or (
+                row.time_us,
+                row.tenant,
+                row.kind,
+                row.request_id,
+                row.subject_ref,
+                row.outcome,
+                row.status,
+            ) != (time_us(ev.time), ev.tenant, ev.kind, ev.request_id, p.subject_ref, ev.outcome, ev.status):
+                return None
+            out.append(Receipt(int(row.idx), ev.event_id, bytes(row.leaf_hash)))
+        return out
+
     def _after_append(self, n: int) -> None:
+        """Sign a checkpoint when one is due. The events are committed whatever happens here: a
+        failed checkpoint is logged and retried by the next periodic or count-driven one."""
         with self._lock:
             self._since_checkpoint += n
             due = self._since_checkpoint >= self.checkpoint_every
-        if due:
-            self.checkpoint()
-        else:
-            self.maybe_checkpoint()
+        try:
+            if due:
+                self.checkpoint()
+            else:
+                self.maybe_checkpoint()
+        except Exception:
+            _log.exception("audit checkpoint after a committed append failed; retried later")
 
     # --- checkpoints --------------------------------------------------------------------------------
 
@@ -365,8 +560,17 @@ class AuditLog:
         if self.signer is None:
             raise AuditError("no checkpoint signing key loaded")
         with self._lock:
+            pending = self._since_checkpoint
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
+        try:
+            return self._sign_checkpoint(self.signer)
+        except BaseException:
+            with self._lock:  # still unsigned: the periodic checkpoint retries after its interval
+                self._since_checkpoint += max(pending, 1)
+            raise
+
+    def _sign_checkpoint(self, signer: Signer) -> Checkpoint | None:
         with self.engine.begin() as conn:
             size, blob = conn.execute(
                 select(STATE.c.size, STATE.c.frontier).where(STATE.c.id == 1).with_for_update()
@@ -374,8 +578,8 @@ class AuditLog:
             last = conn.execute(select(func.max(CHECKPOINTS.c.size))).scalar()
             if size == 0 or (last is not None and last >= size):
                 return None
-            cp = Checkpoint(self.signer.name, size, CompactRange.unpack(size, bytes(blob)).root())
-            note = self.signer.sign(cp)
+            cp = Checkpoint(signer.name, size, CompactRange.unpack(size, bytes(blob)).root())
+            note = signer.sign(cp)
             conn.execute(
                 insert(CHECKPOINTS).values(
                     size=size, root_hash=cp.root, created_us=time.time_ns() // 1000, note=note
@@ -586,6 +790,7 @@ class AuditLog:
     def rewrap_data_keys(self, *, role: str = "system") -> int:
         """Re-wrap every live data key under the current KEK (after rotating it); recorded."""
         n = self.keys.rewrap()
+        _record_kek(self.engine, self.keys.provider)
         self.record_act(
             "kek.rewrap", role=role, detail={"keys_rewrapped": n, "kek_id": self.keys.provider.current_kek_id}
         )
