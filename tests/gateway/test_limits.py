@@ -603,3 +603,237 @@ def test_sql_limiter_drops_ended_windows_and_expired_leases(tmp_path: Path) -> N
         assert rows == ["key:j"] and leases == 0
     finally:
         engine.dispose()
+
+
+# --- persistence, lost leases and settles that fail --------------------------------------------------
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_make_limiter_shares_limits_and_keeps_budgets_on_a_persistent_database(
+    db: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """One worker per process, several processes (replicas) on one database: every limiter counts in
+    the database, so they share the limit, and a budget outlives a restart."""
+    url = (
+        f"sqlite:///{tmp_path / 'steward.db'}" if db == "sqlite" else request.getfixturevalue("fresh_pg_url")
+    )
+    engine = upgrade(url)
+    rpd = Limit("tenant:acme", "requests", "day", 3)
+    spend = Limit("tenant:acme", "spend", "month", 1.0)
+
+    async def first_run() -> None:
+        a, b = make_limiter(None, engine, 1), make_limiter(None, engine, 1)  # two gateway processes
+        assert (
+            await admitted(a, [rpd], {"requests": 1}, 2) + await admitted(b, [rpd], {"requests": 1}, 3) == 3
+        )
+        res = await a.reserve([spend], {"spend": 0.5})
+        await a.settle(res, {"spend": 0.9})
+        await a.aclose()
+        await b.aclose()
+
+    async def after_restart() -> None:
+        c = make_limiter(None, engine, 1)
+        with pytest.raises(LimitExceeded):
+            await c.reserve([rpd], {"requests": 1})
+        with pytest.raises(LimitExceeded):
+            await c.reserve([spend], {"spend": 0.2})  # 0.9 of 1.0 is spent: it did not reset
+        await c.reserve([spend], {"spend": 0.1})
+        await c.aclose()
+
+    try:
+        run(first_run())
+        run(after_restart())
+    finally:
+        engine.dispose()
+    memory_db = make_engine("sqlite:///:memory:")
+    assert isinstance(make_limiter(None, memory_db, 1), MemoryLimiter)  # nobody else can see it
+
+
+def test_a_late_lease_refresh_does_not_take_back_a_reclaimed_slot(new_limiter: NewLimiter) -> None:
+    """A refresh that comes after its lease expired (a store outage, a stalled loop) must not put
+    the lease back over another request's: it reports the lease lost, unless the limit has room."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        lim = new_limiter(clock, lease_ttl_s=10)
+        conc = [Limit("tenant:a", "concurrent", None, 1)]
+        a = await lim.reserve(conc, {})
+        assert await lim.extend(a, {})  # on time: refreshed
+        clock.now += 11  # the next refresh is late: a's lease has expired
+        b = await lim.reserve(conc, {})  # the freed slot is b's
+        assert await lim.extend(a, {}) is False
+        with pytest.raises(LimitExceeded):
+            await lim.reserve(conc, {})  # still one slot held, by b
+        await lim.settle(b, {})
+        assert await lim.extend(a, {}) is True  # room again: a's lease is taken back
+        with pytest.raises(LimitExceeded):
+            await lim.reserve(conc, {})
+        await lim.settle(a, {})
+        await lim.settle(await lim.reserve(conc, {}), {})
+        await lim.aclose()
+
+    run(body())
+
+
+def _fail_settles(lim: Limiter, times: int) -> None:
+    """Make the store fail the next `times` settles of `lim`, as an outage would."""
+    left = [times]
+    if isinstance(lim, SQLLimiter):
+        from sqlalchemy.exc import OperationalError
+
+        real_sync = lim._settle_sync
+
+        def failing_sync(*args: Any) -> None:
+            if left[0] > 0:
+                left[0] -= 1
+                raise OperationalError("COMMIT", None, Exception("server closed the connection"))
+            real_sync(*args)
+
+        lim._settle_sync = failing_sync  # type: ignore[method-assign]
+    else:
+        assert isinstance(lim, RedisLimiter)
+        real_script = lim._settle
+
+        async def failing_script(**kw: Any) -> Any:
+            if left[0] > 0:
+                left[0] -= 1
+                raise redis.exceptions.ConnectionError("Connection refused")
+            return await real_script(**kw)
+
+        lim._settle = failing_script  # type: ignore[assignment]
+
+
+def test_a_settle_that_fails_is_retried_in_the_background_and_at_shutdown(new_limiter: NewLimiter) -> None:
+    """A settle refused by a short store outage must not leak its concurrency slot until the lease
+    TTL nor leave the whole reservation charged: it is retried, and tried again when closing."""
+    clock = FakeClock()
+    conc = Limit("tenant:a", "concurrent", None, 1)
+    tokens = Limit("tenant:a", "tokens", "day", 1000)
+
+    async def body() -> None:
+        lim = new_limiter(clock)
+        if isinstance(lim, MemoryLimiter):
+            pytest.skip("memory has no store to fail")
+        retry = getattr(lim, "settle_retry", None)
+        if retry is not None:
+            retry._first_s = 0.02  # retry quickly
+        res = await lim.reserve([conc, tokens], {"tokens": 800})
+        _fail_settles(lim, 2)
+        with pytest.raises(LimiterUnavailable):
+            await lim.settle(res, {"tokens": 10})
+        assert not res.settled
+        for _ in range(250):
+            if res.settled:
+                break
+            await asyncio.sleep(0.02)
+        assert res.settled
+        # the slot is free and 790 of the 800 reserved tokens came back: 990 more fit
+        await lim.settle(await lim.reserve([conc, tokens], {"tokens": 990}), {"tokens": 990})
+        await lim.aclose()
+
+    async def shutdown() -> None:
+        lim = new_limiter(clock)
+        retry = getattr(lim, "settle_retry", None)
+        if retry is not None:
+            retry._first_s = 60.0  # no background retry before the shutdown
+        res = await lim.reserve([Limit("tenant:b", "concurrent", None, 1)], {})
+        _fail_settles(lim, 1)
+        with pytest.raises(LimiterUnavailable):
+            await lim.settle(res, {})
+        await lim.aclose()  # the gateway's shutdown: one more try
+        assert res.settled
+        other = new_limiter(clock)  # another process: the slot is free
+        await other.settle(await other.reserve([Limit("tenant:b", "concurrent", None, 1)], {}), {})
+        await other.aclose()
+
+    run(body())
+    run(shutdown())
+
+
+def test_redis_without_persistence_warns_once_when_budgets_are_used(
+    fresh_redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from redis.exceptions import ResponseError
+
+    client = redis.Redis.from_url(fresh_redis_url, decode_responses=True)
+    saved = client.config_get("appendonly")["appendonly"], client.config_get("save")["save"]
+    client.config_set("appendonly", "no")
+    client.config_set("save", "")
+    tokens = Limit("key:k", "tokens", "day", 100)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "persistence" in r.getMessage()]
+
+    async def body() -> None:
+        lim = RedisLimiter(fresh_redis_url)
+        await lim.reserve([Limit("key:k", "requests", "minute", 5)], {"requests": 1})
+        assert warnings() == []  # no budget configured: nothing to lose
+        await lim.reserve([tokens], {"tokens": 1})
+        await lim.reserve([Limit("key:k", "spend", "day", 5)], {"spend": 1})
+        assert len(warnings()) == 1 and "restart" in warnings()[0]
+        await lim.aclose()
+
+        client.config_set("save", "3600 1")
+        persistent = RedisLimiter(fresh_redis_url)
+        assert await persistent.check_persistence() is True
+        await persistent.aclose()
+
+        managed = RedisLimiter(fresh_redis_url)  # CONFIG disabled: tolerated
+
+        async def refuse(*args: Any, **kw: Any) -> Any:
+            raise ResponseError("unknown command 'CONFIG'")
+
+        managed._redis.config_get = refuse  # type: ignore[method-assign]
+        await managed.reserve([tokens], {"tokens": 1})
+        assert await managed.check_persistence() is None
+        await managed.aclose()
+
+    try:
+        with caplog.at_level(logging.INFO, logger="steward.gateway.limits"):
+            run(body())
+    finally:
+        client.config_set("appendonly", saved[0])
+        client.config_set("save", saved[1])
+        client.close()
+    assert len(warnings()) == 1
+
+
+def test_settle_retry_is_bounded_backs_off_and_never_settles_twice() -> None:
+    from steward.gateway.limits.retry import SettleRetry
+
+    calls: list[tuple[str, float]] = []
+    failing = [True]
+
+    async def settle_once(res: Reservation, actual: Any) -> None:
+        calls.append((res.id, actual.get("tokens", 0)))
+        await asyncio.sleep(0)
+        if failing[0]:
+            raise LimiterUnavailable("down")
+        res.settled = True
+
+    async def body() -> None:
+        retry = SettleRetry(settle_once, max_pending=2, first_s=0.01, max_s=0.04)
+        a, b, c = (_Res(f"r{i}", [], {}, {}, []) for i in range(3))
+        retry.add(a, {"tokens": 1})
+        retry.add(b, {"tokens": 1})
+        retry.add(c, {"tokens": 1})  # over the bound: dropped, not queued
+        assert len(retry) == 2 and "r2" not in retry
+        retry.add(a, {"tokens": 5})  # queued again: one entry, the latest usage
+        assert len(retry) == 2
+        await asyncio.sleep(0.2)
+        tries = len(calls)
+        assert 4 <= tries < 40  # retried, with backoff (not a busy loop)
+        failing[0] = False
+        for _ in range(50):
+            if a.settled and b.settled:
+                break
+            await asyncio.sleep(0.02)
+        assert a.settled and b.settled and len(retry) == 0
+        assert ("r0", 5) in calls and ("r2", 1) not in calls
+        n = len(calls)
+        retry.add(a, {"tokens": 9})  # settled already: nothing to do
+        assert len(retry) == 0 and await retry.flush() == 0 and len(calls) == n
+
+    run(body())

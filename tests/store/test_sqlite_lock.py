@@ -41,3 +41,38 @@ def test_begin_immediate_waits_for_the_lock_finely_and_gives_up_at_its_deadline(
     # took the lock within a few milliseconds of its release (SQLite's own handler sleeps up to 100 ms)
     assert got - released[0] < 0.02
     waiter.execute("COMMIT")
+
+
+def test_a_lock_held_past_the_wait_is_a_store_failure_not_a_raw_sqlite3_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer holding SQLite's lock past the wait (an erase, a backup, the sqlite3 CLI) must give
+    the callers' store-unavailable errors (a 503), as any store failure does, never a 500."""
+    import asyncio
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from steward.gateway.keys import KeyStore
+    from steward.gateway.limits import Limit, LimiterUnavailable, SQLLimiter
+    from steward.store import StoreError, db, upgrade
+
+    engine = upgrade(f"sqlite:///{tmp_path / 'steward.db'}")
+    keys = KeyStore(engine, ttl_s=0)
+    key, _ = keys.create("acme", "user")
+    limiter = SQLLimiter(engine)
+    monkeypatch.setattr(db.begin_immediate, "__defaults__", (0.2,))  # the 30 s wait, shortened
+    blocker = sqlite3.connect(tmp_path / "steward.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(OperationalError, match="locked"), engine.begin():
+            pass
+        with pytest.raises(LimiterUnavailable):
+            asyncio.run(limiter.reserve([Limit("tenant:acme", "requests", "day", 5)], {"requests": 1}))
+        with pytest.raises(StoreError):
+            keys.authenticate(key)
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    assert keys.authenticate(key) is not None
+    engine.dispose()

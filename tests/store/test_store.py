@@ -73,6 +73,36 @@ def test_keys_on_both_stores(db_url: str) -> None:
     store.engine.dispose()
 
 
+def test_concurrent_creation_for_a_new_tenant_never_collides(db_url: str) -> None:
+    """Keys and tenant updates racing for a tenant that does not exist yet all succeed (on
+    PostgreSQL both transactions see it missing; the second insert must not fail on the key)."""
+    import threading
+
+    store = KeyStore(upgrade(db_url), ttl_s=0.0)
+    errors: list[BaseException] = []
+    for r in range(8):
+        barrier = threading.Barrier(3)
+
+        def go(i: int, tenant: str = f"t{r}", barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                if i == 2:
+                    store.set_tenant(tenant, limits=[{"kind": "requests", "window": "day", "limit": 9}])
+                else:
+                    store.create(tenant, "user")
+            except BaseException as exc:  # collected, asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert all(len(list(store.list(f"t{r}"))) == 2 for r in range(8))
+    store.engine.dispose()
+
+
 def test_unreachable_store_is_a_clear_error() -> None:
     with pytest.raises(StoreError, match="cannot migrate"):
         upgrade("postgresql://nobody@127.0.0.1:1/none")

@@ -21,6 +21,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -143,9 +145,17 @@ class KeyStore:
             )
         t = s.get(Tenant, tenant)
         if t is None:
-            t = Tenant(id=tenant, created_at=datetime.now(UTC), policy=None, limits=[])
-            s.add(t)
-            s.flush()
+            # Insert-if-absent, then read: two transactions creating the same new tenant at once
+            # (PostgreSQL's READ COMMITTED lets both see it missing) must not fail on the key.
+            insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+            s.execute(
+                insert(Tenant)
+                .values(id=tenant, created_at=datetime.now(UTC), policy=None, limits=[])
+                .on_conflict_do_nothing(index_elements=["id"])
+            )
+            t = s.get(Tenant, tenant)
+            if t is None:  # pragma: no cover - the row exists once the insert returns
+                raise StoreError(f"tenant {tenant!r} could not be created")
         return t
 
     def set_tenant(

@@ -265,7 +265,9 @@ class Gateway:
         try:
             await self.limiter.settle(res, actual)  # type: ignore[arg-type]
         except Exception:  # settling must never turn a served answer into an error
-            log.exception("limit settlement failed", extra={"reservation": res.id})
+            # The store limiters keep a failed settle and retry it (limits/retry.py): the lease and
+            # the reserved amounts are not left charged until they expire.
+            log.exception("limit settlement failed; it is retried", extra={"reservation": res.id})
         if cancelled is not None:
             raise cancelled
 

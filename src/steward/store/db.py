@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.pool import NullPool
 
@@ -142,8 +142,13 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
             # Writers take the lock up front: a deferred transaction that later upgrades to a write
-            # lock can fail with SQLITE_BUSY instead of waiting.
-            begin_immediate(conn.connection.dbapi_connection)
+            # lock can fail with SQLITE_BUSY instead of waiting. A lock held past the wait raises
+            # sqlite3's own error, which SQLAlchemy does not wrap for an event listener: wrap it, so
+            # every caller sees the same store failure (`SQLAlchemyError`, a 503) as any other.
+            try:
+                begin_immediate(conn.connection.dbapi_connection)
+            except sqlite3.Error as exc:
+                raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)

@@ -2,8 +2,9 @@
 
 Three stores share one contract (`Limiter`): `MemoryLimiter` for one process, `RedisLimiter` (one
 atomic Lua script) for any number of processes on one Redis, `SQLLimiter` (the gateway's database)
-for several workers without Redis. `make_limiter` picks the one that cannot over-admit for the
-deployment; every store failure raises `LimiterUnavailable` so the gateway fails closed.
+whenever that database is persistent and there is no Redis. `make_limiter` picks the one that cannot
+over-admit for the deployment and keeps budgets across restarts;
+every store failure raises `LimiterUnavailable` so the gateway fails closed.
 """
 
 from __future__ import annotations
@@ -57,18 +58,24 @@ def make_limiter(
     *,
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
 ) -> Limiter:
-    """Redis if a URL is given; else the database when several workers share limits; else memory.
+    """Redis if a URL is given; else the database whenever it is persistent; else memory.
 
-    Several workers with neither Redis nor an engine would each count alone (N× the limit), so that
-    is a `ValueError` the server turns into a refusal to start. An in-memory SQLite database is not
-    shared between processes either and is refused the same way.
+    A persistent database (PostgreSQL, or SQLite in a file) always holds the limits, whatever
+    `workers` is: other gateway processes (replicas, or several `--workers 1` servers) may share it,
+    and budgets (a monthly spend) must survive a restart. Memory is only for no database or an
+    in-memory SQLite one, neither of which another process can see. Several workers there would
+    each count alone (N× the limit), so that is a `ValueError` the server turns into a refusal to start.
     """
     if redis_url:
         return RedisLimiter(redis_url, lease_ttl_s=lease_ttl_s)
+    persistent = engine is not None and not (
+        engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
+    )
+    if persistent:
+        assert engine is not None
+        return SQLLimiter(engine, lease_ttl_s=lease_ttl_s)
     if workers > 1:
         if engine is None:
             raise ValueError("--workers > 1 needs STEWARD_REDIS_URL or a database for exact limits")
-        if engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"):
-            raise ValueError("--workers > 1 cannot share limits through an in-memory SQLite database")
-        return SQLLimiter(engine, lease_ttl_s=lease_ttl_s)
+        raise ValueError("--workers > 1 cannot share limits through an in-memory SQLite database")
     return MemoryLimiter(lease_ttl_s=lease_ttl_s)

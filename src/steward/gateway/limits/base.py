@@ -124,12 +124,19 @@ class Limiter(Protocol):
         """Count more (a stream reserving its next chunk) and refresh the leases; all-or-nothing.
 
         False means the extra amount would cross a limit: the gateway stops the stream. `extend(r, {})`
-        only refreshes the leases, for long requests that outlive the lease TTL.
+        only refreshes the leases, for long requests that outlive the lease TTL. A lease that already
+        expired (a refresh came late) is never simply put back, since another request may hold its
+        slot now: it is taken again only if its limit has room, else the lease is lost and the
+        answer is False (nothing counted), as for a crossed limit.
         """
         ...
 
     async def settle(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
-        """Set each kind in `actual` to the real usage and release the leases; idempotent."""
+        """Set each kind in `actual` to the real usage and release the leases; idempotent.
+
+        A store failure raises `LimiterUnavailable`; the store limiters then also keep the settle and
+        retry it in the background (and once more in `aclose`).
+        """
         ...
 
     async def aclose(self) -> None: ...
@@ -272,8 +279,9 @@ def record(res: Reservation, entries: Sequence[Entry]) -> None:
 
 def extension_entries(res: Reservation, amounts: Mapping[Kind, float], now: float) -> list[Entry]:
     """`extend` checks the windowed limits it adds to only: the leases are already held, and a kind
-    it adds nothing to is not checked, so `extend(r, {})` (a lease refresh for a long request) always
-    succeeds, even when settled overruns have left a counter above its limit."""
+    it adds nothing to is not checked, so `extend(r, {})` (a lease refresh for a long request)
+    succeeds even when settled overruns have left a counter above its limit (it fails only when a
+    lease expired and its slot was taken meanwhile)."""
     kept = [lim for lim in res.limits if lim.kind != "concurrent" and float(amounts.get(lim.kind, 0.0)) != 0]
     return plan(kept, amounts, now)
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from steward.gateway.limits.base import (
     DEFAULT_LEASE_TTL_S,
+    EPSILON,
     Clock,
     CounterKey,
     Kind,
@@ -87,6 +88,16 @@ class MemoryLimiter:
             failed, statuses = decide(entries, self._counters, {}, now)
             if failed is not None:
                 return False
+            for scope, lease_id in reservation.leases.items():
+                if self._leases.get(scope, {}).get(lease_id, 0.0) > now:
+                    continue
+                # Expired, and maybe reclaimed: taken again only if its limit has room now.
+                limit = min(
+                    (x.limit for x in reservation.limits if x.kind == "concurrent" and x.scope == scope),
+                    default=0.0,
+                )
+                if self._live_leases(scope, now) + 1 > limit + EPSILON:
+                    return False
             for key, amount in increments(entries).items():
                 self._counters[key] = self._counters.get(key, 0.0) + amount
             record(reservation, entries)

@@ -14,6 +14,7 @@ this needs one Redis (or a primary), not Redis Cluster.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from steward.gateway.limits.base import (
     DEFAULT_LEASE_TTL_S,
@@ -45,7 +46,10 @@ from steward.gateway.limits.base import (
     settle_deltas,
     window_end,
 )
+from steward.gateway.limits.retry import SettleRetry
 
+log = logging.getLogger("steward.gateway.limits")
+_BUDGETS = ("tokens", "spend")  # what a Redis restart without persistence would silently reset
 _GRACE_S = 60  # keys outlive their window a little so a late settle still finds them
 
 # KEYS: the distinct keys. ARGV: now, epsilon, check_leases (1/0), lease expiry, lease TTL ms, n, then
@@ -70,7 +74,10 @@ for i = 1, n do
   else
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     u = redis.call('ZCARD', key)
-    if check_leases and failed == 0 and u + 1 > limit + eps then failed = i end
+    -- A refresh (check_leases off) extends a live lease unchecked; one that expired was dropped
+    -- just above and may have been reclaimed, so it is taken again only if the limit has room.
+    local held = (not check_leases) and redis.call('ZSCORE', key, ARGV[b + 4])
+    if failed == 0 and not held and u + 1 > limit + eps then failed = i end
   end
   used[i] = tostring(u)
 end
@@ -149,9 +156,39 @@ class RedisLimiter:
             raise LimiterUnavailable(f"invalid Redis URL ({exc})") from None
         self._clock = clock
         self._lease_ttl_s = lease_ttl_s
+        self.settle_retry = SettleRetry(self._settle_once)
         self._prefix = prefix
         self._check = self._redis.register_script(_CHECK_AND_ADD)
         self._settle = self._redis.register_script(_SETTLE)
+        self._persistence_checked = False
+
+    async def check_persistence(self) -> bool | None:
+        """Whether Redis persists its data (AOF or RDB snapshots); None if it will not say.
+
+        Without persistence a Redis restart empties every counter, so spend and token budgets start
+        over silently. Called once, on the first reservation with such a budget (the limits live
+        in the tenants' records, not in the settings), and logs a warning if they are not durable.
+        A managed Redis that disables CONFIG answers an error: that is tolerated, not a failure.
+        """
+        try:
+            aof = await self._redis.config_get("appendonly")
+            save = await self._redis.config_get("save")
+        except ResponseError:  # CONFIG renamed or disabled (managed Redis): cannot tell
+            self._persistence_checked = True
+            log.info("Redis does not allow CONFIG GET; cannot check that budgets survive a restart")
+            return None
+        except (RedisError, OSError):
+            return None  # not reachable now: try again with the next budgeted reservation
+        self._persistence_checked = True
+        persistent = str(aof.get("appendonly") or "no").lower() != "no" or bool(
+            str(save.get("save") or "").strip()
+        )
+        if not persistent:
+            log.warning(
+                'Redis has no persistence (appendonly no, save ""): a Redis restart resets every '
+                "spend and token budget to zero. Enable AOF or RDB snapshots on the limits' Redis."
+            )
+        return persistent
 
     def _counter(self, key: CounterKey) -> str:
         scope, kind, window, start = key
@@ -210,6 +247,8 @@ class RedisLimiter:
     async def reserve(self, limits: Sequence[Limit], amounts: Mapping[Kind, float]) -> Reservation:
         if not limits:  # most tenants have no limits: no round trip to Redis
             return new_reservation([], [])
+        if not self._persistence_checked and any(lim.kind in _BUDGETS for lim in limits):
+            await self.check_persistence()
         now = self._clock()
         entries = plan(limits, amounts, now)
         res = new_reservation(entries, [])  # nothing is counted until the script admits it
@@ -238,6 +277,17 @@ class RedisLimiter:
         return True
 
     async def settle(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
+        """Settle; if the store fails, the settle is also queued for background retry (`retry`)."""
+        if reservation.id in self.settle_retry:  # already queued: never two settles at once
+            self.settle_retry.add(reservation, actual)
+            return
+        try:
+            await self._settle_once(reservation, actual)
+        except LimiterUnavailable:
+            self.settle_retry.add(reservation, actual)
+            raise
+
+    async def _settle_once(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
         if reservation.settled:
             return
         now = self._clock()
@@ -270,5 +320,6 @@ class RedisLimiter:
         return self._lease_ttl_s
 
     async def aclose(self) -> None:
+        await self.settle_retry.flush()  # the settles still queued get one more try
         with contextlib.suppress(RedisError, OSError):
             await self._redis.aclose()

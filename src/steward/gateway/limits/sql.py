@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from steward.gateway.limits.base import (
     DEFAULT_LEASE_TTL_S,
+    EPSILON,
     WINDOWS,
     Clock,
     CounterKey,
@@ -51,11 +52,16 @@ from steward.gateway.limits.base import (
     settle_deltas,
     window_bounds,
 )
+from steward.gateway.limits.retry import SettleRetry
 from steward.store.models import LimitCounter, LimitLease
 
 _COUNTERS: Table = LimitCounter.__table__  # type: ignore[assignment]
 _LEASES: Table = LimitLease.__table__  # type: ignore[assignment]
 _CLEAN_EVERY_S = 60.0
+
+
+class _LeaseLost(Exception):
+    """A refresh found a lease expired and its limit full: the extension is rolled back."""
 
 
 def _lock_id(scope: str) -> int:
@@ -81,6 +87,7 @@ class SQLLimiter:
         self._pg = engine.dialect.name == "postgresql"
         self._clock = clock
         self._lease_ttl_s = lease_ttl_s
+        self.settle_retry = SettleRetry(self._settle_once)
         self._cleaned_at = clock()
 
     # --- the transaction pieces -----------------------------------------------------------------
@@ -196,16 +203,44 @@ class SQLLimiter:
         assert res is not None
         return res
 
+    def _refresh_leases(self, conn: Connection, res: Reservation, now: float) -> bool:
+        """Extend the reservation's leases that are still live; a lease that expired (and may have
+        been reclaimed by another request) is taken again only if its limit has room now, else the
+        lease is lost: False. Never an upsert, which would put back a slot another request holds."""
+        expires_at = now + self._lease_ttl_s
+        for scope, lease_id in sorted(res.leases.items()):
+            done = conn.execute(
+                update(_LEASES)
+                .where(_LEASES.c.id == lease_id, _LEASES.c.expires_at > now)
+                .values(expires_at=expires_at)
+            )
+            if done.rowcount:
+                continue
+            limit = min(
+                (lim.limit for lim in res.limits if lim.kind == "concurrent" and lim.scope == scope),
+                default=0.0,
+            )
+            live = self._live_leases(conn, [scope], now)[scope]
+            if live + 1 > limit + EPSILON:
+                return False
+            conn.execute(delete(_LEASES).where(_LEASES.c.id == lease_id))
+            self._put_leases(conn, {scope: lease_id}, expires_at)
+        return True
+
     def _extend_sync(self, res: Reservation, amounts: Mapping[Kind, float]) -> bool:
         now = self._clock()
         entries = extension_entries(res, amounts, now)
-        with self._engine.begin() as conn:
-            failed, statuses = self._check_and_add(
-                conn, entries, now, check_leases=False, also_lock=list(res.leases)
-            )
-            if failed is not None:
-                return False
-            self._put_leases(conn, res.leases, now + self._lease_ttl_s)
+        try:
+            with self._engine.begin() as conn:
+                failed, statuses = self._check_and_add(
+                    conn, entries, now, check_leases=False, also_lock=list(res.leases)
+                )
+                if failed is not None:
+                    return False
+                if not self._refresh_leases(conn, res, now):
+                    raise _LeaseLost  # roll back what `_check_and_add` counted
+        except _LeaseLost:
+            return False
         record(res, entries)
         merge_statuses(res, statuses)
         return True
@@ -251,6 +286,17 @@ class SQLLimiter:
             raise LimiterUnavailable(f"limit store failed: {type(exc).__name__}") from exc
 
     async def settle(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
+        """Settle; if the store fails, the settle is also queued for background retry (`retry`)."""
+        if reservation.id in self.settle_retry:  # already queued: never two settles at once
+            self.settle_retry.add(reservation, actual)
+            return
+        try:
+            await self._settle_once(reservation, actual)
+        except LimiterUnavailable:
+            self.settle_retry.add(reservation, actual)
+            raise
+
+    async def _settle_once(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
         if reservation.settled:
             return
         if not reservation.limits:
@@ -266,5 +312,5 @@ class SQLLimiter:
         return self._lease_ttl_s
 
     async def aclose(self) -> None:
-        """The engine belongs to the caller, who disposes of it."""
-        return None
+        """Try the settles still queued once more; the engine belongs to the caller."""
+        await self.settle_retry.flush()
