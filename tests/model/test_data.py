@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from steward.model.data import (
+    DataError,
     Document,
     RegexPIIScrubber,
     deduplicate,
@@ -111,3 +114,25 @@ def test_prepare_and_data_card(tmp_path: Path) -> None:
     ):
         assert f"## {section}" in text
     assert json.loads((tmp_path / "run" / "data_card.json").read_text())["train_tokens"] == 1
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        (b'{"instruction": "Say hi", "instances": ["hi"]}', r"x\.jsonl:2: each of 'instances'"),
+        (b'{"instruction": "Count", "instances": [{"input": "", "output": 3}]}', r"x\.jsonl:2: .*'output'"),
+        (
+            b'{"instruction": "Count", "instances": {"output": "3"}}',
+            r"x\.jsonl:2: 'instances' must be a list",
+        ),
+        (b'{"instruction": "x", "instances": [{"output": "\xff"}]}', r"x\.jsonl:2: not UTF-8"),
+        (b'{"instruction": "x", "instances": [{"output": "a\tb"}]}', r"x\.jsonl:2: invalid JSON"),
+    ],
+    ids=["instance-str", "output-int", "instances-object", "not-utf8", "bad-json"],
+)
+def test_bad_corpus_rows_name_file_and_line(tmp_path: Path, row: bytes, match: str) -> None:
+    """Rows of the wrong type or encoding are one DataError naming the file and line, no traceback."""
+    good = b'{"instruction": "Greet", "instances": [{"input": "", "output": "Hello"}]}'
+    (tmp_path / "self_instruct_x.jsonl").write_bytes(good + b"\n" + row + b"\n")
+    with pytest.raises(DataError, match=match):
+        load_corpus(tmp_path)

@@ -209,3 +209,71 @@ def test_answer_weighting_trains(corpus: Path, tmp_path: Path) -> None:
     result = run(cfg, progress=False)
     assert result["heldout_perplexity"] > 1
     assert (tmp_path / "w" / "data" / "train_answer_flags.npy").is_file()
+
+
+def test_fresh_run_refuses_a_used_out_dir(corpus: Path, tmp_path: Path) -> None:
+    """Without --resume a directory holding another run's checkpoints is refused, not mixed into."""
+    out = tmp_path / "used"
+    run(make_cfg(corpus, out), stop_after=5, progress=False)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(TrainConfigError, match=r"already holds a training run.*--resume"):
+        run(make_cfg(corpus, out, lr=1e-3), stop_after=1, progress=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing deleted
+    assert json.loads((out / "train_config.json").read_text())["optim"]["lr"] == 3e-3
+
+
+def test_changed_data_config_prepares_the_data_again(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(make_cfg(corpus, out), stop_after=0, progress=False)
+    vocab = json.loads((out / "data" / "tokenizer.json").read_text())["model"]["vocab"]
+    for p in (out / "checkpoints").glob("step_*"):  # the user cleared the checkpoints, kept data/
+        for f in p.iterdir():
+            f.unlink()
+        p.rmdir()
+    cfg = make_cfg(corpus, out)
+    cfg.data.vocab_size = 400
+    run(cfg, stop_after=0, progress=False)
+    vocab2 = json.loads((out / "data" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocab) <= 320 < len(vocab2) <= 400
+
+
+def test_resume_refuses_a_changed_config(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    run(make_cfg(corpus, out), stop_after=3, progress=False)
+    cfg = make_cfg(corpus, out, batch_size=8, lr=0.5)
+    cfg.seed = 99
+    with pytest.raises(
+        TrainConfigError, match=r"optim\.batch_size 4 -> 8, optim\.lr 0\.003 -> 0\.5, seed 5 -> 99"
+    ):
+        run(cfg, resume=True, progress=False)
+    assert json.loads((out / "train_config.json").read_text())["seed"] == 5  # not overwritten
+    # what only decides how long the run goes on, or where it reports, may change
+    more = make_cfg(corpus, out, max_steps=6)
+    more.threads, more.log_every = 2, 3
+    assert run(more, resume=True, progress=False)["last_step"] == 5
+
+
+def test_corrupt_checkpoint_is_one_line_naming_the_file(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from steward.cli import main
+
+    out = tmp_path / "c"
+    cfg = make_cfg(corpus, out)
+    run(cfg, stop_after=3, progress=False)
+    weights = out / "checkpoints" / "step_0000003" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100])
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(cfg_path), "--quiet", "--resume"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("steward: error: "), err
+    assert str(weights) in err[0] and "corrupt" in err[0]
+    weights.write_bytes(good)
+    (weights.parent / "trainer_state.json").write_text('{"param_groups": []}')  # no "step"
+    with pytest.raises(TrainConfigError, match=r"step_0000003/trainer_state\.json: corrupt"):
+        run(cfg, resume=True, progress=False)

@@ -52,19 +52,24 @@ class DataError(ValueError):
 EOT_MARK = "<|endoftext|>"
 
 
-def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            yield row
+def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; errors name the file and line."""
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path}:{lineno}: not UTF-8 text ({exc.reason}, byte {exc.start} of the line)"
+            ) from exc
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object")
+        yield lineno, row
 
 
 def load_corpus(corpus_dir: str | Path, *, text_chunk_chars: int = 2000) -> list[Document]:
@@ -80,7 +85,7 @@ def load_corpus(corpus_dir: str | Path, *, text_chunk_chars: int = 2000) -> list
     docs: list[Document] = []
     for path in sorted((root / "t0_tasks").glob("*.jsonl")):
         task = path.stem
-        for row in _read_jsonl(path):
+        for _, row in _read_jsonl(path):
             prompt, completion = row.get("prompt"), row.get("completion")
             if not isinstance(prompt, str) or not isinstance(completion, str):
                 continue
@@ -89,11 +94,19 @@ def load_corpus(corpus_dir: str | Path, *, text_chunk_chars: int = 2000) -> list
                 docs.append(Document(f"t0/{task}", prompt.strip(), completion, {"task": task}))
     for path in sorted(root.glob("self_instruct*.jsonl")):
         name = path.stem.removeprefix("self_instruct_")
-        for row in _read_jsonl(path):
+        for lineno, row in _read_jsonl(path):
             instruction = row.get("instruction")
             if not isinstance(instruction, str):
                 continue
-            for inst in row.get("instances") or []:
+            instances = row.get("instances") or []
+            if not isinstance(instances, list):
+                raise DataError(f"{path}:{lineno}: 'instances' must be a list of objects")
+            for inst in instances:
+                if not isinstance(inst, dict):
+                    raise DataError(f"{path}:{lineno}: each of 'instances' must be an object")
+                for key in ("input", "output"):
+                    if inst.get(key) is not None and not isinstance(inst[key], str):
+                        raise DataError(f"{path}:{lineno}: instance {key!r} must be a string")
                 inp = (inst.get("input") or "").strip()
                 out = (inst.get("output") or "").strip()
                 if out:

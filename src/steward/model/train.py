@@ -10,6 +10,7 @@ windows of `world=1, grad_accum=2`, which the DDP test uses to check gradient av
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import TransformerConfig
@@ -276,15 +278,28 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def load_checkpoint(ck: Path, model: Decoder, opt: torch.optim.Optimizer) -> int:
-    state = load_file(str(ck / "model.safetensors"))
-    if model.config.tie_embeddings:
-        state["lm_head.weight"] = state["embed.token.weight"]
-    model.load_state_dict(state)
-    tensors = load_file(str(ck / "optimizer.safetensors"))
-    meta = json.loads((ck / "trainer_state.json").read_text())
-    _load_optimizer(opt, tensors, meta)
-    torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"])
+    """Restore model, optimizer and RNG from `ck`; a damaged file is a one-line TrainConfigError."""
+    name = "model.safetensors"
+    try:
+        state = load_file(str(ck / name))
+        if model.config.tie_embeddings:
+            state["lm_head.weight"] = state["embed.token.weight"]
+        model.load_state_dict(state)
+        name = "optimizer.safetensors"
+        tensors = load_file(str(ck / name))
+        name = "trainer_state.json"
+        meta = json.loads((ck / name).read_text())
+        step = int(meta["step"])
+        name = "optimizer.safetensors"
+        _load_optimizer(opt, tensors, meta)
+        torch.set_rng_state(tensors["rng.torch"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise TrainConfigError(
+            f"{ck / name}: corrupt or unreadable checkpoint ({reason}); "
+            f"delete {ck} to resume from the previous checkpoint"
+        ) from exc
+    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,13 +499,41 @@ class _Progress:
             self.bar.stop()
 
 
+def data_config_hash(cfg: TrainConfig) -> str:
+    """SHA-256 of what the prepared data and tokenizer depend on: the `data` section."""
+    key = json.dumps({"version": 1, "data": cfg.data.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _prepared_is_current(cfg: TrainConfig, ready: Path, resume: bool) -> bool:
+    """Whether `ready` marks data prepared with this data config. On --resume a mismatch is an
+    error (the checkpoint was trained on that data); a fresh run prepares the data again."""
+    if not ready.is_file():
+        return False
+    try:
+        recorded = json.loads(ready.read_text()).get("data_config_sha256")
+    except (ValueError, AttributeError):
+        recorded = None
+    if recorded == data_config_hash(cfg):
+        return True
+    if resume:
+        if recorded is None:  # prepared before the hash was recorded: train_config.json was checked
+            return True
+        raise TrainConfigError(
+            f"--resume: {ready.parent} was prepared with another data config than {cfg.out_dir}'s "
+            "run; resume with the config the run was started with"
+        )
+    return False
+
+
 def _prepare_data(
-    cfg: TrainConfig, out: Path, d: Dist
+    cfg: TrainConfig, out: Path, d: Dist, resume: bool = False
 ) -> tuple[Tokenizer, np.ndarray, np.ndarray, np.ndarray | None, PreparedData | None]:
     data_dir = out / "data"
     ready = data_dir / "ready.json"
     prepared: PreparedData | None = None
-    if d.main and not ready.is_file():
+    if d.main and not _prepared_is_current(cfg, ready, resume):
+        ready.unlink(missing_ok=True)  # until the new data is complete, none counts as prepared
         prepared = prepare(
             cfg.data.corpus_dir,
             heldout_fraction=cfg.data.heldout_fraction,
@@ -528,7 +571,10 @@ def _prepare_data(
                 "vocab_size": tok.vocab_size,
             },
         )
-        ready.write_text(json.dumps({"train_tokens": len(train_stream)}) + "\n")
+        ready.write_text(
+            json.dumps({"train_tokens": len(train_stream), "data_config_sha256": data_config_hash(cfg)})
+            + "\n"
+        )
     d.barrier()
     tok2 = Tokenizer.from_file(data_dir / "tokenizer.json")
     flags_path = data_dir / "train_answer_flags.npy"
@@ -583,6 +629,79 @@ def load_documents(out: Path) -> tuple[list[Document], list[Document]]:
     return train, heldout
 
 
+# Settings a resumed run may change: how long it runs, where and how often it reports and saves,
+# and what the export is called; none of them changes the steps it shares with the interrupted run.
+RESUME_FREE_KEYS = frozenset(
+    {
+        "out_dir",
+        "threads",
+        "time_limit_minutes",
+        "optim.max_steps",
+        "log_every",
+        "eval_every",
+        "eval_windows",
+        "ckpt_every",
+        "keep_checkpoints",
+        "name",
+        "save_dtype",
+    }
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for k, v in value.items():
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        return flat
+    return {prefix.removesuffix("."): value}
+
+
+def check_resume_config(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume with a config other than the interrupted run's (its train_config.json):
+    a changed seed, batch, learning rate, model or data section makes the resume silently inexact."""
+    path = out / "train_config.json"
+    if not path.is_file():
+        return  # a run from before the config was saved beside it
+    try:
+        saved = TrainConfig.model_validate(json.loads(path.read_text()))
+    except (ValueError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise TrainConfigError(f"{path}: unreadable saved config ({reason})") from exc
+    was = _flatten(json.loads(saved.model_dump_json()))
+    now = _flatten(json.loads(cfg.model_dump_json()))
+    missing = object()
+    changed = sorted(
+        k
+        for k in was.keys() | now.keys()
+        if k not in RESUME_FREE_KEYS and was.get(k, missing) != now.get(k, missing)
+    )
+    if changed:
+
+        def show(v: Any) -> str:
+            return "unset" if v is missing else json.dumps(v)[:60]
+
+        diffs = ", ".join(f"{k} {show(was.get(k, missing))} -> {show(now.get(k, missing))}" for k in changed)
+        raise TrainConfigError(
+            f"--resume: the config differs from the interrupted run's ({path}): {diffs}; "
+            "resume with the run's config, or train into another --out"
+        )
+
+
+def check_unused(out: Path) -> None:
+    """A fresh run refuses a directory that holds another run's checkpoints or export: mixing them
+    would prune the new checkpoints behind the old ones and let --resume continue the old run."""
+    used = []
+    if latest_checkpoint(out / "checkpoints") is not None:
+        used.append("checkpoints/")
+    used += [n for n in ("model/", "final_metrics.json") if (out / n.rstrip("/")).exists()]
+    if used:
+        raise TrainConfigError(
+            f"{out} already holds a training run ({', '.join(used)}): pass --resume to continue it, "
+            "or choose another --out or clear the directory"
+        )
+
+
 def run(
     cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -603,11 +722,21 @@ def _run(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
+    ck_dir = out / "checkpoints"
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"out_dir {out} exists and is not a directory")
+    if resume:
+        if latest_checkpoint(ck_dir) is None:
+            raise TrainConfigError(f"--resume: no checkpoint under {ck_dir}")
+        check_resume_config(cfg, out)
+    else:
+        check_unused(out)
+    d.barrier()  # every rank has read the run directory before the main rank writes to it
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     d.barrier()
-    tok, train_stream, heldout_stream, answer_flags, _ = _prepare_data(cfg, out, d)
+    tok, train_stream, heldout_stream, answer_flags, _ = _prepare_data(cfg, out, d, resume)
     mcfg = model_config(cfg, tok)
     context = mcfg.max_positions
     if len(train_stream) <= context + 1:
@@ -620,7 +749,6 @@ def _run(
     model.train()
     opt = build_optimizer(model, cfg.optim)
     o = cfg.optim
-    ck_dir = out / "checkpoints"
     start = 0
     metrics_path = out / "metrics.jsonl"
     if resume:
