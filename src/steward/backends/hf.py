@@ -1,22 +1,200 @@
 """A local Hugging Face `transformers` model directory as a backend (any causal LM it can load).
 
-Loaded with `local_files_only=True` (no hub access) and safetensors only. Requests run one at a time
-on a dedicated thread (transformers' `generate` has no cross-request batching); streaming uses
-`TextIteratorStreamer`, so deltas arrive as tokens are produced.
+Loaded with `local_files_only=True` (no hub access) and safetensors only; a directory that cannot
+serve (no tokenizer, not a causal LM, corrupt weights, bad config.json) is refused at start, in one
+line (`check_model_dir`, also run by `steward serve` before it binds). Requests run one at a time on
+a dedicated thread (transformers' `generate` has no cross-request batching).
+
+One `_Run` follows each generation, token by token (a stopping criterion): it decodes the completion
+(never the prompt), cuts it at the first stop sequence, stops generating there or when the client
+has gone, and for a stream hands the text on as it becomes final. Streamed and returned text are
+therefore the same text, cut at the same place. The prompt is templated and tokenised once per
+request, off the event loop unless the gateway already counted it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+from steward.backends import builtin as _builtin
 from steward.backends.base import JSON, BackendError, Call, ModelInfo
-from steward.backends.builtin import _CHAT_FIELDS, _COMPLETION_FIELDS, _check_fields, _usage
+from steward.backends.builtin import _CHAT_FIELDS, _COMPLETION_DEFAULTS, _COMPLETION_FIELDS, _usage
+
+log = logging.getLogger("steward.backends.hf")
+
+_PROMPT_KEY = "_hf_prompt_ids"  # call.metadata: (key, ids), so a request is tokenised once
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unsupported(name: str, why: str = "") -> BackendError:
+    return BackendError(
+        f"parameter {name!r} is not supported by the hf backend{': ' + why if why else ''}",
+        status=400,
+        type="invalid_request_error",
+        code="unsupported_parameter",
+        param=name,
+    )
+
+
+def _check_fields(body: JSON, allowed: set[str], defaults: dict[str, object] | None = None) -> None:
+    try:
+        _builtin._check_fields(body, allowed, defaults)
+    except BackendError as exc:
+        raise _unsupported(exc.param or "?") from None
+
+
+def check_model_dir(path: Path) -> tuple[Any, Any, list[Path]]:
+    """(config, tokenizer, safetensors files) of a directory the hf backend can serve, or a
+    `BackendError` whose message is one line: `<path>: <what is wrong>`. Loads no weights (their
+    headers are read, which finds a truncated file)."""
+    path = Path(path)
+
+    def bad(why: str) -> BackendError:
+        return BackendError(f"{path}: {why}", status=500, type="server_error")
+
+    try:
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    except ImportError:
+        raise BackendError(
+            "the hf backend needs the transformers package (pip install 'steward[hf]')", status=500
+        ) from None
+    if not path.is_dir():
+        raise BackendError(f"hf model directory not found: {path}", status=500, type="server_error")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise bad("no safetensors weights (pickle checkpoints are refused)")
+    cfg_file = path / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise bad("no config.json") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"config.json is not valid JSON ({_short(exc)})") from None
+    if not isinstance(raw, dict):
+        raise bad("config.json must hold a JSON object")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise bad(f"config.json: {_short(exc)}") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise bad(
+            f"not a causal language model (model_type {getattr(config, 'model_type', None)!r}); "
+            "the hf backend serves models AutoModelForCausalLM can load"
+        )
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt"):
+                pass
+        except Exception as exc:
+            raise bad(f"{w.name}: not a readable safetensors file ({_short(exc)})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise bad(f"no usable tokenizer ({_short(exc)})") from None
+    try:
+        probe = tok("hello world", add_special_tokens=False)["input_ids"]
+    except Exception:
+        probe = []
+    if len(tok) < 2 or not probe:
+        raise bad(f"no usable tokenizer (no tokenizer files? {type(tok).__name__} has {len(tok)} tokens)")
+    return config, tok, weights
+
+
+class _Sampling:
+    """Temperature and top-p as one logits processor. A temperature so small that the scaled
+    logits overflow float32 decodes greedily (the limit as the temperature goes to 0), as the
+    built-in model does, instead of sampling from NaNs."""
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        from transformers import TopPLogitsWarper
+
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p=top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        x = scores / self.temperature
+        overflow = ~torch.isfinite(x.amax(-1))
+        if bool(overflow.any()):
+            onehot = torch.full_like(x, float("-inf"))
+            onehot.scatter_(-1, scores.argmax(-1, keepdim=True), 0.0)
+            x = torch.where(overflow[:, None], onehot, x)
+        return x if self.top_p is None else self.top_p(input_ids, x)
+
+
+class _Run:
+    """One generation, followed token by token as a stopping criterion: the completion's text (cut
+    at the first stop sequence, matched in the completion only), whether to stop (a stop matched, or
+    `cancel` was set because the client went away) and, for a stream, `emit` of the text that no
+    later token can change: a stop sequence's length less one character, trailing spaces and an
+    incomplete character are held back until the next token or the end."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_len: int,
+        stops: list[str],
+        emit: Callable[[str], None] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.emit = emit
+        self.cancel = threading.Event()
+        self.text = ""
+        self.sent = ""
+        self.stopped = False
+        self.done = False
+
+    def __call__(self, input_ids: Any, scores: Any = None, **kwargs: Any) -> Any:
+        import torch
+
+        if not self.stopped and (self.stops or self.emit is not None):
+            self.update(input_ids[0, self.prompt_len :].tolist())
+        stop = self.stopped or self.cancel.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    def update(self, ids: list[int], final: bool = False) -> None:
+        if self.done:
+            return
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = -1
+        for s in self.stops:
+            i = text.find(s)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+        if cut >= 0:
+            text, self.stopped, final = text[:cut], True, True
+        self.text = text
+        if final:
+            self.done = True
+        if self.emit is None:
+            return
+        end = len(text) if final else len(text) - self.hold
+        if not final:
+            while end > len(self.sent) and (text[end - 1].isspace() or text[end - 1] == "\ufffd"):
+                end -= 1
+        if end > len(self.sent) and text.startswith(self.sent):
+            piece, self.sent = text[len(self.sent) : end], text[:end]
+            self.emit(piece)
 
 
 class HFBackend:
@@ -30,39 +208,48 @@ class HFBackend:
         self.tokenizer: Any = None
         self.context_length: int | None = None
         self.weights_sha256: str | None = None
+        self._eos: set[int] = set()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"steward-hf-{model_name}")
+        self._runs: set[_Run] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._pool, self._load)
 
     def _load(self) -> None:
-        try:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-        except ImportError:
-            raise BackendError(
-                "the hf backend needs the transformers package (pip install 'steward[hf]')", status=500
-            ) from None
         from steward.model.io import sha256_file
 
-        if not self.path.is_dir():
-            raise BackendError(f"hf model directory not found: {self.path}", status=500)
-        weights = sorted(self.path.glob("*.safetensors"))
-        if not weights:
-            raise BackendError(
-                f"{self.path}: no safetensors weights (pickle checkpoints are refused)", status=500
+        try:
+            config, tokenizer, weights = check_model_dir(self.path)
+        except BackendError as exc:
+            raise BackendError(f"model {self.model_name!r}: {exc.message}", status=500) from None
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.path, config=config, local_files_only=True, use_safetensors=True
             )
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.path, local_files_only=True, use_safetensors=True
-        ).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except Exception as exc:
+            raise BackendError(
+                f"model {self.model_name!r}: {self.path}: not a loadable causal LM ({_short(exc)})",
+                status=500,
+            ) from None
+        self.model = model.eval()
+        self.tokenizer = tokenizer
         cfg = self.model.config
         self.context_length = getattr(cfg, "max_position_embeddings", None) or getattr(
             cfg, "n_positions", None
         )
+        eos: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), cfg, tokenizer):
+            e = getattr(source, "eos_token_id", None)
+            eos.update([e] if isinstance(e, int) else [i for i in (e or []) if isinstance(i, int)])
+        self._eos = eos
         self.weights_sha256 = sha256_file(weights[0]) if len(weights) == 1 else None
 
     async def aclose(self) -> None:
+        for run in list(self._runs):
+            run.cancel.set()
         self._pool.shutdown(wait=False)
 
     def models(self) -> list[ModelInfo]:
@@ -76,30 +263,104 @@ class HFBackend:
             )
         ]
 
-    def _prompt(self, route: Literal["chat", "completions"], call: Call) -> str:
+    # -- the prompt ---------------------------------------------------------------------------------
+    def _prompt_ids(self, route: Literal["chat", "completions"], call: Call) -> list[int]:
+        """The request's prompt as token ids: validated, templated and tokenised once per request."""
+        cached = self._cached(route, call)
+        if cached is not None:
+            return cached
+        ids = self._encode(route, call)
+        call.metadata[_PROMPT_KEY] = (self._cache_key(route), ids)
+        return list(ids)
+
+    def _cache_key(self, route: str) -> str:
+        # Per model: a fallback chain may hand the same call to another hf model (another tokenizer).
+        return f"{route}\0{self.model_name}\0{self.path}"
+
+    def _cached(self, route: Literal["chat", "completions"], call: Call) -> list[int] | None:
+        cached = call.metadata.get(_PROMPT_KEY)
+        if isinstance(cached, tuple) and cached[0] == self._cache_key(route):
+            return list(cached[1])
+        return None
+
+    def _encode(self, route: Literal["chat", "completions"], call: Call) -> list[int]:
         b = call.body
+        tok = self.tokenizer
+        if tok is None:
+            raise BackendError(f"model {self.model_name!r} is not loaded", status=503, type="server_error")
+        if b.get("n") not in (None, 1):
+            raise _unsupported("n", "only n=1")
         if route == "chat":
-            _check_fields(b, _CHAT_FIELDS - {"logprobs", "top_logprobs", "n"})
-            msgs = [{"role": m["role"], "content": m.get("content") or ""} for m in b["messages"]]
-            for i, m in enumerate(msgs):
-                if not isinstance(m["content"], str):
+            _check_fields(b, _CHAT_FIELDS)
+            if b.get("logprobs"):
+                raise _unsupported("logprobs")
+            if b.get("top_logprobs"):
+                raise _unsupported("top_logprobs")
+            msgs = []
+            for i, m in enumerate(b["messages"]):
+                role = m.get("role")
+                if role == "developer":
+                    role = "system"
+                content = m.get("content")
+                if isinstance(content, list):
+                    texts = []
+                    for j, part in enumerate(content):
+                        if not isinstance(part, dict) or part.get("type") != "text":
+                            raise _unsupported(f"messages[{i}].content[{j}]", "only text parts")
+                        texts.append(part.get("text") or "")
+                    content = "".join(texts)
+                if content is None:
+                    content = ""
+                if not isinstance(content, str):
                     raise BackendError(
                         f"messages[{i}].content: only text is supported", status=400, param="messages"
                     )
-            if getattr(self.tokenizer, "chat_template", None):
-                return str(
-                    self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                msgs.append({"role": role, "content": content})
+            if getattr(tok, "chat_template", None):
+                try:
+                    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                except Exception as exc:  # jinja2's TemplateError: the template refuses these messages
+                    raise BackendError(
+                        f"the chat template of model {self.model_name!r} refused the messages: {_short(exc)}",
+                        status=400,
+                        type="invalid_request_error",
+                        param="messages",
+                    ) from None
+                # A rendered template holds its special tokens (BOS included): none are added again.
+                ids = list(tok(str(text), add_special_tokens=False)["input_ids"])
+            else:
+                text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+                ids = list(tok(text)["input_ids"])
+        else:
+            _check_fields(b, _COMPLETION_FIELDS, _COMPLETION_DEFAULTS)
+            if b.get("logprobs") is not None:
+                raise _unsupported("logprobs")
+            p = b["prompt"]
+            if isinstance(p, list) and len(p) == 1:
+                p = p[0]
+            if not isinstance(p, str):
+                raise BackendError("the hf backend takes one prompt per request", status=400, param="prompt")
+            ids = list(tok(p)["input_ids"])
+        if not ids:
+            bos = getattr(tok, "bos_token_id", None)
+            if bos is None:
+                raise BackendError(
+                    "the prompt is empty",
+                    status=400,
+                    type="invalid_request_error",
+                    param="messages" if route == "chat" else "prompt",
                 )
-            return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
-        _check_fields(b, _COMPLETION_FIELDS - {"logprobs", "n"})
-        p = b["prompt"]
-        if not isinstance(p, str):
-            raise BackendError("the hf backend takes one prompt per request", status=400, param="prompt")
-        return p
+            ids = [bos]
+        return [int(i) for i in ids]
+
+    async def _prompt_ids_async(self, route: Literal["chat", "completions"], call: Call) -> list[int]:
+        cached = self._cached(route, call)
+        if cached is not None:
+            return cached
+        return await asyncio.to_thread(self._prompt_ids, route, call)
 
     def count_prompt_tokens(self, route: Literal["chat", "completions"], call: Call) -> int:
-        ids = self.tokenizer(self._prompt(route, call))["input_ids"]
-        return len(ids)
+        return len(self._prompt_ids(route, call))
 
     def max_new_tokens(self, route: Literal["chat", "completions"], call: Call) -> int:
         n = self.count_prompt_tokens(route, call)
@@ -115,48 +376,74 @@ class HFBackend:
             )
         return int(asked) if asked is not None else min(self.default_max_tokens, room)
 
-    def _gen_kwargs(self, route: Literal["chat", "completions"], call: Call) -> dict[str, Any]:
+    def _gen_kwargs(
+        self, route: Literal["chat", "completions"], call: Call
+    ) -> tuple[dict[str, Any], list[str]]:
+        from transformers import LogitsProcessorList
+
         b = call.body
         t = b.get("temperature")
         t = 1.0 if t is None else float(t)
         kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens(route, call), "do_sample": t > 0}
         if t > 0:
-            kw["temperature"] = t
-            kw["top_p"] = float(b.get("top_p") or 1.0)
-            kw["top_k"] = 0
-        stop = b.get("stop")
-        if stop:
-            kw["stop_strings"] = [stop] if isinstance(stop, str) else list(stop)
-            kw["tokenizer"] = self.tokenizer
+            top_p = 1.0 if b.get("top_p") is None else float(b["top_p"])
+            # Temperature and top-p are applied by `_Sampling`; transformers' own are neutral.
+            kw.update(temperature=1.0, top_p=1.0, top_k=0)
+            kw["logits_processor"] = LogitsProcessorList([_Sampling(t, top_p)])
         pad = self.tokenizer.pad_token_id
         kw["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
-        return kw
+        stop = b.get("stop")
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if isinstance(s, str)]
+        return kw, stops
 
-    def _run(
-        self, prompt: str, kw: dict[str, Any], seed: int | None, streamer: Any = None
+    # -- generation (on the backend's thread) --------------------------------------------------------
+    def _generate(
+        self, ids: list[int], kw: dict[str, Any], seed: int | None, run: _Run
     ) -> tuple[str, int, int, str]:
+        if run.cancel.is_set():  # the client left while this waited its turn
+            return "", len(ids), 0, "stop"
         import torch
+        from transformers import StoppingCriteriaList
 
         if seed is not None:
             torch.manual_seed(seed % (2**63))
-        enc = self.tokenizer(prompt, return_tensors="pt")
-        with torch.inference_mode():
-            out = self.model.generate(**enc, **kw, streamer=streamer)
-        new = out[0, enc["input_ids"].shape[1] :].tolist()
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        stops = kw.get("stop_strings") or []
-        reason = "length" if len(new) >= kw["max_new_tokens"] else "stop"
-        for s in stops:
-            i = text.find(s)
-            if i >= 0:
-                text, reason = text[:i], "stop"
-        return text, int(enc["input_ids"].shape[1]), len(new), reason
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    stopping_criteria=StoppingCriteriaList([run]),
+                    **kw,
+                )
+        except Exception as exc:
+            log.warning("model %r: generation failed: %s", self.model_name, _short(exc, 500))
+            raise BackendError(
+                f"model {self.model_name!r}: generation failed ({type(exc).__name__}: {_short(exc, 120)})",
+                status=500,
+                type="server_error",
+            ) from None
+        new = [int(i) for i in out[0, len(ids) :].tolist()]
+        run.update(new, final=True)
+        if run.stopped or (new and new[-1] in self._eos):
+            reason = "stop"
+        elif len(new) >= kw["max_new_tokens"]:
+            reason = "length"
+        else:
+            reason = "stop"
+        return run.text, len(ids), len(new), reason
 
     async def _complete(self, route: Literal["chat", "completions"], call: Call) -> tuple[str, int, int, str]:
-        prompt = self._prompt(route, call)
-        kw = self._gen_kwargs(route, call)
+        ids = await self._prompt_ids_async(route, call)
+        kw, stops = self._gen_kwargs(route, call)
+        run = _Run(self.tokenizer, len(ids), stops)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._run, prompt, kw, call.body.get("seed"))
+        self._runs.add(run)
+        try:
+            return await loop.run_in_executor(self._pool, self._generate, ids, kw, call.body.get("seed"), run)
+        finally:  # done, failed or cancelled (the client went away): generation stops at its next token
+            run.cancel.set()
+            self._runs.discard(run)
 
     async def chat(self, call: Call) -> JSON:
         text, pt, ct, reason = await self._complete("chat", call)
@@ -194,15 +481,31 @@ class HFBackend:
         return self._stream("completions", call)
 
     async def _stream(self, route: Literal["chat", "completions"], call: Call) -> AsyncIterator[JSON]:
-        from transformers import TextIteratorStreamer
-
-        prompt = self._prompt(route, call)
-        kw = self._gen_kwargs(route, call)
-        streamer = TextIteratorStreamer(
-            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
-        )
+        # Everything the request may be refused for is found before the first chunk.
+        ids = await self._prompt_ids_async(route, call)
+        kw, stops = self._gen_kwargs(route, call)
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, self._run, prompt, kw, call.body.get("seed"), streamer)
+        q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def post(kind: str, payload: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+                loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+
+        run = _Run(self.tokenizer, len(ids), stops, emit=lambda piece: post("delta", piece))
+
+        def job() -> None:
+            try:
+                post("end", self._generate(ids, kw, call.body.get("seed"), run))
+            except BackendError as exc:
+                post("error", exc)
+            except Exception as exc:  # never leave the stream waiting
+                log.warning("model %r: generation failed: %s", self.model_name, _short(exc, 500))
+                post("error", BackendError(f"generation failed ({type(exc).__name__})", status=500))
+
+        def never_ran(f: Any) -> None:
+            if f.cancelled():  # shut down before its turn came
+                post("error", BackendError("server shutting down", status=503, type="server_error"))
+
         chat = route == "chat"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{call.request_id or uuid.uuid4().hex}"
         base = {
@@ -211,29 +514,34 @@ class HFBackend:
             "created": int(time.time()),
             "model": self.model_name,
         }
-        if chat:
-            yield {
-                **base,
-                "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                ],
-            }
-        sentinel = object()
-        it = iter(streamer)
-        while True:
-            piece = await asyncio.to_thread(next, it, sentinel)
-            if piece is sentinel:
-                break
-            assert isinstance(piece, str)
-            if piece:
+        self._runs.add(run)
+        try:
+            fut = loop.run_in_executor(self._pool, job)
+            fut.add_done_callback(never_ran)
+            if chat:
+                yield {
+                    **base,
+                    "choices": [
+                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    ],
+                }
+            while True:
+                kind, payload = await q.get()
+                if kind == "error":
+                    raise payload
+                if kind == "end":
+                    break
                 choice: JSON = (
-                    {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+                    {"index": 0, "delta": {"content": payload}} if chat else {"index": 0, "text": payload}
                 )
                 yield {**base, "choices": [{**choice, "finish_reason": None}]}
-        _text, pt, ct, reason = await fut
-        end: JSON = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
-        yield {**base, "choices": [{**end, "finish_reason": reason}]}
-        yield {**base, "choices": [], "usage": _usage(pt, ct)}
+            _text, pt, ct, reason = payload
+            end: JSON = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
+            yield {**base, "choices": [{**end, "finish_reason": reason}]}
+            yield {**base, "choices": [], "usage": _usage(pt, ct)}
+        finally:  # finished, failed, or closed by a client that went away: stop generating
+            run.cancel.set()
+            self._runs.discard(run)
 
     async def embeddings(self, call: Call) -> JSON:
         raise BackendError(f"model {self.model_name!r} does not serve embeddings", status=400, param="model")

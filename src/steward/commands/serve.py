@@ -58,6 +58,8 @@ def _preflight(settings: Settings) -> None:
             raise ConfigError(
                 f"invalid setting models.{i}.path: model {m.name!r}: directory not found: {m.path}"
             )
+        if m.backend == "hf" and m.path is not None:
+            _check_hf_model(i, m.name, m.path)
         if m.api_key_env and not os.environ.get(m.api_key_env):
             raise ConfigError(
                 f"invalid setting models.{i}.api_key_env: model {m.name!r}: environment variable "
@@ -91,6 +93,19 @@ def _preflight(settings: Settings) -> None:
         pset = load_policy_set(settings.guard_policies)  # a bad policy file is one line, before binding
         for line in stale_tenant_policies(bound, sorted(pset.policies), settings.guard_policies):
             print(f"warning: {line}", file=sys.stderr)
+
+
+def _check_hf_model(i: int, name: str, path: Path) -> None:
+    """An hf model directory the gateway could not serve (no usable tokenizer, not a causal LM,
+    corrupt safetensors, a bad config.json) is refused here, in one line, not after startup."""
+    from steward.backends.base import BackendError
+    from steward.backends.hf import check_model_dir
+    from steward.gateway.settings import ConfigError
+
+    try:
+        check_model_dir(path)
+    except BackendError as exc:
+        raise ConfigError(f"invalid setting models.{i}.path: model {name!r}: {exc.message}") from None
 
 
 def register(app: typer.Typer) -> None:
