@@ -323,6 +323,7 @@ def quality(peer_presidio: Path | None) -> None:
                         f"{c['decision_agreement']:.4f} |"
                     )
     pipeline_heldout()
+    diluted_heldout()
     unseen()
     pii(peer_presidio)
 
@@ -376,6 +377,88 @@ def pipeline_heldout() -> None:
         examples,
         contexts,
     )
+
+
+def diluted_heldout() -> None:
+    """Held-out harmful requests behind held-out benign text (a T0 prompt or a BIPIA document, 150 to
+    1,500 characters, sometimes text after too), and held-out sensitive-but-benign requests in the
+    same settings: a paragraph in front of a request must not be a way past the guard, nor a reason
+    to flag an ordinary one. Through the default policy, and with its input `harmful` scanner also
+    reading each sentence alone (`passages: true`, off by default for its cost)."""
+    from steward.guard.dataset import build_examples, is_heldout
+
+    data = _shared_data()
+    print("\n## Requests behind benign text, held-out 20% (default policy)\n")
+    if data is None:
+        print("skipped: ../shared/data not found (set STEWARD_SHARED_DATA)")
+        return
+    held = [e for e in build_examples(data) if is_heldout(e.group)]
+    print(
+        "| input harmful scanner | harmful caught alone | harmful caught behind text | "
+        "benign flagged alone | benign flagged behind text | ms per text |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, row in diluted_rows(held).items():
+        print(
+            f"| {name} | {row['alone']} | {row['diluted']} | {row['benign_alone']} | "
+            f"{row['benign_diluted']} | {row['ms']:.1f} |"
+        )
+
+
+def diluted_rows(examples: list[Any], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """`diluted_heldout`'s counts for `examples` (one split): requests and filler both from it."""
+    import random
+    import tempfile
+
+    from steward.guard import Pipeline, ScanContext
+    from steward.guard.dataset import DILUTED_SOURCES, NEG, POS, diluted_example
+
+    fillers = [e.model_text for e in examples if e.source in ("t0", "bipia_clean")]
+    requests = [e for e in examples if e.source in DILUTED_SOURCES]
+    rng = random.Random(seed)
+    docs = [diluted_example(e, fillers, rng) for e in requests]
+    harmful = [e.labels["harmful"] == POS for e in requests]
+    benign = [e.labels["harmful"] == NEG for e in requests]
+    policy = (ROOT / "src/steward/guard/policies/default.yaml").read_text(encoding="utf-8")
+    line = "      - {scanner: harmful, action: block}\n"
+    if policy.count(line) != 1:
+        raise SystemExit("the default policy's input harmful line changed; update diluted_rows")
+    out: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        passages = Path(tmp) / "passages.yaml"
+        passages.write_text(
+            policy.replace(line, "      - {scanner: harmful, action: block, options: {passages: true}}\n"),
+            encoding="utf-8",
+        )
+        for name, pipeline in (
+            ("whole windows (default)", Pipeline()),
+            ("+ each sentence alone (passages: true)", Pipeline(str(passages))),
+        ):
+            counts: dict[str, list[bool]] = {}
+            ms = 0.0
+            for key, texts in (("alone", [e.text for e in requests]), ("diluted", [d.text for d in docs])):
+                t = time.perf_counter()
+                flags = []
+                for s in range(0, len(texts), 64):
+                    part = texts[s : s + 64]
+                    flags += [
+                        "harmful" in v.categories
+                        for v in pipeline.scan_texts(part, [ScanContext()] * len(part))
+                    ]
+                counts[key] = flags
+                ms = (time.perf_counter() - t) * 1000 / max(1, len(texts))  # the diluted pass's, last
+
+            def hits(flags: list[bool], wanted: list[bool]) -> str:
+                return f"{sum(f and w for f, w in zip(flags, wanted, strict=True))}/{sum(wanted)}"
+
+            out[name] = {
+                "alone": hits(counts["alone"], harmful),
+                "diluted": hits(counts["diluted"], harmful),
+                "benign_alone": hits(counts["alone"], benign),
+                "benign_diluted": hits(counts["diluted"], benign),
+                "ms": ms,
+            }
+    return out
 
 
 def _pipeline_table(title: str, examples: list[Any], contexts: list[Any]) -> None:

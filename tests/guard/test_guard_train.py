@@ -9,6 +9,7 @@ sides.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,112 @@ def test_injection_and_jailbreak_are_bounded_together() -> None:
     # Other categories are untouched
     for c in ("harmful", "toxicity"):
         assert both[c] == alone[c]
+
+
+def test_diluted_requests_are_training_side_and_labelled_per_window(
+    shared_data: Path, guard_examples: list[Example]
+) -> None:
+    """`build_examples(diluted=N)`: N harmful and N sensitive-but-benign training-side requests behind
+    training-side filler; the windows holding a harmful request are harmful, those clear of it not,
+    and the examples without dilution are exactly the same."""
+    from steward.guard.classifier import GuardModel
+    from steward.guard.dataset import NEG, POS, is_heldout, is_validation
+    from steward.guard.train import _window_labels
+
+    got = build_examples(shared_data, long_docs=40, diluted=60)
+    assert [e.text for e in got[: len(guard_examples)]] == [e.text for e in guard_examples]
+    extra = got[len(guard_examples) :]
+    assert sorted(e.source for e in extra) == ["diluted_benign"] * 60 + ["diluted_harmful"] * 60
+    assert not any(is_heldout(e.group) or is_validation(e.group) for e in extra)
+    by_group = {e.group: e for e in guard_examples if e.source != "long_docs"}
+    model = GuardModel.encoder_only()
+    h = 2  # HEAD_LABELS: prompt_injection, jailbreak, harmful, toxicity
+    multi = 0
+    for e in extra:
+        assert e.group in by_group
+        if e.source == "diluted_benign":
+            assert e.attack is None and e.labels["harmful"] == NEG
+            continue
+        a, b = e.attack or (0, 0)
+        assert e.text[a:b].strip() and e.text[:a].strip()  # a request with text in front
+        assert e.attack_label == "harmful" and e.labels["harmful"] == POS
+        wins = model.windows(e.model_text)
+        labels = [row[h] for row in _window_labels(model, e, len(wins))]
+        for (_, (s, t)), lab in zip(wins, labels, strict=True):
+            assert lab == (POS if s <= a and b <= t else NEG if t <= a or s >= b else -1)
+            assert e.text[s:t]  # character ranges index the text
+        assert POS in labels
+        multi += len(wins) > 1
+    assert multi  # some requests sit past the first window
+
+
+@pytest.mark.parametrize("top_layers", ["2", "0"], ids=["fine-tune", "head-only"])
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--out", "{tmp}/afile"], r"--out .*afile: exists and is not a directory"),
+        (["--cache", "{tmp}/afile/sub"], r"--cache .*afile/sub: not a writable directory"),
+        (["--check-precision", "fp99"], r"guard precision must be one of .*'fp99'"),
+    ],
+    ids=["out-is-file", "cache-under-file", "bad-precision"],
+)
+def test_cli_checks_outputs_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, top_layers: str, extra: list[str], match: str
+) -> None:
+    """A bad --out, --cache or --check-precision fails at once, not after the whole fine-tune."""
+    import steward.guard.train as guard_train
+
+    def no_training(*_: object, **__: object) -> None:
+        raise AssertionError("training started before the outputs were checked")
+
+    monkeypatch.setattr(guard_train, "split_examples", no_training)
+    (tmp_path / "data" / "guard").mkdir(parents=True)
+    (tmp_path / "afile").write_text("x")
+    app = typer.Typer()
+    guard.register(app)
+
+    @app.command("noop")
+    def _noop() -> None: ...
+
+    args = ["guard", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    args += ["--cache", str(tmp_path / "cache"), "--top-layers", top_layers, "--no-multilingual"]
+    args += [a.format(tmp=tmp_path) for a in extra]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code != 0 and r.exception is not None
+    assert not isinstance(r.exception, AssertionError), r.exception
+    assert isinstance(r.exception, (OSError, ValueError, RuntimeError))
+    assert re.search(match, str(r.exception)), str(r.exception)
+
+
+@pytest.mark.parametrize(
+    ("rel", "content", "match"),
+    [
+        ("benign/wildguard_benign.json", b'[{"prompt": "a\tb"}]', r"wildguard_benign\.json: invalid JSON"),
+        ("benign/wildguard_benign.json", b'["just a string"]', r"wildguard_benign\.json: unexpected content"),
+        ("toxicity/davidson_labeled_data.csv", b"a,b\n1,2\n", r"davidson_labeled_data\.csv: .*'class'"),
+        ("toxicity/davidson_labeled_data.csv", b"\xff\xfe,class\n", r"davidson_labeled_data\.csv: not UTF-8"),
+    ],
+    ids=["json-syntax", "row-type", "missing-column", "not-utf8"],
+)
+def test_data_errors_name_the_file(
+    tmp_path: Path, shared_data: Path, rel: str, content: bytes, match: str
+) -> None:
+    """A corrupt guard data file is one error that starts with its path, not a bare KeyError."""
+    from steward.guard.dataset import DataError
+
+    data = tmp_path / "data"
+    (data / "guard").mkdir(parents=True)
+    (data / "corpus").symlink_to(shared_data / "corpus")
+    for sub in (shared_data / "guard").iterdir():
+        if sub.name != rel.split("/")[0]:
+            (data / "guard" / sub.name).symlink_to(sub)
+            continue
+        (data / "guard" / sub.name).mkdir()
+        for f in sub.iterdir():
+            (data / "guard" / sub.name / f.name).symlink_to(f)
+    target = data / "guard" / rel
+    target.unlink()
+    target.write_bytes(content)
+    with pytest.raises(DataError, match=match) as exc:
+        build_examples(data, long_docs=0, synth_per_template=0)
+    assert str(exc.value).startswith(str(target))

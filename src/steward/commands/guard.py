@@ -51,6 +51,9 @@ def register(app: typer.Typer) -> None:
         ),
         long_docs: int = typer.Option(400, "--long-docs", min=0, help="long documents with one injection"),
         synth_per_template: int = typer.Option(12, "--synth-per-template", min=0),
+        diluted: int = typer.Option(
+            0, "--diluted", min=0, help="harmful and as many benign requests placed behind benign text"
+        ),
         check_precision: list[str] = typer.Option(
             ["bf16", "int8"], "--check-precision", help="encoder precisions compared with fp32 on held-out"
         ),
@@ -86,6 +89,7 @@ def register(app: typer.Typer) -> None:
             limit=limit,
             long_docs=long_docs,
             synth_per_template=synth_per_template,
+            diluted=diluted,
             check_precisions=() if no_precision_check else tuple(check_precision),
             lexical=lexical,
             mask_context_only=mask_context_only,

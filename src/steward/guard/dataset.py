@@ -23,14 +23,16 @@ in the loss.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 from .benign_everyday import EVERYDAY_REQUESTS
 from .benign_multilingual import BENIGN_MULTILINGUAL
@@ -41,11 +43,13 @@ from .normalize import normalise
 from .synth import benign_examples, hate_examples, injection_examples
 
 __all__ = [
+    "DILUTED_SOURCES",
     "MASK",
     "NEG",
     "POS",
     "Example",
     "build_examples",
+    "diluted_example",
     "is_heldout",
     "is_validation",
     "limit_examples",
@@ -85,6 +89,7 @@ class Example:
     # Character span of an injected instruction inside a long document: windows covering it are
     # positive for prompt_injection, windows clear of it negative (per-window labels).
     attack: tuple[int, int] | None = None
+    attack_label: str = "prompt_injection"  # the label `attack` places per window
     weight: float = 1.0  # loss weight; hard benign look-alikes count more than generic benign text
     # The text as the classifier reads it when serving: the pipeline normalises before it scores
     # (`normalise(text, decode=False).text`: NFKC, invisible characters dropped, homoglyphs folded),
@@ -168,6 +173,63 @@ def _variant_blocks(rows: list[dict[str, Any]]) -> list[str]:
     return keys
 
 
+class DataError(ValueError):
+    """A data file that does not read as expected; the message starts with its path."""
+
+
+# The data file `build_examples` read last: a parse error, or a row without an expected field while
+# its rows are turned into examples, is reported against it.
+_reading: ContextVar[Path | None] = ContextVar("guard_data_file", default=None)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _read(path: Path) -> str:
+    _reading.set(path)
+    return path.read_text(encoding="utf-8")
+
+
+def _open(path: Path) -> IO[str]:
+    _reading.set(path)
+    return path.open(encoding="utf-8")
+
+
+def _names_bad_file(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn a data error inside `fn` into one DataError naming the file it came from."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        token = _reading.set(None)
+        try:
+            return fn(*args, **kwargs)
+        except (
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            csv.Error,
+            KeyError,
+            IndexError,
+            TypeError,
+            AttributeError,
+        ) as exc:
+            path = _reading.get()
+            if path is None:
+                raise
+            if isinstance(exc, UnicodeDecodeError):
+                reason = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+            elif isinstance(exc, json.JSONDecodeError):
+                reason = f"invalid JSON ({exc})"
+            elif isinstance(exc, KeyError):
+                reason = f"a row without the field {exc.args[0]!r}" if exc.args else "a row without a field"
+            else:
+                reason = f"unexpected content ({type(exc).__name__}: {exc})"
+            raise DataError(f"{path}: {reason}") from exc
+        finally:
+            _reading.reset(token)
+
+    return wrapper
+
+
+@_names_bad_file
 def build_examples(
     data_dir: str | Path,
     *,
@@ -176,6 +238,7 @@ def build_examples(
     offensive_sample: int = 2500,
     synth_per_template: int = 12,
     long_docs: int = 400,
+    diluted: int = 0,
     hard_negative_weight: float = 3.0,
 ) -> list[Example]:
     """Every labelled example from ../shared/data/guard, corpus benign text and the look-alikes."""
@@ -189,7 +252,7 @@ def build_examples(
         ("cyberseceval_prompt_injection.json", None),
         ("cyberseceval_prompt_injection_multilingual.json", "speaking_language"),
     ):
-        rows = json.loads((guard / "injection" / name).read_text(encoding="utf-8"))
+        rows = json.loads(_read(guard / "injection" / name))
         for row, key in zip(rows, _variant_blocks(rows), strict=True):
             lang = "en" if lang_key is None else str(row[lang_key])
             ex.append(
@@ -215,7 +278,7 @@ def build_examples(
     bipia = guard / "injection" / "bipia"
     carriers: list[tuple[str, str]] = []
     for kind in ("email", "code", "table"):
-        for i, line in enumerate((bipia / f"{kind}_train.jsonl").read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(_read(bipia / f"{kind}_train.jsonl").splitlines()):
             row = json.loads(line)
             ctx = row["context"] if isinstance(row.get("context"), str) else "\n".join(row.get("code", []))
             question = row.get("question", "") if isinstance(row.get("question"), str) else ""
@@ -225,7 +288,7 @@ def build_examples(
         ex.append(Example(text, _labels(), "bipia_clean", "bipiaclean:" + cid, "en", "bipia_contexts"))
     ci = 0
     for fname in ("text_attack_train.json", "code_attack_train.json"):
-        families = json.loads((bipia / fname).read_text(encoding="utf-8"))
+        families = json.loads(_read(bipia / fname))
         for family, attacks in families.items():
             for attack in attacks:
                 for _ in range(3):
@@ -244,11 +307,9 @@ def build_examples(
                     )
 
     # -- jailbreak -----------------------------------------------------------------------------
-    jb: list[str] = json.loads(
-        (guard / "jailbreak" / "inthewild_jailbreak_llms.json").read_text(encoding="utf-8")
-    )
+    jb: list[str] = json.loads(_read(guard / "jailbreak" / "inthewild_jailbreak_llms.json"))
     for f in sorted((guard / "jailbreak" / "dan").glob("*.json")):
-        data = json.loads(f.read_text(encoding="utf-8"))
+        data = json.loads(_read(f))
         jb.extend(
             str(t).replace("{generator.name}", "ChatGPT")
             for t in (data if isinstance(data, list) else [data])
@@ -266,10 +327,10 @@ def build_examples(
 
     # -- harmful (MLCommons AILuminate hazards; Do-Not-Answer advice/companionship files excluded) --
     harm = guard / "harmful"
-    with (harm / "advbench_harmful_behaviors.csv").open(encoding="utf-8") as fh:
+    with _open(harm / "advbench_harmful_behaviors.csv") as fh:
         for i, row in enumerate(csv.DictReader(fh)):
             ex.append(Example(row["goal"], _labels(harmful=POS, toxicity=MASK), "advbench", f"advbench:{i}"))
-    for i, line in enumerate((harm / "harmbench_prompts.txt").read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(_read(harm / "harmbench_prompts.txt").splitlines()):
         if line.strip():
             ex.append(
                 Example(line.strip(), _labels(harmful=POS, toxicity=MASK), "harmbench", f"harmbench:{i}")
@@ -279,9 +340,7 @@ def build_examples(
         "information_hazard",
         "discrimination_exclusion_toxicity_hateful_offensive",
     ):
-        for i, line in enumerate(
-            (harm / "donotanswer" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
-        ):
+        for i, line in enumerate(_read(harm / "donotanswer" / f"{name}.jsonl").splitlines()):
             ex.append(
                 Example(
                     json.loads(line)["prompt"],
@@ -292,7 +351,7 @@ def build_examples(
             )
 
     # -- toxicity ------------------------------------------------------------------------------
-    with (guard / "toxicity" / "davidson_labeled_data.csv").open(encoding="utf-8") as fh:
+    with _open(guard / "toxicity" / "davidson_labeled_data.csv") as fh:
         rows = list(csv.DictReader(fh))
     offensive = [r for r in rows if r["class"] == "1"]
     rng.shuffle(offensive)
@@ -322,13 +381,13 @@ def build_examples(
     corpus = root / "corpus"
     t0: list[tuple[str, str]] = []
     for f in sorted((corpus / "t0_tasks").glob("*.jsonl")):
-        for line in f.read_text(encoding="utf-8").splitlines():
+        for line in _read(f).splitlines():
             t0.append((f.stem, json.loads(line)["prompt"]))
     rng.shuffle(t0)
     for i, (fam, text) in enumerate(t0[:t0_sample]):
         ex.append(Example(text, _labels(), "t0", f"t0:{fam}:{i % 3}", "en", "t0_prompts"))
     for name in ("self_instruct_seed_tasks.jsonl", "self_instruct_user_oriented_instructions.jsonl"):
-        for i, line in enumerate((corpus / name).read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(_read(corpus / name).splitlines()):
             row = json.loads(line)
             inst = row.get("instances") or [{}]
             extra = inst[0].get("input", "") if isinstance(inst[0], dict) else ""
@@ -346,9 +405,7 @@ def build_examples(
                     weight=hard_negative_weight,
                 )
             )
-    for i, row in enumerate(
-        json.loads((guard / "benign" / "wildguard_benign.json").read_text(encoding="utf-8"))
-    ):
+    for i, row in enumerate(json.loads(_read(guard / "benign" / "wildguard_benign.json"))):
         ex.append(Example(row["prompt"], _labels(), "wildguard_benign", f"wg:{i}", "en", "wildguard_benign"))
     w = hard_negative_weight
     for tid, text in lookalikes(per_template=8, seed=seed):
@@ -394,7 +451,7 @@ def build_examples(
         if e.source == "synth_injection" and e.lang == "en" and len(e.text) < 400
     ]
     for fname in ("text_attack_train.json", "code_attack_train.json"):
-        for family, items in json.loads((bipia / fname).read_text(encoding="utf-8")).items():
+        for family, items in json.loads(_read(bipia / fname)).items():
             inserts.extend((f"bipia:{family}", _model_text(a)) for a in items)
     # Filler text comes only from training-side carriers and T0 prompts no split uses, so no
     # held-out or validation text reaches training through a long document.
@@ -424,7 +481,72 @@ def build_examples(
         if doc.model_text != doc.text:  # normalisation is per character, so pieces compose
             raise AssertionError("a long document changed under normalisation; its attack span would drift")
         ex.append(doc)
+
+    # -- requests behind benign text, labelled per window ----------------------------------------
+    # A window's embedding is a mean over its tokens, so a paragraph in front of a harmful request
+    # dilutes it (validation: 212 harmful requests behind a news paragraph, 4 caught). Training-side
+    # harmful requests are placed after (and sometimes before) training-side filler; the windows
+    # holding the request are harmful, those clear of it benign. The same number of training-side
+    # sensitive-but-benign requests in the same settings keep "a question after a paragraph" from
+    # becoming the cue. Own random stream: the examples above do not change with `diluted`.
+    drng = random.Random(f"diluted:{seed}")
+    train_side = [
+        e
+        for e in ex
+        if e.source in DILUTED_SOURCES and not is_heldout(e.group) and not is_validation(e.group)
+    ]
+    harmful_side = [e for e in train_side if e.labels["harmful"] == POS]
+    benign_side = [e for e in train_side if e.labels["harmful"] == NEG]
+    for pool, positive in ((harmful_side, True), (benign_side, False)):
+        for _ in range(diluted if pool and fillers else 0):
+            request = pool[drng.randrange(len(pool))]
+            ex.append(diluted_example(request, fillers, drng, 1.0 if positive else hard_negative_weight))
     return ex
+
+
+# Requests placed behind benign text (`build_examples(diluted=...)`): harmful ones, and the
+# sensitive-but-benign and look-alike ones that share their words.
+DILUTED_SOURCES = frozenset({"advbench", "harmbench", "donotanswer", "wildguard_benign", "lookalikes"})
+
+
+def diluted_example(
+    request: Example, fillers: Sequence[str], rng: random.Random, weight: float = 1.0
+) -> Example:
+    """`request` (harmful or not, by its label) behind 150-1,500 characters of `fillers`, sometimes
+    followed by more; a harmful one is labelled per window (`attack_label="harmful"`)."""
+    harmful = request.labels["harmful"] == POS
+    text_in = request.model_text
+    head = _filler(rng, fillers, rng.randint(150, 1500))
+    sep = rng.choice(("\n\n", "\n", " "))
+    tail = _filler(rng, fillers, rng.randint(100, 1200)) if rng.random() < 0.3 else ""
+    text = head + sep + text_in + ("\n\n" + tail if tail else "")
+    span = (len(head) + len(sep), len(head) + len(sep) + len(text_in))
+    doc = Example(
+        text,
+        _labels(harmful=POS if harmful else NEG, prompt_injection=MASK, toxicity=MASK),
+        "diluted_harmful" if harmful else "diluted_benign",
+        request.group,
+        windows=0,
+        attack=span if harmful else None,
+        attack_label="harmful",
+        weight=weight,
+        benign_set=None if harmful else "diluted_benign",
+    )
+    if doc.model_text != doc.text:
+        raise AssertionError("a diluted request changed under normalisation; its span would drift")
+    return doc
+
+
+def _filler(rng: random.Random, fillers: Sequence[str], chars: int) -> str:
+    """Benign filler paragraphs of about `chars` characters, the last one cut at a sentence end."""
+    parts: list[str] = []
+    while sum(len(x) for x in parts) < chars:
+        parts.append(fillers[rng.randrange(len(fillers))])
+    text = "\n\n".join(parts)
+    if len(text) > chars:
+        cut = max(text.rfind(". ", 0, chars), text.rfind("\n", 0, chars))
+        text = text[: cut + 1] if cut > 0 else text[:chars]
+    return text.strip()
 
 
 def _model_text(text: str) -> str:

@@ -370,6 +370,7 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
 
     from .classifier import GuardModel
     from .train import (
+        check_outputs,
         metrics,
         score_agreement,
         split_examples,
@@ -377,6 +378,7 @@ def train_guard(cfg: Any, ft: FinetuneConfig, model: Any = None) -> dict[str, An
         write_artifacts,
     )
 
+    check_outputs(cfg)
     torch.manual_seed(cfg.seed)
     examples, split = split_examples(cfg)
     if model is None:

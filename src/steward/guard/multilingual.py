@@ -265,6 +265,7 @@ def train_multilingual(
         limit=limit,
         long_docs=long_docs,
         synth_per_template=synth_per_template,
+        diluted=int(manifest.get("train", {}).get("diluted", 0)),
         mask_context_only=mask_context_only,
     )
     examples, split = split_examples(cfg)
@@ -398,6 +399,7 @@ def retune_multilingual(
         limit=limit,
         long_docs=long_docs,
         synth_per_template=synth_per_template,
+        diluted=int(manifest.get("train", {}).get("diluted", 0)),
         mask_context_only=bool(part.get("train", {}).get("mask_context_only", False)),
     )
     examples, split = split_examples(cfg)

@@ -99,6 +99,9 @@ class TrainConfig:
     hard_negative_weight: float = 3.0
     synth_per_template: int = 12
     long_docs: int = 400
+    # Requests behind benign text (`build_examples(diluted=...)`): this many harmful and as many
+    # sensitive-but-benign ones, labelled per window.
+    diluted: int = 0
     limit: int | None = None  # keep only this many examples per source (the CLI's quick test)
     check_precisions: tuple[str, ...] = ("bf16", "int8")  # agreement with fp32 on held-out
     batch_size: int = 512
@@ -510,7 +513,7 @@ def _window_labels(model: GuardModel, e: Example, n: int, mask_context_only: boo
     if e.attack is None:
         return [base] * n
     a0, a1 = e.attack
-    j = HEAD_LABELS.index("prompt_injection")
+    j = HEAD_LABELS.index(e.attack_label)
     out = []
     for _, (s, t) in model.windows(e.model_text)[:n]:
         row = list(base)
@@ -563,10 +566,32 @@ def score_agreement(ref: torch.Tensor, low: torch.Tensor, thresholds: dict[str, 
     return out
 
 
+def check_outputs(cfg: TrainConfig) -> None:
+    """Fail before training, not after it: the precisions to compare must be known names, and the
+    output and cache directories must be directories this process can write (created if missing)."""
+    import tempfile
+
+    from .classifier import resolve_precision
+
+    for p in cfg.check_precisions:
+        resolve_precision(p)  # ScannerError naming the allowed values
+    for what, d in (("--out", cfg.out_dir), ("--cache", cfg.cache_dir)):
+        d = Path(d)
+        if d.exists() and not d.is_dir():
+            raise NotADirectoryError(f"{what} {d}: exists and is not a directory")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=d):
+                pass
+        except OSError as exc:
+            raise OSError(f"{what} {d}: not a writable directory ({exc.strerror or exc})") from exc
+
+
 def train_head(cfg: TrainConfig, model: GuardModel | None = None) -> dict[str, Any]:
     """Build data, encode, fit on train, tune thresholds on validation, score held-out, save."""
     from safetensors.torch import save_file
 
+    check_outputs(cfg)
     torch.manual_seed(cfg.seed)
     examples, split = split_examples(cfg)
     if model is None:
@@ -640,6 +665,7 @@ def split_examples(cfg: TrainConfig) -> tuple[list[Example], list[str]]:
         offensive_sample=cfg.offensive_sample,
         synth_per_template=cfg.synth_per_template,
         long_docs=cfg.long_docs,
+        diluted=cfg.diluted,
         hard_negative_weight=cfg.hard_negative_weight,
     )
     examples = limit_examples(examples, cfg.limit)
@@ -711,6 +737,7 @@ def write_artifacts(
             "hard_negative_weight": cfg.hard_negative_weight,
             "synth_per_template": cfg.synth_per_template,
             "long_docs": cfg.long_docs,
+            **({"diluted": cfg.diluted} if cfg.diluted else {}),
             **({"mask_context_only": True} if cfg.mask_context_only else {}),
         }
         | (
