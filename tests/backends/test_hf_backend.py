@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -548,3 +549,168 @@ def test_serve_refuses_a_model_dir_without_a_tokenizer_in_one_line(
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stderr[-2000:])
     assert "\n" not in err and err.startswith("steward: error: invalid setting models.0.path: model 'mine'")
     assert why in err
+
+
+# -- review of the rewrite: M3 (and item 5), items 3 and 4 ------------------------------------------
+class _CleanupTok:
+    """A tokenizer whose `decode` rewrites text across token boundaries, whatever it is asked:
+    transformers' `clean_up_tokenization` (" ' " becomes "'" once the next token brings the space)."""
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = vocab
+        self.decoded = 0  # tokens decoded, all calls together
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        self.decoded += len(ids)
+        text = "".join(self.vocab[i] for i in ids)
+        return str(transformers.PreTrainedTokenizerBase.clean_up_tokenization(None, text))
+
+
+def _follow(tok: Any, ids: list[int], stops: tuple[str, ...] = ()) -> tuple[str, list[str], str]:
+    """(streamed text, its pieces, the plain call's text) of one generation, as `_generate` and
+    the stopping criterion drive `_Run`: token by token for the stream, at the end for the plain
+    call (token by token as well when there are stops)."""
+    from steward.backends.hf import _Run
+
+    pieces: list[str] = []
+    streamed = _Run(tok, 0, list(stops), emit=pieces.append)
+    plain = _Run(tok, 0, list(stops))
+    for n in range(1, len(ids) + 1):
+        streamed.update(ids[:n])
+        if stops:
+            plain.update(ids[:n])
+    streamed.update(ids, final=True)
+    plain.update(ids, final=True)
+    assert streamed.text == "".join(pieces)
+    return "".join(pieces), pieces, plain.text
+
+
+def test_a_stream_is_not_cut_short_when_decode_rewrites_sent_text() -> None:
+    """M3: decoding the whole completion each token, the stream stopped at "He said '" (the decode
+    had rewritten it) and ended "stop", while the plain call returned all of it."""
+    vocab = ["He", " said", " '", " hi", " '", " ok", "."]
+    ids = list(range(len(vocab)))
+    streamed, pieces, plain = _follow(_CleanupTok(vocab), ids)
+    assert streamed == plain and plain.endswith(" ok.") and len(pieces) > 1
+    # Stops still cut exactly, and are never sent.
+    for stop in (" ok", "ok.", " '", "hi"):
+        streamed, pieces, plain = _follow(_CleanupTok(vocab), ids, (stop,))
+        assert streamed == plain == "".join(vocab)[: "".join(vocab).find(stop)], stop
+        assert all(stop not in p for p in pieces)
+
+
+def test_the_completion_is_decoded_incrementally_not_again_per_token() -> None:
+    """Item 5: each token used to decode the whole completion again (n**2 / 2 tokens decoded)."""
+    vocab = [" the", " sea", " is", " calm", ",", " '", "."]
+    ids = [i % len(vocab) for i in range(400)]
+    for stops in ((), ("never there",)):
+        tok = _CleanupTok(vocab)
+        streamed, _, plain = _follow(tok, ids, stops)
+        assert streamed == plain and len(plain) > 1000
+        assert tok.decoded < 20 * len(ids), tok.decoded
+
+
+def test_incremental_decoding_keeps_multibyte_characters_whole(hf_dir: Path) -> None:
+    """A byte-level tokenizer splits "中" and "é" over tokens: no piece holds half of one."""
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = "the café is 中文 calm — ok ✓ 𝄞!"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) // 2  # many single-byte tokens
+    streamed, pieces, plain = _follow(tok, ids)
+    assert streamed == plain == tok.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+    for stop in ("文", "中文 c", "✓", "𝄞"):
+        streamed, pieces, plain = _follow(tok, ids, (stop,))
+        assert streamed == plain == text[: text.find(stop)], stop
+        assert all("\ufffd" not in p and stop not in p for p in pieces)
+
+
+def test_streamed_text_is_the_plain_text_with_a_cleaning_decode(hf_dir: Path) -> None:
+    """M3 through the backend: a tokenizer that cleans up tokenization spaces on every decode."""
+
+    async def go() -> None:
+        b = await _loaded(hf_dir)
+        decode = b.tokenizer.decode
+        rewrite = transformers.PreTrainedTokenizerBase.clean_up_tokenization
+
+        def cleaning(ids: Any, **k: Any) -> str:
+            # Its rules and one more of their kind, which this vocabulary meets often: the next
+            # token's leading space rewrites the text before it.
+            text = rewrite(None, decode(ids, **k))
+            return re.sub(r"(\w) ", lambda m: m.group(1).upper() + " ", text)
+
+        b.tokenizer.decode = cleaning
+        for seed in range(6):
+            body = {"max_tokens": 30, "temperature": 1.0, "seed": seed}
+            plain = await b.chat(_chat(**body))
+            text, reason, chunks = await _collect(b.chat_stream(_chat(**body, stream=True)))
+            assert text == _text(plain), seed
+            assert reason == plain["choices"][0]["finish_reason"]
+            assert chunks[-1]["usage"] == plain["usage"]
+        await b.aclose()
+
+    asyncio.run(go())
+
+
+def test_aclose_ends_queued_requests_with_a_503(hf_dir: Path) -> None:
+    """Item 4: requests waiting their turn when the backend closes end with a 503, not with an
+    empty answer and finish_reason "stop"; so does the one cut short."""
+
+    async def go() -> None:
+        b = await _loaded(hf_dir)
+        _slow_forward(b, 0.05, [])
+        body = {"max_tokens": 40, "temperature": 0}
+        running = b.chat_stream(_chat(**body, stream=True))
+        while True:
+            c = await running.__anext__()
+            if c["choices"] and c["choices"][0]["delta"].get("content"):
+                break
+        queued = [
+            asyncio.ensure_future(_collect(b.chat_stream(_chat(**body, stream=True)))),
+            asyncio.ensure_future(
+                _collect(b.completion_stream(_call(prompt="the sea", **body, stream=True)))
+            ),
+            asyncio.ensure_future(b.chat(_chat(**body))),
+            asyncio.ensure_future(b.completion(_call(prompt="the sea", **body))),
+        ]
+        await asyncio.sleep(0.3)  # all queued behind the running one
+        assert not any(t.done() for t in queued)
+        await b.aclose()
+        results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 20)
+        for r in results:
+            assert isinstance(r, BackendError) and r.status == 503, r
+        with pytest.raises(BackendError) as exc:
+            await asyncio.wait_for(_collect(running), 20)
+        assert exc.value.status == 503
+        with pytest.raises(BackendError) as exc:  # and after the close
+            await b.chat(_chat(**body))
+        assert exc.value.status == 503
+
+    asyncio.run(go())
+
+
+def test_the_prompt_tokens_stay_out_of_the_call_metadata(hf_dir: Path) -> None:
+    """Item 3: `call.metadata` is the trace's `extra["upstream"]`; the per-request prompt cache
+    (the whole prompt's token ids) is kept elsewhere, and the prompt is still tokenised once."""
+
+    async def go() -> None:
+        b = await _loaded(hf_dir)
+        encode = b._encode
+        encoded: list[Call] = []
+
+        def spy(route: Any, call: Call) -> list[int]:
+            encoded.append(call)
+            return encode(route, call)
+
+        b._encode = spy  # type: ignore[method-assign]
+        call = _chat(max_tokens=2, temperature=0)
+        b.count_prompt_tokens("chat", call)
+        await b.chat(call)
+        scall = _chat(max_tokens=2, temperature=0, stream=True)
+        b.count_prompt_tokens("chat", scall)
+        await _collect(b.chat_stream(scall))
+        assert encoded == [call, scall]
+        assert call.metadata == {} and scall.metadata == {}
+        await b.aclose()
+
+    asyncio.run(go())

@@ -6,9 +6,9 @@ line (`check_model_dir`, also run by `steward serve` before it binds). Requests 
 a dedicated thread (transformers' `generate` has no cross-request batching).
 
 One `_Run` follows each generation, token by token (a stopping criterion): it decodes the completion
-(never the prompt), cuts it at the first stop sequence, stops generating there or when the client
-has gone, and for a stream hands the text on as it becomes final. Streamed and returned text are
-therefore the same text, cut at the same place. The prompt is templated and tokenised once per
+(never the prompt) incrementally, cuts it at the first stop sequence, stops generating there or when
+the client has gone, and for a stream hands the text on as it becomes final. Streamed and returned
+text are therefore the same text, cut at the same place. The prompt is templated and tokenised once per
 request, off the event loop unless the gateway already counted it.
 """
 
@@ -32,7 +32,13 @@ from steward.backends.builtin import _CHAT_FIELDS, _COMPLETION_DEFAULTS, _COMPLE
 
 log = logging.getLogger("steward.backends.hf")
 
-_PROMPT_KEY = "_hf_prompt_ids"  # call.metadata: (key, ids), so a request is tokenised once
+# On the `Call` itself, (key, ids), so a request is tokenised once. Not in `call.metadata`: that is
+# the request trace's `extra["upstream"]`, and the prompt's tokens have no place there.
+_PROMPT_ATTR = "_steward_hf_prompt_ids"
+
+
+def _closed_error() -> BackendError:
+    return BackendError("server shutting down", status=503, type="server_error")
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
@@ -143,8 +149,20 @@ class _Run:
     """One generation, followed token by token as a stopping criterion: the completion's text (cut
     at the first stop sequence, matched in the completion only), whether to stop (a stop matched, or
     `cancel` was set because the client went away) and, for a stream, `emit` of the text that no
-    later token can change: a stop sequence's length less one character, trailing spaces and an
-    incomplete character are held back until the next token or the end."""
+    later token can change.
+
+    The text is decoded incrementally, as transformers' `TextStreamer` and TGI do, never by decoding
+    the whole completion again: each new token is decoded together with the previous piece's tokens
+    (the context a SentencePiece-style decoder needs for a leading space) and what it adds to that
+    piece's text is appended. Tokens that end in an incomplete UTF-8 character wait for the tokens
+    that complete it. Appended text is never rewritten, and the pieces depend on the token ids only,
+    so a stream and a plain call of the same generation get the same text, whatever the tokenizer's
+    `decode` does (tokenization-space clean-up is off: the text is what the model generated). For a
+    stream, a stop sequence's length less one character is held back until the next token or the
+    end, so a stop is never sent."""
+
+    # Tokens that may wait for an incomplete character: more than one UTF-8 character's bytes.
+    MAX_PENDING = 8
 
     def __init__(
         self,
@@ -159,8 +177,13 @@ class _Run:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.emit = emit
         self.cancel = threading.Event()
+        self.ids: list[int] = []  # the completion's tokens seen so far
+        self.prefix = 0  # ids[prefix:read] are the last piece's tokens, decoded as `prefix_text`
+        self.read = 0  # ids[:read] are in `text`
+        self.prefix_text = ""
         self.text = ""
-        self.sent = ""
+        self.sent = 0  # characters of `text` emitted
+        self.scanned = 0  # characters of `text` searched for the stops
         self.stopped = False
         self.done = False
 
@@ -172,28 +195,53 @@ class _Run:
         stop = self.stopped or self.cancel.is_set()
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def _step(self, flush: bool) -> None:
+        """Append the text of ids[read:] when it is complete (or `flush`)."""
+        if self.read >= len(self.ids):
+            return
+        window = self._decode(self.ids[self.prefix :])
+        if window.startswith(self.prefix_text):
+            piece = window[len(self.prefix_text) :]
+        else:  # the decoder rewrote the previous piece's text: that text stands, take the new alone
+            piece = self._decode(self.ids[self.read :])
+        pending = len(self.ids) - self.read
+        if not flush and pending < self.MAX_PENDING and (not piece or piece.endswith("\ufffd")):
+            return  # nothing yet, or an incomplete character: wait for the next token
+        self.text += piece
+        self.prefix, self.read = self.read, len(self.ids)
+        self.prefix_text = self._decode(self.ids[self.prefix : self.read])
+
     def update(self, ids: list[int], final: bool = False) -> None:
+        """Follow the completion to `ids` (its tokens so far; with `final`, all of them)."""
         if self.done:
             return
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = -1
+        # One token at a time, so the pieces are the same however often this is called.
+        for token in ids[len(self.ids) :]:
+            self.ids.append(int(token))
+            self._step(flush=False)
+        if final:
+            self._step(flush=True)
+        # A stop not found before lies (at least partly) in the text appended since.
+        lo, cut = max(0, self.scanned - self.hold), -1
         for s in self.stops:
-            i = text.find(s)
+            i = self.text.find(s, lo)
             if i >= 0 and (cut < 0 or i < cut):
                 cut = i
+        self.scanned = len(self.text)
         if cut >= 0:
-            text, self.stopped, final = text[:cut], True, True
-        self.text = text
+            self.text, self.stopped, final = self.text[:cut], True, True
         if final:
             self.done = True
         if self.emit is None:
             return
-        end = len(text) if final else len(text) - self.hold
-        if not final:
-            while end > len(self.sent) and (text[end - 1].isspace() or text[end - 1] == "\ufffd"):
-                end -= 1
-        if end > len(self.sent) and text.startswith(self.sent):
-            piece, self.sent = text[len(self.sent) : end], text[:end]
+        end = len(self.text) if final else len(self.text) - self.hold
+        if end > self.sent:
+            piece, self.sent = self.text[self.sent : end], end
             self.emit(piece)
 
 
@@ -211,6 +259,7 @@ class HFBackend:
         self._eos: set[int] = set()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"steward-hf-{model_name}")
         self._runs: set[_Run] = set()
+        self._closed = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -248,9 +297,12 @@ class HFBackend:
         self.weights_sha256 = sha256_file(weights[0]) if len(weights) == 1 else None
 
     async def aclose(self) -> None:
+        # Queued requests are cancelled (they end with a 503) and the running one stops at its next
+        # token, with a 503 as well: an answer cut short by the shutdown is not a complete answer.
+        self._closed = True
         for run in list(self._runs):
             run.cancel.set()
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def models(self) -> list[ModelInfo]:
         return [
@@ -270,7 +322,7 @@ class HFBackend:
         if cached is not None:
             return cached
         ids = self._encode(route, call)
-        call.metadata[_PROMPT_KEY] = (self._cache_key(route), ids)
+        setattr(call, _PROMPT_ATTR, (self._cache_key(route), ids))
         return list(ids)
 
     def _cache_key(self, route: str) -> str:
@@ -278,7 +330,7 @@ class HFBackend:
         return f"{route}\0{self.model_name}\0{self.path}"
 
     def _cached(self, route: Literal["chat", "completions"], call: Call) -> list[int] | None:
-        cached = call.metadata.get(_PROMPT_KEY)
+        cached = getattr(call, _PROMPT_ATTR, None)
         if isinstance(cached, tuple) and cached[0] == self._cache_key(route):
             return list(cached[1])
         return None
@@ -400,6 +452,8 @@ class HFBackend:
     def _generate(
         self, ids: list[int], kw: dict[str, Any], seed: int | None, run: _Run
     ) -> tuple[str, int, int, str]:
+        if self._closed:
+            raise _closed_error()
         if run.cancel.is_set():  # the client left while this waited its turn
             return "", len(ids), 0, "stop"
         import torch
@@ -423,6 +477,8 @@ class HFBackend:
                 status=500,
                 type="server_error",
             ) from None
+        if self._closed and run.cancel.is_set():  # cut short by `aclose`
+            raise _closed_error()
         new = [int(i) for i in out[0, len(ids) :].tolist()]
         run.update(new, final=True)
         if run.stopped or (new and new[-1] in self._eos):
@@ -440,7 +496,16 @@ class HFBackend:
         loop = asyncio.get_running_loop()
         self._runs.add(run)
         try:
-            return await loop.run_in_executor(self._pool, self._generate, ids, kw, call.body.get("seed"), run)
+            if self._closed:
+                raise _closed_error()
+            fut = loop.run_in_executor(self._pool, self._generate, ids, kw, call.body.get("seed"), run)
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and fut.cancelled() and not (task and task.cancelling()):
+                    raise _closed_error() from None  # `aclose` cancelled it before its turn
+                raise
         finally:  # done, failed or cancelled (the client went away): generation stops at its next token
             run.cancel.set()
             self._runs.discard(run)
@@ -504,7 +569,7 @@ class HFBackend:
 
         def never_ran(f: Any) -> None:
             if f.cancelled():  # shut down before its turn came
-                post("error", BackendError("server shutting down", status=503, type="server_error"))
+                post("error", _closed_error())
 
         chat = route == "chat"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{call.request_id or uuid.uuid4().hex}"
@@ -516,6 +581,8 @@ class HFBackend:
         }
         self._runs.add(run)
         try:
+            if self._closed:
+                raise _closed_error()
             fut = loop.run_in_executor(self._pool, job)
             fut.add_done_callback(never_ran)
             if chat:
