@@ -584,6 +584,35 @@ def test_redis_keys_expire_after_their_window(fresh_redis_url: str) -> None:
         assert 0 < ttl <= 91_000, key  # 30 s left in the window (or lease) + 60 s grace
 
 
+def test_redis_settle_markers_expire_and_only_settles_that_change_counters_leave_one(
+    fresh_redis_url: str,
+) -> None:
+    from steward.gateway.limits.retry import SETTLED_MARKER_TTL_S
+
+    async def body() -> str:
+        lim = RedisLimiter(fresh_redis_url, clock=FakeClock())
+        rpm, tpm = Limit("key:k", "requests", "minute", 10), Limit("key:k", "tokens", "minute", 100)
+        plain = await lim.reserve([rpm, Limit("key:k", "concurrent", None, 1)], {"requests": 1})
+        await lim.settle(plain, {"requests": 1})  # nothing to adjust: no marker
+        refunded = await lim.reserve([tpm], {"tokens": 50})
+        await lim.settle(refunded, {"tokens": 10})
+        await lim.aclose()
+        return refunded.id
+
+    refunded_id = run(body())
+    client = redis.Redis.from_url(fresh_redis_url, decode_responses=True)
+    try:
+        markers = {k: client.pttl(k) for k in client.keys("stw:lim:s:*")}
+    finally:
+        client.close()
+    assert list(markers) == [f"stw:lim:s:{refunded_id}"]
+    assert (
+        SETTLED_MARKER_TTL_S * 1000 - 60_000
+        < markers[f"stw:lim:s:{refunded_id}"]
+        <= SETTLED_MARKER_TTL_S * 1000
+    )
+
+
 def test_sql_limiter_drops_ended_windows_and_expired_leases(tmp_path: Path) -> None:
     engine = upgrade(f"sqlite:///{tmp_path / 'clean.db'}")
     clock = FakeClock()
@@ -592,15 +621,23 @@ def test_sql_limiter_drops_ended_windows_and_expired_leases(tmp_path: Path) -> N
         lim = SQLLimiter(engine, clock=clock, lease_ttl_s=10)
         limits = [Limit("key:k", "requests", "minute", 5), Limit("key:k", "concurrent", None, 5)]
         await lim.reserve(limits, {"requests": 1})  # never settled: a crashed request
+        tpm = Limit("key:k", "tokens", "minute", 100)
+        await lim.settle(await lim.reserve([tpm], {"tokens": 50}), {"tokens": 10})  # leaves a marker
+        assert markers() == 1
         clock.now += 86400
         await lim.reserve([Limit("key:j", "requests", "minute", 5)], {"requests": 1})
+        await lim.aclose()
+
+    def markers() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM limit_settled")).scalar() or 0)
 
     try:
         run(body())
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT scope FROM limit_counters")).scalars().all()
             leases = conn.execute(text("SELECT count(*) FROM limit_leases")).scalar()
-        assert rows == ["key:j"] and leases == 0
+        assert rows == ["key:j"] and leases == 0 and markers() == 0
     finally:
         engine.dispose()
 
@@ -747,6 +784,158 @@ def test_a_settle_that_fails_is_retried_in_the_background_and_at_shutdown(new_li
 
     run(body())
     run(shutdown())
+
+
+def _lose_settle_replies(lim: Limiter, times: int) -> None:
+    """Let the next `times` settles of `lim` reach the store and then lose the reply, as a PostgreSQL
+    connection dropped during COMMIT, or a Redis reply lost after the script ran, would."""
+    left = [times]
+    if isinstance(lim, SQLLimiter):
+        from sqlalchemy.exc import OperationalError
+
+        dialect = lim._engine.dialect
+        real_commit = dialect.do_commit
+
+        def commit_then_lose_reply(dbapi_conn: Any) -> None:
+            real_commit(dbapi_conn)
+            if left[0] > 0:
+                left[0] -= 1
+                raise OperationalError("COMMIT", None, Exception("server closed the connection"))
+
+        dialect.do_commit = commit_then_lose_reply  # type: ignore[method-assign]
+    else:
+        assert isinstance(lim, RedisLimiter)
+        real_script = lim._settle
+
+        async def run_then_lose_reply(**kw: Any) -> Any:
+            reply = await real_script(**kw)
+            if left[0] > 0:
+                left[0] -= 1
+                raise redis.exceptions.ConnectionError("Connection reset by peer")
+            return reply
+
+        lim._settle = run_then_lose_reply  # type: ignore[assignment]
+
+
+async def _tokens_used(lim: Limiter, tokens: Limit) -> float:
+    """What the store has counted on `tokens`' counter (a reservation of 0 that is never settled)."""
+    return tokens.limit - status(await lim.reserve([tokens], {"tokens": 0}), tokens).remaining
+
+
+@pytest.mark.parametrize("new_limiter", ["sqlite", "postgres", "redis"], indirect=True)
+def test_a_settle_whose_reply_was_lost_is_applied_once(new_limiter: NewLimiter) -> None:
+    """The settle went through but its caller saw a store failure and queued it: the retry (at
+    shutdown, or in the background) must find it applied and change nothing."""
+    clock = FakeClock()
+    tokens = Limit("tenant:a", "tokens", "day", 1000)
+    conc = Limit("tenant:a", "concurrent", None, 1)
+
+    async def at_shutdown() -> None:  # a refund (actual < reserved), the usual case
+        lim = new_limiter(clock)
+        res = await lim.reserve([tokens, conc], {"tokens": 100})
+        _lose_settle_replies(lim, 1)
+        with pytest.raises(LimiterUnavailable):
+            await lim.settle(res, {"tokens": 10})
+        assert not res.settled and res.id in lim.settle_retry  # type: ignore[attr-defined]
+        await lim.aclose()  # the retry
+        assert res.settled
+        other = new_limiter(clock)
+        assert await _tokens_used(other, tokens) == 10  # not 0: refunded once
+        await other.settle(await other.reserve([conc], {}), {})  # the slot was released
+        await other.aclose()
+
+    async def in_the_background() -> None:  # usage beyond the reservation
+        lim = new_limiter(clock)
+        lim.settle_retry._first_s = 0.02  # type: ignore[attr-defined]
+        res = await lim.reserve([tokens], {"tokens": 100})
+        _lose_settle_replies(lim, 1)
+        with pytest.raises(LimiterUnavailable):
+            await lim.settle(res, {"tokens": 300})
+        for _ in range(250):
+            if res.settled:
+                break
+            await asyncio.sleep(0.02)
+        assert res.settled
+        assert await _tokens_used(lim, tokens) == 10 + 300  # not 10 + 500: charged once
+        await lim.aclose()
+
+    run(at_shutdown())
+    run(in_the_background())
+
+
+@pytest.mark.parametrize("new_limiter", ["sqlite", "postgres", "redis"], indirect=True)
+def test_a_settle_then_a_retry_of_the_same_reservation_applies_once(new_limiter: NewLimiter) -> None:
+    """The store, not the caller's copy of the reservation, decides that a settle was applied: a
+    retry of a reservation that settled (from a copy taken before, e.g. a queued retry) is a no-op."""
+    import copy
+
+    tokens = Limit("tenant:a", "tokens", "day", 1000)
+
+    async def body() -> None:
+        lim = new_limiter(FakeClock())
+        res = await lim.reserve([tokens], {"tokens": 100})
+        stale = copy.deepcopy(res)
+        await lim.settle(res, {"tokens": 10})
+        assert res.settled and not stale.settled
+        lim.settle_retry.add(stale, {"tokens": 10})  # type: ignore[attr-defined]
+        await lim.aclose()  # the retry
+        assert stale.settled
+        other = new_limiter(FakeClock())
+        assert await _tokens_used(other, tokens) == 10  # not 0: refunded once
+        await other.aclose()
+
+    run(body())
+
+
+def test_sql_limiter_waiting_for_the_write_lock_does_not_starve_other_threads(tmp_path: Path) -> None:
+    """Limiter calls parked on a held SQLite write lock use the limiter's own threads, so asyncio's
+    default executor (the hf backend's tokenising, off-loop backend calls) stays free."""
+    import contextlib
+    import os
+    import sqlite3
+
+    engine = upgrade(f"sqlite:///{tmp_path / 'steward.db'}")
+    rpm = Limit("key:a", "requests", "minute", 1e9)
+    default_threads = min(32, (os.cpu_count() or 1) + 4)
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold_write_lock() -> None:
+        conn = sqlite3.connect(str(engine.url.database))
+        conn.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(10)
+        conn.rollback()
+        conn.close()
+
+    async def body() -> None:
+        lim = SQLLimiter(engine)
+        holder = threading.Thread(target=hold_write_lock)
+        holder.start()
+        try:
+            assert locked.wait(5)
+            calls = [
+                asyncio.create_task(lim.reserve([rpm], {"requests": 1})) for _ in range(default_threads + 4)
+            ]
+            await asyncio.sleep(0.2)
+            t0 = time.perf_counter()
+            with contextlib.suppress(TimeoutError):  # starved: the lock is only released below
+                await asyncio.wait_for(asyncio.to_thread(lambda: None), 3)
+            waited = time.perf_counter() - t0
+            assert not any(c.done() for c in calls)  # still waiting for the lock
+        finally:
+            release.set()
+            holder.join()
+        assert waited < 1.0, f"an unrelated asyncio.to_thread call waited {waited:.2f} s"
+        for res in await asyncio.gather(*calls):
+            await lim.settle(res, {"requests": 1})
+        await lim.aclose()
+        assert lim._executor is None  # its threads are stopped at close
+
+    try:
+        run(body())
+    finally:
+        engine.dispose()
 
 
 def test_redis_without_persistence_warns_once_when_budgets_are_used(

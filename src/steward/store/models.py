@@ -1,4 +1,4 @@
-"""Gateway tables: tenants, API keys, limit counters.
+"""Gateway tables: tenants, API keys, limit counters, leases and settle markers.
 
 Audit tables live with the audit log (`steward.audit`); every table is created by Alembic migrations
 under `steward/store/migrations`, never by `create_all`, so SQLite and PostgreSQL stay identical.
@@ -62,3 +62,19 @@ class LimitLease(Base):
     expires_at: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (Index("ix_limit_leases_scope", "scope"),)
+
+
+class LimitSettled(Base):
+    """A settled reservation whose settle changed counters, so a retried settle applies nothing.
+
+    Written in the settle's own transaction: a settle whose COMMIT went through but whose reply was
+    lost finds it on retry and counts as done. Rows expire (`expires_at`, unix seconds) long after
+    any retry can come, and the limiter deletes expired ones now and then.
+    """
+
+    __tablename__ = "limit_settled"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the reservation id
+    expires_at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_limit_settled_expires_at", "expires_at"),)

@@ -4,7 +4,9 @@ Redis runs a script to completion before any other command, so the script that r
 decides and increments them is atomic across all replicas: a limit of N admits exactly N. Counters are
 plain float keys named by (scope, kind, window, window start) that expire a minute after their window
 ends; concurrency is a sorted set per scope of lease ids scored by their expiry, so the leases of a
-crashed worker drop out by themselves and the set's TTL is refreshed with every lease.
+crashed worker drop out by themselves and the set's TTL is refreshed with every lease. A settle that
+adjusts counters sets a marker key for its reservation in the same script (expiring by itself after
+`SETTLED_MARKER_TTL_S`), so a retry of a settle whose reply was lost applies nothing.
 
 Window starts and lease expiries come from the client's clock (injectable for tests; replicas are
 assumed NTP-synchronised) because calendar months are awkward in Lua. The keys are not hash-tagged, so
@@ -46,7 +48,7 @@ from steward.gateway.limits.base import (
     settle_deltas,
     window_end,
 )
-from steward.gateway.limits.retry import SettleRetry
+from steward.gateway.limits.retry import SETTLED_MARKER_TTL_S, SettleRetry
 
 log = logging.getLogger("steward.gateway.limits")
 _BUDGETS = ("tokens", "spend")  # what a Redis restart without persistence would silently reset
@@ -104,24 +106,32 @@ table.insert(used, 1, failed)
 return used
 """
 
-# KEYS: counter keys to adjust, then lease sets. ARGV: number of counters, per counter (delta, TTL ms),
-# then one lease id per lease set. Refunds only touch keys that still exist and never go below zero.
+# KEYS: the reservation's settled marker if there are counters to adjust, the counter keys, then lease
+# sets. ARGV: the marker's TTL ms ("0": no counters, no marker), number of counters, per counter (delta,
+# TTL ms), then one lease id per lease set. Refunds only touch keys that still exist and never go below
+# zero. Counter deltas are not idempotent: if the marker exists (an earlier run of this settle whose
+# reply was lost) nothing is applied and 0 is returned. Removing a lease is idempotent by itself.
 _SETTLE = """
-local nc = tonumber(ARGV[1])
+local first = 1
+if ARGV[1] ~= '0' then
+  if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+  first = 2
+end
+local nc = tonumber(ARGV[2])
 for i = 1, nc do
-  local key = KEYS[i]
-  local d = tonumber(ARGV[2 * i])
+  local key = KEYS[first + i - 1]
+  local d = tonumber(ARGV[2 * i + 1])
   if d > 0 then
-    redis.call('INCRBYFLOAT', key, ARGV[2 * i])
-    redis.call('PEXPIRE', key, ARGV[2 * i + 1])
+    redis.call('INCRBYFLOAT', key, ARGV[2 * i + 1])
+    redis.call('PEXPIRE', key, ARGV[2 * i + 2])
   elseif d < 0 and redis.call('EXISTS', key) == 1 then
-    if tonumber(redis.call('INCRBYFLOAT', key, ARGV[2 * i])) < 0 then
+    if tonumber(redis.call('INCRBYFLOAT', key, ARGV[2 * i + 1])) < 0 then
       redis.call('SET', key, '0', 'KEEPTTL')
     end
   end
 end
-for j = nc + 1, #KEYS do
-  redis.call('ZREM', KEYS[j], ARGV[nc * 2 + 1 + (j - nc)])
+for j = first + nc, #KEYS do
+  redis.call('ZREM', KEYS[j], ARGV[2 * nc + 2 + (j - first - nc + 1)])
 end
 return 1
 """
@@ -196,6 +206,9 @@ class RedisLimiter:
 
     def _lease_set(self, scope: str) -> str:
         return f"{self._prefix}:l:{scope}"
+
+    def _settled_marker(self, reservation_id: str) -> str:
+        return f"{self._prefix}:s:{reservation_id}"
 
     def _ttl_ms(self, key: CounterKey, now: float) -> int:
         end = window_end(key[2], key[3])  # type: ignore[arg-type]
@@ -301,7 +314,9 @@ class RedisLimiter:
         )
         deltas = settle_deltas(trial, actual, now)
         keys = [self._counter(k) for k in deltas]
-        args: list[Any] = [len(deltas)]
+        args: list[Any] = [math.ceil(SETTLED_MARKER_TTL_S * 1000) if deltas else 0, len(deltas)]
+        if deltas:  # the marker that makes a retry of this settle apply nothing (see `_SETTLE`)
+            keys.insert(0, self._settled_marker(reservation.id))
         for key, delta in deltas.items():
             args += [_num(delta), self._ttl_ms(key, now)]
         for scope, lease_id in sorted(reservation.leases.items()):

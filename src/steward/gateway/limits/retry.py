@@ -5,9 +5,13 @@ limit of one) and leave the whole reservation charged to its windows. So a store
 settle that raised `LimiterUnavailable` to a `SettleRetry`: a bounded queue retried with exponential
 backoff by one task on the event loop, and tried once more when the limiter closes.
 
-Retrying is safe because a settle is idempotent per reservation: the store applies it in one atomic
-step (a transaction, a Lua script) and the reservation's ledger is updated, and `settled` set, only
-after that step succeeded, so a failed attempt changed nothing and a settled reservation is skipped.
+Retrying is safe because a settle is idempotent per reservation, in the store: the store applies it in
+one atomic step (a transaction, a Lua script) that also records the reservation id as settled (a
+marker that outlives any retry: `SETTLED_MARKER_TTL_S`), and a settle that finds the marker applies
+nothing and counts as done. A failed attempt did not necessarily change nothing: a COMMIT (or a script)
+can go through and only its reply be lost, and then the retry finds the marker. The reservation's
+ledger is updated, and `settled` set, only after a step succeeded, so a settled reservation is skipped
+without asking the store.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ from dataclasses import dataclass
 from steward.gateway.limits.base import Kind, LimiterUnavailable, Reservation
 
 log = logging.getLogger("steward.gateway.limits")
+
+GIVE_UP_S = 3600.0
+"""How long a failed settle is retried before it is dropped."""
+
+SETTLED_MARKER_TTL_S = 3 * GIVE_UP_S
+"""How long the store keeps a settled reservation's marker: well past the last retry of a settle
+whose attempt went through without a reply (retries start then and stop after `GIVE_UP_S`)."""
 
 SettleFn = Callable[[Reservation, Mapping[Kind, float]], Awaitable[None]]
 
@@ -49,7 +60,7 @@ class SettleRetry:
         max_pending: int = 10_000,
         first_s: float = 0.5,
         max_s: float = 30.0,
-        give_up_s: float = 3600.0,
+        give_up_s: float = GIVE_UP_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settle_once = settle_once

@@ -9,17 +9,28 @@ exact across processes:
   each transaction first takes `pg_advisory_xact_lock` on every scope it touches, in sorted order (no
   deadlocks), released at commit. Counters are upserted with INSERT ... ON CONFLICT.
 
-The database work is synchronous SQLAlchemy run in a worker thread so the event loop keeps serving.
-Times come from the injectable clock, not the database, so tests can stand on a window boundary.
+A settle that changes counters also inserts the reservation id into `limit_settled` in the same
+transaction; a settle that finds it there (a retry after a COMMIT whose reply was lost) applies
+nothing and counts as done. Markers expire after `SETTLED_MARKER_TTL_S` and are swept with the ended
+windows.
+
+The database work is synchronous SQLAlchemy run on the limiter's own few threads, not asyncio's shared
+default executor: a call waiting for the SQLite write lock (another writer, up to the store's lock
+wait) holds its thread, and must not hold up the process's other `asyncio.to_thread` work. Times
+come from the injectable clock, not the database, so tests can stand on a window boundary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import hashlib
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from sqlalchemy import Table, and_, case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -52,12 +63,18 @@ from steward.gateway.limits.base import (
     settle_deltas,
     window_bounds,
 )
-from steward.gateway.limits.retry import SettleRetry
-from steward.store.models import LimitCounter, LimitLease
+from steward.gateway.limits.retry import SETTLED_MARKER_TTL_S, SettleRetry
+from steward.store.models import LimitCounter, LimitLease, LimitSettled
 
 _COUNTERS: Table = LimitCounter.__table__  # type: ignore[assignment]
 _LEASES: Table = LimitLease.__table__  # type: ignore[assignment]
+_SETTLED: Table = LimitSettled.__table__  # type: ignore[assignment]
 _CLEAN_EVERY_S = 60.0
+_THREADS = 4
+"""The limiter's own worker threads. Few: SQLite serialises writers anyway, and on PostgreSQL each
+transaction is a handful of sub-millisecond statements."""
+
+_T = TypeVar("_T")
 
 
 class _LeaseLost(Exception):
@@ -89,6 +106,17 @@ class SQLLimiter:
         self._lease_ttl_s = lease_ttl_s
         self.settle_retry = SettleRetry(self._settle_once)
         self._cleaned_at = clock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`asyncio.to_thread` on the limiter's own threads (created on first use, shut in `aclose`)."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(_THREADS, thread_name_prefix="steward-limits")
+            executor = self._executor
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
 
     # --- the transaction pieces -----------------------------------------------------------------
 
@@ -181,6 +209,17 @@ class SQLLimiter:
                 c = _COUNTERS.c
                 conn.execute(delete(_COUNTERS).where(c.window == window, c.window_start < start))
             conn.execute(delete(_LEASES).where(_LEASES.c.expires_at <= now - _CLEAN_EVERY_S))
+            conn.execute(delete(_SETTLED).where(_SETTLED.c.expires_at <= now))
+
+    def _mark_settled(self, conn: Connection, res: Reservation, now: float) -> bool:
+        """Record `res` as settled in this transaction; False if it already was (by an attempt whose
+        COMMIT went through but whose reply was lost): then the caller must apply nothing."""
+        ins = (pg_insert if self._pg else sqlite_insert)(_SETTLED).values(
+            id=res.id, expires_at=now + SETTLED_MARKER_TTL_S
+        )
+        # preserve_rowcount: SQLAlchemy reports an INSERT's rowcount only when asked (psycopg: -1).
+        stmt = ins.on_conflict_do_nothing(index_elements=["id"]).execution_options(preserve_rowcount=True)
+        return conn.execute(stmt).rowcount == 1
 
     # --- sync bodies, run in a thread -----------------------------------------------------------
 
@@ -256,11 +295,13 @@ class SQLLimiter:
             return
         with self._engine.begin() as conn:
             self._lock(conn, sorted({k[0] for k in deltas} | set(res.leases)))
-            for key, delta in sorted(deltas.items()):
-                if delta > 0:
-                    self._add(conn, key, delta)
-                else:
-                    self._refund(conn, key, -delta)
+            # Counter deltas are not idempotent, so they go with a marker; releasing leases is.
+            if deltas and self._mark_settled(conn, res, now):
+                for key, delta in sorted(deltas.items()):
+                    if delta > 0:
+                        self._add(conn, key, delta)
+                    else:
+                        self._refund(conn, key, -delta)
             if res.leases:
                 conn.execute(delete(_LEASES).where(_LEASES.c.id.in_(sorted(res.leases.values()))))
         res.counted, res.amounts, res.settled = trial.counted, trial.amounts, True
@@ -271,7 +312,7 @@ class SQLLimiter:
         if not limits:  # most tenants have no limits: no round trip to the database
             return new_reservation([], [])
         try:
-            return await asyncio.to_thread(self._reserve_sync, limits, amounts)
+            return await self._in_thread(self._reserve_sync, limits, amounts)
         except (SQLAlchemyError, OSError) as exc:
             raise LimiterUnavailable(f"limit store failed: {type(exc).__name__}") from exc
 
@@ -281,7 +322,7 @@ class SQLLimiter:
         if not reservation.limits:
             return True
         try:
-            return await asyncio.to_thread(self._extend_sync, reservation, amounts)
+            return await self._in_thread(self._extend_sync, reservation, amounts)
         except (SQLAlchemyError, OSError) as exc:
             raise LimiterUnavailable(f"limit store failed: {type(exc).__name__}") from exc
 
@@ -303,7 +344,7 @@ class SQLLimiter:
             reservation.settled = True
             return
         try:
-            await asyncio.to_thread(self._settle_sync, reservation, actual)
+            await self._in_thread(self._settle_sync, reservation, actual)
         except (SQLAlchemyError, OSError) as exc:
             raise LimiterUnavailable(f"limit store failed: {type(exc).__name__}") from exc
 
@@ -312,5 +353,10 @@ class SQLLimiter:
         return self._lease_ttl_s
 
     async def aclose(self) -> None:
-        """Try the settles still queued once more; the engine belongs to the caller."""
+        """Try the settles still queued once more, then stop the limiter's threads (a later call
+        starts them again); the engine belongs to the caller."""
         await self.settle_retry.flush()
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)  # idle after the flush; never block the event loop
