@@ -43,7 +43,15 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from steward.audit import merkle
-from steward.audit.crypto import DecryptionError, KeyFileError, KeyProvider, LocalKeyProvider, seal, unseal
+from steward.audit.crypto import (
+    DecryptionError,
+    KeyFileError,
+    KeyProvider,
+    LocalKeyProvider,
+    kek_id_of,
+    seal,
+    unseal,
+)
 from steward.audit.events import (
     JSON,
     AuditEvent,
@@ -234,12 +242,7 @@ def _kek_check(provider: KeyProvider) -> bytes:
     return provider.wrap(os.urandom(32), _KEK_CHECK_AAD)
 
 
-def _lock_identity(conn: Connection) -> dict[str, Any] | None:
-    """Take the append lock (SQLite: the engine's BEGIN IMMEDIATE; PostgreSQL: the sequencer row
-    FOR UPDATE) and read the store's key identity, None if none was recorded yet."""
-    if conn.dialect.name != "sqlite":
-        conn.execute(select(STATE.c.id).where(STATE.c.id == 1).with_for_update()).first()
-    blob = conn.execute(select(STATE.c.frontier).where(STATE.c.id == IDENTITY_ROW)).scalar()
+def _parse_identity(blob: Any) -> dict[str, Any] | None:
     if blob is None:
         return None
     try:
@@ -253,37 +256,66 @@ def _lock_identity(conn: Connection) -> dict[str, Any] | None:
     return doc
 
 
-def _copy_hint(keys_dir: Path) -> str:
+def _lock_identity(conn: Connection) -> dict[str, Any] | None:
+    """Take the append lock (SQLite: the engine's BEGIN IMMEDIATE; PostgreSQL: the sequencer row
+    FOR UPDATE) and read the store's key identity, None if none was recorded yet."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(select(STATE.c.id).where(STATE.c.id == 1).with_for_update()).first()
+    return _parse_identity(conn.execute(select(STATE.c.frontier).where(STATE.c.id == IDENTITY_ROW)).scalar())
+
+
+def _read_identity(engine: Engine) -> dict[str, Any] | None:
+    """The store's key identity without any lock and without writing (read-only commands).
+
+    On SQLite every transaction the engine begins is a BEGIN IMMEDIATE (the write lock), so the row
+    is read on the driver's connection outside any transaction (autocommit: a plain read snapshot).
+    PostgreSQL: a plain SELECT, no FOR UPDATE."""
+    if engine.dialect.name == "sqlite":
+        raw = engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            cur.execute(f"SELECT frontier FROM {STATE.name} WHERE id = ?", (IDENTITY_ROW,))
+            row = cur.fetchone()
+            cur.close()
+        finally:
+            raw.close()
+        return _parse_identity(row[0] if row is not None else None)
+    with engine.connect() as conn:
+        return _parse_identity(
+            conn.execute(select(STATE.c.frontier).where(STATE.c.id == IDENTITY_ROW)).scalar()
+        )
+
+
+def _copy_hint(keys_dir: Path, *, kek: bool = True) -> str:
+    files = f"{KEK_FILE} and {PRIVATE_NAME} (keep them" if kek else f"{PRIVATE_NAME} (keep it"
     return (
-        f"copy {KEK_FILE} and {PRIVATE_NAME} (keep them mode 0600) and {PUBLIC_NAME} from the keys "
+        f"copy {files} mode 0600) and {PUBLIC_NAME} from the keys "
         f"directory ($STEWARD_DATA_DIR/keys) of the first Steward process that opened this store into "
         f"{keys_dir}; every replica sharing one store needs the same keys"
     )
 
 
-def _bind_keys(
-    engine: Engine, keys_dir: Path, provider: KeyProvider | None, origin: str | None, create_signer: bool
-) -> tuple[Signer, KeyProvider]:
-    """The KEK provider and checkpoint signer this store belongs to.
+def _merge_hint(kek_path: Path, source: str, current: str | None) -> str:
+    """What to do when a replica's own KEK file lacks a KEK the store needs. Never "replace the
+    file": a replica that ran before identities were recorded may have wrapped data keys with its
+    own KEK, and overwriting its file would make those payloads unreadable for good."""
+    cur = f', set "current" to {current!r}' if current else ""
+    return (
+        f'merge the KEK files, do not replace this one: add the entries under "keys" in {KEK_FILE} '
+        f'of {source} to the "keys" of {kek_path}, keeping all of its own entries (data keys may '
+        f"be wrapped by them){cur} and keep it mode 0600; then give the merged file to every replica "
+        "sharing this store (each must hold every KEK its data keys are wrapped by)"
+    )
 
-    On a brand-new store (no identity recorded yet) the keys are loaded or created as before and their
-    identity (KEK id plus a key wrapped by it, the signer's public key and origin) is written to the
-    store under the append lock, so replicas starting together cannot each record their own. On a
-    store that names its keys, nothing is ever created: a KEK that cannot unwrap the recorded check,
-    or a signing key or origin other than the recorded one, refuses to start, naming what to copy.
-    """
+
+def _check_identity(
+    ident: dict[str, Any],
+    keys_dir: Path,
+    provider: KeyProvider | None,
+    origin: str | None,
+) -> tuple[Signer, KeyProvider]:
+    """The keys of a store that names its own: they must be the recorded ones; nothing is created."""
     kek_path = keys_dir / KEK_FILE
-    with engine.begin() as conn:
-        ident = _lock_identity(conn)
-        if ident is None:
-            if provider is None:
-                existing = conn.execute(select(func.count()).select_from(DATA_KEYS)).scalar_one()
-                provider = LocalKeyProvider(kek_path, create=existing == 0)
-            _check_existing_keys(conn, provider, keys_dir)
-            signer = load_or_create_signer(keys_dir, origin, create=create_signer)
-            frontier = _identity_json(provider.current_kek_id, _kek_check(provider), signer)
-            conn.execute(insert(STATE).values(id=IDENTITY_ROW, size=0, frontier=frontier))
-            return signer, provider
     kek_id = str(ident.get("kek_id"))
     if provider is None:
         if not kek_path.exists():
@@ -295,10 +327,18 @@ def _bind_keys(
     try:
         provider.unwrap(base64.b64decode(str(ident.get("kek_check"))), _KEK_CHECK_AAD)
     except (DecryptionError, ValueError) as exc:
-        where = kek_path if isinstance(provider, LocalKeyProvider) else "the key provider"
+        if isinstance(provider, LocalKeyProvider):
+            hint = _merge_hint(
+                kek_path,
+                "the first Steward process that opened this store ($STEWARD_DATA_DIR/keys there)",
+                kek_id,
+            )
+            where: Path | str = kek_path
+        else:
+            hint, where = "configure the key provider with that KEK", "the key provider"
         raise KeyFileError(
             f"this store's data keys are wrapped by KEK {kek_id!r}, which {where} does not hold "
-            f"({exc}); a second KEK would make payloads unreadable across replicas: {_copy_hint(keys_dir)}"
+            f"({exc}); a second KEK would make payloads unreadable across replicas: {hint}"
         ) from None
     recorded = Verifier.parse(str(ident.get("signer")))
     if origin is not None and origin != recorded.name:
@@ -310,39 +350,114 @@ def _bind_keys(
     if not priv.exists():
         raise SigningKeyError(
             f"checkpoint signing key {priv} is missing, and this store's checkpoints are signed by "
-            f"{recorded.name} ({recorded.key_hash.hex()}): {_copy_hint(keys_dir)}"
+            f"{recorded.name} ({recorded.key_hash.hex()}): {_copy_hint(keys_dir, kek=False)}"
         )
     signer = load_or_create_signer(keys_dir, recorded.name, create=False)
     if signer.verifier.raw != recorded.raw:
         raise SigningKeyError(
             f"checkpoint signing key {priv} is not the key this store's checkpoints are signed by "
-            f"({recorded.name}, key hash {recorded.key_hash.hex()}): {_copy_hint(keys_dir)}"
+            f"({recorded.name}, key hash {recorded.key_hash.hex()}): {_copy_hint(keys_dir, kek=False)}"
         )
     return signer, provider
 
 
-def _check_existing_keys(conn: Connection, provider: KeyProvider, keys_dir: Path) -> None:
-    """A store from before identities were recorded: its data keys must open with this KEK."""
-    row = conn.execute(
-        select(
-            DATA_KEYS.c.id,
-            DATA_KEYS.c.tenant,
-            DATA_KEYS.c.subject_ref,
-            DATA_KEYS.c.purpose,
-            DATA_KEYS.c.wrapped,
-        )
-        .where(DATA_KEYS.c.wrapped.is_not(None))
-        .order_by(DATA_KEYS.c.created_us.desc())
-        .limit(1)
-    ).first()
-    if row is None:
+class _NoKEK:
+    """The KEK of a read-only open that found no key file on a store that records no identity:
+    proofs need no keys, so the open proceeds (creating nothing); any use of a key refuses."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _refuse(self) -> KeyFileError:
+        return KeyFileError(f"key file {self.path} is missing; encrypted payloads cannot be read")
+
+    @property
+    def current_kek_id(self) -> str:
+        raise self._refuse()
+
+    def wrap(self, data_key: bytes, aad: bytes) -> bytes:
+        raise self._refuse()
+
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+        raise self._refuse()
+
+
+def _bind_keys(
+    engine: Engine,
+    keys_dir: Path,
+    provider: KeyProvider | None,
+    origin: str | None,
+    create_signer: bool,
+    read_only: bool = False,
+) -> tuple[Signer, KeyProvider]:
+    """The KEK provider and checkpoint signer this store belongs to.
+
+    On a brand-new store (no identity recorded yet) the keys are loaded or created as before and their
+    identity (KEK id plus a key wrapped by it, the signer's public key and origin) is written to the
+    store under the append lock, so replicas starting together cannot each record their own. On a
+    store that names its keys, nothing is ever created: a KEK that cannot unwrap the recorded check,
+    or a signing key or origin other than the recorded one, refuses to start, naming what to do.
+
+    `read_only` (the CLI's `proof`, `consistency`): the identity is read without the append lock and
+    never written; recorded keys are checked the same way, and a store that records none is opened
+    with the keys as they are (nothing created, nothing checked: proofs use no keys).
+    """
+    kek_path = keys_dir / KEK_FILE
+    if read_only:
+        ident = _read_identity(engine)
+        if ident is not None:
+            return _check_identity(ident, keys_dir, provider, origin)
+        if provider is None:
+            provider = LocalKeyProvider(kek_path) if kek_path.exists() else _NoKEK(kek_path)
+        return load_or_create_signer(keys_dir, origin, create=False), provider
+    with engine.begin() as conn:
+        ident = _lock_identity(conn)
+        if ident is None:
+            if provider is None:
+                existing = conn.execute(select(func.count()).select_from(DATA_KEYS)).scalar_one()
+                provider = LocalKeyProvider(kek_path, create=existing == 0)
+            _check_existing_keys(conn, provider, kek_path)
+            signer = load_or_create_signer(keys_dir, origin, create=create_signer)
+            frontier = _identity_json(provider.current_kek_id, _kek_check(provider), signer)
+            conn.execute(insert(STATE).values(id=IDENTITY_ROW, size=0, frontier=frontier))
+            return signer, provider
+    return _check_identity(ident, keys_dir, provider, origin)
+
+
+def _check_existing_keys(conn: Connection, provider: KeyProvider, kek_path: Path) -> None:
+    """A store from before identities were recorded: every KEK its live data keys are wrapped by must
+    be held (replicas then could each have created their own). One data key per KEK id is unwrapped
+    (one query); the refusal names every KEK id that is missing."""
+    k = DATA_KEYS.c
+    one_per_kek = select(func.min(k.id)).where(k.wrapped.is_not(None)).group_by(k.kek_id)
+    rows = conn.execute(
+        select(k.id, k.tenant, k.subject_ref, k.purpose, k.wrapped).where(k.id.in_(one_per_kek))
+    ).all()
+    missing: list[str] = []
+    for row in rows:
+        wrapped = bytes(row.wrapped)
+        try:
+            provider.unwrap(wrapped, wrap_aad(row.id, row.tenant, row.subject_ref, row.purpose))
+        except DecryptionError:
+            try:
+                missing.append(kek_id_of(wrapped))
+            except DecryptionError:
+                missing.append(f"(data key {row.id}: unknown wrap format)")
+    if not missing:
         return
-    try:
-        provider.unwrap(bytes(row.wrapped), wrap_aad(row.id, row.tenant, row.subject_ref, row.purpose))
-    except DecryptionError as exc:
-        raise KeyFileError(
-            f"this store's data keys do not open with this KEK ({exc}): {_copy_hint(keys_dir)}"
-        ) from None
+    names = ", ".join(repr(m) for m in sorted(set(missing)))
+    if isinstance(provider, LocalKeyProvider):
+        where: Path | str = kek_path
+        hint = _merge_hint(
+            kek_path,
+            "every Steward process that has written to this store ($STEWARD_DATA_DIR/keys there)",
+            None,
+        )
+    else:
+        where, hint = "the key provider", "configure the key provider with those KEKs"
+    raise KeyFileError(
+        f"this store's data keys are wrapped by KEK(s) {names}, which {where} does not hold: {hint}"
+    )
 
 
 def _record_kek(engine: Engine, provider: KeyProvider) -> None:
@@ -388,6 +503,7 @@ class AuditLog:
         provider: KeyProvider | None = None,
         origin: str | None = None,
         create_signing_key: bool = True,
+        read_only: bool = False,
         **kwargs: Any,
     ) -> AuditLog:
         """The log with keys from `keys_dir` (`$STEWARD_DATA_DIR/keys`).
@@ -399,8 +515,11 @@ class AuditLog:
         The store names the KEK and the checkpoint signing key it belongs to (`_bind_keys`): the
         first process to open a brand-new store creates (or brings) both and records them; every
         later one, on any host, must hold the same ones or refuses to start, saying what to copy.
+
+        `read_only`: for reading only (proofs): the identity is read without the append lock and
+        never recorded, and no key is created; recorded keys are still checked.
         """
-        signer, provider = _bind_keys(engine, keys_dir, provider, origin, create_signing_key)
+        signer, provider = _bind_keys(engine, keys_dir, provider, origin, create_signing_key, read_only)
         key_args = {k: kwargs.pop(k) for k in ("key_period_s", "cache_ttl_s", "scrub_wait_s") if k in kwargs}
         return cls(engine, signer=signer, keys=KeyRing(engine, provider, **key_args), **kwargs)
 

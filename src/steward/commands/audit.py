@@ -10,6 +10,8 @@ The commands that act on the log (`erase`, `export`, `checkpoint`) append an adm
 the record of the log it protects. The read-only commands (`verify`, `proof`, `consistency`) append
 nothing; `verify` must not change what it checks, so they open the store as it is: a store that does
 not exist, or that Steward has not migrated to this version, is an error, never created or migrated.
+They also take no append lock and record no key identity (`AuditLog.open(read_only=True)`): an
+auditor's proof does not write to the store or wait for (or hold up) the gateway's appends.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def _open_log(db: str | None, *, read_only: bool = False) -> AuditLog:
     from steward.audit.log import AuditLog
 
     engine = _existing_engine(db) if read_only else _engine(db)
-    return AuditLog.open(engine, _keys_dir(), create_signing_key=False)
+    # read_only: no append lock, no key identity recorded, nothing created (see AuditLog.open)
+    return AuditLog.open(engine, _keys_dir(), create_signing_key=False, read_only=read_only)
 
 
 def _verifier(public_key: Path | None) -> Verifier:

@@ -23,16 +23,15 @@ in the loss.
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
+import io
 import json
 import random
 import re
-from collections.abc import Callable, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, ParamSpec, TypeVar
+from typing import Any
 
 from .benign_everyday import EVERYDAY_REQUESTS
 from .benign_multilingual import BENIGN_MULTILINGUAL
@@ -174,62 +173,99 @@ def _variant_blocks(rows: list[dict[str, Any]]) -> list[str]:
 
 
 class DataError(ValueError):
-    """A data file that does not read as expected; the message starts with its path."""
+    """A data file that does not read as expected; the message starts with its path (and the line
+    or item, where one row is at fault).
 
-
-# The data file `build_examples` read last: a parse error, or a row without an expected field while
-# its rows are turned into examples, is reported against it.
-_reading: ContextVar[Path | None] = ContextVar("guard_data_file", default=None)
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
+    Every row is checked where it is parsed, with its file in hand, so the error names the file the
+    bad value came from, never whichever file happened to be read last; an error in the code that
+    uses the values afterwards stays the error it is."""
 
 
 def _read(path: Path) -> str:
-    _reading.set(path)
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def _open(path: Path) -> IO[str]:
-    _reading.set(path)
-    return path.open(encoding="utf-8")
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(_read(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON ({exc})") from None
 
 
-def _names_bad_file(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Turn a data error inside `fn` into one DataError naming the file it came from."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        token = _reading.set(None)
+def _jsonl(path: Path) -> list[Any]:
+    """One JSON value per line (row i is line i + 1)."""
+    rows = []
+    for n, line in enumerate(_read(path).splitlines(), 1):
         try:
-            return fn(*args, **kwargs)
-        except (
-            UnicodeDecodeError,
-            json.JSONDecodeError,
-            csv.Error,
-            KeyError,
-            IndexError,
-            TypeError,
-            AttributeError,
-        ) as exc:
-            path = _reading.get()
-            if path is None:
-                raise
-            if isinstance(exc, UnicodeDecodeError):
-                reason = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
-            elif isinstance(exc, json.JSONDecodeError):
-                reason = f"invalid JSON ({exc})"
-            elif isinstance(exc, KeyError):
-                reason = f"a row without the field {exc.args[0]!r}" if exc.args else "a row without a field"
-            else:
-                reason = f"unexpected content ({type(exc).__name__}: {exc})"
-            raise DataError(f"{path}: {reason}") from exc
-        finally:
-            _reading.reset(token)
-
-    return wrapper
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: invalid JSON ({exc})") from None
+    return rows
 
 
-@_names_bad_file
+def _csv(path: Path, fields: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header naming at least `fields`, each present in every row."""
+    reader = csv.DictReader(io.StringIO(_read(path)))
+    try:
+        header = reader.fieldnames or []
+        missing = [f for f in fields if f not in header]
+        if missing:
+            names = ", ".join(repr(f) for f in missing)
+            raise DataError(f"{path}: no column {names} in the header ({', '.join(header)})")
+        rows = []
+        for row in reader:
+            short = [f for f in fields if not isinstance(row.get(f), str)]
+            if short:
+                raise DataError(f"{path}:{reader.line_num}: a row without the field {short[0]!r}")
+            rows.append(row)
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    return rows
+
+
+def _at(path: Path, line: int) -> str:
+    """Where a JSONL row came from, for messages (row index `line`, 0-based)."""
+    return f"{path}:{line + 1}"
+
+
+def _item(path: Path, i: int) -> str:
+    """Where item `i` of a JSON file's array or object came from, for messages."""
+    return f"{path}: unexpected content in item {i}"
+
+
+def _obj(where: str, row: Any) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    return row
+
+
+def _text(where: str, row: Any, key: str) -> str:
+    """`row[key]`, which must be a string; anything else is a DataError saying where."""
+    value = _obj(where, row).get(key)
+    if key not in row:
+        raise DataError(f"{where}: a row without the field {key!r}")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _texts(where: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError(f"{where}: expected a list of strings")
+    return value
+
+
+def _attack_families(path: Path) -> dict[str, list[str]]:
+    """A BIPIA attack file: {family: [attack text, ...]}."""
+    doc = _json(path)
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected an object of attack families, got {type(doc).__name__}")
+    return {str(k): _texts(f"{path}: unexpected content in family {k!r}", v) for k, v in doc.items()}
+
+
 def build_examples(
     data_dir: str | Path,
     *,
@@ -252,7 +288,15 @@ def build_examples(
         ("cyberseceval_prompt_injection.json", None),
         ("cyberseceval_prompt_injection_multilingual.json", "speaking_language"),
     ):
-        rows = json.loads(_read(guard / "injection" / name))
+        path = guard / "injection" / name
+        rows = _json(path)
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a list of test cases, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            for field in ("injection_variant", "user_input", "test_case_prompt"):
+                _text(_item(path, i), row, field)
+            if lang_key is not None and lang_key not in row:
+                raise DataError(f"{_item(path, i)}: a row without the field {lang_key!r}")
         for row, key in zip(rows, _variant_blocks(rows), strict=True):
             lang = "en" if lang_key is None else str(row[lang_key])
             ex.append(
@@ -278,17 +322,26 @@ def build_examples(
     bipia = guard / "injection" / "bipia"
     carriers: list[tuple[str, str]] = []
     for kind in ("email", "code", "table"):
-        for i, line in enumerate(_read(bipia / f"{kind}_train.jsonl").splitlines()):
-            row = json.loads(line)
-            ctx = row["context"] if isinstance(row.get("context"), str) else "\n".join(row.get("code", []))
+        path = bipia / f"{kind}_train.jsonl"
+        for i, row in enumerate(_jsonl(path)):
+            row = _obj(_at(path, i), row)
+            if isinstance(row.get("context"), str):
+                ctx = row["context"]
+            else:
+                ctx = "\n".join(
+                    _texts(f"{_at(path, i)}: field 'code' (no string 'context')", row.get("code", []))
+                )
             question = row.get("question", "") if isinstance(row.get("question"), str) else ""
             carriers.append((f"{kind}:{i}", (ctx[:600] + ("\n" + question if question else "")).strip()))
     rng.shuffle(carriers)
     for cid, text in carriers[:1000]:
         ex.append(Example(text, _labels(), "bipia_clean", "bipiaclean:" + cid, "en", "bipia_contexts"))
+    attack_files = {
+        fname: _attack_families(bipia / fname)
+        for fname in ("text_attack_train.json", "code_attack_train.json")
+    }
     ci = 0
-    for fname in ("text_attack_train.json", "code_attack_train.json"):
-        families = json.loads(_read(bipia / fname))
+    for families in attack_files.values():
         for family, attacks in families.items():
             for attack in attacks:
                 for _ in range(3):
@@ -307,9 +360,10 @@ def build_examples(
                     )
 
     # -- jailbreak -----------------------------------------------------------------------------
-    jb: list[str] = json.loads(_read(guard / "jailbreak" / "inthewild_jailbreak_llms.json"))
+    path = guard / "jailbreak" / "inthewild_jailbreak_llms.json"
+    jb: list[str] = list(_texts(f"{path}: unexpected content", _json(path)))
     for f in sorted((guard / "jailbreak" / "dan").glob("*.json")):
-        data = json.loads(_read(f))
+        data = _json(f)
         jb.extend(
             str(t).replace("{generator.name}", "ChatGPT")
             for t in (data if isinstance(data, list) else [data])
@@ -327,9 +381,8 @@ def build_examples(
 
     # -- harmful (MLCommons AILuminate hazards; Do-Not-Answer advice/companionship files excluded) --
     harm = guard / "harmful"
-    with _open(harm / "advbench_harmful_behaviors.csv") as fh:
-        for i, row in enumerate(csv.DictReader(fh)):
-            ex.append(Example(row["goal"], _labels(harmful=POS, toxicity=MASK), "advbench", f"advbench:{i}"))
+    for i, row in enumerate(_csv(harm / "advbench_harmful_behaviors.csv", ("goal",))):
+        ex.append(Example(row["goal"], _labels(harmful=POS, toxicity=MASK), "advbench", f"advbench:{i}"))
     for i, line in enumerate(_read(harm / "harmbench_prompts.txt").splitlines()):
         if line.strip():
             ex.append(
@@ -340,10 +393,11 @@ def build_examples(
         "information_hazard",
         "discrimination_exclusion_toxicity_hateful_offensive",
     ):
-        for i, line in enumerate(_read(harm / "donotanswer" / f"{name}.jsonl").splitlines()):
+        path = harm / "donotanswer" / f"{name}.jsonl"
+        for i, row in enumerate(_jsonl(path)):
             ex.append(
                 Example(
-                    json.loads(line)["prompt"],
+                    _text(_at(path, i), row, "prompt"),
                     _labels(harmful=POS, toxicity=MASK),
                     "donotanswer",
                     f"dna:{name}:{i}",
@@ -351,12 +405,11 @@ def build_examples(
             )
 
     # -- toxicity ------------------------------------------------------------------------------
-    with _open(guard / "toxicity" / "davidson_labeled_data.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    offensive = [r for r in rows if r["class"] == "1"]
+    dav_rows = _csv(guard / "toxicity" / "davidson_labeled_data.csv", ("", "class", "tweet"))
+    offensive = [r for r in dav_rows if r["class"] == "1"]
     rng.shuffle(offensive)
     seen: set[str] = set()
-    for r in [x for x in rows if x["class"] != "1"] + offensive[:offensive_sample]:
+    for r in [x for x in dav_rows if x["class"] != "1"] + offensive[:offensive_sample]:
         text = re.sub(r"\s+", " ", r["tweet"]).strip()
         if text in seen:
             continue
@@ -381,17 +434,15 @@ def build_examples(
     corpus = root / "corpus"
     t0: list[tuple[str, str]] = []
     for f in sorted((corpus / "t0_tasks").glob("*.jsonl")):
-        for line in _read(f).splitlines():
-            t0.append((f.stem, json.loads(line)["prompt"]))
+        for i, row in enumerate(_jsonl(f)):
+            t0.append((f.stem, _text(_at(f, i), row, "prompt")))
     rng.shuffle(t0)
     for i, (fam, text) in enumerate(t0[:t0_sample]):
         ex.append(Example(text, _labels(), "t0", f"t0:{fam}:{i % 3}", "en", "t0_prompts"))
     for name in ("self_instruct_seed_tasks.jsonl", "self_instruct_user_oriented_instructions.jsonl"):
-        for i, line in enumerate(_read(corpus / name).splitlines()):
-            row = json.loads(line)
-            inst = row.get("instances") or [{}]
-            extra = inst[0].get("input", "") if isinstance(inst[0], dict) else ""
-            text = row["instruction"] + ("\n" + extra if extra else "")
+        path = corpus / name
+        for i, row in enumerate(_jsonl(path)):
+            text = _self_instruct_text(_at(path, i), row)
             # Weighted as hard negatives: they *are* instructions to the assistant ("Write a haiku
             # about...", "Rewrite this email..."), the benign twin of an injected instruction.
             ex.append(
@@ -405,8 +456,21 @@ def build_examples(
                     weight=hard_negative_weight,
                 )
             )
-    for i, row in enumerate(json.loads(_read(guard / "benign" / "wildguard_benign.json"))):
-        ex.append(Example(row["prompt"], _labels(), "wildguard_benign", f"wg:{i}", "en", "wildguard_benign"))
+    path = guard / "benign" / "wildguard_benign.json"
+    wildguard = _json(path)
+    if not isinstance(wildguard, list):
+        raise DataError(f"{path}: expected a list of prompts, got {type(wildguard).__name__}")
+    for i, row in enumerate(wildguard):
+        ex.append(
+            Example(
+                _text(_item(path, i), row, "prompt"),
+                _labels(),
+                "wildguard_benign",
+                f"wg:{i}",
+                "en",
+                "wildguard_benign",
+            )
+        )
     w = hard_negative_weight
     for tid, text in lookalikes(per_template=8, seed=seed):
         ex.append(Example(text, _labels(), "lookalikes", f"la:{tid}", "en", "lookalikes", weight=w))
@@ -450,8 +514,8 @@ def build_examples(
         for e in ex
         if e.source == "synth_injection" and e.lang == "en" and len(e.text) < 400
     ]
-    for fname in ("text_attack_train.json", "code_attack_train.json"):
-        for family, items in json.loads(_read(bipia / fname)).items():
+    for families in attack_files.values():
+        for family, items in families.items():
             inserts.extend((f"bipia:{family}", _model_text(a)) for a in items)
     # Filler text comes only from training-side carriers and T0 prompts no split uses, so no
     # held-out or validation text reaches training through a long document.
@@ -547,6 +611,18 @@ def _filler(rng: random.Random, fillers: Sequence[str], chars: int) -> str:
         cut = max(text.rfind(". ", 0, chars), text.rfind("\n", 0, chars))
         text = text[: cut + 1] if cut > 0 else text[:chars]
     return text.strip()
+
+
+def _self_instruct_text(where: str, row: Any) -> str:
+    """A self-instruct task as a request: the instruction, then its first instance's input if any."""
+    instruction = _text(where, row, "instruction")
+    inst = row.get("instances") or [{}]
+    if not isinstance(inst, list):
+        raise DataError(f"{where}: field 'instances' must be a list, got {type(inst).__name__}")
+    extra = inst[0].get("input", "") if isinstance(inst[0], dict) else ""
+    if not isinstance(extra, str):
+        raise DataError(f"{where}: the first instance's 'input' must be a string, got {type(extra).__name__}")
+    return instruction + ("\n" + extra if extra else "")
 
 
 def _model_text(text: str) -> str:
