@@ -48,7 +48,7 @@ from steward.gateway.limits.base import (
     settle_deltas,
     window_end,
 )
-from steward.gateway.limits.retry import SETTLED_MARKER_TTL_S, SettleRetry
+from steward.gateway.limits.retry import SETTLED_MARKER_TTL_S, RetriedSettle, SettleRetry
 
 log = logging.getLogger("steward.gateway.limits")
 _BUDGETS = ("tokens", "spend")  # what a Redis restart without persistence would silently reset
@@ -141,7 +141,7 @@ def _num(x: float) -> str:
     return repr(float(x))
 
 
-class RedisLimiter:
+class RedisLimiter(RetriedSettle):
     """Exact limits across processes on one Redis; any Redis failure raises `LimiterUnavailable`."""
 
     def __init__(
@@ -288,17 +288,6 @@ class RedisLimiter:
         record(reservation, entries)
         merge_statuses(reservation, [s for s in statuses if s.limit.kind != "concurrent"])
         return True
-
-    async def settle(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
-        """Settle; if the store fails, the settle is also queued for background retry (`retry`)."""
-        if reservation.id in self.settle_retry:  # already queued: never two settles at once
-            self.settle_retry.add(reservation, actual)
-            return
-        try:
-            await self._settle_once(reservation, actual)
-        except LimiterUnavailable:
-            self.settle_retry.add(reservation, actual)
-            raise
 
     async def _settle_once(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
         if reservation.settled:

@@ -176,3 +176,24 @@ class SettleRetry:
         if left:
             log.error("%d limit settlements could not be applied before shutdown", left)
         return left
+
+
+class RetriedSettle:
+    """`settle` for the store-backed limiters: one attempt now (`_settle_once`), and on a store
+    failure the settle is also queued on `settle_retry`, which tries it again in the background
+    and at shutdown; a settle for a reservation already queued only updates the queued usage."""
+
+    settle_retry: SettleRetry
+
+    async def _settle_once(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
+        raise NotImplementedError
+
+    async def settle(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
+        if reservation.id in self.settle_retry:  # already queued: never two settles at once
+            self.settle_retry.add(reservation, actual)
+            return
+        try:
+            await self._settle_once(reservation, actual)
+        except LimiterUnavailable:
+            self.settle_retry.add(reservation, actual)
+            raise

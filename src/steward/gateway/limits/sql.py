@@ -63,7 +63,7 @@ from steward.gateway.limits.base import (
     settle_deltas,
     window_bounds,
 )
-from steward.gateway.limits.retry import SETTLED_MARKER_TTL_S, SettleRetry
+from steward.gateway.limits.retry import SETTLED_MARKER_TTL_S, RetriedSettle, SettleRetry
 from steward.store.models import LimitCounter, LimitLease, LimitSettled
 
 _COUNTERS: Table = LimitCounter.__table__  # type: ignore[assignment]
@@ -92,7 +92,7 @@ def _key_clause(key: CounterKey) -> Any:
     return and_(c.scope == scope, c.kind == kind, c.window == window, c.window_start == start)
 
 
-class SQLLimiter:
+class SQLLimiter(RetriedSettle):
     """Exact limits on SQLite or PostgreSQL; the caller owns `engine` (migrated to head)."""
 
     def __init__(
@@ -325,17 +325,6 @@ class SQLLimiter:
             return await self._in_thread(self._extend_sync, reservation, amounts)
         except (SQLAlchemyError, OSError) as exc:
             raise LimiterUnavailable(f"limit store failed: {type(exc).__name__}") from exc
-
-    async def settle(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
-        """Settle; if the store fails, the settle is also queued for background retry (`retry`)."""
-        if reservation.id in self.settle_retry:  # already queued: never two settles at once
-            self.settle_retry.add(reservation, actual)
-            return
-        try:
-            await self._settle_once(reservation, actual)
-        except LimiterUnavailable:
-            self.settle_retry.add(reservation, actual)
-            raise
 
     async def _settle_once(self, reservation: Reservation, actual: Mapping[Kind, float]) -> None:
         if reservation.settled:
