@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1025,3 +1026,27 @@ def test_settle_retry_is_bounded_backs_off_and_never_settles_twice() -> None:
         assert len(retry) == 0 and await retry.flush() == 0 and len(calls) == n
 
     run(body())
+
+
+def test_the_lease_refresher_reports_a_lost_lease(caplog: pytest.LogCaptureFixture) -> None:
+    """A refresh that finds its lease gone (expired and taken) is said in the log, once, and the
+    refresher stops; it used to be ignored silently."""
+    from steward.gateway.service import _Hold
+
+    class Lost:
+        calls = 0
+
+        async def extend(self, res: Reservation, amounts: Mapping[str, float]) -> bool:
+            Lost.calls += 1
+            return False
+
+    async def body() -> None:
+        res = Reservation("r1", (), {}, {}, [])
+        hold = _Hold(Lost(), res, 0.01, 5.0)  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        await hold.stop()
+
+    with caplog.at_level(logging.WARNING, logger="steward.gateway"):
+        run(body())
+    lost = [r for r in caplog.records if "lease was lost" in r.getMessage()]
+    assert len(lost) == 1 and Lost.calls == 1

@@ -89,9 +89,15 @@ class _Hold:
             if res.settled:
                 return
             try:
-                await limiter.extend(res, {})
+                kept = await limiter.extend(res, {})
             except Exception:
                 log.warning("refreshing a concurrency lease failed", exc_info=True)
+                continue
+            if not kept and not res.settled:
+                # The lease expired (the store or this loop stalled past its TTL) and its slot went
+                # to another request: this one runs on, over its concurrency limit until it ends.
+                log.warning("a concurrency lease was lost while its request ran; the limit may be exceeded")
+                return
 
     async def stop(self) -> None:
         self._stop.set()
