@@ -68,9 +68,10 @@ MAX_N = 16
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 
 
-def unsupported(name: str, why: str = "") -> BackendError:
+def unsupported(name: str, why: str = "", by: str = "the built-in model") -> BackendError:
+    """A 400 naming the parameter and the backend (`by`) that refuses it."""
     return BackendError(
-        f"parameter {name!r} is not supported by the built-in model{': ' + why if why else ''}",
+        f"parameter {name!r} is not supported by {by}{': ' + why if why else ''}",
         status=400,
         type="invalid_request_error",
         code="unsupported_parameter",
@@ -78,7 +79,12 @@ def unsupported(name: str, why: str = "") -> BackendError:
     )
 
 
-def _check_fields(body: JSON, allowed: set[str], defaults: dict[str, object] | None = None) -> None:
+def _check_fields(
+    body: JSON,
+    allowed: set[str],
+    defaults: dict[str, object] | None = None,
+    by: str = "the built-in model",
+) -> None:
     for name, value in body.items():
         if name in allowed or name in _IGNORED or value is None:
             continue
@@ -90,7 +96,7 @@ def _check_fields(body: JSON, allowed: set[str], defaults: dict[str, object] | N
             default = defaults[name]
             if type(value) is type(default) and value == default:  # True is not best_of 1
                 continue
-        raise unsupported(name)
+        raise unsupported(name, by=by)
 
 
 def choice_seeds(seed: int | None, n: int) -> list[int]:

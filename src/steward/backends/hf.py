@@ -47,20 +47,11 @@ def _short(exc: BaseException, limit: int = 200) -> str:
 
 
 def _unsupported(name: str, why: str = "") -> BackendError:
-    return BackendError(
-        f"parameter {name!r} is not supported by the hf backend{': ' + why if why else ''}",
-        status=400,
-        type="invalid_request_error",
-        code="unsupported_parameter",
-        param=name,
-    )
+    return _builtin.unsupported(name, why, by="the hf backend")
 
 
 def _check_fields(body: JSON, allowed: set[str], defaults: dict[str, object] | None = None) -> None:
-    try:
-        _builtin._check_fields(body, allowed, defaults)
-    except BackendError as exc:
-        raise _unsupported(exc.param or "?") from None
+    _builtin._check_fields(body, allowed, defaults, by="the hf backend")
 
 
 def check_model_dir(path: Path) -> tuple[Any, Any, list[Path]]:
