@@ -43,6 +43,7 @@ from steward.audit.log import AuditLog
 from steward.audit.merkle import MemoryTree, ProofError
 from steward.audit.note import Checkpoint, NoteError, Verifier
 from steward.audit.schema import CHECKPOINTS, EVENTS
+from steward.store.db import reading
 
 FORMAT = "steward-audit-export"
 VERSION = 2  # 1 had no range: it could not show that no event was left out
@@ -75,7 +76,7 @@ def export_events(log: AuditLog, out: IO[str], since: Any) -> ExportSummary:
     if log.signer is not None:
         log.checkpoint()
     since_us = time_us(since)
-    with log.engine.connect() as conn:
+    with reading(log.engine).connect() as conn:
         row = conn.execute(
             select(CHECKPOINTS.c.size, CHECKPOINTS.c.root_hash, CHECKPOINTS.c.note)
             .order_by(CHECKPOINTS.c.size.desc())

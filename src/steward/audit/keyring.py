@@ -50,6 +50,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from steward.audit.crypto import KEY_SIZE, KeyProvider, kek_id_of
 from steward.audit.schema import DATA_KEYS
+from steward.store.db import reading
 
 PAYLOAD = "payload"
 PSEUDONYM = "pseudonym"
@@ -116,6 +117,7 @@ class KeyRing:
         scrub_wait_s: float | None = None,
     ) -> None:
         self.engine = engine
+        self._reader = reading(engine)
         self.provider = provider
         self.key_period_s = key_period_s
         self.cache_ttl_s = cache_ttl_s
@@ -135,7 +137,7 @@ class KeyRing:
             return cached
         key_id = "ps_" + hashlib.sha256(tenant.encode()).hexdigest()[:32]
         aad = wrap_aad(key_id, tenant, None, PSEUDONYM)
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             row = conn.execute(select(_T.c.wrapped).where(_T.c.id == key_id)).first()
         if row is None:
             fresh = os.urandom(KEY_SIZE)
@@ -155,7 +157,7 @@ class KeyRing:
                     )
             except IntegrityError:
                 pass  # another worker created it first; read theirs below
-            with self.engine.connect() as conn:
+            with self._reader.connect() as conn:
                 row = conn.execute(select(_T.c.wrapped).where(_T.c.id == key_id)).first()
         if row is None or row[0] is None:
             raise PayloadUnavailable(f"pseudonym key of tenant {tenant!r} is missing")
@@ -192,7 +194,7 @@ class KeyRing:
             _T.c.retired_us.is_(None),
             _T.c.created_us >= horizon,
         ]
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             row = conn.execute(
                 select(_T.c.id, _T.c.wrapped).where(*cond).order_by(_T.c.created_us.desc())
             ).first()
@@ -217,7 +219,7 @@ class KeyRing:
 
     def key_by_id(self, key_id: str) -> bytes:
         """The key for reading a payload; raises PayloadUnavailable once destroyed."""
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             row = conn.execute(
                 select(_T.c.tenant, _T.c.subject_ref, _T.c.purpose, _T.c.wrapped, _T.c.destroy_reason).where(
                     _T.c.id == key_id
@@ -261,7 +263,7 @@ class KeyRing:
             self._current.clear()
 
     def tenants(self) -> list[str]:
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return [r[0] for r in conn.execute(select(_T.c.tenant).distinct())]
 
     def erase_subject(self, subject: str, tenant: str | None = None) -> int:

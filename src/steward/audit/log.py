@@ -74,7 +74,7 @@ from steward.audit.note import (
     load_or_create_signer,
 )
 from steward.audit.schema import CHECKPOINTS, DATA_KEYS, EVENTS, NODE_LEVEL_SHIFT, NODES, STATE
-from steward.store.db import begin_immediate
+from steward.store.db import begin_immediate, reading
 
 CACHE_LEVEL = 4
 EVENT_COLUMNS = (
@@ -280,7 +280,7 @@ def _read_identity(engine: Engine) -> dict[str, Any] | None:
         finally:
             raw.close()
         return _parse_identity(row[0] if row is not None else None)
-    with engine.connect() as conn:
+    with reading(engine).connect() as conn:
         return _parse_identity(
             conn.execute(select(STATE.c.frontier).where(STATE.c.id == IDENTITY_ROW)).scalar()
         )
@@ -621,7 +621,7 @@ class AuditLog:
         ids = [p.event.event_id for p in prepared]
         c = EVENTS.c
         try:
-            with self.engine.connect() as conn:
+            with reading(self.engine).connect() as conn:
                 rows = {
                     r.event_id: r
                     for r in conn.execute(
@@ -707,7 +707,7 @@ class AuditLog:
         return Checkpoint(cp.origin, cp.size, cp.root, note)
 
     def latest_checkpoint(self) -> Checkpoint | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine).connect() as conn:
             row = conn.execute(
                 select(CHECKPOINTS.c.size, CHECKPOINTS.c.root_hash, CHECKPOINTS.c.note)
                 .order_by(CHECKPOINTS.c.size.desc())
@@ -730,14 +730,14 @@ class AuditLog:
         return int(row[0]), str(row[1])
 
     def size(self) -> int:
-        with self.engine.connect() as conn:
+        with reading(self.engine).connect() as conn:
             return int(conn.execute(select(STATE.c.size).where(STATE.c.id == 1)).scalar_one())
 
     # --- proofs -------------------------------------------------------------------------------------
 
     def inclusion_proof(self, index: int, tree_size: int | None = None) -> InclusionProof:
         """Proof that leaf `index` is in the checkpoint of `tree_size` (default: the latest one)."""
-        with self.engine.connect() as conn:
+        with reading(self.engine).connect() as conn:
             size, note = self._checkpoint_at(conn, tree_size)
             if not 0 <= index < size:
                 raise ProofError(f"event #{index} is not covered by the checkpoint of size {size}")
@@ -750,7 +750,7 @@ class AuditLog:
         return self.inclusion_proof(self._index_of(event_id), tree_size)
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
-        with self.engine.connect() as conn:
+        with reading(self.engine).connect() as conn:
             n = int(conn.execute(select(STATE.c.size).where(STATE.c.id == 1)).scalar_one())
             if size2 > n:
                 raise ProofError(f"the log has only {n} events")
@@ -759,7 +759,7 @@ class AuditLog:
     # --- reading ------------------------------------------------------------------------------------
 
     def _index_of(self, event_id: str) -> int:
-        with self.engine.connect() as conn:
+        with reading(self.engine).connect() as conn:
             idx = conn.execute(select(EVENTS.c.idx).where(EVENTS.c.event_id == event_id)).scalar()
         if idx is None:
             raise LookupError(f"no audit event {event_id}")
@@ -768,7 +768,7 @@ class AuditLog:
     def get_event(self, ref: int | str, *, tenant: str | None = None) -> StoredEvent:
         """An event by index or event id; with `tenant`, another tenant's event is 'not found'."""
         cond = EVENTS.c.idx == ref if isinstance(ref, int) else EVENTS.c.event_id == ref
-        with self.engine.connect() as conn:
+        with reading(self.engine).connect() as conn:
             leaf = conn.execute(select(EVENTS.c.leaf).where(cond)).scalar()
         if leaf is None:
             raise LookupError(f"no audit event {ref}")
@@ -785,7 +785,7 @@ class AuditLog:
             stmt = stmt.where(EVENTS.c.tenant == tenant)
         if since_us is not None:
             stmt = stmt.where(EVENTS.c.time_us >= since_us)
-        with self.engine.connect() as conn:
+        with reading(self.engine).connect() as conn:
             return [StoredEvent.from_leaf(bytes(r[0])) for r in conn.execute(stmt)]
 
     def read_payload(

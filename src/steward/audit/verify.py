@@ -28,6 +28,7 @@ from steward.audit.log import CACHE_LEVEL, split_node_id
 from steward.audit.merkle import CompactRange, MemoryTree, ProofError, decompose
 from steward.audit.note import Checkpoint, NoteError, Verifier
 from steward.audit.schema import CHECKPOINTS, DATA_KEYS, EVENTS, NODES, STATE
+from steward.store.db import reading
 
 _COLUMNS = ("idx", "event_id", "time_us", "tenant", "kind", "request_id", "subject_ref", "outcome", "status")
 
@@ -98,7 +99,7 @@ def verify_store(
 ) -> VerifyReport:
     report = VerifyReport(unsigned_tail_allowed=allow_unsigned_tail)
     checkpoints: list[Checkpoint] = []
-    with engine.connect() as conn:
+    with reading(engine).connect() as conn:
         for size, root_hash, note in conn.execute(
             select(CHECKPOINTS.c.size, CHECKPOINTS.c.root_hash, CHECKPOINTS.c.note).order_by(
                 CHECKPOINTS.c.size
@@ -124,7 +125,7 @@ def verify_store(
     matched: list[Checkpoint] = []  # checkpoints whose root the rebuilt tree reproduces
     good_size = 0  # size of the last checkpoint whose root matched
     stop = False
-    with engine.connect() as conn:
+    with reading(engine).connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=batch).execute(
             select(
                 EVENTS.c.idx,
@@ -208,7 +209,7 @@ def verify_store(
             "are after the last checkpoint (unsigned)",
         )
 
-    with engine.connect() as conn:
+    with reading(engine).connect() as conn:
         state = conn.execute(select(STATE.c.size, STATE.c.frontier).where(STATE.c.id == 1)).first()
         if state is None:
             report.add(None, "merkle_state row is missing")

@@ -61,9 +61,10 @@ def _existing_engine(db: str | None) -> Engine:
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
 
+        from steward.store.db import reading
         from steward.store.migrate import alembic_config
 
-        with engine.connect() as conn:
+        with reading(engine).connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
         head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     except SQLAlchemyError as exc:

@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from steward.store import StoreError
+from steward.store.db import reading
 from steward.store.models import ApiKey, Tenant
 
 KEY_PREFIX = "sk-stw-"
@@ -172,7 +173,7 @@ class KeyStore:
         return out
 
     def list_tenants(self) -> list[dict[str, Any]]:
-        with self._session() as s:
+        with self._session(read=True) as s:
             rows = s.scalars(select(Tenant).order_by(Tenant.id)).all()
             return [
                 {"id": t.id, "limits": t.limits, "policy": t.policy, "created_at": _iso(t.created_at)}
@@ -215,14 +216,14 @@ class KeyStore:
             return key, _record(row)
 
     def list(self, tenant: str | None = None) -> list[KeyRecord]:
-        with self._session() as s:
+        with self._session(read=True) as s:
             q = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
             if tenant is not None:
                 q = q.where(ApiKey.tenant_id == tenant)
             return [_record(k) for k in s.scalars(q).all()]
 
     def get(self, key_id: str) -> KeyRecord | None:
-        with self._session() as s:
+        with self._session(read=True) as s:
             k = s.get(ApiKey, key_id)
             return _record(k) if k is not None else None
 
@@ -272,7 +273,7 @@ class KeyStore:
         return p
 
     def _load(self, h: str) -> Principal | None:
-        with self._session() as s:
+        with self._session(read=True) as s:
             k = s.scalars(select(ApiKey).where(ApiKey.hash == h)).first()
             if k is None or not hmac.compare_digest(k.hash, h) or k.revoked_at is not None:
                 return None
@@ -290,8 +291,8 @@ class KeyStore:
                 expires_at=exp.timestamp() if exp is not None else None,
             )
 
-    def _session(self) -> _SessionCtx:
-        return _SessionCtx(self.engine)
+    def _session(self, *, read: bool = False) -> _SessionCtx:
+        return _SessionCtx(reading(self.engine) if read else self.engine)
 
 
 class _SessionCtx:

@@ -101,6 +101,24 @@ def _execute_when_unlocked(dbapi_conn: Any, sql: str, wait_s: float = SQLITE_LOC
         attempt += 1
 
 
+READ_ONLY = "steward_read_only"
+LOCK_WAIT = "steward_lock_wait_s"
+
+
+def reading(engine: Engine) -> Engine:
+    """`engine` for reads only: on SQLite its transactions take no write lock (a key lookup, an
+    audit proof or a whole `steward audit verify` no longer queues behind, or holds off, the
+    gateway's appends) and refuse writes. Same pool; no effect on PostgreSQL, whose reads never
+    locked writers out."""
+    return engine.execution_options(**{READ_ONLY: True})
+
+
+def lock_wait(engine: Engine, wait_s: float) -> Engine:
+    """`engine` whose SQLite write transactions wait at most `wait_s` for the lock (default
+    `SQLITE_LOCK_WAIT_S`): for callers that answer a request and would rather fail fast."""
+    return engine.execution_options(**{LOCK_WAIT: wait_s})
+
+
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
@@ -142,13 +160,38 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
             # Writers take the lock up front: a deferred transaction that later upgrades to a write
-            # lock can fail with SQLITE_BUSY instead of waiting. A lock held past the wait raises
-            # sqlite3's own error, which SQLAlchemy does not wrap for an event listener: wrap it, so
-            # every caller sees the same store failure (`SQLAlchemyError`, a 503) as any other.
+            # lock can fail with SQLITE_BUSY instead of waiting. Readers (`reading`) take none: in
+            # WAL mode a deferred transaction reads a stable snapshot beside any writer, and is
+            # made query-only so that a write through it fails at once instead of sometimes.
+            # A lock held past the wait raises sqlite3's own error, which SQLAlchemy does not wrap
+            # for an event listener: wrap it, so every caller sees the same store failure
+            # (`SQLAlchemyError`, a 503) as any other.
+            opts = conn.get_execution_options()
+            record = conn.connection
+            read = bool(opts.get(READ_ONLY))
+            sql = "BEGIN" if read else "BEGIN IMMEDIATE"
             try:
-                begin_immediate(conn.connection.dbapi_connection)
+                if record.info.get(READ_ONLY, False) != read:
+                    record.dbapi_connection.execute(f"PRAGMA query_only={'ON' if read else 'OFF'}")
+                    record.info[READ_ONLY] = read
+                if read:
+                    _execute_when_unlocked(record.dbapi_connection, sql)
+                elif LOCK_WAIT in opts:
+                    begin_immediate(record.dbapi_connection, float(opts[LOCK_WAIT]))
+                else:
+                    begin_immediate(record.dbapi_connection)
             except sqlite3.Error as exc:
-                raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
+                raise OperationalError(sql, None, exc) from exc
+
+        @event.listens_for(engine, "checkin")
+        def _writer_again(dbapi_conn: Any, record: Any) -> None:
+            # A pooled connection goes back as a writer: raw uses after the next checkout
+            # (PRAGMAs, checkpoints) must not find it query-only.
+            if record.info.pop(READ_ONLY, False):
+                try:
+                    dbapi_conn.execute("PRAGMA query_only=OFF")
+                except sqlite3.Error:
+                    record.invalidate()
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)

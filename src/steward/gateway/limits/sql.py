@@ -64,6 +64,7 @@ from steward.gateway.limits.base import (
     window_bounds,
 )
 from steward.gateway.limits.retry import SETTLED_MARKER_TTL_S, RetriedSettle, SettleRetry
+from steward.store.db import lock_wait
 from steward.store.models import LimitCounter, LimitLease, LimitSettled
 
 _COUNTERS: Table = LimitCounter.__table__  # type: ignore[assignment]
@@ -73,6 +74,11 @@ _CLEAN_EVERY_S = 60.0
 _THREADS = 4
 """The limiter's own worker threads. Few: SQLite serialises writers anyway, and on PostgreSQL each
 transaction is a handful of sub-millisecond statements."""
+RESERVE_LOCK_WAIT_S = 5.0
+"""How long a reservation (a request waiting to be admitted) waits for SQLite's write lock before
+its 503, instead of the store's 30 s: transactions last well under a millisecond, so a lock held
+this long is held by something else (an erase, a backup, the sqlite3 shell). Settles keep the
+store's wait; they are retried in the background anyway."""
 
 _T = TypeVar("_T")
 
@@ -96,11 +102,17 @@ class SQLLimiter(RetriedSettle):
     """Exact limits on SQLite or PostgreSQL; the caller owns `engine` (migrated to head)."""
 
     def __init__(
-        self, engine: Engine, *, clock: Clock = time.time, lease_ttl_s: float = DEFAULT_LEASE_TTL_S
+        self,
+        engine: Engine,
+        *,
+        clock: Clock = time.time,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+        lock_wait_s: float = RESERVE_LOCK_WAIT_S,
     ) -> None:
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database {engine.dialect.name!r}")
         self._engine = engine
+        self._admit_engine = lock_wait(engine, lock_wait_s)
         self._pg = engine.dialect.name == "postgresql"
         self._clock = clock
         self._lease_ttl_s = lease_ttl_s
@@ -226,7 +238,7 @@ class SQLLimiter(RetriedSettle):
     def _reserve_sync(self, limits: Sequence[Limit], amounts: Mapping[Kind, float]) -> Reservation:
         now = self._clock()
         entries = plan(limits, amounts, now)
-        with self._engine.begin() as conn:
+        with self._admit_engine.begin() as conn:
             failed, statuses = self._check_and_add(conn, entries, now, check_leases=True)
             if failed is not None:
                 # Commit anyway: the only writes are deletions of expired leases.
@@ -270,7 +282,7 @@ class SQLLimiter(RetriedSettle):
         now = self._clock()
         entries = extension_entries(res, amounts, now)
         try:
-            with self._engine.begin() as conn:
+            with self._admit_engine.begin() as conn:
                 failed, statuses = self._check_and_add(
                     conn, entries, now, check_leases=False, also_lock=list(res.leases)
                 )
