@@ -714,3 +714,48 @@ def test_the_prompt_tokens_stay_out_of_the_call_metadata(hf_dir: Path) -> None:
         await b.aclose()
 
     asyncio.run(go())
+
+
+def test_sampling_neither_reads_nor_moves_the_process_random_state(hf_dir: Path) -> None:
+    """Each hf generation samples from its own `torch.Generator` (seeded by the request's `seed`),
+    never from torch's process-wide one: with `torch.manual_seed` per request, two models (each on
+    its own thread) or a seeded and an unseeded request drew from one shared stream, so a seeded
+    request did not reproduce while another one ran, and every hf request reset the random state
+    of everything else in the process."""
+    import torch
+
+    async def go() -> None:
+        a, b = await _loaded(hf_dir), await _loaded(hf_dir)
+        seeded = _chat(max_tokens=40, temperature=1.0, seed=11)
+        alone = _text(await a.chat(seeded))
+
+        torch.manual_seed(1234)
+        before = torch.get_rng_state()
+        assert _text(await a.chat(_chat(max_tokens=40, temperature=1.0, seed=11))) == alone
+        await b.chat(_chat(max_tokens=40, temperature=1.0))  # unseeded
+        assert torch.equal(torch.get_rng_state(), before)
+
+        # a seeded request while the other model samples unseeded requests, step by step
+        stop = asyncio.Event()
+
+        async def noise() -> None:
+            while not stop.is_set():
+                await b.chat(_chat(max_tokens=40, temperature=1.0))
+
+        task = asyncio.create_task(noise())
+        try:
+            for _ in range(3):
+                assert _text(await a.chat(_chat(max_tokens=40, temperature=1.0, seed=11))) == alone
+        finally:
+            stop.set()
+            await task
+        # a process-wide seed no longer decides unseeded requests: they differ from run to run
+        texts = set()
+        for _ in range(4):
+            torch.manual_seed(0)
+            texts.add(_text(await a.chat(_chat(max_tokens=40, temperature=1.0))))
+        assert len(texts) > 1
+        await a.aclose()
+        await b.aclose()
+
+    asyncio.run(go())

@@ -114,26 +114,38 @@ def check_model_dir(path: Path) -> tuple[Any, Any, list[Path]]:
 
 
 class _Sampling:
-    """Temperature and top-p as one logits processor. A temperature so small that the scaled
-    logits overflow float32 decodes greedily (the limit as the temperature goes to 0), as the
-    built-in model does, instead of sampling from NaNs."""
+    """Temperature, top-p and the draw itself as one logits processor: it returns the drawn token
+    alone (0 there, -inf elsewhere) and transformers decodes greedily, so each request samples
+    from its own `torch.Generator` (seeded by the request's `seed`, else from the OS) and never
+    from torch's process-wide one, which other models' threads and every other caller in the
+    process share (transformers' own sampling has no generator argument). A temperature so small
+    that the scaled logits overflow float32 decodes greedily (the limit as the temperature goes
+    to 0), as the built-in model does, instead of sampling from NaNs."""
 
-    def __init__(self, temperature: float, top_p: float) -> None:
+    def __init__(self, temperature: float, top_p: float, seed: int | None = None) -> None:
+        import torch
         from transformers import TopPLogitsWarper
 
         self.temperature = temperature
         self.top_p = TopPLogitsWarper(top_p=top_p) if top_p < 1.0 else None
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed % (2**63))
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        x = scores / self.temperature
+        x = scores.float() / self.temperature
         overflow = ~torch.isfinite(x.amax(-1))
-        if bool(overflow.any()):
-            onehot = torch.full_like(x, float("-inf"))
-            onehot.scatter_(-1, scores.argmax(-1, keepdim=True), 0.0)
-            x = torch.where(overflow[:, None], onehot, x)
-        return x if self.top_p is None else self.top_p(input_ids, x)
+        x = torch.where(overflow[:, None], torch.zeros_like(x), x)  # any distribution; replaced below
+        if self.top_p is not None:
+            x = self.top_p(input_ids, x)
+        drawn = torch.multinomial(torch.softmax(x, dim=-1), 1, generator=self.generator)
+        drawn = torch.where(overflow[:, None], scores.argmax(-1, keepdim=True), drawn)
+        onehot = torch.full_like(scores, float("-inf"))
+        return onehot.scatter_(-1, drawn, 0.0)
 
 
 class _Run:
@@ -427,12 +439,14 @@ class HFBackend:
         b = call.body
         t = b.get("temperature")
         t = 1.0 if t is None else float(t)
-        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens(route, call), "do_sample": t > 0}
+        # Greedy in transformers' terms always: a sampled request's draw is `_Sampling`'s (its own
+        # generator); the model's generation config may not turn transformers' sampling back on.
+        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens(route, call), "do_sample": False}
+        kw.update(temperature=None, top_p=None, top_k=None)
         if t > 0:
             top_p = 1.0 if b.get("top_p") is None else float(b["top_p"])
-            # Temperature and top-p are applied by `_Sampling`; transformers' own are neutral.
-            kw.update(temperature=1.0, top_p=1.0, top_k=0)
-            kw["logits_processor"] = LogitsProcessorList([_Sampling(t, top_p)])
+            seed = b.get("seed")
+            kw["logits_processor"] = LogitsProcessorList([_Sampling(t, top_p, seed)])
         pad = self.tokenizer.pad_token_id
         kw["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
         stop = b.get("stop")
@@ -440,9 +454,7 @@ class HFBackend:
         return kw, stops
 
     # -- generation (on the backend's thread) --------------------------------------------------------
-    def _generate(
-        self, ids: list[int], kw: dict[str, Any], seed: int | None, run: _Run
-    ) -> tuple[str, int, int, str]:
+    def _generate(self, ids: list[int], kw: dict[str, Any], run: _Run) -> tuple[str, int, int, str]:
         if self._closed:
             raise _closed_error()
         if run.cancel.is_set():  # the client left while this waited its turn
@@ -450,8 +462,6 @@ class HFBackend:
         import torch
         from transformers import StoppingCriteriaList
 
-        if seed is not None:
-            torch.manual_seed(seed % (2**63))
         input_ids = torch.tensor([ids], dtype=torch.long)
         try:
             with torch.inference_mode():
@@ -489,7 +499,7 @@ class HFBackend:
         try:
             if self._closed:
                 raise _closed_error()
-            fut = loop.run_in_executor(self._pool, self._generate, ids, kw, call.body.get("seed"), run)
+            fut = loop.run_in_executor(self._pool, self._generate, ids, kw, run)
             try:
                 return await fut
             except asyncio.CancelledError:
@@ -551,7 +561,7 @@ class HFBackend:
 
         def job() -> None:
             try:
-                post("end", self._generate(ids, kw, call.body.get("seed"), run))
+                post("end", self._generate(ids, kw, run))
             except BackendError as exc:
                 post("error", exc)
             except Exception as exc:  # never leave the stream waiting
