@@ -9,7 +9,10 @@ here rather than learned, so a score always traces back to one detector:
   `illicit/violent` ← harmful with hazard violent_crimes or indiscriminate_weapons.
 * `violence` ← harmful with hazard violent_crimes; `violence/graphic` ← no detector (always 0).
 * `self-harm`, `self-harm/intent`, `self-harm/instructions` ← harmful with hazard suicide_self_harm.
-* `sexual` ← harmful with hazard sex_related_crimes; `sexual/minors` ← child_sexual_exploitation.
+* `sexual` ← harmful with hazard sex_related_crimes or sexual_content; `sexual/minors` (and `sexual`)
+  ← child_sexual_exploitation.
+* `harassment` ← harmful with hazard defamation too; `illicit` ← elections and specialized_advice
+  (no OpenAI category names them; a harmful finding stays flagged rather than hidden).
 
 A category is flagged when its score reaches the threshold of the Steward scanner it comes from.
 
@@ -28,10 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictStr, field_validator
 from starlette.responses import Response
 
 from steward.gateway.errors import APIError
@@ -68,14 +71,77 @@ _HAZARD_TARGETS = {
     "suicide_self_harm": ("self-harm", "self-harm/intent", "self-harm/instructions"),
     "sex_related_crimes": ("sexual",),
     "child_sexual_exploitation": ("sexual/minors", "sexual"),
+    "sexual_content": ("sexual",),
     "hate": ("hate",),
+    "defamation": ("harassment",),
+    # No OpenAI category names these; `illicit` keeps a harmful finding flagged rather than hidden.
+    "elections": ("illicit",),
+    "specialized_advice": ("illicit",),
 }
 
 
+MAX_INPUTS = 256
+
+
 class ModerationRequest(BaseModel):
+    """OpenAI's three input forms: a string; a list of strings (one result each); a list of
+    content parts (`{"type": "text", "text": ...}`; one input, one result, its text parts read
+    together). Image parts are refused by name: this gateway's detectors read text only, and a
+    result for an image nobody looked at would say "clean" with nothing behind it."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
-    input: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=256)]
+    input: Any
     model: StrictStr | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any) -> str | list[str]:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(
+                "must be a string, a list of strings, or a list of content parts "
+                f'({{"type": "text", "text": ...}}), not {_json_type(value)}'
+            )
+        if not value:
+            raise ValueError("the list is empty; give at least one input")
+        if len(value) > MAX_INPUTS:
+            raise ValueError(f"at most {MAX_INPUTS} inputs per request; got {len(value)}")
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(isinstance(v, dict) for v in value):
+            return [_content_parts_text(value)]
+        raise ValueError("a list must hold only strings or only content parts (objects), not a mix")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _content_parts_text(parts: list[dict[str, Any]]) -> str:
+    texts = []
+    for i, part in enumerate(parts):
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ValueError(f"content part {i}: `text` must be a string")
+            if set(part) - {"type", "text"}:
+                raise ValueError(f"content part {i}: unknown fields {sorted(set(part) - {'type', 'text'})}")
+            texts.append(text)
+        elif kind == "image_url":
+            raise ValueError(
+                f"content part {i}: image input is not supported; this gateway moderates text only"
+            )
+        else:
+            raise ValueError(f'content part {i}: unknown type {kind!r} (use "text")')
+    return "\n".join(texts)
 
 
 def map_verdict(v: Any) -> dict[str, Any]:
