@@ -198,3 +198,18 @@ def test_jsonl_any_failure_reading_a_line_stays_on_that_line(
     assert code == 2 and len(out) == 3
     assert json.loads(out[1]) == {"error": "line 2: KeyError: 'boom'"}
     assert json.loads(out[2])["categories"] == ["secrets"]
+
+
+def test_jsonl_lines_end_at_newline_only(app: typer.Typer, policy: Path, tmp_path: Path) -> None:
+    """A bare CR is JSON whitespace, legal inside a line: reading with universal newlines split such a
+    line in two, so two inputs gave three output lines and every later verdict sat one line off."""
+    body = '{"text": "mail jane@example.com",\r"role": "user"}\n{"text": "plain"}\r\n{"text": "x\\ry"}\n'
+    f = tmp_path / "cr.jsonl"
+    f.write_bytes(body.encode("utf-8"))
+    for args, stdin in (([str(f)], None), (["-"], body.encode("utf-8"))):
+        r = CliRunner().invoke(app, ["scan", "--policy", str(policy), "--jsonl", *args], input=stdin)
+        out = r.stdout.split("\n")[:-1]
+        assert r.exit_code == 0 and len(out) == 3, (args, r.stdout, r.stderr)
+        first = json.loads(out[0])
+        assert first["findings"][0]["entity"] == "EMAIL_ADDRESS"
+        assert "error" not in json.loads(out[1]) and "error" not in json.loads(out[2])

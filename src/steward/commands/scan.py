@@ -125,7 +125,7 @@ def _scan_stdin(pipeline: Any, base: ScanContext, batch_size: int) -> int:
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # a text-only stdin (replaced by the caller): read it as it is
         return scan_jsonl(pipeline, sys.stdin, sys.stdout, base, batch_size)
-    stream = io.TextIOWrapper(buffer, encoding="utf-8-sig", errors="surrogateescape")
+    stream = io.TextIOWrapper(buffer, encoding="utf-8-sig", errors="surrogateescape", newline="\n")
     try:
         return scan_jsonl(pipeline, stream, sys.stdout, base, batch_size)
     finally:
@@ -171,7 +171,7 @@ def register(app: typer.Typer) -> None:
             else:
                 if not jsonl.is_file():
                     raise FileNotFoundError(f"--jsonl file not found: {jsonl}")
-                with jsonl.open(encoding="utf-8-sig", errors="surrogateescape") as fh:
+                with jsonl.open(encoding="utf-8-sig", errors="surrogateescape", newline="\n") as fh:
                     status = scan_jsonl(pipeline, fh, sys.stdout, base, batch_size)
             raise typer.Exit(status)
         if text is None or text == "-":
