@@ -210,3 +210,23 @@ def test_scan_cli_refuses_a_duplicate_key_with_one_line(tmp_path: Path) -> None:
     )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == f"steward: error: {p}:5: duplicate key 'action'", r.stderr
+
+
+@pytest.mark.parametrize(
+    ("direction", "scanner", "needle"),
+    [("input", "prompt_leak", "list it under output"), ("output", "context_probe", "list it under input")],
+)
+def test_a_scanner_on_the_side_it_cannot_read_is_refused(direction: str, scanner: str, needle: str) -> None:
+    """prompt_leak under input (or context_probe under output) loaded, ran on every request and
+    could never find anything: a check that looked configured and was not there."""
+    pol = {"version": 1, "policies": {"default": {direction: [{"scanner": scanner}]}}}
+    with pytest.raises(PolicyError) as err:
+        load_policy_set(pol)
+    assert f"policies.default.{direction}[0]: {scanner}" in str(err.value) and needle in str(err.value)
+
+
+def test_a_nan_threshold_is_refused_as_not_a_number() -> None:
+    pol = {"version": 1, "policies": {"default": {"input": [{"scanner": "pii", "threshold": float("nan")}]}}}
+    with pytest.raises(PolicyError) as err:
+        load_policy_set(pol)
+    assert "finite number" in str(err.value), str(err.value)

@@ -52,13 +52,21 @@ class PolicyError(ValueError):
 StrictNumber = Annotated[float, Strict()]
 
 
+# Scanners that read only one side of a request: listed on the other they would run on every
+# request and never find anything, a check that silently is not there.
+ONE_DIRECTION: dict[str, tuple[str, str]] = {
+    "prompt_leak": ("output", "reads answers for the system prompt (its canary, its wording)"),
+    "context_probe": ("input", "reads user turns against their system prompt"),
+}
+
+
 class ScannerSpec(BaseModel):
     """One scanner in a policy: which, how sure it must be, and what to do."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scanner: str
-    threshold: StrictNumber | None = Field(default=None, ge=0.0, le=1.0)
+    threshold: StrictNumber | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     action: Action = Action.BLOCK
     entity_actions: dict[str, Action] = Field(default_factory=dict)
     quasi_action: Action = Action.FLAG
@@ -134,6 +142,9 @@ class PolicySet(BaseModel):
                         raise PolicyError(
                             f"{where}: unknown scanner {spec.scanner!r}; known: {', '.join(registry.names())}"
                         )
+                    only = ONE_DIRECTION.get(spec.scanner)
+                    if only is not None and only[0] != direction:
+                        raise PolicyError(f"{where}: {spec.scanner} {only[1]}: list it under {only[0]}")
                     if spec.options:
                         if spec.scanner not in classes:
                             classes[spec.scanner] = _scanner_class(registry, spec.scanner)
