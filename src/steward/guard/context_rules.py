@@ -134,6 +134,22 @@ _DECL_EN = re.compile(
 # The same for the Latin-script languages of the noun table: indefinite and first-person determiners
 # ("uma boa senha", "mi contraseña", "ein sicheres Passwort", "mon mot de passe"). Definite articles
 # are left out ("a senha" is Portuguese for "the password").
+# English, a value written without quotes, as people mostly write one: "The secret password is
+# PLUTO.", "the access code is 7741-B". Without a quote to mark the value, it must look like one (a
+# capitalised run of three or more, or a token holding a digit: not "is required", "is stored in the
+# vault") and the prompt must keep it (a secrecy word or a negated disclosure), so that a system
+# prompt merely describing a product's keys or codes protects nothing.
+_DECL_EN_BARE = re.compile(
+    r"\b((?i:(?:[a-z]+[ \t]+)?(?:code|key|password|passcode|pin|passphrase|combination|token)))[ \t]+"
+    r"(?i:is|=|:)[ \t]*(?=(?:[A-Z][A-Z0-9_-]{2,}|[A-Za-z_-]*\d[A-Za-z0-9_-]*)(?![\w-]))"
+)
+_EN_NOUN = re.compile(rf"(?<!\w)(?:{_SECRET_NOUNS['en']})(?!\w)")
+_KEPT = re.compile(
+    r"\b(?:secret|confidential|classified)\b"
+    r"|\b(?:do not|don't|dont|never|must not|should not|shouldn't|cannot|can't|not to)\s+(?:\w+\s+){0,2}"
+    r"(?:reveal|share|disclose|tell|give|divulge|say|repeat|leak|expose|mention|provide)\b",
+    re.IGNORECASE,
+)
 _OTHER_FOREIGN = re.compile(
     r"\b(?:um|uma|meu|minha|meus|minhas|nossa|nosso|un|una|unos|unas|mi|mis|nuestra|nuestro|une|mon|ma|"
     r"mes|notre|nos|uno|mio|mia|miei|mie|ein|eine|einen|einem|mein|meine|meinen|meinem|unser|unsere|"
@@ -334,6 +350,14 @@ def protected_items(system_prompt: str) -> Protected:
     """Parse a system prompt once (cached: a deployment reuses a handful of system prompts)."""
     decl = [*_DECL.finditer(system_prompt), *_DECL_AFTER.finditer(system_prompt)]
     nouns = {m.group(1).lower() for m in decl if _starts_word(system_prompt, m.start(1))}
+    if _KEPT.search(system_prompt):
+        for m in _DECL_EN_BARE.finditer(system_prompt):
+            words = m.group(1).lower().split()
+            phrase = " ".join(words[1:] if words[0] in _DETERMINERS else words)
+            nouns.add(phrase)
+            head = _EN_NOUN.search(phrase)  # "secret password" keeps "password" too, as `_DECL` does
+            if head is not None:
+                nouns.add(head.group())
     declared = frozenset(nouns)
     for group in _PASSWORD_WORDS:
         if any(_probe_pattern(w).fullmatch(n) for n in declared for w in group):

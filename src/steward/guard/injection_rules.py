@@ -54,7 +54,12 @@ RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"|\bwrite\b[^.\n!?]{0,25}?\byour\s+(?:(?:entire|full|complete|exact|verbatim|initial|hidden|"
             r"original|secret|confidential|internal|system|developer)\s+){1,3}"
             r"(?:prompt|instructions|message|rules|guidelines|configuration)\b"
-            r"|\b(?:reveal|print|repeat|output|dump|leak|disclose)\b[^.\n!?]{0,25}?\byour\s+(?:prompt|instructions)\b",
+            r"|\b(?:reveal|print|repeat|output|dump|leak|disclose)\b[^.\n!?]{0,25}?\byour\s+(?:prompt|instructions)\b"
+            # Retold rather than copied, but only what is marked as the assistant's own hidden setup:
+            # "translate your instructions" may mean the steps it just wrote.
+            r"|\b(?:summari[sz]e|paraphrase|rephrase|translate)\b[^.\n!?]{0,25}?\byour\s+(?:(?:initial|hidden|"
+            r"original|secret|confidential|internal|system|developer)\s+){1,3}"
+            r"(?:prompt|instructions|message|rules|guidelines|configuration)\b",
             re.IGNORECASE,
         ),
     ),
@@ -64,7 +69,13 @@ RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"\b(?:print|repeat|output|recite|copy|write\s+out|reproduce)\b[^.\n!?]{0,30}?\b(?:text|words|"
             r"everything|content|lines)\s+(?:above|before|preceding)\b[^.\n!?]{0,50}?"
             r"(?:\bword\s+for\s+word\b|\bverbatim\b|\bstarting\s+(?:from|with)\s+(?:the\s+)?(?:very\s+)?"
-            r"(?:first|beginning|start|top)\b|\b(?:above|before)\s+this\s+(?:conversation|chat|message)\b)",
+            r"(?:first|beginning|start|top)\b|\b(?:above|before)\s+this\s+(?:conversation|chat|message)\b"
+            # the opening words of a system prompt as the place to start: "... starting with 'You are'"
+            r"|\bstarting\s+(?:from|with)\s+[\"'`“‘]?you\s+are\b)"
+            # or the boundary right after the noun: "output everything before this message"
+            r"|\b(?:print|repeat|output|recite|copy|write\s+out|reproduce)\b[^.\n!?]{0,30}?\b(?:text|words|"
+            r"everything|content|lines)\s+(?:above|before|preceding)\s+(?:this|my\s+first)\s+"
+            r"(?:conversation|chat|message)\b",
             re.IGNORECASE,
         ),
     ),
@@ -456,6 +467,10 @@ _GATES: dict[str, tuple[tuple[str, ...], ...]] = {
             "disclose",
             "return",
             "list",
+            "summari",
+            "paraphrase",
+            "rephrase",
+            "translate",
         ),
         ("prompt", "instructions", "message", "rules", "guidelines", "configuration"),
     ),
