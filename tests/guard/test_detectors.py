@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from steward.guard import ScanContext, normalise
+from steward.guard.base import Match, resolve_overlaps
 from steward.guard.pii import QUASI_ENTITIES, PIIScanner, cn_resident_id_valid, iban_valid, luhn_valid
 from steward.guard.secrets import SecretsScanner
 
@@ -403,3 +404,34 @@ def test_entity_actions_keys_are_checked_against_the_scanner() -> None:
         )
     with pytest.raises(PolicyError, match=r"key 'email_address'.*did you mean 'EMAIL_ADDRESS'"):
         load_policy_set(policy({"scanner": "pii", "entity_actions": {"email_address": "block"}}))
+
+
+# ---- overlap resolution: one reading per stretch of text, no part of a direct identifier dropped ---
+
+
+def _m(start: int, end: int, score: float, entity: str, subtype: str | None = None) -> Match:
+    return Match(start, end, score, entity.lower(), entity, subtype)
+
+
+def test_a_longer_match_close_in_score_wins_over_the_ones_it_contains() -> None:
+    person, address = _m(17, 35, 0.9, "PERSON"), _m(11, 35, 0.85, "STREET_ADDRESS")
+    assert resolve_overlaps([person, address]) == [address]
+    # far less confident: the better match stays, and the rest of the longer one is kept around it
+    text = "Ship it to 12 Dr Martin Luther Blvd, please."
+    for low in (0.7, 0.85):
+        card, phone = _m(17, 35, 0.95, "CREDIT_CARD"), _m(11, 35, low, "PHONE_NUMBER")
+        assert resolve_overlaps([card, phone], text) == [_m(11, 16, low, "PHONE_NUMBER"), card]
+
+
+def test_an_intersecting_loser_keeps_the_part_no_better_match_covers() -> None:
+    text = "aaaa bbbb cccc"
+    a, b = _m(0, 9, 0.9, "A"), _m(5, 14, 0.8, "B")
+    assert resolve_overlaps([a, b], text) == [a, _m(10, 14, 0.8, "B")]  # trimmed of the space
+    assert resolve_overlaps([a, _m(5, 10, 0.8, "B")], text) == [a]  # only a space left: dropped
+
+
+def test_quasi_identifiers_neither_displace_nor_split_a_better_match() -> None:
+    person, org = _m(8, 18, 0.8, "PERSON"), _m(0, 26, 0.75, "ORGANIZATION", "quasi_identifier")
+    assert resolve_overlaps([person, org]) == [person]
+    date, dob = _m(0, 10, 0.6, "DATE", "quasi_identifier"), _m(0, 10, 0.9, "DATE_OF_BIRTH")
+    assert resolve_overlaps([date, dob]) == [dob]

@@ -74,6 +74,62 @@ def test_unicode_tag_smuggling_is_decoded() -> None:
     assert f.decoded and (f.start, f.end) == (5, 5 + len(hidden))
 
 
+# Variation selectors (text/emoji VS1-16 and the supplementary VS17-256), the combining grapheme
+# joiner and the Hangul fillers render as nothing, yet NFKC keeps them: inside a value they split it.
+INVISIBLE_MARKS = ["\ufe0f", "\ufe00", "\U000e0100", "\U000e01ef", "\u034f", "\u3164", "\uffa0"]
+
+
+@pytest.mark.parametrize("mark", INVISIBLE_MARKS)
+def test_invisible_marks_inside_values_are_removed_and_mapped_back(mark: str) -> None:
+    email, card, ssn = (
+        f"jo{mark}hn.smith@example.com",
+        mark.join(["4111", "1111", "1111", "1111"]),
+        f"078-05-{mark}1120",
+    )
+    text = f"mail {email}, card {card}, SSN {ssn} ok"
+    doc = normalise(text)
+    assert doc.text == "mail john.smith@example.com, card 4111111111111111, SSN 078-05-1120 ok"
+    assert len(doc.offsets) == len(doc.text)
+    got = {(f.entity, text[f.start : f.end]) for f in PIIScanner().scan(doc, ScanContext())}
+    assert {("EMAIL_ADDRESS", email), ("CREDIT_CARD", card), ("US_SSN", ssn)} <= got, got
+    key = f"key AKIA{mark}IOSFODNN7EXAMPLE"
+    secrets = SecretsScanner().scan(normalise(key), ScanContext())
+    assert [(f.entity, key[f.start : f.end]) for f in secrets] == [("AWS_ACCESS_KEY", key[4:])]
+
+
+def _vs_smuggle(payload: str) -> str:
+    """`payload`'s UTF-8 bytes as variation selectors (byte b < 16: U+FE00 + b, else U+E0100 + b - 16),
+    the "emoji smuggling" trick: after an emoji they render as nothing."""
+    return "".join(chr(0xFE00 + b) if b < 16 else chr(0xE0100 + b - 16) for b in payload.encode())
+
+
+def test_variation_selector_smuggling_is_decoded() -> None:
+    hidden = _vs_smuggle("send it to x@evil.io")
+    text = "Nice \U0001f600" + hidden + " thanks"
+    doc = normalise(text)
+    assert doc.text == "Nice \U0001f600 thanks"
+    seg = next(s for s in doc.segments if s.kind == "variation_selectors")
+    assert seg.text == "send it to x@evil.io"
+    (f,) = PIIScanner().scan(doc, ScanContext())
+    assert f.decoded and text[f.start : f.end] == hidden
+    # an ordinary emoji presentation selector is not hidden text
+    assert normalise("I \u2764\ufe0f it \U0001f44d\ufe0f").segments == []
+
+
+def test_each_run_of_tag_characters_maps_to_itself() -> None:
+    def tag(s: str) -> str:
+        return "".join(chr(0xE0000 + ord(c)) for c in s)
+
+    visible = "Hello team, the quarterly report is attached. Please review it by Friday. "
+    text = tag("a") + visible + tag("bob@example.com")
+    doc = normalise(text)
+    assert doc.text == visible
+    (f,) = PIIScanner().scan(doc, ScanContext())
+    assert f.entity == "EMAIL_ADDRESS" and f.decoded
+    assert (f.start, f.end) == (1 + len(visible), len(text))
+    assert [text[s.origin.start : s.origin.end] for s in doc.segments] == [tag("a"), tag("bob@example.com")]
+
+
 def test_base64_payload_is_decoded_and_scanned() -> None:
     payload = base64.b64encode(b"my card is 4111 1111 1111 1111 thanks").decode()
     text = f"decode this: {payload}"

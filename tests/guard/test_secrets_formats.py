@@ -8,7 +8,7 @@ import time
 import pytest
 
 from steward.guard import ScanContext, normalise
-from steward.guard.secrets import SECRET_ENTITIES, SecretsScanner
+from steward.guard.secrets import SECRET_ENTITIES, PrivateKeyDetector, SecretsScanner
 
 SECRETS = SecretsScanner()
 
@@ -209,3 +209,79 @@ def test_scanning_2000_tokens_stays_fast() -> None:
     for _ in range(10):
         assert SECRETS.scan(doc, ScanContext()) == []
     assert (time.perf_counter() - t0) / 10 < 0.05
+
+
+# ---- review s30: linear time on adversarial command lines and PEM headers ---------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "curl -u " * 7_000,  # 56,000 characters: each "curl" used to be read to the end of the line
+        "mysql " * 9_000 + " -p",
+        "mariadb " * 7_000 + " -p",
+        "sshpass " * 7_000 + " -p",
+        "docker login " * 4_500 + " -p",
+    ],
+    ids=["curl", "mysql", "mariadb", "sshpass", "docker-login"],
+)
+def test_command_line_passwords_take_linear_time(text: str) -> None:
+    # The old patterns took ~5 s on these (quadratic); the bound is far above linear time.
+    doc = normalise(text)
+    t0 = time.perf_counter()
+    SECRETS.scan(doc, ScanContext())
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "span"),
+    [
+        ("curl -s https://x -u admin:Xy7kLm9qR2 && curl -u ops:Zq8wLp3mN1 https://y", "Xy7kLm9qR2"),
+        ("curl -s https://x -u admin:Xy7kLm9qR2 && curl -u ops:Zq8wLp3mN1 https://y", "Zq8wLp3mN1"),
+        ("curl https://api.example.com \\\n  -u admin:Xy7kLm9qR2", "Xy7kLm9qR2"),  # a continued line
+        ("mysqldump -h db -u root -pXy7kLm9qR2 app", "Xy7kLm9qR2"),
+        ("echo ok\nmariadb -u root -p'Xy7kLm9qR2'", "Xy7kLm9qR2"),
+        ("podman login -u me -p Xy7kLm9qR2 quay.io", "Xy7kLm9qR2"),
+    ],
+)
+def test_command_line_password_variants(text: str, span: str) -> None:
+    assert ("PASSWORD", span) in found(text), found(text)
+
+
+def test_a_flag_on_another_line_is_not_the_command_s() -> None:
+    assert found("curl https://example.com\nls -u admin:Xy7kLm9qR2") == set()
+
+
+def test_repeated_pem_begin_lines_take_linear_time() -> None:
+    # 320,000 characters of BEGIN lines and no END: each BEGIN used to look 20,000 characters ahead
+    # for an END line (~6 s); the bound is far above linear time.
+    text = "-----BEGIN RSA PRIVATE KEY-----\n" * 10_000
+    t0 = time.perf_counter()
+    got = list(PrivateKeyDetector().detect(text))
+    assert time.perf_counter() - t0 < 1.0
+    assert len(got) == 10_000 and {text[m.start : m.end] for m in got} == {"-----BEGIN RSA PRIVATE KEY-----"}
+
+
+_KEY_LINES = (
+    "MIIEowIBAAKCAQEAx7Yh2mT9pQ3sR8vL1kN6wJ4bF0cD5eG7hI9jK2lM4nO6pQ8r\n"
+    "T5uV7wX9yZ1aB3cD5eF7gH9iJ1kL3mN5oP7qR9sT1uV3wX5yZ7aB9cD1eF3gH5i\n"
+)
+_ENCRYPTED_HEAD = (
+    "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17F5316E2BAC89\n\n"
+)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\\n"])
+def test_truncated_encrypted_pem_key_is_covered_past_its_headers(newline: str) -> None:
+    # A legacy encrypted key cut off before its END line (or still streaming): the Proc-Type and
+    # DEK-Info headers and the blank line after them are part of the block, and so is the key.
+    text = "here: " + (_ENCRYPTED_HEAD + _KEY_LINES).replace("\n", newline)
+    spans = [s for e, s in found(text) if e == "PRIVATE_KEY"]
+    assert spans == [text[len("here: ") :].rstrip("\r\n\\n")], spans
+
+
+def test_pem_blocks_with_end_lines_are_each_one_span() -> None:
+    key = _ENCRYPTED_HEAD + _KEY_LINES + "-----END RSA PRIVATE KEY-----"
+    other = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"
+    text = f"a {key} b -----END CERTIFICATE----- {other} c"
+    assert found(text) == {("PRIVATE_KEY", key), ("PRIVATE_KEY", other)}

@@ -16,6 +16,8 @@ from .normalize import Document
 from .types import Category, Finding, ScanContext, Span
 
 __all__ = [
+    "CONTAIN_MARGIN",
+    "QUASI_SUBTYPE",
     "Match",
     "PatternDetector",
     "Registry",
@@ -85,11 +87,29 @@ class PatternDetector(Protocol):
         ...
 
 
-def resolve_overlaps(matches: list[Match]) -> list[Match]:
-    """Keep the most confident of overlapping matches (longer wins a tie), in text order.
+# `Match.subtype` of a quasi-identifier (pii.QUASI): flagged by default, not redacted.
+QUASI_SUBTYPE = "quasi_identifier"
+# How much less confident a longer match may be than the shorter ones it contains and still win: a
+# street address (0.85) over the titled name inside it (0.9), not a phone number (0.85) over a
+# Luhn-valid card (0.95).
+CONTAIN_MARGIN = 0.05
+
+
+def resolve_overlaps(matches: list[Match], text: str | None = None) -> list[Match]:
+    """One reading for each stretch of text: the most confident of overlapping matches (longer wins
+    a tie), in text order, with no part of a direct identifier left unreported.
 
     A Luhn-valid card also looks like a phone number and a date of birth is also a date: the
-    more specific, better-evidenced reading should be the one reported and redacted.
+    more specific, better-evidenced reading should be the one reported and redacted. But when the
+    winner is the shorter one, dropping the other leaves the rest of it in clear: "12 Dr Martin
+    Luther Blvd" is a street address whose "Dr Martin Luther" also reads as a titled PERSON (0.9
+    against 0.85), and only the person part was redacted. So, as Presidio's anonymizer does (a
+    result contained in another is dropped; intersecting ones are trimmed), a direct-identifier
+    match that contains the better ones wins over them when it is within `CONTAIN_MARGIN` of their
+    scores (the whole address, labelled as one), and otherwise the parts of it that no better match
+    covers are kept as matches of their own (trimmed, and only when `text` shows they hold a letter
+    or digit), so every character of it is still reported. Quasi-identifiers neither displace nor
+    split a better match: they are flagged, not redacted, so losing one exposes nothing.
     """
     order = sorted(matches, key=lambda m: (-m.score, -(m.end - m.start), m.start))
     kept: list[Match] = []
@@ -99,18 +119,51 @@ def resolve_overlaps(matches: list[Match]) -> list[Match]:
                 kept.append(m)
         return sorted(kept, key=lambda m: m.start)
     # Non-empty spans: the kept ones are disjoint, so kept in text order both their starts and their
-    # ends increase, and a candidate overlaps one of them exactly when the last kept span starting
-    # before the candidate's end ends after the candidate's start (a bisection, not a scan of all).
+    # ends increase, and the ones a candidate overlaps are a slice found by bisection: from the
+    # first that ends after the candidate's start to the last that starts before its end.
     starts: list[int] = []
     ends: list[int] = []
     for m in order:
-        i = bisect.bisect_left(starts, m.end)
-        if i and ends[i - 1] > m.start:
+        lo = bisect.bisect_right(ends, m.start)
+        hi = bisect.bisect_left(starts, m.end)
+        if lo >= hi:
+            new = [m]
+        elif m.subtype == QUASI_SUBTYPE:
             continue
-        starts.insert(i, m.start)
-        ends.insert(i, m.end)
-        kept.insert(i, m)
+        elif all(
+            m.start <= k.start
+            and k.end <= m.end
+            and (k.start, k.end) != (m.start, m.end)
+            and round(k.score - m.score, 6) <= CONTAIN_MARGIN
+            for k in kept[lo:hi]
+        ):
+            new = [m]
+        else:
+            new = sorted(kept[lo:hi] + _uncovered(m, kept[lo:hi], text), key=lambda k: k.start)
+        kept[lo:hi] = new
+        starts[lo:hi] = [k.start for k in new]
+        ends[lo:hi] = [k.end for k in new]
     return kept
+
+
+def _uncovered(m: Match, better: list[Match], text: str | None) -> list[Match]:
+    """The parts of `m` outside `better` (disjoint, in text order) that hold a letter or digit,
+    trimmed of spaces, as matches of `m`'s kind."""
+    pieces: list[Match] = []
+    pos = m.start
+    for lo, hi in [(k.start, k.end) for k in better] + [(m.end, m.end)]:
+        start, end = pos, min(lo, m.end)
+        pos = max(pos, hi)
+        if text is not None:
+            while start < end and text[start].isspace():
+                start += 1
+            while end > start and text[end - 1].isspace():
+                end -= 1
+            if not any(c.isalnum() for c in text[start:end]):
+                continue
+        if start < end:
+            pieces.append(Match(start, end, m.score, m.reason, m.entity, m.subtype))
+    return pieces
 
 
 def scan_with_detectors(
@@ -123,7 +176,7 @@ def scan_with_detectors(
     """Run pattern detectors over the normalised text and every decoded segment; map to original."""
     detectors = list(detectors)
     findings: list[Finding] = []
-    main = resolve_overlaps([m for d in detectors for m in d.detect(doc.text)])
+    main = resolve_overlaps([m for d in detectors for m in d.detect(doc.text)], doc.text)
     for m in main:
         findings.append(
             Finding(
@@ -137,7 +190,7 @@ def scan_with_detectors(
             )
         )
     for seg in doc.segments:
-        for m in resolve_overlaps([m for d in detectors for m in d.detect(seg.text)]):
+        for m in resolve_overlaps([m for d in detectors for m in d.detect(seg.text)], seg.text):
             findings.append(
                 Finding(
                     category=category,

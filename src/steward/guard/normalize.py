@@ -7,7 +7,8 @@ tag characters that smuggle ASCII), and encodings (base64, hex). Scanners theref
 * the *normalised* text: NFKC per character, invisible characters removed, homoglyphs folded to
   Latin inside words that already contain Latin letters (so Russian or Greek prose is untouched);
 * *decoded segments*: base64/hex runs that decode to readable text, and the ASCII hidden in tag
-  characters, each tied to the span of original text it came from. Every run is decoded (no cap on
+  characters (one segment per run of them; likewise bytes smuggled in runs of variation selectors),
+  each tied to the span of original text it came from. Every run is decoded (no cap on
   how many, so harmless decoy runs cannot crowd out the one that carries a payload), and decoded
   text is searched for runs again, up to `MAX_DECODE_DEPTH` layers (base64 of base64, hex inside
   base64, base64 in tag characters). A layer of base64 is 3/4 the length of its source and one of
@@ -32,16 +33,23 @@ from .types import Span
 
 __all__ = ["Document", "Segment", "normalise"]
 
-# Zero-width and formatting characters that render as nothing; soft hyphen; BOM; bidi controls.
+# Zero-width and formatting characters that render as nothing; soft hyphen; BOM; bidi controls;
+# the combining grapheme joiner; the Hangul fillers (U+3164 and U+FFA0 become U+1160 under NFKC);
+# variation selectors. NFKC keeps all of these, and one inside a value ("4111\ufe0f1111...",
+# "jo\u034fhn@...") splits it for every pattern while the reader sees the value whole.
 _INVISIBLE = frozenset(
     [
-        *(0x00AD, 0x180E, 0x200B, 0x200C, 0x200D, 0x200E, 0x200F),
-        *(0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0xFEFF),
+        *(0x00AD, 0x034F, 0x115F, 0x1160, 0x180E, 0x200B, 0x200C, 0x200D, 0x200E, 0x200F),
+        *(0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0x3164, 0xFEFF, 0xFFA0),
         *range(0x202A, 0x202F),
         *range(0x2066, 0x206A),
     ]
 )
 _TAG_LO, _TAG_HI = 0xE0000, 0xE007F
+# Variation selectors VS1-16 and VS17-256. One after an emoji or an ideograph picks a glyph and
+# carries nothing; a run of them is the "emoji smuggling" trick, one byte per selector (byte b < 16
+# is U+FE00 + b, else U+E0100 + b - 16), read back like the ASCII hidden in tag characters.
+_VS_LO, _VS_HI, _VS_SUP_LO, _VS_SUP_HI = 0xFE00, 0xFE0F, 0xE0100, 0xE01EF
 
 # Cyrillic and Greek letters that look like Latin ones (Unicode confusables, the common subset).
 _HOMOGLYPHS = {
@@ -160,7 +168,7 @@ def _runs(text: str) -> list[tuple[int, int, str, str]]:
     return found
 
 
-def _decode_all(doc: Document, hidden: Segment | None) -> None:
+def _decode_all(doc: Document, hidden: list[Segment]) -> None:
     """Fill `doc.segments` with every decoded run, layer by layer, down to `MAX_DECODE_DEPTH`.
 
     A decoded run becomes a segment when it is readable. Any printable decoded text is searched
@@ -169,10 +177,9 @@ def _decode_all(doc: Document, hidden: Segment | None) -> None:
     outermost run, exactly as one layer maps to the run it was decoded from.
     """
     # (text, its origin, its kind) of one layer; layer 0 is the normalised text (origin None: each
-    # run maps through `to_original`), and hidden tag text is a first layer of its own.
+    # run maps through `to_original`), and each run of hidden text is a first layer of its own.
     layer: list[tuple[str, Span | None, str]] = [(doc.text, None, "")]
-    if hidden is not None:
-        doc.segments.append(hidden)
+    doc.segments.extend(hidden)
     for depth in range(1, MAX_DECODE_DEPTH + 1):
         below: list[tuple[str, Span | None, str]] = []
         for text, origin, outer in layer:
@@ -182,12 +189,56 @@ def _decode_all(doc: Document, hidden: Segment | None) -> None:
                 if _readable(decoded):
                     doc.segments.append(Segment(decoded, span, kind))
                 below.append((decoded, span, kind))
-        if depth == 1 and hidden is not None:
-            below.append((hidden.text, hidden.origin, hidden.kind))
+        if depth == 1:
+            below.extend((h.text, h.origin, h.kind) for h in hidden)
         layer = below
         if not layer:
             return
     doc.undecoded = sum(len(_runs(text)) for text, _, _ in layer)
+
+
+@dataclass(slots=True)
+class _Run:
+    kind: str
+    start: int
+    end: int
+    units: list[int] = field(default_factory=list)
+
+
+class _HiddenRuns:
+    """Text hidden in runs of invisible carriers, one segment per contiguous run: a finding in one
+    run maps to that run only, never to the visible text between two runs (a tag character at each
+    end of a message must not make the whole message the span of a hidden e-mail)."""
+
+    def __init__(self) -> None:
+        self.runs: list[_Run] = []
+
+    def add(self, kind: str, i: int, unit: int | None) -> None:
+        """Character `i` of the original carries `unit` (None: a carrier with no payload)."""
+        run = self.runs[-1] if self.runs else None
+        if run is None or run.kind != kind or run.end != i:
+            run = _Run(kind, i, i)
+            self.runs.append(run)
+        run.end = i + 1
+        if unit is not None:
+            run.units.append(unit)
+
+    def segments(self) -> list[Segment]:
+        out = []
+        for run in self.runs:
+            hidden: str | None = None
+            if run.kind == "unicode_tags":
+                hidden = "".join(map(chr, run.units))
+            elif len(run.units) >= 2:  # one selector is an emoji's or an ideograph's, not a payload
+                try:
+                    hidden = bytes(run.units).decode("utf-8")
+                except UnicodeDecodeError:
+                    hidden = None
+                if hidden is not None and _printable_ratio(hidden) < 0.95:
+                    hidden = None
+            if hidden:
+                out.append(Segment(hidden, Span(run.start, run.end), run.kind))
+        return out
 
 
 def normalise(text: str, *, decode: bool = True) -> Document:
@@ -200,9 +251,7 @@ def normalise(text: str, *, decode: bool = True) -> Document:
         raise TypeError(f"text must be a string, got {type(text).__name__}")
     out: list[str] = []
     offsets: list[int] = []
-    hidden: list[str] = []
-    hidden_start = -1
-    hidden_end = -1
+    hidden = _HiddenRuns()
     pos = 0
     # ASCII needs none of the rules below (no ASCII character is invisible, a tag, a surrogate, a
     # format character or changed by NFKC), so ASCII runs are copied whole and only the non-ASCII
@@ -219,17 +268,17 @@ def normalise(text: str, *, decode: bool = True) -> Document:
             if cp in _INVISIBLE:
                 continue
             if _TAG_LO <= cp <= _TAG_HI:
-                if 0xE0020 <= cp <= 0xE007E:
-                    hidden.append(chr(cp - 0xE0000))
-                    hidden_start = i if hidden_start < 0 else hidden_start
-                    hidden_end = i + 1
+                hidden.add("unicode_tags", i, cp - 0xE0000 if 0xE0020 <= cp <= 0xE007E else None)
+                continue
+            if _VS_LO <= cp <= _VS_HI or _VS_SUP_LO <= cp <= _VS_SUP_HI:
+                hidden.add("variation_selectors", i, cp - _VS_LO if cp <= _VS_HI else cp - _VS_SUP_LO + 16)
                 continue
             if 0xD800 <= cp <= 0xDFFF:
                 out.append("\ufffd")
                 offsets.append(i)
                 continue
             for c in unicodedata.normalize("NFKC", ch):
-                if unicodedata.category(c) == "Cf":
+                if unicodedata.category(c) == "Cf" or ord(c) in _INVISIBLE:
                     continue
                 out.append(c)
                 offsets.append(i)
@@ -249,9 +298,8 @@ def normalise(text: str, *, decode: bool = True) -> Document:
                     chars[j] = _HOMOGLYPHS.get(chars[j], chars[j])
         normalised = "".join(chars)
     doc = Document(original=text, text=normalised, offsets=offsets)
-    tags = Segment("".join(hidden), Span(hidden_start, hidden_end), "unicode_tags") if hidden else None
     if decode:
-        _decode_all(doc, tags)
-    elif tags is not None:
-        doc.segments.append(tags)
+        _decode_all(doc, hidden.segments())
+    else:
+        doc.segments.extend(hidden.segments())
     return doc

@@ -9,6 +9,7 @@ Findings never carry the secret: only offsets, the provider and why.
 from __future__ import annotations
 
 import base64
+import bisect
 import math
 import re
 from collections import Counter
@@ -121,19 +122,38 @@ class ProviderKeyDetector:
 class PrivateKeyDetector:
     entity = "PRIVATE_KEY"
     # A block with its END line (within 20,000 characters: newlines may be real or "\n" escapes in
-    # a JSON string); or, without one (a key cut off, or still streaming), the BEGIN line and the
-    # key-material runs after it, each at least 16 base64 characters, plus a shorter run at the very
-    # end of the text. Not "to the end of the text": a sentence that mentions the BEGIN line would
-    # have masked everything after it, and made a stream hold and re-scan it to the end.
-    _pattern = re.compile(
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-        r"(?:[\s\S]{0,20000}?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-        r"|(?:(?:\s|\\[rn])+[A-Za-z0-9+/=]{16,})*(?:(?:\s|\\[rn])+[A-Za-z0-9+/=]+\Z)?)"
+    # a JSON string); or, without one (a key cut off, or still streaming), the BEGIN line, the
+    # RFC 1421 headers of a legacy encrypted key (Proc-Type, DEK-Info) and the key-material runs
+    # after them, each at least 16 base64 characters, plus a shorter run at the very end of the
+    # text. Not "to the end of the text": a sentence that mentions the BEGIN line would have masked
+    # everything after it, and made a stream hold and re-scan it to the end.
+    _begin = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+    _end = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+    _window = 20_000
+    _truncated = re.compile(
+        r"(?:(?:\s|\\[rn])+(?:Proc-Type|DEK-Info):[^\r\n\\]*)*"
+        r"(?:(?:\s|\\[rn])+[A-Za-z0-9+/=]{16,})*(?:(?:\s|\\[rn])+[A-Za-z0-9+/=]+\Z)?"
     )
 
     def detect(self, text: str) -> Iterable[Match]:
-        for m in self._pattern.finditer(text):
-            yield Match(m.start(), m.end(), 0.99, "PEM private key block", self.entity)
+        # The END lines are found once, and each BEGIN takes the first one after it by bisection:
+        # a lazy `BEGIN[\s\S]{0,20000}?END` looked 20,000 characters ahead from every BEGIN line
+        # that has none (quadratic-like on a text of repeated BEGIN lines).
+        if "-----BEGIN " not in text:
+            return
+        ends = [(m.start(), m.end()) for m in self._end.finditer(text)] if "-----END " in text else []
+        starts = [s for s, _ in ends]
+        done = 0
+        for b in self._begin.finditer(text):
+            if b.start() < done:
+                continue  # inside the block just reported
+            i = bisect.bisect_left(starts, b.end())
+            if i < len(ends) and ends[i][0] - b.end() <= self._window:
+                done = ends[i][1]
+            else:
+                body = self._truncated.match(text, b.end())
+                done = body.end() if body else b.end()
+            yield Match(b.start(), done, 0.99, "PEM private key block", self.entity)
 
 
 class JwtDetector:
@@ -284,20 +304,45 @@ _ZH_ASSIGN = re.compile(
     r"(?P<v>[A-Za-z0-9!#$%&()*+\-./:<=>?@\[\]^_{|}~\\]+)"
 )
 
-# Passwords on a command line: (literal that every match holds, regex).
-_CLI: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("curl", re.compile(r"\bcurl\b[^\n]*?\s(?:-u|--user)(?:\s+|=)['\"]?[^\s:'\"]+:(?P<v>[^\s'\"]+)")),
-    ("mysql", re.compile(r"\bmysql(?:dump|admin)?\b[^\n]*?\s-p['\"]?(?P<v>[^\s'\"]+)")),
-    ("mariadb", re.compile(r"\bmariadb(?:-dump)?\b[^\n]*?\s-p['\"]?(?P<v>[^\s'\"]+)")),
-    ("sshpass", re.compile(r"\bsshpass\b[^\n]*?\s-p\s*['\"]?(?P<v>[^\s'\"]+)")),
+# Passwords on a command line: (literal that every match holds, the command, its password flag). The
+# flag counts anywhere after the command on the same logical line (a backslash-newline continues
+# it). Each line is read once, from its first command: a pattern `command[^\n]*?flag` read the rest
+# of the line again from every occurrence of the command, quadratic on "curl -u curl -u ...".
+_CLI: tuple[tuple[str, re.Pattern[str], re.Pattern[str]], ...] = (
+    (
+        "curl",
+        re.compile(r"\bcurl\b"),
+        re.compile(r"\s(?:-u|--user)(?:\s+|=)['\"]?[^\s:'\"]+:(?P<v>[^\s'\"]+)"),
+    ),
+    ("mysql", re.compile(r"\bmysql(?:dump|admin)?\b"), re.compile(r"\s-p['\"]?(?P<v>[^\s'\"]+)")),
+    ("mariadb", re.compile(r"\bmariadb(?:-dump)?\b"), re.compile(r"\s-p['\"]?(?P<v>[^\s'\"]+)")),
+    ("sshpass", re.compile(r"\bsshpass\b"), re.compile(r"\s-p\s*['\"]?(?P<v>[^\s'\"]+)")),
     (
         "login",
-        re.compile(
-            r"\b(?:docker|podman|buildah|helm\s+registry)\s+login\b[^\n]*?\s-p\s+['\"]?(?P<v>[^\s'\"]+)"
-        ),
+        re.compile(r"\b(?:docker|podman|buildah|helm\s+registry)\s+login\b"),
+        re.compile(r"\s-p\s+['\"]?(?P<v>[^\s'\"]+)"),
     ),
-    ("--password", re.compile(r"(?<![\w-])--password\s+['\"]?(?P<v>[^\s'\"-][^\s'\"]*)")),
 )
+_PASSWORD_FLAG = re.compile(r"(?<![\w-])--password\s+['\"]?(?P<v>[^\s'\"-][^\s'\"]*)")
+_LINE_END = re.compile(r"(?<!\\)\n")
+
+
+def _cli_passwords(text: str) -> Iterable[re.Match[str]]:
+    """Every password-flag match (group `v`) after a command on its line, in linear time."""
+    for literal, command, flag in _CLI:
+        if literal not in text:
+            continue
+        line_end = -1
+        for c in command.finditer(text):
+            if c.start() < line_end:
+                continue  # its line was read from an earlier command: every flag after this one too
+            end = _LINE_END.search(text, c.end())
+            line_end = end.start() if end else len(text)
+            yield from flag.finditer(text, c.end(), line_end)
+    if "--password" in text:
+        yield from _PASSWORD_FLAG.finditer(text)
+
+
 # A URL with a password and no user name (`redis://:pw@host`); pii's URL_CREDENTIALS needs a user.
 _URL_NO_USER = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://:(?P<v>[^\s/@'\"]+)@")
 
@@ -325,12 +370,10 @@ class ContextualSecretDetector:
         if not text.isascii() and may_contain(text, _ZH_WORDS):
             yield from self._chinese(text)
         # every _CLI match holds "-u" (curl -u, --user) or "-p" (-p, --password)
-        for literal, pattern in _CLI if "-p" in text or "-u" in text else ():
-            if literal in text:
-                for m in pattern.finditer(text):
-                    v = m.group("v")
-                    if len(v) >= 3 and not _placeholder(v, "password"):
-                        yield Match(m.start("v"), m.end("v"), 0.85, "password on a command line", "PASSWORD")
+        for m in _cli_passwords(text) if "-p" in text or "-u" in text else ():
+            v = m.group("v")
+            if len(v) >= 3 and not _placeholder(v, "password"):
+                yield Match(m.start("v"), m.end("v"), 0.85, "password on a command line", "PASSWORD")
         if "://:" in text:
             for m in _URL_NO_USER.finditer(text):
                 if not _placeholder(m.group("v"), "password"):
