@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .normalize import Document
+from .normalize import TEXT_ESCAPE_KINDS, Document
 from .types import Category, Finding, ScanContext, ScannerError, Span
 
 __all__ = [
@@ -539,6 +539,8 @@ class GuardModel:
                 rows.append(chunk)
                 owners.append((d, doc.to_original(s, e), False))
             for seg in doc.segments:
+                if seg.kind.split("+", 1)[0] in TEXT_ESCAPE_KINDS:
+                    continue
                 for chunk, _ in self.windows(seg.text):
                     rows.append(chunk)
                     owners.append((d, seg.origin, True))

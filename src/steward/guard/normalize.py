@@ -6,7 +6,8 @@ tag characters that smuggle ASCII), and encodings (base64, hex). Scanners theref
 
 * the *normalised* text: NFKC per character, invisible characters removed, homoglyphs folded to
   Latin inside words that already contain Latin letters (so Russian or Greek prose is untouched);
-* *decoded segments*: base64/hex runs that decode to readable text, and the ASCII hidden in tag
+* *decoded segments*: base64/hex runs that decode to readable text; words written with the escapes of
+  URLs, HTML and string literals (`jane.doe%40example.org`, `&#64;`, `\u0040`); and the ASCII hidden in tag
   characters (one segment per run of them; likewise bytes smuggled in runs of variation selectors),
   each tied to the span of original text it came from. Every run is decoded (no cap on
   how many, so harmless decoy runs cannot crowd out the one that carries a payload), and decoded
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -154,13 +156,64 @@ def _decode_hex(run: str) -> str | None:
     return decoded if _printable_ratio(decoded) >= 0.95 else None
 
 
-_DECODERS = ((_BASE64_RUN, _decode_base64, "base64"), (_HEX_RUN, _decode_hex, "hex"))
+# Words written with the escapes of URLs, HTML and string literals: ordinary spellings of text, not
+# obfuscation, but a pattern matcher reads "jane.doe%40example.org" as no e-mail address. A run is
+# one whitespace-delimited word holding at least one escape; it may start only at a word's start,
+# so a long word without one is passed over in linear time.
+_PERCENT_RUN = re.compile(r"(?<!\S)[^\s%]*(?:%[0-9A-Fa-f]{2}[^\s%]*)+")
+_ENTITY_RUN = re.compile(
+    r"(?<!\S)[^\s&]*(?:&(?:#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});[^\s&]*)+"
+)
+_ESCAPE_RUN = re.compile(r"(?<!\S)[^\s\\]*(?:\\(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2})[^\s\\]*)+")
+_ESCAPE = re.compile(r"\\u([0-9A-Fa-f]{4})|\\x([0-9A-Fa-f]{2})")
+
+
+# Their segments are read by the pattern detectors (PII, secrets) and the leak check, not by the
+# classifiers: such words are everyday text (a tweet's `&amp;`, a link's `%20`; 1,188 of the
+# 22,309 training examples hold one) that the classifiers read well as written, and a second
+# reading would cost encoder time and move their scores for nothing.
+TEXT_ESCAPE_KINDS = frozenset({"percent", "entity", "escape"})
+
+
+def _decode_percent(run: str) -> str | None:
+    from urllib.parse import unquote
+
+    decoded = unquote(run, errors="strict") if "%" in run else run
+    return decoded if decoded != run and _printable_ratio(decoded) >= 0.95 else None
+
+
+def _decode_entities(run: str) -> str | None:
+    decoded = html.unescape(run)
+    return decoded if decoded != run and _printable_ratio(decoded) >= 0.95 else None
+
+
+def _decode_escapes(run: str) -> str | None:
+    decoded = _ESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)), run)
+    return decoded if decoded != run and _printable_ratio(decoded) >= 0.95 else None
+
+
+def _decode_percent_safe(run: str) -> str | None:
+    try:
+        return _decode_percent(run)
+    except UnicodeDecodeError:  # bytes that are not UTF-8: nothing readable was hidden
+        return None
+
+
+_DECODERS = (
+    (_BASE64_RUN, _decode_base64, "base64", None),
+    (_HEX_RUN, _decode_hex, "hex", None),
+    (_PERCENT_RUN, _decode_percent_safe, "percent", "%"),
+    (_ENTITY_RUN, _decode_entities, "entity", "&"),
+    (_ESCAPE_RUN, _decode_escapes, "escape", "\\"),
+)
 
 
 def _runs(text: str) -> list[tuple[int, int, str, str]]:
     """(start, end, decoded text, kind) of every run in `text` that decodes to printable text."""
     found = []
-    for pattern, decoder, kind in _DECODERS:
+    for pattern, decoder, kind, needs in _DECODERS:
+        if needs is not None and needs not in text:
+            continue
         for m in pattern.finditer(text):
             decoded = decoder(m.group())
             if decoded:
