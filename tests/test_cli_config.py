@@ -254,3 +254,95 @@ def test_scan_jsonl_lines_keep_the_documented_keys(scan_app: typer.Typer, tmp_pa
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert set(out) == {"flagged", "categories", "scores", "findings", "action"}
+
+
+# -- review 30, finding 1: a key act the audit log cannot record is refused, or undone -------------
+def _cli_events(data: Path, tenant: str) -> list[dict[str, object]]:
+    """The audit events filed under `tenant` in the store at `data`: route and detail of each."""
+    from steward.audit import AuditLog
+    from steward.store import upgrade
+
+    engine = upgrade(f"sqlite:///{data / 'steward.db'}")
+    log = AuditLog.open(engine, data / "keys", read_only=True)
+    try:
+        events = log.list_events(tenant=tenant, after=-1, limit=1000)
+        return [{"route": e.meta["route"], **e.meta["detail"]} for e in events]
+    finally:
+        log.close()
+        engine.dispose()
+
+
+def test_keys_create_and_revoke_without_the_audit_keys_change_nothing(tmp_path: Path) -> None:
+    """A second host (or a wrong STEWARD_DATA_DIR) reaches the store but not its audit keys: the
+    audit log is opened before the store is touched, so both acts are refused and nothing changes."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    env = _env(a)
+    first = _steward("keys", "create", "--tenant", "t1", env=env)
+    assert first.returncode == 0, first.stderr
+    before = _steward("keys", "list", env=env).stdout
+    key_id = json.loads(before)["id"]
+    elsewhere = _env(b, STEWARD_DATABASE_URL=f"sqlite:///{a / 'steward.db'}")
+    r = _steward("keys", "create", "--tenant", "t1", "--role", "admin", env=elsewhere)
+    assert r.returncode == 2 and r.stdout == "" and "audit-kek" in _one_line(r), r.stderr
+    r = _steward("keys", "revoke", key_id, env=elsewhere)
+    assert r.returncode == 2 and "audit-kek" in _one_line(r), r.stderr
+    after = _steward("keys", "list", env=env).stdout
+    assert [json.loads(line) for line in after.splitlines()] == [json.loads(before)]
+    assert [e["action"] for e in _cli_events(a, "t1")] == ["key.create"]
+
+
+def test_keys_create_undoes_the_key_when_the_audit_append_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from steward import cli
+    from steward.audit import AuditLog
+    from steward.audit.log import AuditError
+
+    data = tmp_path / "d"
+    monkeypatch.setenv("STEWARD_DATA_DIR", str(data))
+    monkeypatch.delenv("STEWARD_DATABASE_URL", raising=False)
+
+    def steward_main(*args: str) -> object:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(list(args))
+        return exit_.value.code
+
+    assert steward_main("keys", "create", "--tenant", "t1") == 0
+    capsys.readouterr()
+
+    def broken(self: AuditLog, event: object) -> object:
+        raise AuditError("disk full")
+
+    original = AuditLog.append
+    monkeypatch.setattr(AuditLog, "append", broken)
+    code = steward_main("keys", "create", "--tenant", "t1", "--role", "admin")
+    out = capsys.readouterr()
+    assert code == 2 and out.out == "", out
+    assert "disk full" in out.err and "revoked" in out.err and out.err.count("\n") == 1, out.err
+    monkeypatch.setattr(AuditLog, "append", original)  # `keys list` is audited too
+    assert steward_main("keys", "list", "--tenant", "t1") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    admins = [r for r in rows if r["role"] == "admin"]
+    assert len(admins) == 1 and admins[0]["revoked_at"], rows  # created, then undone
+    user = next(r for r in rows if r["role"] == "user")
+    monkeypatch.setattr(AuditLog, "append", broken)
+    code = steward_main("keys", "revoke", user["id"])
+    err = capsys.readouterr().err
+    # The revocation stands (re-enabling a key someone meant to kill is the unsafe direction), and
+    # the operator is told, on the one error line, that its record is missing.
+    assert code == 2 and "NOT recorded" in err and user["id"] in err and err.count("\n") == 1, err
+    monkeypatch.setattr(AuditLog, "append", original)
+    assert steward_main("keys", "list", "--tenant", "t1") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(r["revoked_at"] for r in rows), rows
+
+
+def test_keys_list_is_audited_as_get_admin_keys_is(tmp_path: Path) -> None:
+    env = _env(tmp_path / "d")
+    assert _steward("keys", "create", "--tenant", "t1", env=env).returncode == 0
+    r = _steward("keys", "list", "--tenant", "t1", env=env)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1, r.stderr
+    events = _cli_events(tmp_path / "d", "t1")
+    assert [(e["route"], e["action"]) for e in events][-1] == ("cli keys list", "key.list"), events
+    r = _steward("keys", "list", "--tenant", "t" * 64 + "-other", env=env)
+    assert r.returncode == 2 and "invalid tenant" in _one_line(r)

@@ -738,6 +738,30 @@ class EncoderBackend:
             code="model_not_supported",
         )
 
+    def _encode_whole(self, texts: list[str], single: bool) -> Any:
+        """The texts' vectors, each from the whole text. The encoder itself cuts a text to its
+        window; here a text over the window is refused instead (OpenAI's 400 for an input over the
+        model's context length), naming the input and its length, since a cut text's vector says
+        nothing of its end and the client could not tell."""
+        enc = self.encoder
+        assert enc is not None
+        inner = enc.tokenizer.inner
+        encode = getattr(inner, "encode_batch_fast", inner.encode_batch)
+        window = enc.max_seq_length
+        for i, e in enumerate(encode(texts, add_special_tokens=False)):
+            n = len(e.ids) + 2  # and [CLS], [SEP]: counted as usage counts them
+            if n > window:
+                where = "input" if single else f"input[{i}]"
+                raise BackendError(
+                    f"{where} has {n} tokens; {self.model_name} takes at most {window} tokens per "
+                    "input: shorten or split it",
+                    status=400,
+                    param="input",
+                    type="invalid_request_error",
+                    code="context_length_exceeded",
+                )
+        return enc.encode(texts)
+
     async def embeddings(self, call: Call) -> JSON:
         import base64
 
@@ -757,11 +781,27 @@ class EncoderBackend:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         dims = b.get("dimensions")
         if dims is not None and dims != enc.dim:
+            # The client's choice, not the upstream's failure: OpenAI's type and a code for it.
             raise BackendError(
-                f"dimensions must be {enc.dim} for {self.model_name}", status=400, param="dimensions"
+                f"dimensions must be {enc.dim} for {self.model_name}",
+                status=400,
+                param="dimensions",
+                type="invalid_request_error",
+                code="invalid_value",
             )
+        for i, t in enumerate(texts):
+            if not t:
+                # OpenAI refuses it; its vector would be the encoder's [CLS][SEP] alone.
+                where = "input" if isinstance(inputs, str) else f"input[{i}]"
+                raise BackendError(
+                    f"{where} is an empty string; every input must hold text",
+                    status=400,
+                    param="input",
+                    type="invalid_request_error",
+                    code="invalid_value",
+                )
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._pool, enc.encode, texts)
+        vectors = await loop.run_in_executor(self._pool, self._encode_whole, texts, isinstance(inputs, str))
         tokens = self.count_prompt_tokens("chat", call)
         data = []
         for i, v in enumerate(vectors):

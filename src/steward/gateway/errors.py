@@ -89,10 +89,138 @@ def _loc_param(loc: tuple[Any, ...]) -> str | None:
     return out
 
 
+# A union's branches show in pydantic's `loc` as tags ("str", "list[str]", "constrained-str",
+# "TextPart"), never as field names (those are snake_case): `_is_tag` tells them apart.
+_SCALAR_TAGS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "none": "null",
+}
+_PLURALS = {"str": "strings", "int": "integers", "float": "numbers", "bool": "booleans"}
+# Fields whose OpenAI form also takes token ids (a list of integers, or of such lists).
+_TOKEN_ID_FIELDS = ("input", "prompt")
+
+
+def _is_tag(part: object) -> bool:
+    return isinstance(part, str) and (
+        part in _SCALAR_TAGS or "[" in part or "-" in part or part[:1].isupper()
+    )
+
+
+def _expects(tag: str) -> str:
+    """What a union branch takes, in words: "a string", "a list of strings"."""
+    if tag in _SCALAR_TAGS:
+        return _SCALAR_TAGS[tag]
+    if tag.startswith("constrained-"):
+        return _expects(tag.removeprefix("constrained-"))
+    if tag.startswith("list[") and tag.endswith("]"):
+        inner = tag[5:-1].removeprefix("constrained-")
+        return "a list of " + _PLURALS.get(inner, f"{inner} objects")
+    if tag.startswith("dict[") or tag[:1].isupper():
+        return "an object"
+    return tag
+
+
+def _kind(tag: str) -> type | None:
+    """The JSON type a union branch takes (None: unknown), to pick the branch the value meant."""
+    tag = tag.removeprefix("constrained-")
+    if tag.startswith("list["):
+        return list
+    if tag.startswith("dict[") or tag[:1].isupper():
+        return dict
+    return {"str": str, "int": int, "float": float, "bool": bool, "none": type(None)}.get(tag)
+
+
+def _describe(value: object) -> str:
+    """A JSON value's type, in words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _token_ids(value: object) -> str | None:
+    """How a token-id input looks, or None when `value` is not one."""
+    if not isinstance(value, list) or not value:
+        return None
+    if all(_is_int(v) for v in value):
+        return "a list of integers"
+    if all(isinstance(v, list) and v and all(_is_int(t) for t in v) for v in value):
+        return "a list of lists of integers"
+    return None
+
+
+def _union_message(errors: list[Any]) -> tuple[str, str | None] | None:
+    """One message for a union field none of whose branches took the value, or None when the
+    first error is not about a union. Pydantic reports each branch's failure under a loc ending in
+    its tag (`('input', 'str')`, `('input', 'list[str]', 0)`): the first one alone named a parameter
+    that does not exist (`input.str`) and the problem of a branch the value never meant."""
+    loc = tuple(errors[0].get("loc", ()))
+    at = next((i for i, part in enumerate(loc) if i > 0 and _is_tag(part)), None)
+    if at is None:
+        return None
+    field, value_known, value = loc[:at], False, None
+    branches: dict[str, list[Any]] = {}
+    for err in errors:
+        eloc = tuple(err.get("loc", ()))
+        if eloc[:at] != field or len(eloc) <= at or not _is_tag(eloc[at]):
+            continue
+        branches.setdefault(str(eloc[at]), []).append(err)
+        if len(eloc) == at + 1:
+            value_known, value = True, err.get("input")
+    if not value_known:
+        return None
+    param = _loc_param(field)
+    expected = " or ".join(dict.fromkeys(_expects(t) for t in branches))
+    meant = next((t for t in branches if _kind(t) is type(value)), None)
+    name = str(field[-1])
+    if meant is None:
+        got = f"got {_describe(value)}"
+    else:
+        err = branches[meant][0]
+        eloc, etype = tuple(err.get("loc", ())), str(err.get("type", ""))
+        item = eloc[at + 1 :]
+        ids = _token_ids(value) if name in _TOKEN_ID_FIELDS else None
+        if ids is not None:
+            got = f"got {ids}: token-id input is not supported"
+        elif not item and etype == "too_short" and isinstance(value, list | str) and not value:
+            got = f"got an empty {'list' if isinstance(value, list) else 'string'}"
+        elif not item and etype == "too_long" and isinstance(value, list):
+            most = (err.get("ctx") or {}).get("max_length")
+            got = f"got {len(value)} items" + (f"; at most {most}" if most is not None else "")
+        elif len(item) == 1 and etype.endswith("_type"):
+            got = f"got {_describe(err.get('input'))} at {_loc_param((*field, *item))}"
+        else:
+            # A deeper problem inside the branch the value meant (an empty string where the
+            # branch needs text, a content part's missing field): reported as any other error at
+            # its path without the branch's tag, under the field's own name as `param`.
+            msg, _ = validation_message([{**err, "loc": (*field, *item)}])
+            return msg, param
+    return f"invalid value for {param}: must be {expected} ({got})", param
+
+
 def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     """One readable line from pydantic's error list, and the offending parameter."""
     if not errors:
         return "invalid request", None
+    union = _union_message(errors)
+    if union is not None:
+        return union
     err = errors[0]
     param = _loc_param(tuple(err.get("loc", ())))
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -5,11 +5,14 @@ keys act on every tenant. An auditor reads one tenant's records, so it does not 
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from steward.gateway.errors import APIError, json_response
 from steward.gateway.service import Gateway
+from steward.gateway.trace import Trace
 
 router = APIRouter()
 
@@ -30,8 +33,24 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
+    """Every tenant's volume: an admin read like `GET /admin/tenants`, so it is traced (audited)
+    like one, its refusals (401, 403) included."""
     gw: Gateway = request.app.state.gateway
-    p = await gw.principal(request)
-    if p.role != "admin":
-        raise APIError(403, "metrics need an admin key", code="role_not_allowed")
-    return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
+    state = request.scope.get("state", {})
+    trace = Trace(request_id=state.get("request_id", ""), route="GET /metrics")
+    trace.usage = {"admin_action": "metrics.read"}
+    body: list[bytes] = []
+
+    async def work() -> tuple[int, Any]:
+        p = await gw.principal(request, trace)
+        if p.role != "admin":
+            raise APIError(403, "metrics need an admin key", code="role_not_allowed")
+        body.append(gw.metrics.render())
+        return 200, None
+
+    # `traced` answers in JSON; only its status is kept for the exposition format. The figures are
+    # rendered before the read is recorded, so this read is counted in the next scrape.
+    resp = await gw.traced(trace, work)
+    if resp.status_code != 200 or not body:
+        return resp
+    return Response(body[0], media_type="text/plain; version=0.0.4")

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from steward.gateway.errors import json_response
+from steward.gateway.keys import Principal
 from steward.gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from steward.gateway.service import Gateway
 
@@ -43,6 +44,13 @@ async def embeddings(request: Request) -> Response:
     return await _gw(request).handle(request, "embeddings", EmbeddingRequest)
 
 
+def _may_call(p: Principal, model: str) -> bool:
+    """Whether the key may send `model` a request: an auditor reads the audit log and may call no
+    inference route (403 `role_not_allowed`), so it is shown no model, as a key whose allow-list
+    excludes it is not."""
+    return p.role != "auditor" and p.may_use(model)
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
     gw = _gw(request)
@@ -51,7 +59,7 @@ async def list_models(request: Request) -> Response:
     data = [
         {"id": name, "object": "model", "created": now, "owned_by": e.info.owned_by}
         for name, e in gw.models.items()
-        if p.may_use(name)
+        if _may_call(p, name)
     ]
     return json_response(200, {"object": "list", "data": data})
 
@@ -61,7 +69,7 @@ async def get_model(model_id: str, request: Request) -> Response:
     gw = _gw(request)
     p = await gw.principal(request)
     e = gw.models.get(model_id)
-    if e is None or not p.may_use(model_id):
+    if e is None or not _may_call(p, model_id):
         from steward.gateway.errors import APIError
 
         raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
