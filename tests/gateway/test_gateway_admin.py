@@ -145,9 +145,7 @@ def test_metrics_reads_and_refusals_are_audited(admin_gw: Running) -> None:
     ops = {e["request_id"]: e for e in _events(admin_gw, "metrics-ops")}
     acme = {e["request_id"]: e for e in _events(admin_gw, "metrics-acme")}
     read = ops[ok.headers["x-request-id"]]
-    # Its `kind` comes from the route's prefix in audit_sink.event_from_trace, which names only
-    # /admin routes (an admin read of /metrics is filed as "inference" until it lists /metrics).
-    assert read["route"] == "GET /metrics" and read["status"] == 200, read
+    assert read["route"] == "GET /metrics" and read["status"] == 200 and read["kind"] == "admin", read
     assert read["detail"]["action"] == "metrics.read"
     denied = acme[refused.headers["x-request-id"]]
     assert denied["status"] == 403 and denied["outcome"] == "refused", denied

@@ -87,7 +87,8 @@ def _upstream_detail(trace: Trace) -> dict[str, Any]:
 
 
 def event_from_trace(trace: Trace) -> AuditEvent:
-    if trace.route.startswith(("GET /admin", "POST /admin", "PUT /admin", "DELETE /admin")):
+    # /metrics is an admin read (every tenant's volume), recorded like GET /admin/tenants.
+    if trace.route.startswith(("GET /admin", "POST /admin", "PUT /admin", "DELETE /admin", "GET /metrics")):
         kind = "admin"
     elif trace.route.startswith(("GET /audit", "POST /audit")):
         kind = "access"

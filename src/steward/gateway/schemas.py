@@ -109,13 +109,17 @@ class CompletionRequest(_Sampling):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
+# An embedding of nothing: OpenAI refuses it, and so does every backend here, in the schema.
+_Text = Annotated[StrictStr, Field(min_length=1)]
+
+
 class EmbeddingRequest(BaseModel):
     """OpenAI's embeddings request takes exactly these fields (`additionalProperties: false` in the
     spec): anything else (`n`, `stream`, `stream_options`, ...) is a 400 naming it."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model: StrictStr = Field(min_length=1, max_length=256)
-    input: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=2048)]
+    input: _Text | Annotated[list[_Text], Field(min_length=1, max_length=2048)]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: Annotated[StrictInt, Field(ge=1, le=65536)] | None = None
     user: Annotated[StrictStr, Field(max_length=256)] | None = None
