@@ -595,3 +595,16 @@ def test_fake_upstream_control_api_and_cli() -> None:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_a_lone_surrogate_escape_from_the_upstream_is_decoded_as_a_replacement_character() -> None:
+    """orjson refuses `"\\ud83d"` with no pair; the standard library's fallback decodes it to a
+    lone surrogate, which no UTF-8 encoder takes downstream (a 500 mid-stream, no audit record)."""
+    import orjson
+
+    from steward.backends.openai import _loads_object
+
+    got = _loads_object(b'{"choices": [{"delta": {"content": "hi \\ud83d there", "\\udc00k": 1}}]}')
+    assert got == {"choices": [{"delta": {"content": "hi \ufffd there", "\ufffdk": 1}}]}
+    assert orjson.dumps(got)
+    assert _loads_object(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a pair is one character

@@ -819,3 +819,208 @@ def test_only_the_changed_leaves_of_json_arguments_are_scanned_again() -> None:
     assert s.text is not None and json.loads(s.text)["key"] == "k=[AWS_ACCESS_KEY]"
     assert json.loads(s.text)["items"] == [f"line {n}\nmore" for n in range(200)]
     assert calls[1:] == [f"k={AWS}"]  # the whole text, then only the leaf that changed
+
+
+# -- fields the guard had no name for, lone surrogates, odd call shapes ----------------------------
+
+SAY = f"The key is {AWS} and mail {EMAIL}"
+
+
+def test_audio_transcripts_reasoning_details_and_unknown_fields_are_scanned(gw: Any, up: Scripted) -> None:
+    details = [{"type": "reasoning.text", "text": SAY, "format": "unknown", "index": 0}]
+
+    def script(body: dict[str, Any]) -> Any:
+        if not body.get("stream"):
+            audio = {"id": "audio_1", "data": "UklGRg==", "expires_at": 1, "transcript": SAY}
+            return answer(None, audio=audio, reasoning_details=details, future={"note": SAY})
+        return [
+            chunk({"role": "assistant", "content": None}),
+            chunk({"reasoning_details": [{**details[0], "text": SAY[:15]}]}),
+            chunk({"reasoning_details": [{"index": 0, "text": SAY[15:]}]}),
+            chunk({"audio": {"id": "audio_1", "transcript": SAY[:20], "data": "UklG"}}),
+            chunk({"audio": {"transcript": SAY[20:], "data": "Rg=="}}),
+            chunk({"future": {"note": SAY}}),
+            chunk({}, finish="stop"),
+            usage(),
+        ]
+
+    up.script = script
+    msgs = [{"role": "user", "content": "read me the key"}]
+    out = post(gw, {"messages": msgs})
+    events = stream(gw, {"messages": msgs})
+    delta: dict[str, Any] = {}
+    for e in events:
+        for c in e["choices"]:
+            delta.update({k: v for k, v in c["delta"].items() if k != "role"})
+    for got, trace in ((out["choices"][0]["message"], gw[1][-2]), (delta, last_trace(gw))):
+        assert AWS not in json.dumps(got) and EMAIL not in json.dumps(got), got
+        masked = got["audio"]["transcript"]
+        assert "[AWS_ACCESS_KEY]" in masked and masked.startswith("The key is")
+        assert got["audio"]["id"] == "audio_1" and "data" not in got["audio"]  # unscannable: dropped
+        assert got["reasoning_details"][0]["text"] == masked and got["future"]["note"] == masked
+        assert got["reasoning_details"][0]["type"] == "reasoning.text"
+        scanned = outputs(trace)
+        for field in ("audio.transcript", "reasoning_details[0].text", "future.note"):
+            assert scanned[field]["scanned"] is True and scanned[field]["action"] == "redact", field
+        assert scanned["audio.data"]["scanned"] is False and scanned["audio.data"]["action"] == "drop"
+    stored = json.dumps(last_trace(gw).payload)
+    assert "transcript" in stored and "[AWS_ACCESS_KEY]" in stored and AWS not in stored
+
+
+def test_a_request_for_audio_output_is_refused_when_the_output_is_guarded(gw: Any, up: Scripted) -> None:
+    up.script = lambda body: answer("hello")
+    running, _ = gw
+    h = {"authorization": f"Bearer {running.key('acme', 'user')}"}
+    asks: list[dict[str, Any]] = [
+        {"modalities": ["text", "audio"]},
+        {"modalities": ["image", "text"]},
+        {"audio": {"voice": "alloy", "format": "pcm16"}},
+    ]
+    for extra in asks:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+        r = httpx.post(running.url + "/v1/chat/completions", json=body, headers=h, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", r.text
+    assert post(gw, {"messages": [{"role": "user", "content": "hi"}], "modalities": ["text"]})
+
+
+def test_a_lone_surrogate_escape_in_restored_arguments_is_served_and_audited(pgw: Any, up: Scripted) -> None:
+    up.script = lambda body: answer_or_stream(body, None, '{"to": "' + token_of(body) + '", "s": "\\ud83d"}')
+    msgs = [{"role": "user", "content": f"Mail {EMAIL} the invoice."}]
+    for _, args in both_ways(pgw, msgs):  # both 200, the stream ends in [DONE]: audited
+        assert json.loads(args) == {"to": EMAIL, "s": "\ud83d"}, args
+        assert "\\ud83d" in args and last_trace(pgw).outcome == "ok"
+
+
+def test_a_lone_surrogate_from_the_upstream_is_replaced_not_a_500(gw: Any, up: Scripted) -> None:
+    text = "hi \ud83d mail " + EMAIL
+    up.script = lambda body: (
+        [chunk({"role": "assistant", "content": ""}), chunk({"content": text}), chunk({}, finish="stop")]
+        if body.get("stream")
+        else answer(text)
+    )
+    msgs = [{"role": "user", "content": "hello"}]
+    got = post(gw, {"messages": msgs})["choices"][0]["message"]["content"]
+    assert got.startswith("hi \ufffd mail") and EMAIL not in got
+    assert streamed(stream(gw, {"messages": msgs}), "content") == got
+
+
+def _pseudo_guard() -> Any:
+    from steward.gateway.guarding import Guard
+
+    pii = [{"scanner": "pii", "action": "redact", "redaction": "pseudonym", "quasi_action": "allow"}]
+    return Guard(
+        {"version": 1, "policies": {"default": {"restore_pseudonyms": True, "input": [], "output": pii}}}
+    )
+
+
+def _field(text: str, vault: Vault, json_text: bool = True) -> Any:
+    from steward.gateway.guarding import InputResult
+    from steward.guard import ScanContext
+
+    return asyncio.run(
+        _pseudo_guard().scan_field(text, InputResult(ScanContext(), vault), json_text=json_text)
+    )
+
+
+def test_a_backslash_before_a_token_in_arguments_is_kept() -> None:
+    vault = Vault()
+    tok = vault.pseudonym("PERSON", "Alice", "user")
+    for value in ("C:\\" + tok, "dir\\" + tok + "\\x", "C:\\\\" + tok, "C:\\Users\\" + tok + "\\Documents"):
+        s = _field(json.dumps({"path": value}), vault)
+        assert s.text is not None and json.loads(s.text) == {"path": value.replace(tok, "Alice")}, s.text
+    s = _field('{"path": "C:\\\\' + tok + '", "more', vault)  # not JSON (cut short)
+    assert s.text == '{"path": "C:\\\\Alice", "more'
+
+
+def test_non_json_arguments_are_restored_once() -> None:
+    vault = Vault()
+    vault.pseudonym("PERSON", "Alice", "user")
+    tok = vault.pseudonym("USERNAME", "x<PERSON_1>y", "user")
+    assert _field('{"u": "' + tok + '"', vault).text == '{"u": "x<PERSON_1>y"'
+    assert json.loads(_field(json.dumps({"u": tok}), vault).text) == {"u": "x<PERSON_1>y"}
+
+
+def test_rewritten_arguments_keep_their_numbers_and_every_key() -> None:
+    vault = Vault()
+    tok = vault.pseudonym("PERSON", "Alice", "user")
+    args = '{"to": "' + tok + '", "amount": 1e400, "x": 0.30000000000000000001, "q": 1E2, "k": [1, -0]}'
+    assert _field(args, vault).text == args.replace(tok, "Alice")
+    mask = _mask_guard()
+    from steward.gateway.guarding import InputResult
+    from steward.guard import ScanContext
+
+    roles = json.dumps({"roles": {"ann@example.com": "admin", "bob@example.org": "viewer"}})
+    s = asyncio.run(mask.scan_field(roles, InputResult(ScanContext(), Vault()), json_text=True))
+    assert s.text is not None and "example" not in s.text
+    got = json.loads(s.text)["roles"]
+    assert sorted(got.values()) == ["admin", "viewer"] and len(got) == 2, s.text
+
+
+def _mask_guard() -> Any:
+    from steward.gateway.guarding import Guard
+
+    pii = [{"scanner": "pii", "action": "redact", "redaction": "mask", "quasi_action": "allow"}]
+    return Guard({"version": 1, "policies": {"default": {"input": [], "output": pii}}})
+
+
+def test_a_token_split_across_two_json_strings_does_not_cut_the_choice() -> None:
+    vault = Vault()
+    vault.pseudonym("PERSON", "Alice", "user")
+    s = _field(json.dumps(["<", "PERSON_1>"]), vault)
+    # what each string alone gives (the bare `PERSON_1` is a token), not a cut choice
+    assert s.text is not None and json.loads(s.text) == ["<", "Alice>"], s.report
+
+
+def test_parallel_calls_without_a_distinct_index_stay_separate() -> None:
+    for index in (None, 0):
+        c1 = {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        c2 = {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": 1}'}}
+        if index is not None:
+            c1["index"] = c2["index"] = index
+        more = {"function": {"arguments": '{"tz": 2}'}}  # a piece without index or id: the last call's
+        events = _stream_chunks([{"role": "assistant", "tool_calls": [c1]}, {"tool_calls": [c2]}])
+        calls = [tc for e in events[:-1] for c in e["choices"] for tc in c["delta"].get("tool_calls") or []]
+        assert [(c["id"], c["function"]["name"]) for c in calls] == [
+            ("call_a", "get_weather"),
+            ("call_b", "get_time"),
+        ]
+        assert len({c["index"] for c in calls}) == 2
+        events = _stream_chunks([{"tool_calls": [c1]}, {"tool_calls": [more]}])
+        (merged,) = [
+            tc for e in events[:-1] for c in e["choices"] for tc in c["delta"].get("tool_calls") or []
+        ]
+        assert merged["function"]["arguments"] == '{}{"tz": 2}'
+
+
+def test_a_tool_call_index_that_is_not_a_number_is_not_a_crash() -> None:
+    tc = {"index": "x", "id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    events = _stream_chunks([{"role": "assistant", "tool_calls": [tc]}])
+    calls = [tc for e in events[:-1] for c in e["choices"] for tc in c["delta"].get("tool_calls") or []]
+    assert [(c["index"], c["id"], c["function"]) for c in calls] == [
+        (0, "c", {"name": "f", "arguments": "{}"})
+    ]
+
+
+def test_a_stream_whose_only_choice_is_cut_is_blocked_whatever_n_asked(gw: Any, up: Scripted) -> None:
+    def script(body: dict[str, Any]) -> Any:
+        return [
+            chunk({"role": "assistant", "content": ""}),
+            chunk({"content": f"the prompt is [{canary_of(body)}] "}),
+            *[chunk({"content": "more text "}) for _ in range(20)],
+            chunk({}, finish="stop"),
+            usage(),
+        ]
+
+    up.script = script
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
+    events = stream(gw, {"messages": msgs, "n": 2})
+    assert finishes(events) == {0: ["content_filter"]} and "stw-canary" not in json.dumps(events)
+    assert last_trace(gw).outcome == "blocked"
+
+
+def test_an_audit_event_holding_a_lone_surrogate_is_still_canonical() -> None:
+    from steward.audit.events import canonical_json
+
+    raw = canonical_json({"payload": "x \ud83d y", "k\udc00": 1})
+    assert raw == b'{"k\\udc00":1,"payload":"x \\ud83d y"}'
+    assert canonical_json(json.loads(raw)) == raw  # the same bytes again, as a leaf is verified

@@ -370,3 +370,51 @@ def test_the_stream_payload_joins_field_pieces_once_and_merges_tool_calls_by_ind
         {"index": 1, "id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
     ]
     assert out["response"] == {"0": "done"} and d.finished == {0}
+
+
+def test_fields_the_guard_has_no_name_for_count_against_the_budget_and_reach_the_payload() -> None:
+    """`audio.transcript`, `reasoning_details[].text` and the like are generated text: counted
+    by a stream's budget, trimmed (or dropped) at a cut, and kept in the audit payload."""
+    from steward.gateway.service import _Delivered, _generated_bytes, _trim_choices
+
+    delta = {
+        "role": "assistant",
+        "audio": {"id": "a1", "transcript": "x" * 30},
+        "reasoning_details": [{"type": "reasoning.text", "text": "y" * 20, "index": 0}],
+        "future": {"note": "z" * 10},
+    }
+    choice: dict[str, Any] = {"index": 0, "delta": json.loads(json.dumps(delta)), "finish_reason": "stop"}
+    assert _generated_bytes(choice) == 60  # ids and type tags are the server's, not counted
+    _trim_choices([choice], 35)
+    assert _generated_bytes(choice) <= 35 and choice["delta"]["role"] == "assistant"
+    assert choice["finish_reason"] is None
+
+    d = _Delivered()
+    for piece in ({"audio": {"id": "a1", "transcript": "hel"}}, {"audio": {"transcript": "lo"}}):
+        d.record({"choices": [{"index": 0, "delta": piece}]})
+    d.record({"choices": [{"index": 0, "delta": {"reasoning_details": delta["reasoning_details"]}}]})
+    fields = d.payload({"messages": []})["response_fields"]["0"]
+    assert fields["audio"] == {"id": "a1", "transcript": "hello"}
+    assert fields["reasoning_details"] == delta["reasoning_details"]
+
+
+def test_the_stream_payload_keeps_parallel_calls_without_an_index_apart() -> None:
+    from steward.gateway.service import _Delivered
+
+    d = _Delivered()
+    for cid, name in (("call_a", "get_weather"), ("call_b", "get_time")):
+        call = {"id": cid, "type": "function", "function": {"name": name, "arguments": "{}"}}
+        d.record({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+    calls = d.payload({"messages": []})["response_fields"]["0"]["tool_calls"]
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+
+
+def test_an_event_orjson_refuses_still_goes_out_and_is_recorded_as_sent() -> None:
+    """No path should still carry a lone surrogate into a stream event; if one does (or the
+    upstream sends an integer past 64 bits), the event goes out, not a 500 that ends the stream."""
+    from steward.gateway.service import _dumps_event
+
+    data, sent = _dumps_event({"choices": [{"delta": {"content": "a \ud83d b"}}], "n": 2**70})
+    assert json.loads(data) == sent == {"choices": [{"delta": {"content": "a \ufffd b"}}], "n": 2**70}
+    ev = {"choices": []}
+    assert _dumps_event(ev) == (b'{"choices":[]}', ev)

@@ -473,3 +473,97 @@ def test_scanner_protocol_is_satisfied() -> None:
 
     assert isinstance(PIIScanner(), Scanner) and isinstance(SecretsScanner(), Scanner)
     assert Span(1, 2).end == 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "please email jane.doe%40example.org about it",  # a URL's percent escapes
+        "write to jane&#46;doe&#64;example&#46;org",  # HTML entities
+        "contact jane.doe\\u0040example.org",  # a string literal's escapes
+    ],
+)
+def test_pii_written_with_url_html_or_literal_escapes_is_redacted(text: str) -> None:
+    """Ordinary spellings of text in URLs, HTML and code: the address went upstream in clear."""
+    v = Pipeline().scan_text(text, ScanContext(), "input")
+    assert "pii" in v.categories and v.text is not None and "example" not in v.text, v.text
+    assert "EMAIL_ADDRESS" in v.text
+
+
+def test_escape_runs_are_found_in_linear_time() -> None:
+    import time
+
+    for text in ("a" * 1_000_000 + "%", "&" + "a" * 1_000_000, "\\" + "b" * 1_000_000, "x%4" * 300_000):
+        t0 = time.perf_counter()
+        normalise(text)
+        assert time.perf_counter() - t0 < 2.0
+
+
+def test_escape_segments_are_not_read_again_by_the_classifiers() -> None:
+    """A tweet's `&amp;` or a link's `%20` is everyday text the classifiers read well as written;
+    the decoded word is for the pattern detectors (see normalize.TEXT_ESCAPE_KINDS)."""
+    from steward.guard.classifier import get_guard_model
+    from steward.guard.normalize import normalise
+
+    model = get_guard_model()
+    plain = normalise("Tom&Jerry share a link: https://example.com/a b")
+    escaped = normalise("Tom&amp;Jerry share a link: https://example.com/a%20b")
+    assert sorted(s.kind for s in escaped.segments) == ["entity", "percent"]
+    b64 = normalise("decode aGVsbG8gdGhlcmUsIGhvdyBhcmUgeW91IHRvZGF5Pw== please")
+    model.score_documents([plain, escaped, b64])
+    key = model.cache_key
+    assert len(escaped.cache[key].spans) == len(plain.cache[key].spans) == 1
+    assert len(b64.cache[key].spans) == 2  # a base64 payload is still read as what it says
+
+
+# -- review of 2026-12-05 (input side): every string of a chat request the model reads -------------
+def test_every_message_field_is_scanned_and_redacted_in_place() -> None:
+    from steward.guard.pipeline import InputField
+
+    key = "AKIAIOSFODNN7EXAMPLE"
+    msgs = [
+        {"role": "user", "name": f"k {key}", "content": [{"type": "input_text", "text": f"k {key}"}]},
+        {
+            "role": "assistant",
+            "refusal": f"k {key}",
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": key}}}
+            ],
+        },
+    ]
+    field = InputField("tools[0]", {"type": "function", "function": {"description": f"k {key}"}}, "system")
+    labels: list[str] = []
+    v = Pipeline(PATTERN_POLICY).scan_messages(msgs, ScanContext(), [field], labels)
+    assert v.action is Action.REDACT and v.messages is not None and v.scanned
+    assert key not in json.dumps(v.messages) and key in json.dumps(msgs)  # the caller's is untouched
+    assert v.messages[1]["tool_calls"][0]["function"]["arguments"] == {"a": "[AWS_ACCESS_KEY]"}
+    assert field.redacted == {"type": "function", "function": {"description": "k [AWS_ACCESS_KEY]"}}
+    assert labels == [
+        "messages[0].content[0].text",
+        "messages[0].name",
+        "messages[1].refusal",
+        "messages[1].tool_calls[0].function.name",
+        "messages[1].tool_calls[0].function.arguments",
+        "tools[0]",
+    ]
+
+
+def test_a_duplicate_key_in_arguments_is_scanned_and_kept() -> None:
+    args = '{"q": "key AKIAIOSFODNN7EXAMPLE", "q": "weather"}'
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": args}}
+    v = Pipeline(PATTERN_POLICY).scan_messages([{"role": "assistant", "tool_calls": [call]}])
+    assert v.action is Action.REDACT and v.messages is not None
+    sent = v.messages[0]["tool_calls"][0]["function"]["arguments"]
+    assert sent == '{"q": "key [AWS_ACCESS_KEY]", "q": "weather"}'
+
+
+def test_a_request_with_no_text_to_scan_fails_closed() -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    v = Pipeline(PATTERN_POLICY).scan_messages([{"role": "user", "content": [image]}])
+    assert v.blocked and not v.scanned and "request.input" in v.errors
+    lenient = {
+        "version": 1,
+        "policies": {"default": {**PATTERN_POLICY["policies"]["default"], "fail_closed": False}},
+    }
+    v = Pipeline(lenient).scan_messages([{"role": "user", "content": [image]}])
+    assert v.action is Action.ALLOW and not v.scanned

@@ -230,3 +230,29 @@ def test_a_nan_threshold_is_refused_as_not_a_number() -> None:
     with pytest.raises(PolicyError) as err:
         load_policy_set(pol)
     assert "finite number" in str(err.value), str(err.value)
+
+
+# -- review of 2026-12-05 (input side, F6): a binding's route ---------------------------------------
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "chat-completions", "Chat"])
+def test_a_binding_route_that_can_never_match_is_refused(route: str) -> None:
+    """A route written as a URL path or misspelt would never match a request, and the tenant would
+    silently get another policy: refused at load, naming the routes that exist."""
+    data = {
+        "version": 1,
+        "policies": {"default": {"input": []}, "strict": {"input": [{"scanner": "pii"}]}},
+        "bindings": [{"tenant": "pathco", "route": route, "policy": "strict"}],
+    }
+    with pytest.raises(PolicyError) as info:
+        load_policy_set(data)
+    message = str(info.value)
+    assert "bindings.0.route" in message and "'chat'" in message and "'embeddings'" in message
+
+
+@pytest.mark.parametrize("route", ["*", "chat", "completions", "embeddings", "moderations"])
+def test_every_route_a_request_is_scanned_under_can_be_bound(route: str) -> None:
+    data = {
+        "version": 1,
+        "policies": {"default": {"input": []}, "strict": {"input": [{"scanner": "pii"}]}},
+        "bindings": [{"tenant": "t", "route": route, "policy": "strict"}],
+    }
+    assert load_policy_set(data).select("t", "chat" if route == "*" else route)[0] == "strict"

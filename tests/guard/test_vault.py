@@ -246,3 +246,28 @@ def test_numbers_in_tool_call_arguments_in_the_history_are_scanned_too() -> None
     parsed = json.loads(v.messages[1]["tool_calls"][0]["function"]["arguments"])
     assert "4111111111111111" not in json.dumps(parsed)
     assert parsed["qty"] == 2 and parsed["ok"] is True and parsed["note"] == "order"  # untouched
+
+
+def test_a_literal_restore_keeps_the_backslash_before_a_token() -> None:
+    """In a JSON string (or raw JSON arguments) a backslash before a token is the text's own (a
+    Windows path), not a markdown escape of the bracket: it stays, and a token never spans lines."""
+    vault = Vault()
+    tok = vault.pseudonym("PERSON", "Alice")
+    assert vault.restore("C:\\" + tok, literal=True) == "C:\\Alice"
+    assert vault.restore("C:\\Users\\" + tok + "\\Documents", literal=True) == "C:\\Users\\Alice\\Documents"
+    assert vault.restore('{"p": "C:\\\\' + tok + '"}', literal=True) == '{"p": "C:\\\\Alice"}'
+    assert vault.restore("<\nPERSON_1\n>", literal=True) == "<\nAlice\n>"  # the bare form only
+    assert vault.restore("< person 1 >", literal=True) == "Alice"
+    assert vault.restore("\\<PERSON_1\\>") == "Alice"  # markdown text keeps its tolerance
+
+
+def test_masked_keys_of_history_arguments_never_collapse_into_one() -> None:
+    args = json.dumps(
+        {"keys": {"AKIAIOSFODNN7EXAMPLE": "prod", "AKIAI44QH8DHBEXAMPLE": "dev"}, "s": "\ud83d"}
+    )
+    v = Pipeline(POLICY).scan_messages(_history(args))
+    assert v.messages is not None
+    written = v.messages[1]["tool_calls"][0]["function"]["arguments"]
+    got = json.loads(written)
+    assert sorted(got["keys"].values()) == ["dev", "prod"] and "AKIA" not in json.dumps(got)
+    assert got["s"] == "\ud83d" and written.encode("utf-8")  # the lone surrogate stays an escape

@@ -18,6 +18,7 @@ the auditors of both see it and can prove it. The principal always names who act
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,13 +35,20 @@ class EventError(ValueError):
     """An event cannot be encoded, or stored leaf bytes do not parse as an event."""
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def canonical_json(value: JSON) -> bytes:
     try:
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise EventError(f"event is not canonical JSON: {exc}") from None
+    if _SURROGATE.search(text):
+        # A lone surrogate (broken Unicode an upstream sent, kept in a payload) can only sit inside
+        # a string; written as its \u escape the text is UTF-8, parses back to the same value and
+        # encodes to the same bytes again, so a request never loses its record over it.
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text.encode("utf-8")
 
 
 def new_event_id() -> str:

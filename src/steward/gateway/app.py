@@ -207,8 +207,9 @@ async def _start(settings: Settings, models: dict[str, ModelEntry] | None) -> Ga
     guard = None
     if settings.guards:
         from steward.gateway.guarding import Guard
+        from steward.guard.redact import load_hash_key
 
-        guard = Guard(settings.guard_policies)
+        guard = Guard(settings.guard_policies, hash_key=load_hash_key(settings.data_dir / "keys"))
         for line in stale_tenant_policies(keys.list_tenants(), guard.policy_names(), settings.guard_policies):
             log.warning(line)
         # Load the classifier heads and the encoder now, not on the first request.

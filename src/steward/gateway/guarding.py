@@ -13,11 +13,14 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steward.gateway.errors import APIError
 from steward.gateway.keys import Principal
 from steward.gateway.trace import Trace
+
+if TYPE_CHECKING:
+    from steward.guard.types import Role
 
 STREAM_WINDOW = 512
 STREAM_OVERLAP = 128
@@ -38,6 +41,19 @@ TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
 A completion choice has one, `text`."""
 CALL_FIELDS = ("tool_calls", "function_call")  # `function_call`: the legacy form of one tool call
 GENERATED = (*TEXT_FIELDS, *CALL_FIELDS)
+PASS_KEYS = ("role",)
+"""The keys of a message (or delta) the server writes, not the model. Every other key is the
+model's: the text fields and calls above, and fields the guard has no name for (OpenAI's
+`audio.transcript`, OpenRouter's `reasoning_details[].text`, `annotations`, whatever a server adds
+next). Those are scanned too, every string of them (see `_slots`): held in a stream until their
+choice ends, as tool calls are, counted against a stream's budget and kept in the audit payload."""
+EXTRA_META = ("id", "type", "index", "format", "signature")
+"""Keys, at any depth of a field the guard has no name for, whose strings the server writes (an
+id, a type tag, a format name, a provider's opaque signature): never scanned, and in a stream each
+keeps its first value rather than being concatenated."""
+UNSCANNABLE = {"audio": ("data",)}
+"""Generated output no text scanner can read (audio itself, base64): dropped, never sent, and the
+trace says so. A request that asks for audio output is refused up front (`Guard.scan_input`)."""
 
 
 CALL_META = ("id", "type", "index")
@@ -62,7 +78,8 @@ def _slots(holder: dict[str, Any], chat: bool) -> list[Slot]:
     output policy scans and redacts in place, whatever shape the answer took. Content parts give
     every string they hold but their `type` (`text`, `refusal`, ...); a tool call gives every string
     under it but its `id`/`type`/`index`, whatever its type (`function`, `custom`, one not known
-    yet), and `arguments` given as an object as one slot (scanned as JSON)."""
+    yet), and `arguments` given as an object as one slot (scanned as JSON); a field the guard has
+    no name for (see PASS_KEYS) gives every string under it but its `EXTRA_META` ones."""
     if not chat:
         text = holder.get("text")
         return [("text", holder, "text")] if isinstance(text, str) and text else []
@@ -79,6 +96,9 @@ def _slots(holder: dict[str, Any], chat: bool) -> list[Slot]:
                 for pk, pv in part.items():
                     if pk != "type":
                         _leaves(pv, f"{f}[{k}]" if pk == "text" else f"{f}[{k}].{pk}", part, pk, out)
+    for name, v in holder.items():
+        if name not in GENERATED and name not in PASS_KEYS:
+            _extra_leaves(v, name, holder, name, out)
     calls = holder.get("tool_calls")
     for j, tc in enumerate(calls if isinstance(calls, list) else []):
         if not isinstance(tc, dict):
@@ -108,9 +128,73 @@ def _leaves(value: Any, where: str, box: Any, key: Any, out: list[Slot]) -> None
             _leaves(v, f"{where}[{n}]", value, n, out)
 
 
+def _extra_leaves(value: Any, where: str, box: Any, key: Any, out: list[Slot]) -> None:
+    """The slots of every non-empty string under a field the guard has no name for, but those
+    under `EXTRA_META` keys."""
+    if isinstance(value, str):
+        if value:
+            out.append((where, box, key))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if k not in EXTRA_META:
+                _extra_leaves(v, f"{where}.{k}", value, k, out)
+    elif isinstance(value, list):
+        for n, v in enumerate(value):
+            _extra_leaves(v, f"{where}[{n}]", value, n, out)
+
+
+def drop_unscannable(holder: dict[str, Any]) -> list[str]:
+    """Remove what no scanner can read from a message or delta (`UNSCANNABLE`), in place; returns
+    the fields dropped, for the trace."""
+    dropped = []
+    for k, inner in UNSCANNABLE.items():
+        box = holder.get(k)
+        if isinstance(box, dict):
+            dropped += [f"{k}.{name}" for name in inner if box.pop(name, None) is not None]
+    return dropped
+
+
+def unscannable_report(i: Any, where: str) -> dict[str, Any]:
+    return {
+        "stage": "output",
+        "choice": i,
+        "field": where,
+        "scanned": False,
+        "action": "drop",
+        "errors": {"unscannable": "output no scanner can read is not sent"},
+    }
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogates(text: str) -> str:
+    """JSON text with every lone surrogate (which only a string can hold) written as its `\\u`
+    escape: what a model wrote as `"\\ud83d"` stays that, never a raw surrogate, which no UTF-8
+    encoder (the event serialiser, the audit log) takes."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) if _SURROGATE.search(text) else text
+
+
+def json_dumps(value: Any) -> str:
+    """`value` as JSON text: non-ASCII as it is, lone surrogates escaped."""
+    return _escape_surrogates(json.dumps(value, ensure_ascii=False))
+
+
+def scrub_surrogates(value: Any) -> Any:
+    """`value` with every lone surrogate in its strings (keys too) replaced by U+FFFD: broken
+    Unicode an upstream sent, made sendable."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [scrub_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {scrub_surrogates(k): scrub_surrogates(v) for k, v in value.items()}
+    return value
+
+
 def _slot_text(value: Any) -> str:
     """A slot's text: the string, or an object given for JSON serialised."""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return value if isinstance(value, str) else json_dumps(value)
 
 
 def generated_texts(choice: dict[str, Any]) -> list[str]:
@@ -143,27 +227,96 @@ class _Pieces(list[str]):
     """A string being assembled from a stream's pieces, joined once at the end."""
 
 
-def merge_pieces(pieces: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_pieces(pieces: list[dict[str, Any]], keep: tuple[str, ...] = ()) -> dict[str, Any]:
     """A streamed tool call's deltas as one call, as `merge_call` one after the other would make
-    it, in linear time: every string's pieces are gathered in a list and joined once."""
+    it, in linear time: every string's pieces are gathered in a list and joined once. Strings under
+    `keep` keys, at any depth, keep their first value too."""
     acc: dict[str, Any] = {}
     for piece in pieces:
-        _gather(acc, piece, top=True)
+        _gather(acc, piece, top=True, keep=keep)
     merged: dict[str, Any] = _joined(acc)
     return merged
 
 
-def _gather(acc: dict[str, Any], piece: dict[str, Any], top: bool) -> None:
+def _gather(acc: dict[str, Any], piece: dict[str, Any], top: bool, keep: tuple[str, ...] = ()) -> None:
     for k, v in piece.items():
         cur = acc.get(k)
         if isinstance(v, dict) and (cur is None or isinstance(cur, dict)):
             if cur is None:
                 cur = acc[k] = {}
-            _gather(cur, v, top=False)
+            _gather(cur, v, top=False, keep=keep)
         elif cur is None:  # a key not given yet, or given as null
             acc[k] = _Pieces([v]) if isinstance(v, str) else v
-        elif isinstance(v, str) and isinstance(cur, _Pieces) and not (top and k in CALL_META):
+        elif (
+            isinstance(v, str) and isinstance(cur, _Pieces) and not (top and k in CALL_META) and k not in keep
+        ):
             cur.append(v)
+
+
+def merge_extra(values: list[Any]) -> Any:
+    """A streamed field the guard has no name for, from its deltas: strings concatenated, objects
+    merged (`merge_pieces`, `EXTRA_META` strings keeping their first value), lists merged item by
+    item (by each item's `index`, else its position: OpenRouter streams `reasoning_details` so);
+    anything else keeps its first value."""
+    given = [v for v in values if v is not None]
+    if not given:
+        return values[0] if values else None
+    if all(isinstance(v, str) for v in given):
+        return "".join(given)
+    if all(isinstance(v, dict) for v in given):
+        return merge_pieces(given, keep=EXTRA_META)
+    if all(isinstance(v, list) for v in given):
+        items: dict[int, list[Any]] = {}
+        for v in given:
+            for j, item in enumerate(v):
+                at = item.get("index") if isinstance(item, dict) else None
+                key = at if isinstance(at, int) and not isinstance(at, bool) else j
+                items.setdefault(key, []).append(item)
+        return [merge_extra(items[k]) for k in sorted(items)]
+    return given[0]
+
+
+def call_index(tc: dict[str, Any]) -> int | None:
+    """A streamed tool call's `index` as an int: None where it is missing or not a whole number
+    (`"x"`, `-1`, `true`): such a delta is placed by its `id` (see `CallSlots`), never a crash."""
+    v = tc.get("index")
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    return v if isinstance(v, int) and v >= 0 else None
+
+
+class CallSlots:
+    """Which call of a choice each streamed tool-call delta belongs to. Usually its `index`; but
+    some servers (Gemini's OpenAI-compatible API, some proxies) leave `index` out, or send 0 for
+    every call, and send each of several parallel calls whole with its own `id`: a delta whose `id`
+    differs from the one its index (or, with no index, the last call) has so far starts a new call,
+    rather than being concatenated into it. A delta without an index or id continues the last call.
+    Each call's slot is the index it goes out with: the upstream's while that is free, else the
+    next one unused."""
+
+    def __init__(self) -> None:
+        self._at: dict[int, int] = {}  # upstream index -> its current slot
+        self._ids: dict[int, str] = {}  # slot -> the id its call was given
+        self._used: set[int] = set()
+        self._last: int | None = None
+
+    def slot(self, tc: dict[str, Any]) -> int:
+        key = call_index(tc)
+        cid = tc.get("id") if isinstance(tc.get("id"), str) and tc.get("id") else None
+        cur = self._at.get(key) if key is not None else self._last
+        if cur is None or (cid is not None and self._ids.get(cur, cid) != cid):
+            cur = key if key is not None and key not in self._used else max(self._used, default=-1) + 1
+            self._used.add(cur)
+        if cid is not None:
+            self._ids.setdefault(cur, cid)
+        if key is not None:
+            self._at[key] = cur
+        self._last = cur
+        return cur
 
 
 def _joined(value: Any) -> Any:
@@ -217,14 +370,14 @@ def restore_json(text: str, vault: Any) -> str:
         parsed = json.loads(text)
     except ValueError:
         pattern = re.compile("|".join(re.escape(t) for t in sorted(vault.tokens(), key=len, reverse=True)))
-        return pattern.sub(lambda m: json.dumps(vault.restore(m.group()), ensure_ascii=False)[1:-1], text)
+        return pattern.sub(lambda m: json_escape(vault.restore(m.group())), text)
     restored = _restore_strings(parsed, vault)
-    return text if restored == parsed else json.dumps(restored, ensure_ascii=False)
+    return text if restored == parsed else json_dumps(restored)
 
 
 def _restore_strings(value: Any, vault: Any) -> Any:
     if isinstance(value, str):
-        return vault.restore(value)
+        return vault.restore(value, literal=True)
     if isinstance(value, list):
         return [_restore_strings(v, vault) for v in value]
     if isinstance(value, dict):
@@ -241,8 +394,8 @@ def request_vault() -> Any:
 
 
 def json_escape(value: str) -> str:
-    """`value` as it goes between the quotes of a JSON string."""
-    return json.dumps(value, ensure_ascii=False)[1:-1]
+    """`value` as it goes between the quotes of a JSON string (a lone surrogate as its escape)."""
+    return json_dumps(value)[1:-1]
 
 
 def _is_json(text: str) -> bool:
@@ -292,7 +445,12 @@ class _Choice:
     # Held tool-call deltas per call index (and of the legacy `function_call`), merged once the
     # choice ends (`merge_pieces`); `held_chars` counts their strings against MAX_HELD_CALL_CHARS.
     calls: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    slots: CallSlots = field(default_factory=CallSlots)
     function_call: list[dict[str, Any]] | None = None
+    # Fields the guard has no name for (see PASS_KEYS), held like tool calls: their deltas per key,
+    # merged once the choice ends (`merge_extra`); and what was dropped unread (`UNSCANNABLE`).
+    extras: dict[str, list[Any]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
     held_chars: int = 0
     calls_released: bool = False
     calls_changed: bool = False
@@ -313,7 +471,11 @@ class StreamScan:
     are held until their choice ends, merged (every string concatenated, at any depth), then
     scanned whole, every string of them, and sent as one delta each: a client acts on a call only
     once its arguments are complete anyway, and only whole arguments can be judged and restored as
-    JSON. A choice whose held calls pass MAX_HELD_CALL_CHARS is cut there. A block in any
+    JSON. Parallel calls are told apart by `index`, or by `id` where a server gives every call
+    the same index or none (`CallSlots`). Fields the guard has no name for (`audio`,
+    `reasoning_details`, ...: see PASS_KEYS) are held and scanned the same way, merged
+    (`merge_extra`); audio itself, which no scanner reads, is dropped and reported (`UNSCANNABLE`).
+    A choice whose held calls and fields pass MAX_HELD_CALL_CHARS is cut there. A block in any
     field cuts the choice with `content_filter`; what it still held is dropped. All fields of a
     choice add up their evidence of a system-prompt leak: a prompt leaked half in the reasoning
     and half in a tool call's arguments is cut as the same text in the content alone would be.
@@ -334,7 +496,16 @@ class StreamScan:
 
     @property
     def all_cut(self) -> bool:
+        """Every choice the request asked for was cut: nothing more can go out."""
         return sum(st.cut for st in self.choices.values()) >= self.n_choices
+
+    @property
+    def all_seen_cut(self) -> bool:
+        """Every choice that arrived was cut. Once the upstream has ended, this is what makes the
+        outcome "blocked": many servers ignore `n` and send fewer choices than asked, and a stream
+        whose one choice was cut gave its client nothing, as the same answer non-streamed would.
+        (Not a reason to stop reading: a choice not seen yet may still come.)"""
+        return bool(self.choices) and all(st.cut for st in self.choices.values())
 
     async def chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         """One backend chunk in; the chunks that may go to the client now (one per choice)."""
@@ -371,6 +542,8 @@ class StreamScan:
         delta = dict(given)  # what is left once the generated fields are taken out: role, extras
         sent: dict[str, str] = {}  # field -> text released now
         spans = await self._take_texts(st, delta, sent)
+        if self.chat:
+            spans += self._take_extras(st, delta)
         spans += self._take_calls(st, delta, int(c.get("index", 0)))
         if c.get("logprobs"):
             st.pending.append(_Held(c["logprobs"], spans))
@@ -422,13 +595,28 @@ class StreamScan:
         return spans
 
     @staticmethod
+    def _take_extras(st: _Choice, delta: dict[str, Any]) -> list[tuple[str, int, int]]:
+        """Hold the delta's fields the guard has no name for until the choice ends, as tool calls
+        are (what no scanner can read is dropped here, and reported)."""
+        st.dropped += drop_unscannable(delta)
+        spans: list[tuple[str, int, int]] = []
+        for k in [k for k in delta if k not in GENERATED and k not in PASS_KEYS]:
+            v = delta.pop(k)
+            if not st.cut:
+                st.extras.setdefault(k, []).append(v)
+                st.held_chars += _chars(v)
+                spans.append(("calls", 0, 0))
+        return spans
+
+    @staticmethod
     def _take_calls(st: _Choice, delta: dict[str, Any], i: int) -> list[tuple[str, int, int]]:
-        """Hold the delta's tool-call pieces, per call, until the choice ends. Past
+        """Hold the delta's tool-call pieces, per call (`CallSlots`), until the choice ends. Past
         MAX_HELD_CALL_CHARS the choice is cut: what it held is dropped, and the trace says why."""
         spans: list[tuple[str, int, int]] = []
-        for tc in delta.pop("tool_calls", None) or []:
+        calls = delta.pop("tool_calls", None)
+        for tc in calls if isinstance(calls, list) else []:
             if isinstance(tc, dict):
-                st.calls.setdefault(int(tc.get("index") or 0), []).append(tc)
+                st.calls.setdefault(st.slots.slot(tc), []).append(tc)
                 st.held_chars += _chars(tc)
                 spans.append(("calls", 0, 0))
         fc = delta.pop("function_call", None)
@@ -441,6 +629,7 @@ class StreamScan:
         if st.held_chars > MAX_HELD_CALL_CHARS and not st.cut:
             st.cut = True
             st.calls.clear()
+            st.extras.clear()
             st.function_call = None
             why = f"held tool calls exceed {MAX_HELD_CALL_CHARS} characters before their choice ended"
             st.reports.append(
@@ -488,6 +677,7 @@ class StreamScan:
             ]
         if st.function_call is not None:
             out["function_call"] = merge_pieces(st.function_call)
+        out.update({k: merge_extra(v) for k, v in st.extras.items()})
         blocked, changed = await self.guard.scan_slots(out, self.chat, self.inp, i, st.leak, st.reports)
         if blocked:
             return None
@@ -530,7 +720,8 @@ class StreamScan:
                 {"stage": "output", "choice": i, "field": f, **s.guard.report()} for f, s in st.texts.items()
             ]
             out += st.reports
-            if (st.calls or st.function_call) and not st.calls_released:
+            out += [unscannable_report(i, where) for where in dict.fromkeys(st.dropped)]
+            if (st.calls or st.function_call or st.extras) and not st.calls_released:
                 out.append(
                     {"stage": "output", "choice": i, "field": "tool_calls", "scanned": False, "cut": st.cut}
                 )
@@ -538,10 +729,10 @@ class StreamScan:
 
 
 class Guard:
-    def __init__(self, policies: Any = None) -> None:
+    def __init__(self, policies: Any = None, *, hash_key: bytes | None = None) -> None:
         from steward.guard import Pipeline
 
-        self.pipeline = Pipeline(policies)
+        self.pipeline = Pipeline(policies, hash_key=hash_key)
         self._file = self.pipeline.policies  # the policy file's own bindings
         self._stored: dict[str, str] = {}  # tenant -> policy named in the store, as last applied
 
@@ -569,7 +760,10 @@ class Guard:
             stored.pop(p.tenant, None)
         else:
             stored[p.tenant] = name
-        kept = [b for b in self._file.bindings if not (b.tenant in stored and b.route == "*")]
+        # The store's policy replaces every file binding of the tenant, route-specific ones too:
+        # an admin who sets a tenant's policy gets it on every route, never a rank-3 file binding
+        # of (tenant, route) silently winning over it. Clearing it gives them all back.
+        kept = [b for b in self._file.bindings if b.tenant not in stored]
         added = [Binding(tenant=t, route="*", policy=n) for t, n in sorted(stored.items())]
         self.pipeline.policies = self._file.model_copy(update={"bindings": [*kept, *added]})
         self._stored = stored
@@ -579,13 +773,26 @@ class Guard:
 
     async def scan_input(self, route: str, body: dict[str, Any], p: Principal, trace: Trace) -> InputResult:
         """Scan everything of the request that reaches the model: chat turns (system, user, earlier
-        assistant turns and documents, by the policy), completion prompts and `suffix`, embedding
-        inputs. Raises a 400 when the policy blocks, naming the categories or why nothing was
-        scanned; redacts the body in place when the policy redacts."""
+        assistant turns and documents, by the policy), every string of them the model reads (see
+        `pipeline._message_texts`), completion prompts and `suffix`, embedding inputs, and every
+        other request field the model may read (tool definitions, schemas, `prediction`, fields
+        the gateway has no name for, such as vLLM's `documents`; see `NOT_READ`, `READ_AS`), all in
+        one batch. Raises a 400 when the policy blocks, naming the categories or why nothing was
+        scanned; redacts the body in place when the policy redacts. The trace's input entry lists
+        every text scanned under `fields`."""
         from steward.guard import Action, ScanContext
         from steward.guard.pipeline import content_text
 
         self.bind(p)
+        unscannable = route == "chat" and _asks_for_unscannable_output(body)
+        if unscannable and self.pipeline.policies.select(p.tenant, route)[1].output:
+            # Speech or images are model output no text scanner reads: refused, not let through.
+            raise APIError(
+                400,
+                "audio or image output cannot be checked by this gateway's output guard; ask for text only",
+                param="modalities",
+                code="unsupported_parameter",
+            )
         canary = None
         system = None
         if route == "chat":
@@ -617,11 +824,22 @@ class Guard:
         ctx = ScanContext(
             tenant=p.tenant, route=route, system_prompt=system, canary=canary, request_id=trace.request_id
         )
-        v = await self.pipeline.scan_input(scan_msgs, ctx)
-        trace.guard.append({"stage": "input", **v.to_trace()})
+        # The request's other texts the model reads (tool definitions, schemas, RAG documents),
+        # in the same encoder batch as the turns: a request without them costs what it did.
+        slots = _request_fields(body)
+        scanned: list[str] = []
+        v = await self.pipeline.scan_input(scan_msgs, ctx, [f for f, _, _ in slots], scanned)
+        if route != "chat":  # the prompts went in as one-turn messages: named as the caller sent them
+            scanned = _prompt_labels(scanned, key, body)
+        # What was scanned, by field: the verdict's `scanned` covers exactly these texts.
+        trace.guard.append({"stage": "input", **v.to_trace(), "fields": scanned})
         trace.policy_version = f"{v.policy_name}@{v.policy_version[:12]}"
         if v.blocked:
             raise APIError(400, _blocked_message(v), code="content_policy_violation")
+        if v.action is Action.REDACT:
+            for f, box, where in slots:
+                if f.redacted is not None:
+                    box[where] = f.redacted
         if v.action is Action.REDACT and v.messages is not None:
             if route == "chat":
                 body["messages"] = v.messages
@@ -635,7 +853,9 @@ class Guard:
     async def scan_output(self, route: str, out: dict[str, Any], inp: InputResult, trace: Trace) -> bool:
         """Scan every text each choice carries from the model (content, as a string or as parts;
         refusal; reasoning; every string of every tool call, `custom.input` and object-valued
-        `arguments` included; see `_slots`), redacting and restoring each in place.
+        `arguments` included; every string of a field the guard has no name for, such as
+        `audio.transcript`; see `_slots`), redacting and restoring each in place. Audio itself is
+        dropped (`UNSCANNABLE`), and the trace says so.
         A block in any field cuts the choice: `finish_reason: "content_filter"`, no text and no
         tool call. Returns whether every choice was cut, which makes the outcome "blocked", as it
         is for a stream.
@@ -654,6 +874,9 @@ class Guard:
             if not isinstance(holder, dict):
                 continue
             leak: dict[Any, Any] = {}  # this choice's system-prompt overlap, over all its fields
+            if chat:
+                i = choice.get("index", 0)
+                trace.guard += [unscannable_report(i, where) for where in drop_unscannable(holder)]
             blocked, changed = await self.scan_slots(
                 holder, chat, inp, choice.get("index", 0), leak, trace.guard
             )
@@ -661,7 +884,7 @@ class Guard:
                 cut += 1
                 choice["finish_reason"] = "content_filter"
                 if chat:
-                    kept = {k: v for k, v in holder.items() if k not in GENERATED}
+                    kept = {k: v for k, v in holder.items() if k in PASS_KEYS}
                     choice["message"] = {**kept, "content": ""}
                 else:
                     choice["text"] = ""
@@ -708,52 +931,50 @@ class Guard:
         own PII is pseudonymised into it (so never under a token of the request's) and the
         caller's values are restored from it. `leak_state` is shared by the fields of one choice
         (their system-prompt overlap adds up). Tool-call arguments (`json_text`) that are JSON with
-        strings are scanned decoded, string by string (`_scan_json`); other arguments are scanned
-        as text, get restored values JSON-escaped, and tokens seen only once the JSON is decoded
-        (`\\u003c...`) restored by `restore_json`; if redacting or restoring broke arguments that
+        strings or numbers are scanned decoded, string by string (`_scan_json`); other arguments
+        are scanned as text and get restored values JSON-escaped, once (a restored value that holds
+        a token's text is the caller's, not a token to restore again), a backslash before a token
+        kept (it escapes the JSON, not the token); if redacting or restoring broke arguments that
         were valid JSON, the field blocks: the client's tool cannot parse them, and unmasking is not
         an option."""
         from steward.guard import Action
 
         if json_text:
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                obj = None
-            if _json_leaves(obj):
-                return await self._scan_json(text, obj, inp, leak_state)
+            literals = _json_literals(text)
+            if literals:
+                return await self._scan_json(text, literals, inp, leak_state)
         escape = json_escape if json_text else None
-        v = await self.pipeline.scan_output(text, inp.ctx, inp.vault, leak_state=leak_state, escape=escape)
+        v = await self.pipeline.scan_output(
+            text, inp.ctx, inp.vault, leak_state=leak_state, escape=escape, literal=json_text
+        )
         report = v.to_trace()
         if v.blocked:
             return FieldScan(report, None, True)
         shown = v.text if v.text is not None else text
-        if json_text:
-            if self.pipeline.policy_for(inp.ctx)[1].restore_pseudonyms:
-                shown = restore_json(shown, inp.vault)
-            if shown != text and _is_json(text) and not _is_json(shown):
-                why = "redacting or restoring a span left the arguments invalid JSON"
-                report.update(action=Action.BLOCK.value, errors={**report["errors"], "json": why})
-                return FieldScan(report, None, True)
+        if json_text and shown != text and _is_json(text) and not _is_json(shown):
+            why = "redacting or restoring a span left the arguments invalid JSON"
+            report.update(action=Action.BLOCK.value, errors={**report["errors"], "json": why})
+            return FieldScan(report, None, True)
         return FieldScan(report, shown, shown != text)
 
     async def _scan_json(
-        self, text: str, obj: Any, inp: InputResult, leak_state: dict[Any, Any] | None
+        self, text: str, literals: list[_Literal], inp: InputResult, leak_state: dict[Any, Any] | None
     ) -> FieldScan:
-        """JSON arguments as the client's tool reads them (`_json_leaves`): their strings decoded,
-        keys included, and their numbers, one per line, as the input side scans them
+        """JSON arguments as the client's tool reads them (`_json_literals`): their strings
+        decoded, keys included, and their numbers, one per line, as the input side scans them
         (`pipeline._arguments_text`), so that a value written with JSON escapes (`\\u0041KIA...`)
         is seen as what it decodes to. If the policy changes anything (a redaction, a restored
-        pseudonym), each leaf is redacted and restored on its own and the arguments are written
-        out again, valid JSON by construction; the leaves must then join to what the whole scan
-        gave, or the field blocks (a span that crossed leaves cannot be placed, and unmasking is
-        not an option)."""
+        pseudonym), each leaf is redacted and restored on its own and only the changed leaves are
+        written again, in place (`_json_rewrite`): every other byte of the arguments, numbers and
+        escapes included, stays as the model wrote it. The leaves must then join to what the whole
+        scan gave, or the field blocks (a span that crossed leaves cannot be placed, and unmasking
+        is not an option)."""
         from steward.guard import Action
 
-        strings = _json_leaves(obj)
+        strings = [lit.value for lit in literals]
         joined = "\n".join(strings)
         ctx, vault = inp.ctx, inp.vault
-        v = await self.pipeline.scan_output(joined, ctx, vault, leak_state=leak_state)
+        v = await self.pipeline.scan_output(joined, ctx, vault, leak_state=leak_state, literal=True)
         report = v.to_trace()
         if v.blocked:
             return FieldScan(report, None, True)
@@ -771,7 +992,7 @@ class Guard:
             if same and lines[at:end] == shown_lines[at:end]:
                 new.append(one)
             else:
-                w = await self.pipeline.scan_output(one, ctx, vault)
+                w = await self.pipeline.scan_output(one, ctx, vault, literal=True)
                 if w.blocked:
                     new = []
                     break
@@ -781,7 +1002,7 @@ class Guard:
             why = "a redaction of the decoded arguments could not be placed string by string"
             report.update(action=Action.BLOCK.value, errors={**report["errors"], "json": why})
             return FieldScan(report, None, True)
-        return FieldScan(report, json.dumps(_json_put(obj, new), ensure_ascii=False), True)
+        return FieldScan(report, _json_rewrite(text, literals, new), True)
 
     def new_stream_guard(self, inp: InputResult, leak_state: dict[Any, Any] | None = None) -> Any:
         """A StreamGuard for one streamed field; the fields of one choice share `leak_state`."""
@@ -793,39 +1014,225 @@ class Guard:
         return StreamScan(self, inp, route, n_choices)
 
 
-def _json_leaves(obj: Any) -> list[str]:
-    """What is scanned of JSON arguments: every string decoded, keys included, as the input side
-    reads them (`pipeline._json_strings`), and every number as JSON writes it (a card or phone
-    number given as a number), in document order."""
-    if isinstance(obj, str):
-        return [obj]
-    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        return [json.dumps(obj)]
-    if isinstance(obj, dict):
-        return [s for k, v in obj.items() for s in (k, *_json_leaves(v))]
-    if isinstance(obj, list):
-        return [s for v in obj for s in _json_leaves(v)]
-    return []
+_JSON_TOKEN = re.compile(
+    r'\s*(?:("(?:[^"\\]++|\\.)*+")|(-?(?:Infinity|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)|NaN)|true|false|null|([{}\[\]:,]))'
+)
 
 
-def _json_put(obj: Any, new: list[str]) -> Any:
-    """`obj` with its leaves (in `_json_leaves` order) taken from `new`, front first: a number
-    the policy changed becomes the redacted string."""
-    it = iter(new)
+@dataclass
+class _Literal:
+    """A string or number of JSON text: where it is, what it reads as (a string decoded, a number
+    as written), and, for an object's key, which object it names a member of."""
 
-    def put(value: Any) -> Any:
-        if isinstance(value, str):
-            return next(it)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            text = next(it)
-            return value if text == json.dumps(value) else text
-        if isinstance(value, dict):
-            return {next(it): put(v) for v in value.values()}
-        if isinstance(value, list):
-            return [put(v) for v in value]
-        return value
+    start: int
+    end: int
+    value: str
+    key_of: int | None
 
-    return put(obj)
+
+def _json_literals(text: str) -> list[_Literal]:
+    """Every string (keys included) and number of JSON `text`, in document order: what is scanned
+    of JSON arguments, as the input side reads them (`pipeline._json_strings`); empty when `text`
+    is not JSON or holds neither. Read off the text itself, not a parse of it, so that each can be
+    written back in place: a duplicate key is seen (and scanned) twice, a number keeps its
+    spelling, an escape the model wrote stays."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return []
+    out: list[_Literal] = []
+    stack: list[int | None] = []  # per open container: the object's number, None for an array
+    expect_key = False
+    objects = pos = 0
+    while (m := _JSON_TOKEN.match(text, pos)) is not None and m.end() > pos:
+        pos = m.end()
+        string, number, punct = m.groups()
+        if string is not None:
+            key = stack[-1] if expect_key and stack else None
+            out.append(_Literal(m.start(1), m.end(1), json.loads(string), key))
+        elif number is not None:
+            out.append(_Literal(m.start(2), m.end(2), number, None))
+        elif punct == "{":
+            objects += 1
+            stack.append(objects)
+            expect_key = True
+        elif punct == "[":
+            stack.append(None)
+            expect_key = False
+        elif punct in ("}", "]"):
+            if stack:
+                stack.pop()
+            expect_key = False
+        elif punct == ",":
+            expect_key = bool(stack) and stack[-1] is not None
+        elif punct == ":":
+            expect_key = False
+    return out if not text[pos:].strip() else []
+
+
+def _json_rewrite(text: str, literals: list[_Literal], new: list[str]) -> str:
+    """`text` with each literal whose value the policy changed written again as a JSON string (a
+    number the policy changed becomes the redacted string, as the input side does), everything
+    else as it was. A changed key never takes the name another key of its object has (two
+    addresses masked to `[EMAIL_ADDRESS]` would make a parser keep one of the two members): it
+    gets a ` (2)`, ` (3)`, ... suffix, so every member the model wrote reaches the tool."""
+    taken: dict[int, set[str]] = {}
+    for lit, value in zip(literals, new, strict=True):
+        if lit.key_of is not None and value == lit.value:
+            taken.setdefault(lit.key_of, set()).add(value)
+    pieces: list[str] = []
+    pos = 0
+    for lit, value in zip(literals, new, strict=True):
+        if value == lit.value:
+            continue
+        if lit.key_of is not None:
+            names = taken.setdefault(lit.key_of, set())
+            name, n = value, 1
+            while name in names:
+                n += 1
+                name = f"{value} ({n})"
+            names.add(name)
+            value = name
+        pieces += [text[pos : lit.start], json_dumps(value)]
+        pos = lit.end
+    pieces.append(text[pos:])
+    return "".join(pieces)
+
+
+def _asks_for_unscannable_output(body: dict[str, Any]) -> bool:
+    """Whether a chat request turns on output other than text: OpenAI's `audio` parameter, or any
+    `modalities` but "text" (OpenAI's "audio", OpenRouter's "image")."""
+    modalities = body.get("modalities")
+    other = modalities is not None and (
+        not isinstance(modalities, list) or any(m != "text" for m in modalities)
+    )
+    return other or body.get("audio") is not None
+
+
+NOT_READ = frozenset(
+    {
+        # Read, but scanned as the turns: messages, prompts, `suffix`, embedding inputs.
+        "messages",
+        "prompt",
+        "suffix",
+        "input",
+        # Choose the model, or how it samples and what comes back: never part of the prompt.
+        "model",
+        "stream",
+        "stream_options",
+        "n",
+        "best_of",
+        "echo",
+        "seed",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "encoding_format",
+        "dimensions",
+        "reasoning_effort",
+        "verbosity",
+        "modalities",
+        "audio",  # a voice and a format; audio output itself is refused above
+        # Where sampling stops: the sampler matches these against generated text, the model never
+        # reads them (and redacting one would only change where an answer ends).
+        "stop",
+        # Name a tool `tools` defines (and `tools` is scanned).
+        "tool_choice",
+        "function_call",
+        "parallel_tool_calls",
+        # Ids and bookkeeping for the provider, not the prompt. They may name a person (`user` is
+        # meant to): the gateway's trace keeps `user` only pseudonymised and the audit payload
+        # encrypted, and what goes upstream is the caller's choice of identifier.
+        "user",
+        "metadata",
+        "safety_identifier",
+        "prompt_cache_key",
+        "store",
+        "service_tier",
+    }
+)
+"""Top-level request fields whose strings no model reads as text. Every other field with a string
+in it is scanned (`_request_fields`), including fields the gateway has no name for: an upstream
+may feed them to the model (vLLM renders `documents` and `chat_template_kwargs` into the prompt)."""
+READ_AS: dict[str, Role] = {
+    # Tool and schema definitions are rendered into the prompt and read as instructions, written
+    # by the caller's developer like a system prompt, and read the same way: for PII and secrets.
+    # Instructions are what they are by design ("You must confirm the time with the user first"),
+    # and the injection classifier blocks ordinary ones (measured on plain tool definitions) as it
+    # would a system prompt. So a poisoned third-party tool description (an MCP server's) is
+    # not caught here, as a poisoned system prompt is not; RAG text (`documents`) is.
+    "tools": "system",
+    "functions": "system",
+    "response_format": "system",
+    # vLLM's: output constraints (like `response_format`) and a caller-supplied chat template, the
+    # developer's too; template syntax reads as role spoofing to the classifier (measured).
+    "guided_json": "system",
+    "guided_regex": "system",
+    "guided_choice": "system",
+    "guided_grammar": "system",
+    "structured_outputs": "system",
+    "chat_template": "system",
+    # Text the answer is expected to repeat (predicted outputs): the caller's own, like a user turn,
+    # so a pseudonym in it is restored in the answer.
+    "prediction": "user",
+}
+"""The role each known field the model reads is scanned as; a field not named here or in
+`NOT_READ` is read as a document."""
+SPLIT = ("tools", "functions")
+"""Lists whose items are scanned (and named in the trace) one by one: `tools[0]`, `tools[1]`."""
+
+
+def _request_fields(body: dict[str, Any]) -> list[tuple[Any, Any, Any]]:
+    """(InputField, the dict or list holding it, its key there) for each top-level field of the
+    request the model may read: every field not in `NOT_READ` that holds a string. A field with
+    numbers and flags only (`top_k`, `chat_template_kwargs: {enable_thinking: false}`) is a sampling
+    or template switch, not text."""
+    from steward.guard.pipeline import InputField, key_label
+
+    out: list[tuple[Any, Any, Any]] = []
+    for name, value in body.items():
+        if name in NOT_READ or not _has_string(value):
+            continue
+        role = READ_AS.get(name, "document")
+        label = key_label(name)  # an unknown field's name is the caller's text
+        if name in SPLIT and isinstance(value, list):
+            items = [(j, v) for j, v in enumerate(value) if _has_string(v)]
+            out += [(InputField(f"{label}[{j}]", v, role), value, j) for j, v in items]
+        else:
+            out.append((InputField(label, value, role), body, name))
+    return out
+
+
+def _has_string(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    if isinstance(value, dict):
+        return any(isinstance(k, str) and _has_string(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_string(v) for v in value)
+    return False
+
+
+def _prompt_labels(scanned: list[str], key: str, body: dict[str, Any]) -> list[str]:
+    """The trace's names of a completion's or embedding's texts, which were scanned as one-turn
+    messages: `prompt[0]`, `suffix`, `input` rather than `messages[0].content`."""
+    n = len(body[key]) if isinstance(body[key], list) else 1
+    out = []
+    for label in scanned:
+        m = re.fullmatch(r"messages\[(\d+)\]\.content", label)
+        if m is None:
+            out.append(label)
+        elif int(m.group(1)) >= n:
+            out.append("suffix")
+        else:
+            out.append(f"{key}[{m.group(1)}]" if isinstance(body[key], list) else key)
+    return out
 
 
 def _blocked_message(v: Any) -> str:
@@ -833,8 +1240,11 @@ def _blocked_message(v: Any) -> str:
     policy failed closed, what kept the text from being scanned. A size or type error is named (it
     says nothing of the content); a scanner's own exception is not echoed to the caller."""
     head = f"the request was blocked by content policy {v.policy_name!r}"
-    if v.categories:
-        return f"{head} ({', '.join(v.categories)})"
+    # Only categories whose findings blocked: one that was only redacted or flagged is not why.
+    blocked = {f.category for f in v.findings if f.triggered and f.action == "block"}
+    blocking = [c for c in v.categories if c in blocked]
+    if blocking:
+        return f"{head} ({', '.join(blocking)})"
     unscanned = sorted(
         f"{where.removesuffix('.input')}: {why}" for where, why in v.errors.items() if where.endswith("input")
     )

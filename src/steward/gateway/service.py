@@ -7,6 +7,7 @@ Guards (input and output) and the audit log attach at the marked points.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -21,7 +22,16 @@ from starlette.responses import Response
 
 from steward.backends.base import JSON, Backend, BackendError, Call, ModelInfo
 from steward.gateway.errors import APIError, json_response, validation_message
-from steward.gateway.guarding import GENERATED, TEXT_FIELDS, generated_texts, merge_pieces
+from steward.gateway.guarding import (
+    GENERATED,
+    PASS_KEYS,
+    TEXT_FIELDS,
+    CallSlots,
+    generated_texts,
+    merge_extra,
+    merge_pieces,
+    scrub_surrogates,
+)
 from steward.gateway.keys import KeyStore, Principal, hash_key
 from steward.gateway.limits.base import (
     DEFAULT_LEASE_TTL_S,
@@ -658,8 +668,9 @@ class Gateway:
             audit_error: list[dict[str, Any]] = []
 
             def event(ev: dict[str, Any]) -> bytes:
+                data, ev = _dumps_event(ev)
                 sent.record(ev)
-                return b"data: " + orjson.dumps(ev) + b"\n\n"
+                return b"data: " + data + b"\n\n"
 
             def usage_chunk() -> bytes:
                 # The usage a client asked for arrives even when the stream was cut short.
@@ -730,7 +741,7 @@ class Gateway:
                 elif end == "eof" and scan is not None:
                     for oc in await scan.close(base, None):
                         yield event(oc)
-                if scan is not None and scan.all_cut and outcome == "ok":
+                if scan is not None and (scan.all_cut or scan.all_seen_cut) and outcome == "ok":
                     outcome = "blocked"
                 await close_out()
                 if client_usage and not audit_error:
@@ -785,6 +796,18 @@ def _api_error(exc: BackendError) -> APIError:
     return APIError(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=headers)
 
 
+def _dumps_event(ev: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """A stream event's bytes, and the event as sent (what the audit payload records). An event
+    orjson refuses (a lone surrogate no path should still carry, an integer past 64 bits from the
+    upstream) goes out with its surrogates replaced, written by the standard library: never the
+    500 that would end the stream, and the request keeps its audit record."""
+    try:
+        return orjson.dumps(ev), ev
+    except TypeError:
+        ev = scrub_surrogates(ev)
+        return json.dumps(ev, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), ev
+
+
 def _check_indexes(chunk: dict[str, Any], n_choices: int, model: str) -> None:
     """Every choice of a stream chunk gets an int `index`. A choice whose index is missing or not an
     int (`null`, a string) is choice 0 of a single-choice stream; in a stream of several choices
@@ -806,7 +829,7 @@ def _check_indexes(chunk: dict[str, Any], n_choices: int, model: str) -> None:
             )
 
 
-_TRIMMED_KEYS = ("text", "refusal", "name", "arguments", "input")
+_TRIMMED_KEYS = ("text", "refusal", "name", "arguments", "input", "transcript", "summary")
 """The strings a content part or a tool call carries from the model; `type`, `id` and the like
 keep their values when a crossing event is trimmed."""
 
@@ -854,12 +877,14 @@ def _trim_choices(choices: list[Any], allowed: int) -> None:
             continue
         start = budget[0]
         if "delta" in c and isinstance(c["delta"], dict):
-            c["delta"] = {k: _trim_value(v, budget) if k in GENERATED else v for k, v in c["delta"].items()}
+            c["delta"] = {
+                k: _trim_value(v, budget) if k not in PASS_KEYS else v for k, v in c["delta"].items()
+            }
         elif isinstance(c.get("text"), str):
             c["text"] = _trim_text(c["text"], budget)
         if _generated_bytes(c) > start:  # a shape the walk does not know: drop its text entirely
             if isinstance(c.get("delta"), dict):
-                c["delta"] = {k: v for k, v in c["delta"].items() if k not in GENERATED}
+                c["delta"] = {k: v for k, v in c["delta"].items() if k in PASS_KEYS}
             if "text" in c:
                 c["text"] = ""
             budget[0] = start
@@ -894,6 +919,7 @@ class _Delivered:
     def __init__(self) -> None:
         self.text: dict[int, list[str]] = {}
         self.fields: dict[int, dict[str, Any]] = {}  # other generated fields: reasoning, tool calls
+        self.slots: dict[int, CallSlots] = {}  # per choice: which call each tool-call delta adds to
         self.seen: set[int] = set()
         self.finished: set[int] = set()
 
@@ -907,7 +933,7 @@ class _Delivered:
             for k, v in (delta if isinstance(delta, dict) else {}).items():
                 if k == "content" and isinstance(v, str) and v:
                     self.text.setdefault(i, []).append(v)
-                elif k in GENERATED and k != "content":
+                elif k not in PASS_KEYS and k != "content":
                     self._field(i, k, v)
 
     def _field(self, i: int, k: str, v: Any) -> None:
@@ -918,10 +944,12 @@ class _Delivered:
             f.setdefault(k, []).append(v)
         elif k == "tool_calls" and isinstance(v, list):
             calls = f.setdefault(k, {})
+            slots = self.slots.setdefault(i, CallSlots())
             for tc in v:
                 if isinstance(tc, dict):
-                    calls.setdefault(int(tc.get("index") or 0), []).append(tc)
-        elif k == "function_call" and isinstance(v, dict):
+                    calls.setdefault(slots.slot(tc), []).append(tc)
+        elif (k == "function_call" and isinstance(v, dict)) or k not in GENERATED:
+            # the legacy call, or a field the guard has no name for (`audio`, `reasoning_details`)
             f.setdefault(k, []).append(v)
 
     def payload(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -939,7 +967,9 @@ class _Delivered:
             return [merge_pieces(v[j]) for j in sorted(v)]
         if k == "function_call":
             return merge_pieces(v)
-        return "".join(v)
+        if k in TEXT_FIELDS:
+            return "".join(v)
+        return merge_extra(v)
 
 
 async def _empty() -> AsyncIterator[JSON]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,10 +28,10 @@ from .leak import STREAM_STATE_KEY
 from .normalize import MAX_DECODE_DEPTH, Document, normalise
 from .pii import QUASI
 from .policy import Policy, PolicySet, ScannerSpec, load_policy_set
-from .redact import RedactionMode, Vault, placeholder_hold, redact_many
-from .types import Action, Finding, ScanContext, ScannerError, Span, Verdict, strongest
+from .redact import _PROCESS_HASH_KEY, RedactionMode, Vault, placeholder_hold, redact_many
+from .types import Action, Finding, Role, ScanContext, ScannerError, Span, Verdict, strongest
 
-__all__ = ["MAX_SCAN_CHARS", "Pipeline", "StreamChunk", "StreamGuard", "content_text"]
+__all__ = ["MAX_SCAN_CHARS", "InputField", "Pipeline", "StreamChunk", "StreamGuard", "content_text"]
 
 MAX_SCAN_CHARS = 200_000  # longer texts are refused (fail-closed) rather than partly scanned
 # What a system turn is scanned for. Operator-written instructions look like instructions by design
@@ -38,6 +39,7 @@ MAX_SCAN_CHARS = 200_000  # longer texts are refused (fail-closed) rather than p
 # prompt_injection or jailbreak (the classifier, the rules, the context probe) would block the
 # operator's own bot; harmful and toxicity would fire on the content rules a system prompt states.
 _SYSTEM_ROLE_CATEGORIES = frozenset({"pii", "secrets"})
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # The most a stream holds back to keep a run of non-space characters or an entity to redact whole,
 # and how far before the usual window start a window may begin (see StreamGuard).
 _HOLD_RUN = 4096
@@ -56,6 +58,37 @@ class _Item:
     cache: dict[str, Any] | None = None  # seeded into the document's cache (a stream's state)
 
 
+@dataclass(slots=True)
+class InputField:
+    """A text of a request, besides its messages, that the model reads (a tool definition, a
+    `response_format` schema, a RAG `documents` list): `value` is any JSON value, scanned as its
+    strings (keys included) and numbers, one per line, under `role`, in the same batch as the
+    messages (`Pipeline.scan_messages`). When the policy redacts, `redacted` is the value with the
+    same shape and every string the policy changed replaced; else it stays None."""
+
+    name: str  # for the trace: "tools[0]", "documents"
+    value: Any
+    role: Role
+    redacted: Any = None
+
+
+PartKind = Literal["content", "text", "arguments", "field"]
+
+
+@dataclass(slots=True)
+class _Part:
+    """One text of a chat request to scan, and where its redaction goes: a message's text parts
+    joined (`content`), one string of a message (`text`, at `path`), a call's arguments (a JSON
+    string or an object, at `path`), or a request field (`field`, `path` = (its index,))."""
+
+    label: str
+    text: str
+    ctx: ScanContext
+    message: int | None
+    kind: PartKind
+    path: tuple[Any, ...] = ()
+
+
 class Pipeline:
     """Guards for one policy set. Thread-safe; scanners are built once and shared."""
 
@@ -64,14 +97,15 @@ class Pipeline:
         policies: PolicySet | str | Path | dict[str, Any] | None = None,
         registry: Registry | None = None,
         *,
-        hash_key: bytes = b"steward",
+        hash_key: bytes | None = None,
         max_chars: int = MAX_SCAN_CHARS,
     ) -> None:
         self.registry = registry or default_registry()
         self.policies = (
             policies if isinstance(policies, PolicySet) else load_policy_set(policies, self.registry)
         )
-        self.hash_key = hash_key
+        # The deployment's key (`redact.load_hash_key`), else the process's own (see redact.py).
+        self.hash_key = hash_key if hash_key is not None else _PROCESS_HASH_KEY
         self.max_chars = max_chars
         self._scanners: dict[tuple[str, str], Scanner] = {}
 
@@ -249,81 +283,115 @@ class Pipeline:
         return verdict
 
     # -- chat requests ---------------------------------------------------------------------------
-    def scan_messages(self, messages: Sequence[dict[str, Any]], ctx: ScanContext | None = None) -> Verdict:
+    def scan_messages(
+        self,
+        messages: Sequence[dict[str, Any]],
+        ctx: ScanContext | None = None,
+        fields: Sequence[InputField] = (),
+        scanned: list[str] | None = None,
+    ) -> Verdict:
         """Scan an OpenAI-style message list: user turns and documents (tool/document/function
         messages, for indirect injection, and earlier assistant turns) with the input policy,
         system messages for PII/secrets.
 
-        Returns one verdict for the request; finding offsets are into the content of the message
-        named by `Finding.message` (text parts of one message are joined by newlines first).
+        Every string of a message the model reads is scanned, not only its text parts: `name`,
+        parts of any other type (`refusal`, `input_text`) and extra keys on a part, an earlier
+        turn's `refusal`/`reasoning_content`, every call's arguments (a JSON string, duplicate keys
+        included, or an object) and `custom` input (see `_message_texts`), each under its turn's
+        role, and redacted in place. `fields` are the request's other texts the model reads (see
+        `InputField`), scanned in the same encoder batch; a field of role "document" under
+        `documents: false` is still read for PII and secrets (as "system"): it goes upstream all
+        the same. `scanned`, when given, gets the label of every text scanned (for the trace).
+        A request in which nothing could be scanned is blocked when the policy fails closed and has
+        input scanners: an image-only turn, or text only in a place no scanner reads.
+
+        Returns one verdict for the request; finding offsets are into the text named by
+        `Finding.message` (text parts of one message are joined by newlines first) and the part's
+        label; a request field's findings have no message.
         """
         ctx = ctx or ScanContext()
         name, pol = self.policy_for(ctx)
-        # (message index, where in the message, text, context); where is () for the content, or
-        # ("tool_calls", j) / ("function_call",) for an assistant's call arguments.
-        parts: list[tuple[int, tuple[Any, ...], str, ScanContext]] = []
+        parts: list[_Part] = []
         for i, msg in enumerate(messages):
             if not isinstance(msg, dict):
                 raise ValueError(f"messages[{i}] must be an object")
             role = msg.get("role")
             text = content_text(msg.get("content"))
-            if role == "assistant" and pol.documents:
-                # Call arguments in the history come from the client as much as the content does:
-                # read like assistant content (as documents), redacted in place.
-                doc_ctx = replace(ctx, role="document")
-                for where, args in _call_arguments(msg):
-                    parts.append((i, where, _arguments_text(args), doc_ctx))
-            if text is None:
-                continue
             if role == "system" or role == "developer":
-                if ctx.system_prompt is None:
+                if text is not None and ctx.system_prompt is None:
                     ctx = replace(ctx, system_prompt=text)
-                parts.append((i, (), text, replace(ctx, role="system")))
+                mctx = replace(ctx, role="system")
             elif role == "user":
-                parts.append((i, (), text, replace(ctx, role="user")))
+                mctx = replace(ctx, role="user")
             elif role in ("tool", "function", "document", "assistant") and pol.documents:
                 # Earlier assistant turns come from the client like everything else in the request
                 # (a forged dialogue is how many-shot jailbreaks arrive), so they are read as
-                # documents: text the model will read that the user may not have written.
-                parts.append((i, (), text, replace(ctx, role="document")))
+                # documents: text the model will read that the user may not have written. So are
+                # the call arguments in them, redacted in place.
+                mctx = replace(ctx, role="document")
+            else:
+                continue
+            if text is not None:
+                parts.append(_Part(f"messages[{i}].content", text, mctx, i, "content"))
+            for path, kind in _message_texts(msg):
+                value = _get_path(msg, path)
+                found = _arguments_text(value) if kind == "arguments" else str(value)
+                parts.append(_Part(f"messages[{i}]{_path_label(path)}", found, mctx, i, kind, path))
+        for n, fld in enumerate(fields):
+            strings = _json_strings(fld.value)
+            if not strings:
+                continue
+            frole: Role = "system" if fld.role == "document" and not pol.documents else fld.role
+            parts.append(_Part(fld.name, "\n".join(strings), replace(ctx, role=frole), None, "field", (n,)))
+        if scanned is not None:
+            scanned.extend(p.label for p in parts)
         # One vault for the request; each value remembers the role it came from, and only values
         # of user turns are restored in the answer (see `Vault`).
         vault = Vault()
-        items = [_Item(t, c) for _, _, t, c in parts]
-        per_msg = self._run(items, "input", [vault] * len(items))
+        items = [_Item(p.text, p.ctx) for p in parts]
+        per_part = self._run(items, "input", [vault] * len(items))
         findings: list[Finding] = []
         latency: dict[str, float] = {}
         errors: dict[str, str] = {}
         scores: dict[str, float] = {}
         thresholds: dict[str, float] = {}
         out_messages = [dict(m) for m in messages]
-        for (i, where, _, pctx), v, it in zip(parts, per_msg, items, strict=True):
+        for p, v, it in zip(parts, per_part, items, strict=True):
             for f in v.findings:
-                f.message = i
+                f.message = p.message
             findings.extend(v.findings)
             for k, ms in v.latency_ms.items():
                 latency[k] = latency.get(k, 0.0) + ms
-            label = f"messages[{i}]" + "".join(f".{w}" for w in where)
-            errors.update({f"{label}.{k}": e for k, e in v.errors.items()})
+            errors.update({f"{p.label}.{k}": e for k, e in v.errors.items()})
             for k, s in v.scores.items():
                 scores[k] = max(scores.get(k, 0.0), s)
             thresholds.update(v.thresholds)
             if v.text is None:
                 continue
-            if where:
-                todo = [(f, it.modes[id(f)]) for f in v.findings if f.action is Action.REDACT]
-                args = _redact_arguments(
-                    _get_call_arguments(messages[i], where), todo, vault, self.hash_key, pctx.role
-                )
-                _set_call_arguments(out_messages, i, where, args)
-                continue
-            content = messages[i].get("content")
-            if isinstance(content, list):
-                todo = [(f, it.modes[id(f)]) for f in v.findings if f.action is Action.REDACT]
-                out_messages[i]["content"] = _redact_parts(content, todo, vault, self.hash_key, pctx.role)
+            todo = [(f, it.modes[id(f)]) for f in v.findings if f.action is Action.REDACT]
+            origin = p.ctx.role
+            if p.kind == "field":
+                fld = fields[p.path[0]]
+                fld.redacted = _redact_value(fld.value, todo, vault, self.hash_key, origin)
+            elif p.kind == "arguments":
+                args = _get_path(messages[p.message or 0], p.path)
+                new = _redact_arguments(args, todo, vault, self.hash_key, origin)
+                _set_path(out_messages[p.message or 0], p.path, new)
+            elif p.kind == "text":
+                _set_path(out_messages[p.message or 0], p.path, v.text)
             else:
-                out_messages[i]["content"] = v.text
-        action = strongest([v.action for v in per_msg])
+                i = p.message or 0
+                content = messages[i].get("content")
+                if isinstance(content, list):
+                    out_messages[i]["content"] = _redact_parts(content, todo, vault, self.hash_key, origin)
+                else:
+                    out_messages[i]["content"] = v.text
+        action = strongest([v.action for v in per_part])
+        if not parts and pol.input and pol.fail_closed:
+            # Nothing the scanners can read: never reported as scanned, and not let through on a
+            # policy that fails closed (the model still gets whatever the request holds).
+            errors["request.input"] = "the request holds no text the input policy can scan"
+            action = Action.BLOCK
         return Verdict(
             direction="input",
             action=action,
@@ -334,7 +402,7 @@ class Pipeline:
             errors=errors,
             scores=scores,
             thresholds=thresholds,
-            scanned=bool(parts) and all(v.scanned for v in per_msg),
+            scanned=bool(parts) and all(v.scanned for v in per_part),
             messages=out_messages if action is Action.REDACT else None,
             vault=vault if len(vault) else None,
         )
@@ -347,12 +415,14 @@ class Pipeline:
         *,
         leak_state: dict[Any, Any] | None = None,
         escape: Callable[[str], str] | None = None,
+        literal: bool = False,
     ) -> Verdict:
         """Scan an answer; redact per policy, then restore the request's pseudonyms for the caller
         (only values of the caller's own user turns: see `Vault`), each value passed through
         `escape` when given (JSON-escaping for tool-call arguments). Parts of one answer scanned
         separately (content, tool-call arguments) may pass one `leak_state` dict, so their
-        system-prompt overlap adds up."""
+        system-prompt overlap adds up. `literal`: the text is not markdown (JSON arguments, or
+        their decoded strings), so `Vault.restore` keeps a backslash before a token."""
         ctx = ctx or ScanContext()
         _, pol = self.policy_for(ctx)
         # Pseudonyms of the answer's own PII go into the request's vault (so their tokens never
@@ -362,14 +432,20 @@ class Pipeline:
         if verdict.action is not Action.BLOCK:
             shown = verdict.text if verdict.text is not None else text
             if vault is not None and pol.restore_pseudonyms:
-                shown = vault.restore(shown, escape=escape)
+                shown = vault.restore(shown, escape=escape, literal=literal)
             verdict.text = shown
         return verdict
 
     # -- async API for the gateway ----------------------------------------------------------------
-    async def scan_input(self, messages: Sequence[dict[str, Any]], ctx: ScanContext | None = None) -> Verdict:
+    async def scan_input(
+        self,
+        messages: Sequence[dict[str, Any]],
+        ctx: ScanContext | None = None,
+        fields: Sequence[InputField] = (),
+        scanned: list[str] | None = None,
+    ) -> Verdict:
         """`scan_messages` off the event loop (the encoder is CPU-bound)."""
-        return await asyncio.to_thread(self.scan_messages, messages, ctx)
+        return await asyncio.to_thread(self.scan_messages, messages, ctx, fields, scanned)
 
     async def scan_output(
         self,
@@ -379,10 +455,13 @@ class Pipeline:
         *,
         leak_state: dict[Any, Any] | None = None,
         escape: Callable[[str], str] | None = None,
+        literal: bool = False,
     ) -> Verdict:
         """`finish_output` off the event loop; `verdict.text` is what the caller may see."""
         return await asyncio.to_thread(
-            functools.partial(self.finish_output, text, ctx, vault, leak_state=leak_state, escape=escape)
+            functools.partial(
+                self.finish_output, text, ctx, vault, leak_state=leak_state, escape=escape, literal=literal
+            )
         )
 
     def stream(
@@ -412,25 +491,113 @@ def _origin(direction: Direction, ctx: ScanContext) -> str:
     return "output" if direction == "output" else ctx.role
 
 
-def _call_arguments(msg: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
-    """(where, arguments) of each call an assistant message makes: `tool_calls[j].function` and the
-    legacy `function_call`."""
-    out: list[tuple[tuple[Any, ...], str]] = []
+# Keys of a message, a content part or a tool call that no model reads as text: the turn's role,
+# ids the server or the client's code wrote (`tool_call_id`, a call's `id`), type tags and indexes.
+# `content`, `tool_calls` and `function_call` are walked on their own.
+_MESSAGE_META = frozenset(
+    {"role", "content", "tool_calls", "function_call", "tool_call_id", "id", "type", "index"}
+)
+_CALL_META = frozenset({"id", "type", "index"})
+# Content parts no text scanner can read (an image, audio, a file): the model reads the media, not
+# the URL or the base64, so these are not scanned (a request of nothing else is then unscanned, and
+# a fail-closed policy refuses it; see `Pipeline.scan_messages`).
+_MEDIA_KEYS = frozenset(
+    {"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "video_url"}
+)
+
+
+def _message_texts(msg: dict[str, Any]) -> list[tuple[tuple[Any, ...], PartKind]]:
+    """(path, kind) of every text of a message the model reads besides its `type: "text"` parts
+    (which `content_text` joins): every string under a content part of any other type, or under
+    an extra key of a text part; every key of the message the guard has no name for (`name`,
+    `refusal`, `reasoning_content`, whatever a server reads next); every string of each call but
+    its id/type/index, `custom.input` included, and `arguments` (a JSON string or an object) as
+    one text, read as JSON (`_arguments_text`)."""
+    out: list[tuple[tuple[Any, ...], PartKind]] = []
+    content = msg.get("content")
+    if isinstance(content, list):
+        for k, part in enumerate(content):
+            if not isinstance(part, dict):
+                _string_paths(part, ("content", k), out)
+                continue
+            for pk, pv in part.items():
+                if pk == "type" or pk in _MEDIA_KEYS or (pk == "text" and part.get("type") == "text"):
+                    continue
+                _string_paths(pv, ("content", k, pk), out)
+    for key, value in msg.items():
+        if key not in _MESSAGE_META:
+            _string_paths(value, (key,), out)
     calls = msg.get("tool_calls")
     if isinstance(calls, list):
         for j, call in enumerate(calls):
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str) and fn["arguments"]:
-                out.append((("tool_calls", j), fn["arguments"]))
-    fc = msg.get("function_call")
-    if isinstance(fc, dict) and isinstance(fc.get("arguments"), str) and fc["arguments"]:
-        out.append((("function_call",), fc["arguments"]))
+            if not isinstance(call, dict):
+                _string_paths(call, ("tool_calls", j), out)
+                continue
+            for ck, cv in call.items():
+                if ck not in _CALL_META:
+                    _call_texts(cv, ("tool_calls", j, ck), out)
+    if "function_call" in msg:
+        _call_texts(msg["function_call"], ("function_call",), out)
     return out
 
 
-def _get_call_arguments(msg: dict[str, Any], where: tuple[Any, ...]) -> str:
-    call = msg["tool_calls"][where[1]]["function"] if where[0] == "tool_calls" else msg["function_call"]
-    return str(call["arguments"])
+def _call_texts(value: Any, path: tuple[Any, ...], out: list[tuple[tuple[Any, ...], PartKind]]) -> None:
+    """The texts of a call's body (`function`, `custom`, ...): `arguments` as one JSON text (when it
+    holds anything), every other string on its own."""
+    if not isinstance(value, dict):
+        _string_paths(value, path, out)
+        return
+    for k, v in value.items():
+        if k == "arguments" and (isinstance(v, dict | list) or (isinstance(v, str) and v)):
+            out.append(((*path, k), "arguments"))
+        else:
+            _string_paths(v, (*path, k), out)
+
+
+def _string_paths(value: Any, path: tuple[Any, ...], out: list[tuple[tuple[Any, ...], PartKind]]) -> None:
+    """The path of every non-empty string under `value` (numbers and flags are not text)."""
+    if isinstance(value, str):
+        if value:
+            out.append((path, "text"))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _string_paths(v, (*path, k), out)
+    elif isinstance(value, list):
+        for n, v in enumerate(value):
+            _string_paths(v, (*path, n), out)
+
+
+_FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def key_label(key: Any) -> str:
+    """A key as a trace may name it: an API field name (lowercase snake case) as it is, any other
+    key as `<key>`. Keys of fields the gateway has no name for are the caller's to choose and may
+    hold an address or a token, and a trace never holds the request's text."""
+    return key if isinstance(key, str) and _FIELD_NAME.fullmatch(key) else "<key>"
+
+
+def _path_label(path: tuple[Any, ...]) -> str:
+    """A path as the trace names it: `.name`, `.content[1].refusal`, `.tool_calls[0].function.arguments`."""
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{key_label(k)}" for k in path)
+
+
+def _get_path(root: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        root = root[key]
+    return root
+
+
+def _set_path(root: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    """Write `value` at `path` in `root` (a copy of a message), copying each container on the way,
+    so the caller's request stays untouched and earlier writes to the copy are kept."""
+    box: Any = root
+    for key in path[:-1]:
+        child = box[key]
+        child = dict(child) if isinstance(child, dict) else list(child)
+        box[key] = child
+        box = child
+    box[path[-1]] = value
 
 
 def _is_number(obj: Any) -> bool:
@@ -444,6 +611,8 @@ def _json_strings(obj: Any) -> list[str]:
         return [obj]
     if _is_number(obj):
         return [json.dumps(obj)]
+    if isinstance(obj, _Pairs):  # an object with a duplicate key: every member, as written
+        return [s for k, v in obj for s in (k, *_json_strings(v))]
     if isinstance(obj, dict):
         return [s for k, v in obj.items() for s in (k, *_json_strings(v))]
     if isinstance(obj, list):
@@ -459,10 +628,20 @@ def _json_replace(obj: Any, new: list[str]) -> Any:
     if _is_number(obj):
         text = new.pop(0)
         return obj if text == json.dumps(obj) else text
+    if isinstance(obj, _Pairs):  # keys popped before their values, as `_json_strings` lists them
+        return _Pairs((new.pop(0), _json_replace(v, new)) for _, v in obj)
     if isinstance(obj, dict):
         out = {}
-        for v in obj.values():
+        for k, v in obj.items():
             key = new.pop(0)
+            if key != k:
+                # A redacted key never takes the name another key of the object has: two keys
+                # masked alike would leave one member, and the model would never see the other.
+                name, n = key, 1
+                while name in out or (name in obj and name != k):
+                    n += 1
+                    name = f"{key} ({n})"
+                key = name
             out[key] = _json_replace(v, new)
         return out
     if isinstance(obj, list):
@@ -470,47 +649,74 @@ def _json_replace(obj: Any, new: list[str]) -> Any:
     return obj
 
 
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object with a duplicate key, as its (key, value) members in order. A parse into a
+    dict keeps only the last value of a key, while the tool (or the model) reading the text may
+    take any of them: every member is scanned, and written back, duplicates included."""
+
+
+def _pairs(members: list[tuple[str, Any]]) -> Any:
+    keys = [k for k, _ in members]
+    return dict(members) if len(set(keys)) == len(keys) else _Pairs(members)
+
+
+def _json_text(obj: Any) -> str:
+    """`json.dumps(obj, ensure_ascii=False)`, but an object with duplicate keys (`_Pairs`) is
+    written as an object with every member, not as a list."""
+    if isinstance(obj, dict | _Pairs):
+        members = obj.items() if isinstance(obj, dict) else obj
+        return "{" + ", ".join(f"{_json_text(k)}: {_json_text(v)}" for k, v in members) + "}"
+    if isinstance(obj, list):
+        return "[" + ", ".join(_json_text(v) for v in obj) + "]"
+    return json.dumps(obj, ensure_ascii=False)
+
+
 def _json_arguments(args: str) -> Any:
-    """The parsed arguments when they are JSON with at least one string or number, else None."""
+    """The parsed arguments when they are JSON with at least one string or number, else None. An
+    object with a duplicate key is kept whole (`_Pairs`), never parsed down to its last member."""
     try:
-        obj = json.loads(args)
-    except ValueError:
+        obj = json.loads(args, object_pairs_hook=_pairs)
+    except (ValueError, RecursionError):
         return None
     return obj if _json_strings(obj) else None
 
 
-def _arguments_text(args: str) -> str:
+def _arguments_text(args: Any) -> str:
     """What is scanned of call arguments: JSON's strings decoded and its numbers, one per line (an
     instruction read as a quoted JSON string would score lower than the model reads it), else the
-    raw text."""
+    raw text. Arguments given as an object (several OpenAI-compatible servers take it) are read
+    the same way."""
+    if not isinstance(args, str):
+        return "\n".join(_json_strings(args))
     obj = _json_arguments(args)
     return args if obj is None else "\n".join(_json_strings(obj))
 
 
-def _set_call_arguments(messages: list[dict[str, Any]], i: int, where: tuple[Any, ...], args: str) -> None:
-    """Write redacted arguments into a copy of the message's call (the caller's stays untouched)."""
-    msg = messages[i]
-    if where[0] == "tool_calls":
-        calls = list(msg["tool_calls"])
-        call = dict(calls[where[1]])
-        call["function"] = {**call["function"], "arguments": args}
-        calls[where[1]] = call
-        msg["tool_calls"] = calls
-    else:
-        msg["function_call"] = {**msg["function_call"], "arguments": args}
+def _redact_value(
+    value: Any, todo: list[tuple[Finding, RedactionMode]], vault: Vault, hash_key: bytes, origin: str
+) -> Any:
+    """A JSON value with the findings (offsets into its `_json_strings` joined by newlines)
+    replaced string by string: same shape, a changed number becomes the redacted string."""
+    parts = [{"type": "text", "text": s} for s in _json_strings(value)]
+    new = [p["text"] for p in _redact_parts(parts, todo, vault, hash_key, origin)]
+    return _json_replace(value, new)
 
 
 def _redact_arguments(
-    args: str, todo: list[tuple[Finding, RedactionMode]], vault: Vault, hash_key: bytes, origin: str
-) -> str:
+    args: Any, todo: list[tuple[Finding, RedactionMode]], vault: Vault, hash_key: bytes, origin: str
+) -> Any:
     """Arguments with the findings (offsets into `_arguments_text`) replaced. JSON arguments are
-    redacted string by string and serialised again, so they stay valid JSON. Other text is redacted
-    as it is, a span never ending inside a backslash escape."""
+    redacted string by string and serialised again, so they stay valid JSON (duplicate keys kept);
+    arguments given as an object stay an object. Other text is redacted as it is, a span never
+    ending inside a backslash escape."""
+    if not isinstance(args, str):
+        return _redact_value(args, todo, vault, hash_key, origin)
     obj = _json_arguments(args)
     if obj is not None:
-        parts = [{"type": "text", "text": s} for s in _json_strings(obj)]
-        new = [p["text"] for p in _redact_parts(parts, todo, vault, hash_key, origin)]
-        return json.dumps(_json_replace(obj, new), ensure_ascii=False)
+        text = _json_text(_redact_value(obj, todo, vault, hash_key, origin))
+        # A lone surrogate the arguments wrote as an escape (`"\\ud83d"`) is decoded raw by the
+        # parse: written back as its escape, never raw (no UTF-8 encoder takes it).
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     fixed = []
     for f, mode in todo:
         spans = []

@@ -97,11 +97,16 @@ class Policy(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+BindingRoute = Literal["*", "chat", "completions", "embeddings", "moderations"]
+
+
 class Binding(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tenant: str = "*"
-    route: str = "*"
+    # The routes a request is scanned under (`ScanContext.route`), or "*". Anything else (a URL
+    # path, a misspelling) would never match, and the tenant would silently get another policy.
+    route: BindingRoute = "*"
     policy: str
 
 

@@ -2,19 +2,51 @@
 
 Pseudonyms keep the model useful ("write to <EMAIL_ADDRESS_1>" still reads as an instruction about an
 address) and let the gateway restore the real values in the answer for the caller, when the policy
-allows it; the vault lives only as long as the request. Hashes are keyed (HMAC) so that a stored
-payload cannot be reversed by hashing guesses, yet the same value hashes the same within a tenant.
+allows it; the vault lives only as long as the request. Hashes are keyed (HMAC-SHA256) with a
+secret of the deployment (`load_hash_key`: `$STEWARD_DATA_DIR/keys/guard-hash.key`, created on first
+use; replicas sharing a store share the file as they share the KEK) so that a token cannot be
+reversed by hashing guesses (an SSN has 10^9 values: a public key would give it back in seconds),
+yet the same value hashes the same across requests and restarts. Without a key (a library caller,
+`steward scan`) a random key of the process is used: tokens agree within the process only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
+import secrets
+import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Literal
 
 from .types import Finding, Span
+
+HASH_KEY_FILE = "guard-hash.key"
+_PROCESS_HASH_KEY = secrets.token_bytes(32)
+
+
+def load_hash_key(keys_dir: Path) -> bytes:
+    """The deployment's hash-redaction key in `keys_dir`, created (32 random bytes, mode 0600) if
+    missing. Created exclusively: two workers starting at once read the one that won."""
+    path = Path(keys_dir) / HASH_KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+    for _ in range(100):  # the winner may be between its open and its write
+        key = path.read_bytes()
+        if len(key) >= 32:
+            return key
+        time.sleep(0.01)
+    raise ValueError(f"{path}: the hash-redaction key must be at least 32 bytes")
+
 
 __all__ = ["RESTORABLE", "RedactionMode", "Vault", "placeholder_hold", "redact", "redact_many"]
 
@@ -27,6 +59,15 @@ _NAME = r"[A-Za-z][A-Za-z0-9]*(?:\\?[_ ][A-Za-z][A-Za-z0-9]*)*"
 _PLACEHOLDER = re.compile(
     rf"(?:\\?<|&lt;)\s*(?P<name>{_NAME})\\?[_ ](?P<num>\d+)\s*(?:\\?>|&gt;)"
     r"|(?<![\w\\])(?P<bare>[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*)_(?P<bnum>\d+)(?!\w)"
+)
+# The same shapes in decoded text that is not markdown (the strings of JSON tool-call arguments): a
+# backslash before a token is the text's own (`C:\<PERSON_1>` is a Windows path, not an escaped
+# bracket), and a token never spans lines (JSON leaves are scanned joined by newlines, and a token
+# across two leaves must not be restored as one in the whole text but not in either leaf).
+_LITERAL_NAME = r"[A-Za-z][A-Za-z0-9]*(?:[_ ][A-Za-z][A-Za-z0-9]*)*"
+_LITERAL_PLACEHOLDER = re.compile(
+    rf"(?:<|&lt;)[ \t]*(?P<name>{_LITERAL_NAME})[_ ](?P<num>\d+)[ \t]*(?:>|&gt;)"
+    r"|(?<!\w)(?P<bare>[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*)_(?P<bnum>\d+)(?!\w)"
 )
 # The roles whose values `Vault.restore` gives back by default: the caller's own turns.
 RESTORABLE: frozenset[str] = frozenset({"user"})
@@ -95,11 +136,14 @@ class Vault:
         origins: Iterable[str] = RESTORABLE,
         *,
         escape: Callable[[str], str] | None = None,
+        literal: bool = False,
     ) -> str:
         """Put back the original value of every pseudonym (or slight rewrite of one) whose value
         came from a turn of one of `origins` (the caller's user turns by default); any other
         pseudonym stays as written. `escape` transforms each value put back (JSON-escaping it for
-        tool-call arguments, say)."""
+        tool-call arguments, say). `literal`: `text` is not markdown (a JSON string, or raw JSON
+        arguments), so a backslash before a token is kept, never read as escaping it, and a token
+        never spans a line break."""
         if not self._by_token:
             return text
         allowed = frozenset(origins)
@@ -114,7 +158,7 @@ class Vault:
             value = self._by_token[token]
             return escape(value) if escape is not None else value
 
-        return _PLACEHOLDER.sub(put_back, text)
+        return (_LITERAL_PLACEHOLDER if literal else _PLACEHOLDER).sub(put_back, text)
 
     def tokens(self) -> list[str]:
         return list(self._by_token)
@@ -138,7 +182,7 @@ def redact(
     findings: Iterable[Finding],
     mode: RedactionMode = "pseudonym",
     vault: Vault | None = None,
-    hash_key: bytes = b"steward",
+    hash_key: bytes | None = None,
     origin: str = "user",
 ) -> str:
     """`text` with every span of `findings` replaced; overlapping spans are merged first. `origin`
@@ -150,7 +194,7 @@ def redact_many(
     text: str,
     items: Iterable[tuple[Finding, RedactionMode]],
     vault: Vault | None = None,
-    hash_key: bytes = b"steward",
+    hash_key: bytes | None = None,
     origin: str = "user",
 ) -> str:
     """Like `redact`, with a redaction mode per finding (secrets masked, names pseudonymised)."""
@@ -173,7 +217,8 @@ def redact_many(
         elif mode == "mask":
             pieces.append(f"[{entity}]")
         else:
-            digest = hmac.new(hash_key, value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+            key = _PROCESS_HASH_KEY if hash_key is None else hash_key
+            digest = hmac.new(key, value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
             pieces.append(f"<{entity}:{digest[:12]}>")
         pos = span.end
     pieces.append(text[pos:])
