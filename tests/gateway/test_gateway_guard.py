@@ -357,3 +357,37 @@ def test_a_message_over_the_scan_limit_is_refused_saying_so(ggw: Running) -> Non
     r = httpx.post(ggw.url + "/v1/chat/completions", json=big, headers=h, timeout=60)
     assert r.status_code == 400
     assert "text of 260000 characters exceeds the scan limit" in r.json()["error"]["message"]
+
+
+def test_the_canary_is_fixed_per_system_prompt_and_secret(ggw: Running, echo: ThreadedUpstream) -> None:
+    """A random canary per request made every request with a system prompt unrepeatable (a `seed`
+    gave other text each time) and its prompt-token count vary. It is keyed by the deployment's
+    secret: fixed per tenant and system prompt, unpredictable to callers, other for another prompt."""
+    import re
+
+    def auth(key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"}
+
+    def sent_system(key: str, system: str) -> str:
+        body = {
+            "model": "echo",
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Hi there."}],
+            "seed": 7,
+        }
+        r = httpx.post(
+            ggw.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
+        )
+        assert r.status_code == 200, r.text
+        content: str = echo.up.seen[-1].body["messages"][0]["content"]
+        return content
+
+    acme, other = ggw.key("acme", "user"), ggw.key("globex", "user")
+    a1 = sent_system(acme, "You are a helpful travel agent.")
+    a2 = sent_system(acme, "You are a helpful travel agent.")
+    b = sent_system(acme, "You are a helpful chef.")
+    g = sent_system(other, "You are a helpful travel agent.")
+    canary = re.compile(r"\[(stw-canary-[0-9a-f]{12})\]")
+    c1, c2, cb, cg = (canary.search(x) for x in (a1, a2, b, g))
+    assert c1 and c2 and cb and cg
+    assert c1.group(1) == c2.group(1) and a1 == a2
+    assert len({c1.group(1), cb.group(1), cg.group(1)}) == 3

@@ -9,9 +9,10 @@ trace never holds matched text.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import re
-import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -736,6 +737,15 @@ class Guard:
         self._file = self.pipeline.policies  # the policy file's own bindings
         self._stored: dict[str, str] = {}  # tenant -> policy named in the store, as last applied
 
+    def canary(self, tenant: str, system: str) -> str:
+        """A canary the model never needs: seeing it in an answer proves the system prompt leaked.
+        Keyed by the deployment's secret (`redact.load_hash_key`), so no caller can predict it, and
+        fixed per tenant and system prompt: a random one per request made every request with a
+        system prompt unrepeatable (a `seed` gave other text each time, even greedy decoding) and
+        its prompt-token count vary with how the random hex tokenised."""
+        msg = b"canary\x00" + tenant.encode() + b"\x00" + system.encode("utf-8", "surrogatepass")
+        return "stw-canary-" + hmac.new(self.pipeline.hash_key, msg, hashlib.sha256).hexdigest()[:12]
+
     def bind(self, p: Principal) -> None:
         """Honour the tenant's policy from the store as a binding of all its routes. Checked on every
         request, so a change made with `PUT /admin/tenants/{id}` (or a policy cleared with "") takes
@@ -802,8 +812,7 @@ class Guard:
                 if text is not None:
                     system = (system + "\n" if system else "") + text
             if system is not None:
-                # A canary the model never needs: seeing it in an answer proves the system prompt leaked.
-                canary = "stw-canary-" + secrets.token_hex(6)
+                canary = self.canary(p.tenant, system)
                 for m in messages:
                     if (
                         m.get("role") in ("system", "developer")
