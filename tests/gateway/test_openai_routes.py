@@ -138,12 +138,12 @@ def test_seed_through_batching_is_identical(gateway: Running, user_key: str) -> 
     prompts = [f"Tell me fact number {i} about rivers and oceans." for i in range(20)]
     backend = gateway.gateway.models["builtin"].backend  # type: ignore[attr-defined]
 
-    async def one(ac: openai.AsyncOpenAI, p: str, temperature: float) -> str:
+    async def one(ac: openai.AsyncOpenAI, p: str, temperature: float, seed: int | None = 1234) -> str:
         r = await ac.chat.completions.create(
             model="builtin",
             messages=[{"role": "user", "content": p}],
             max_tokens=32,
-            seed=1234,
+            seed=seed,
             temperature=temperature,
         )
         return r.choices[0].message.content or ""
@@ -162,7 +162,17 @@ def test_seed_through_batching_is_identical(gateway: Running, user_key: str) -> 
     for temperature in (0.0, 1.0):
         alone, together, batches = asyncio.run(go(temperature))
         assert alone == together
-        assert batches < 20  # concurrent requests really shared forward passes
+        # by construction: a seeded request never shares a forward pass (steward.backends.builtin)
+        assert batches == 20
+
+    async def unseeded() -> int:
+        ac = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=user_key, max_retries=0, timeout=300)
+        before = backend.batches
+        await asyncio.gather(*[one(ac, p, 0.0, seed=None) for p in prompts[:8]])
+        await ac.close()
+        return int(backend.batches - before)
+
+    assert asyncio.run(unseeded()) < 8  # requests without a seed still share forward passes
 
 
 def test_health_and_ready_need_no_key(gateway: Running) -> None:

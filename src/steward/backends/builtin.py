@@ -1,10 +1,42 @@
 """In-process backends: the built-in decoder (chat, completions) and the MiniLM encoder (embeddings).
 
-Concurrent requests share forward passes. One worker thread owns the decoder: it takes every request
-that arrived within `batch_wait_ms` (up to `max_batch` rows), groups them by sampling parameters and
-decodes each group as one batch. Every row samples from its own seeded stream (see
-`steward.model.generate`), so a seeded request gets the same tokens alone or beside others. Results
-flow back to the event loop through `call_soon_threadsafe`; the event loop never runs torch.
+Concurrent requests share forward passes. One worker thread owns the decoder: when idle it takes every
+request that arrived within `batch_wait_ms` (up to `max_batch` rows), groups them by sampling
+parameters and starts a batch per group. It advances all running batches one decoding step each in
+turn, and between steps starts batches for requests that arrived meanwhile (up to
+`_RUNNING_BATCHES` x `max_batch` rows in flight), so a short request never waits for a long one to
+finish (no head-of-line blocking), in its sampling group or another. Rows are not moved between
+batches: a newcomer gets a batch of its own rather than a slot in a running one (true continuous
+batching would merge KV caches; see `_worker`). Results flow back to the event loop through
+`call_soon_threadsafe`; the event loop never runs torch.
+
+Seeded requests ("deterministic when asked"). Every row samples from its own seeded stream (see
+`steward.model.generate`), but that alone does not make a seeded request repeatable: the forward
+pass of a row is not bitwise the same at every batch size (oneDNN's packed GEMM for several rows,
+MKL for one; left padding; compaction), and inverse-CDF sampling turns a last-digit change in the
+logits into another token whenever a row's uniform falls near a CDF boundary. So a request with a
+`seed` never shares a forward pass: each of its rows (each choice of `n`) is decoded alone, one
+after another, as a batch of one with its prompt unpadded, and the weights are packed once at load
+so no earlier batch changes which kernels a later one uses. Its text and logprobs are then the same
+whatever else is queued, streamed or not, and choice 0 of `n` equals the `n`=1 answer (same seed,
+same computation). The price is paid by seeded requests only: their rows decode one at a time
+(n=4 costs about four single decodes, instead of one batched decode a little slower than a single
+one: ~450 against ~820 tokens/s on one core), and concurrent seeded requests each run as batches
+of one, side by side (~460 against ~1500 tokens/s for 8 at once). Making the kernels
+batch-invariant instead would slow every request; unseeded requests keep sharing batches.
+
+Failures are contained per request. A row whose bookkeeping raises (detokenising, stop strings)
+ends only its request, with a 500. A failed forward pass takes down its batch; every request in it
+that has not streamed anything yet is then retried alone, once, so only the one that fails alone
+gets the 500 (a stream that has sent tokens cannot be restarted, so it ends with the error). A
+request that finishes is answered at once, not when the longest row of its batch ends.
+
+Logprobs are those of the model's raw distribution (log-softmax of the logits, before temperature
+and top_p), as vLLM reports them by default: they describe the model, not the distribution the
+token was sampled from (see `steward.model.generate`).
+
+Shutdown: `aclose()` refuses new requests with a 503 from the moment it starts; the batches being
+decoded then finish, and every request still queued gets a 503.
 """
 
 from __future__ import annotations
@@ -17,7 +49,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +97,9 @@ _ZERO_OK = {"frequency_penalty", "presence_penalty"}  # accepted when 0 (the mod
 # Completions fields accepted at their API default, which asks for nothing the model lacks.
 _COMPLETION_DEFAULTS: dict[str, object] = {"echo": False, "best_of": 1}
 MAX_N = 16
+# Batches the worker advances side by side, in units of `max_batch` rows: room for requests that
+# arrive while others decode, within a bounded number of KV caches.
+_RUNNING_BATCHES = 4
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 
 
@@ -100,7 +135,8 @@ def _check_fields(
 
 
 def choice_seeds(seed: int | None, n: int) -> list[int]:
-    """Choice 0 uses the request's seed itself, so n=1 and the first of n agree."""
+    """Choice 0 uses the request's seed itself, so n=1 and the first of n agree (each choice of a
+    seeded request is decoded alone, see the module docstring)."""
     if seed is None:
         return [secrets.randbits(63) for _ in range(n)]
     return [(seed + i * _SEED_STRIDE) % (2**63) for i in range(n)]
@@ -116,13 +152,25 @@ class _Job:
     out: asyncio.Queue[tuple[str, int, Any]]
     rows: list[Row] = field(default_factory=list)
     cancelled: bool = False
+    sent: bool = False  # a streamed delta went out: the job can no longer be restarted
+    answered: bool = False  # its last message ("done", "end" or "error") is posted
 
     def post(self, kind: str, index: int, payload: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
             self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, index, payload))
 
+    def fail(self, err: BackendError) -> None:
+        """Answer with `err` (once) and drop the job's rows from whatever batch holds them."""
+        if not self.answered:
+            self.answered = True
+            self.post("error", 0, err)
+        for r in self.rows:
+            r.abort()
+
     def group_key(self) -> tuple[Any, ...]:
         c = self.cfg
+        if c.seed is not None:
+            return ("seeded", id(self))  # a group of its own: see the module docstring
         if c.greedy:
             return ("greedy", c.top_logprobs)
         return ("sample", c.temperature, c.top_k, c.top_p, c.top_logprobs)
@@ -155,6 +203,10 @@ class BuiltinBackend:
         self.fingerprint = ""
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        # Held while queueing jobs and while `aclose` flags the shutdown and queues its sentinel, so
+        # that no job can land behind the sentinel, where the worker would never see it.
+        self._lock = threading.Lock()
+        self._closing = False
         self.batches = 0  # decoded batches, for tests and metrics
         self.rows_decoded = 0
 
@@ -163,6 +215,8 @@ class BuiltinBackend:
         if self._thread is not None:
             return
         await asyncio.to_thread(self._load)
+        self._closing = False
+        self._jobs = queue.Queue()
         self._thread = threading.Thread(target=self._worker, name=f"steward-{self.model_name}", daemon=True)
         self._thread.start()
 
@@ -179,6 +233,9 @@ class BuiltinBackend:
         if not isinstance(model, Decoder) or tokenizer is None:
             raise BackendError(f"{directory}: not a decoder with a tokenizer", status=500)
         model.eval()
+        # Pack the weights for batched decoding now rather than at the first batch of several rows:
+        # a seeded request's prefill (several rows) then runs the same kernels before and after.
+        model.use_decoding_layout(self.max_batch)
         manifest = verify_manifest(directory)
         files = manifest.get("files", {})
         weights = sorted(
@@ -195,8 +252,11 @@ class BuiltinBackend:
         self.model, self.tokenizer = model, tokenizer
 
     async def aclose(self) -> None:
+        """Refuse new requests (503), let the batch in progress finish, answer the queue with 503."""
         if self._thread is not None:
-            self._jobs.put(None)
+            with self._lock:
+                self._closing = True
+                self._jobs.put(None)
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
 
@@ -357,113 +417,213 @@ class BuiltinBackend:
     def _submit(self, route: Literal["chat", "completions"], call: Call, stream: bool) -> list[_Job]:
         prompts = self._prompt_ids(route, call)
         cfg, n = self._config(route, call)
-        if self._thread is None:
-            raise BackendError("the built-in model is not running", status=503, type="server_error")
         loop = asyncio.get_running_loop()
-        jobs = []
-        for p in prompts:
-            job = _Job(p, cfg, choice_seeds(cfg.seed, n), stream, loop, asyncio.Queue())
-            jobs.append(job)
-            self._jobs.put(job)
+        jobs = [_Job(p, cfg, choice_seeds(cfg.seed, n), stream, loop, asyncio.Queue()) for p in prompts]
+        with self._lock:
+            if self._closing:
+                raise _shutting_down()
+            if self._thread is None:
+                raise BackendError("the built-in model is not running", status=503, type="server_error")
+            for job in jobs:
+                self._jobs.put(job)
         return jobs
 
     def _worker(self) -> None:
+        """Start batches from the queue and advance every running batch by one step in turn.
+
+        Batches are not merged (a running batch keeps its rows), but a request that arrives while
+        others decode starts its own batch at the next step instead of waiting for them to finish:
+        its latency is that of its own length, times the number of batches sharing the worker.
+        Total work is what running the batches one after another would cost. Merging a newcomer
+        into a running unseeded batch (continuous batching proper) would also share its forward
+        passes; it needs `run_rows` to accept rows between steps: prefill them in a cache of their
+        own, left-pad the shorter of the two caches to a common length and concatenate (keys,
+        values, `key_valid`, `valid_count`), and give the sampler a step counter per row.
+        """
         import torch
 
         torch.set_grad_enabled(False)
         pending: list[_Job] = []
+        running: list[tuple[list[_Job], Iterator[None]]] = []
         while True:
-            if not pending:
-                first = self._jobs.get()
-                if first is None:
-                    return
-                pending.append(first)
-            # Let a burst of concurrent requests arrive before deciding the batch.
-            deadline = time.monotonic() + self.batch_wait
-            rows = sum(len(j.seeds) for j in pending)
-            stop = False
-            while rows < self.max_batch:
-                left = deadline - time.monotonic()
-                try:
-                    job = self._jobs.get(timeout=max(left, 0.0)) if left > 0 else self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                pending.append(job)
-                rows += len(job.seeds)
-            key = pending[0].group_key()
-            group: list[_Job] = []
-            rest: list[_Job] = []
-            used = 0
-            for j in pending:
-                if j.group_key() == key and (not group or used + len(j.seeds) <= self.max_batch):
-                    group.append(j)
-                    used += len(j.seeds)
-                else:
-                    rest.append(j)
-            pending = rest
-            self._decode(group)
-            if stop:
+            if self._closing:
+                # Whatever has not started is refused, consistently; what runs finishes below.
+                # `_submit` queues nothing after the sentinel, so this reaches every waiting job.
+                pending += self._take_queued(block=False)
                 for j in pending:
-                    j.post("error", 0, BackendError("server shutting down", status=503, type="server_error"))
+                    j.fail(_shutting_down())
+                pending = []
+                if not running:
+                    return
+            elif not running:
+                if not pending:
+                    pending = self._take_queued(block=True)
+                    if not pending:
+                        continue  # the sentinel: `_closing` is set
+                # Idle: let a burst of concurrent requests arrive before deciding the batch (not
+                # for a seeded request, which is decoded alone whatever arrives).
+                if pending[0].cfg.seed is None:
+                    self._gather_burst(pending)
+            else:
+                pending += self._take_queued(block=False)
+            if self._closing and pending:
+                continue  # aclose() began while gathering: refuse these at the top
+            in_flight = sum(len(j.seeds) for group, _ in running for j in group)
+            while pending and (not running or in_flight < _RUNNING_BATCHES * self.max_batch):
+                group, pending = self._next_group(pending)
+                running.append((group, self._decode(group)))
+                in_flight += sum(len(j.seeds) for j in group)
+            for entry in list(running):
+                group, steps = entry
+                try:
+                    next(steps)
+                except StopIteration:
+                    running.remove(entry)
+                except Exception as exc:  # never let the worker die: later requests would wait forever
+                    running.remove(entry)
+                    for j in group:
+                        j.fail(_failed(exc))
+
+    def _take_queued(self, block: bool) -> list[_Job]:
+        """The jobs in the queue now (with `block`, wait for at least one item first)."""
+        out: list[_Job] = []
+        while True:
+            try:
+                job = self._jobs.get() if block and not out else self._jobs.get_nowait()
+            except queue.Empty:
+                return out
+            if job is None:  # the sentinel; `_closing` is already set
+                return out
+            out.append(job)
+
+    def _gather_burst(self, pending: list[_Job]) -> None:
+        deadline = time.monotonic() + self.batch_wait
+        rows = sum(len(j.seeds) for j in pending)
+        while rows < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                job = self._jobs.get(timeout=left) if left > 0 else self._jobs.get_nowait()
+            except queue.Empty:
                 return
+            if job is None:
+                return
+            pending.append(job)
+            rows += len(job.seeds)
 
-    def _decode(self, jobs: list[_Job]) -> None:
-        from steward.model.generate import make_row, run_rows
+    def _next_group(self, pending: list[_Job]) -> tuple[list[_Job], list[_Job]]:
+        """The first job's sampling group, up to `max_batch` rows, and the jobs left over."""
+        key = pending[0].group_key()
+        group: list[_Job] = []
+        rest: list[_Job] = []
+        used = 0
+        for j in pending:
+            if j.group_key() == key and (not group or used + len(j.seeds) <= self.max_batch):
+                group.append(j)
+                used += len(j.seeds)
+            else:
+                rest.append(j)
+        return group, rest
 
-        model, tok = self._tok()
+    def _decode(self, jobs: list[_Job]) -> Iterator[None]:
+        """Decode a group, one step per `next()`: a seeded job row by row alone, others together
+        (see the module docstring); after a failed forward pass, retry alone each request that
+        can be retried."""
         live = [j for j in jobs if not j.cancelled]
         if not live:
             return
-        prompts: list[list[int]] = []
-        rows: list[Row] = []
-        seeds: list[int] = []
-        owner: list[tuple[_Job, int]] = []
         for j in live:
-            j.rows = []
-            for i, s in enumerate(j.seeds):
-                r = make_row(model, tok, len(j.prompt), j.cfg)
-                j.rows.append(r)
-                rows.append(r)
-                prompts.append(j.prompt)
-                seeds.append(s)
-                owner.append((j, i))
-        cfg = live[0].cfg
+            j.rows = self._new_rows(j)
+        if len(live) == 1 and live[0].cfg.seed is not None:
+            job = live[0]
+            for i in range(len(job.seeds)):
+                if job.cancelled or job.answered:
+                    break
+                try:
+                    yield from self._run_batch([job], [(job, i)])
+                except Exception as exc:  # decoded alone already: the failure is this job's own
+                    job.fail(_failed(exc))
+            return
+        try:
+            yield from self._run_batch(live, [(j, i) for j in live for i in range(len(j.seeds))])
+            return
+        except Exception as exc:
+            first = exc
+        for j in live:
+            if j.answered or j.cancelled:
+                continue
+            if j.sent:  # a stream cannot take back what it sent: only this one ends with the error
+                j.fail(_failed(first))
+                continue
+            try:
+                j.rows = self._new_rows(j)
+                yield from self._run_batch([j], [(j, i) for i in range(len(j.seeds))])
+            except Exception as exc:
+                j.fail(_failed(exc))
+
+    def _new_rows(self, job: _Job) -> list[Row]:
+        from steward.model.generate import make_row
+
+        model, tok = self._tok()
+        return [make_row(model, tok, len(job.prompt), job.cfg) for _ in job.seeds]
+
+    def _run_batch(self, jobs: list[_Job], rows: list[tuple[_Job, int]]) -> Iterator[None]:
+        """Decode the given rows (job, choice index) as one batch, one step per `next()`,
+        answering each job as soon as all its rows are finished. Raises when the forward pass
+        fails; a failure in one job's own bookkeeping fails that job only."""
         from dataclasses import replace
 
-        group_cfg = replace(
-            cfg,
-            max_new_tokens=max(j.cfg.max_new_tokens for j in live),
-            logprobs=any(j.cfg.logprobs for j in live),
+        from steward.model import generate
+
+        model, tok = self._tok()
+        cfg = replace(
+            jobs[0].cfg,
+            max_new_tokens=max(j.cfg.max_new_tokens for j in jobs),
+            logprobs=any(j.cfg.logprobs for j in jobs),
             stop=[],
         )
         self.batches += 1
         self.rows_decoded += len(rows)
+        steps = generate.run_rows(
+            model,
+            tok,
+            [j.prompt for j, _ in rows],
+            [j.rows[i] for j, i in rows],
+            cfg,
+            [j.seeds[i] for j, i in rows],
+        )
+        for _ in steps:
+            for j in jobs:
+                self._after_step(j)
+            yield
+        for j in jobs:  # rows ended before the first step (a job cancelled meanwhile)
+            self._after_step(j)
+
+    def _after_step(self, job: _Job) -> None:
+        """Post what a step produced for `job`: deltas, its answer once every row is finished, or
+        its error when one of its rows failed."""
+        if job.answered:
+            return
         try:
-            for _ in run_rows(model, tok, prompts, rows, group_cfg, seeds):
-                for j, i in owner:
-                    r = j.rows[i]
-                    if j.cancelled and r.finish is None:
-                        r.end("stop")
-                    if j.stream and not j.cancelled:
-                        d = r.take_delta()
-                        if d is not None:
-                            j.post("delta", i, d)
-            for j in live:
-                if not j.stream and not j.cancelled:
-                    j.post("done", 0, [r.completion() for r in j.rows])
-                elif j.stream:
-                    for i, r in enumerate(j.rows):
-                        d = r.take_delta()
-                        if d is not None and not j.cancelled:
-                            j.post("delta", i, d)
-                    j.post("end", 0, None)
-        except Exception as exc:  # a model failure must reach every waiting request
-            err = BackendError(f"generation failed: {type(exc).__name__}", status=500, type="server_error")
-            for j in live:
-                j.post("error", 0, err)
+            if job.cancelled:
+                job.answered = True  # nobody is listening any more
+                for r in job.rows:
+                    r.abort()
+                return
+            for r in job.rows:
+                if r.error is not None:
+                    raise r.error
+            if job.stream:
+                for i, r in enumerate(job.rows):
+                    d = r.take_delta()
+                    if d is not None:
+                        job.post("delta", i, d)
+                        job.sent = True
+            if all(r.finish is not None for r in job.rows):
+                done = None if job.stream else [r.completion() for r in job.rows]
+                job.answered = True
+                job.post("end" if done is None else "done", 0, done)
+        except Exception as exc:
+            job.fail(_failed(exc))
 
     # -- protocol -------------------------------------------------------------------------------------
     def _ids(self, kind: str, request_id: str) -> str:
@@ -664,6 +824,14 @@ def _param_of(message: str, route: str, body: JSON) -> str | None:
     if name in ("temperature", "top_p", "top_k", "stop", "seed", "logprobs", "top_logprobs"):
         return name
     return None
+
+
+def _shutting_down() -> BackendError:
+    return BackendError("server shutting down", status=503, type="server_error")
+
+
+def _failed(exc: BaseException) -> BackendError:
+    return BackendError(f"generation failed: {type(exc).__name__}", status=500, type="server_error")
 
 
 def _usage(prompt: int, completion: int) -> JSON:

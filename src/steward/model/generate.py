@@ -11,8 +11,12 @@ Design choices and the reasons for them:
   padding, so a padded row computes the same numbers as the row alone.
 * Sampling is by inverse CDF with one uniform number per row and step, drawn up front from that
   row's own `torch.Generator` seeded with the request's seed. Each row consumes exactly its own
-  stream, one number per token whatever the batch holds, so a seeded request yields the same tokens
-  alone or batched with others, and rows finishing early do not shift anybody's randomness.
+  stream, one number per token whatever the batch holds, and rows finishing early do not shift
+  anybody's randomness. That makes the randomness independent of the batch, not the logits: a
+  row's forward pass differs in the last digits with the batch's size and padding (other GEMM
+  kernels, other reduction shapes), and a uniform near a CDF boundary then picks a neighbouring
+  token. Exact repeatability needs the same computation, i.e. decoding the row alone, which is
+  what the serving backend does for a seeded request (`steward.backends.builtin`).
 * Text is detokenised incrementally over a small sliding window of tokens (never re-decoding the whole
   completion). While the window ends in U+FFFD its last character is held back, as it may be a UTF-8
   sequence still missing bytes, so no delta ever shows a half character. `generate` and `stream`
@@ -20,7 +24,10 @@ Design choices and the reasons for them:
 * Stop sequences are matched on text, so they may span tokens; a streamed delta withholds any tail
   that could still become a stop sequence until the next tokens decide.
 * Logprobs are those of the model's raw distribution (log-softmax of the logits, before temperature,
-  top-k or top-p), as the OpenAI API reports them: they describe the model, not the sampler. Each
+  top-k or top-p), as vLLM reports them by default: they describe the model, not the sampler, so
+  at a temperature other than 1 or with top_p < 1 they are not log q(token) of the distribution
+  the token was actually drawn from (a deliberate choice; `_run` would renormalise after the
+  temperature and the nucleus mask to report that one instead). Each
   carries the token's own bytes (a token may hold part of a UTF-8 character) and its offset in the
   completion's text.
 * A temperature so small that the scaled logits overflow float32 (1e-38 and below) decodes that
@@ -213,6 +220,15 @@ class _Row:
         self._emitted = 0
         self._delta_from = 0
         self._final_sent = False
+        self.error: Exception | None = None  # why `abort` ended the row, for its owner to report
+
+    def abort(self, error: Exception | None = None) -> None:
+        """End the row without touching its text (which may be what failed), so that the batch
+        drops it at the next step; `error` tells the row's owner why, when it is a failure."""
+        if error is not None and self.error is None:
+            self.error = error
+        if self.finish is None:
+            self.finish = "stop"
 
     def add(self, token: int, logprob: TokenLogprob | None) -> None:
         self.sampled += 1
@@ -508,7 +524,10 @@ def _run(
                     )
                     name, raw = _token_info(tokenizer, memo, toks[j])
                     info = TokenLogprob(name, toks[j], chosen[j], alts, raw)
-                row.add(toks[j], info)
+                try:
+                    row.add(toks[j], info)
+                except Exception as exc:  # this row's bookkeeping failed: end it, not the batch
+                    row.abort(exc)
             yield live
             done = [row.finish is not None for row in live]
             n_done = sum(done)
@@ -564,8 +583,10 @@ def generate(
 ) -> list[Completion]:
     """Complete every prompt (text, or token ids used as they are), batched.
 
-    Every row samples with `cfg.seed`, so a prompt gets the same completion whatever else is in the
-    batch; `seeds` gives rows their own seeds instead (e.g. several samples of one prompt).
+    Every row samples with `cfg.seed` from its own stream; `seeds` gives rows their own seeds
+    instead (e.g. several samples of one prompt). The same prompts, seeds and batch give the same
+    completions; another batch may change a row's logits in the last digits and so, rarely, its
+    tokens (see the module docstring): decode a prompt alone when it must be exactly repeatable.
     """
     ids, cfg = _prepare(model, tokenizer, prompts, cfg)
     if seeds is not None:
@@ -577,6 +598,9 @@ def generate(
     rows = _rows(model, tokenizer, ids, cfg)
     for _ in _run(model, tokenizer, ids, rows, cfg, list(seeds) if seeds else _seeds(cfg, len(ids))):
         pass
+    for r in rows:
+        if r.error is not None:  # no quietly truncated completion for a row that failed
+            raise r.error
     return [r.completion() for r in rows]
 
 
@@ -599,6 +623,8 @@ def stream(
 def _deltas(steps: Generator[list[_Row], None, None], row: _Row) -> Iterator[Delta]:
     try:
         for _ in steps:
+            if row.error is not None:
+                raise row.error
             delta = row.take_delta()
             if delta is not None:
                 yield delta
@@ -626,5 +652,8 @@ def run_rows(
     seeds: Sequence[int],
 ) -> Generator[list[Row], None, None]:
     """Decode rows that share sampling parameters (`cfg`; its `max_new_tokens` must cover the largest
-    row budget); yields after every step. Ending a row (`row.end(...)`) from outside drops it."""
+    row budget); yields after every step. Ending a row (`row.end(...)` or `row.abort()`) from
+    outside drops it. A row whose own bookkeeping raises is aborted with the exception in
+    `row.error` and the others go on; an exception out of this generator is the batch's (the forward
+    pass), and leaves every row where it was."""
     return _run(model, tokenizer, prompts, rows, cfg, seeds)
