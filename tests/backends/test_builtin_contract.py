@@ -235,3 +235,15 @@ def test_completion_defaults_echo_false_and_best_of_one_are_accepted(backend: Bu
         with pytest.raises(BackendError) as ei:
             backend._prompt_ids("completions", call({"prompt": "The sea", **extra}))
         assert ei.value.param == name and ei.value.code == "unsupported_parameter"
+
+
+def test_prompt_tokens_are_counted_once_whatever_n(backend: BuiltinBackend) -> None:
+    """The usage counts a prompt once for any n (as OpenAI's does); the gateway's reservation used a
+    count n times larger, so a request near a token limit was refused though it would fit."""
+    for route, body in (
+        ("chat", {"messages": SEA, "max_tokens": 3, "n": 4}),
+        ("completions", {"prompt": ["The sea", "Once upon a time"], "max_tokens": 3, "n": 3}),
+    ):
+        counted = backend.count_prompt_tokens(route, call(body))  # type: ignore[arg-type]
+        used = (chat if route == "chat" else completion)(backend, body)["usage"]["prompt_tokens"]
+        assert counted == used, (route, counted, used)

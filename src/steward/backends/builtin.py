@@ -331,7 +331,7 @@ class BuiltinBackend:
         return ids
 
     def count_prompt_tokens(self, route: Literal["chat", "completions"], call: Call) -> int:
-        return sum(len(p) for p in self._prompt_ids(route, call)) * int(call.body.get("n") or 1)
+        return sum(len(p) for p in self._prompt_ids(route, call))  # once for any n, as the usage counts it
 
     def max_new_tokens(self, route: Literal["chat", "completions"], call: Call) -> int:
         """The completion budget the request will use: its own, else what the context leaves."""
