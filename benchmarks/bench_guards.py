@@ -275,6 +275,14 @@ UNSEEN_CONTEXT: list[tuple[str | None, str, str]] = [
 ]
 
 
+def head_split() -> int:
+    """The split version the committed head was trained on (its manifest; none recorded: 1): its
+    held-out set is rebuilt by those rules, never another version's, which may hold its training
+    texts."""
+    manifest = json.loads((ROOT / "models" / "guard" / "manifest.json").read_text())
+    return int(manifest.get("train", {}).get("split", 1))
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -362,7 +370,9 @@ def pipeline_heldout() -> None:
     if data is None:
         print("skipped: ../shared/data not found (set STEWARD_SHARED_DATA)")
         return
-    examples = [e for e in build_examples(data) if is_heldout(e.group)]
+    split = head_split()
+    print(f"(the committed head's split: version {split}; steward.guard.dataset.SPLIT_VERSION)\n")
+    examples = [e for e in build_examples(data, split=split) if is_heldout(e.group)]
     _pipeline_table(
         "without a system prompt (head + injection rules)", examples, [ScanContext()] * len(examples)
     )
@@ -400,7 +410,7 @@ def diluted_heldout() -> None:
     if data is None:
         print("skipped: ../shared/data not found (set STEWARD_SHARED_DATA)")
         return
-    held = [e for e in build_examples(data) if is_heldout(e.group)]
+    held = [e for e in build_examples(data, split=head_split()) if is_heldout(e.group)]
     print(
         "| input harmful scanner | harmful caught alone | harmful caught behind text | "
         "benign flagged alone | benign flagged behind text | ms per text |"

@@ -125,6 +125,56 @@ def test_split_is_by_group_and_fixed() -> None:
     )
 
 
+def _digits(text: str) -> str:
+    """The digits of a text in any script, as ASCII ("৭৮৯" is "789")."""
+    import unicodedata
+
+    return "".join(str(unicodedata.decimal(c)) for c in text if unicodedata.decimal(c, None) is not None)
+
+
+def test_translations_and_templates_stay_on_one_side_of_the_split(shared_data: Path) -> None:
+    """The issue's rule: a CyberSecEval case and its translations stay on one side (the translated
+    file is not in the English order: grouping by position put 162 of 235 held-out translated
+    turns beside a training translation of the same case); a T0 dataset's prompt templates too
+    (grouped by file and row, 536 of 633 held-out T0 prompts came from templates also trained
+    on); a system prompt pasted as a benign turn is grouped by its text (one serves many cases)."""
+    import json as _json
+    from collections import Counter
+
+    from steward.guard.dataset import _t0_datasets, build_examples, is_heldout
+
+    ex = build_examples(shared_data, seed=0)
+    inj = shared_data / "guard" / "injection"
+    english = _json.loads((inj / "cyberseceval_prompt_injection.json").read_text())
+    translated = _json.loads((inj / "cyberseceval_prompt_injection_multilingual.json").read_text())
+    cse = [e for e in ex if e.source == "cyberseceval"]
+    assert len(cse) == len(english) + len(translated)
+    group_of_case = [e.group for e in cse[: len(english)]]
+    n = len(english)
+    slips = 0
+    for i, e in enumerate(cse[n:]):
+        case = i // 3 if i < 3 * n else i - 3 * n
+        assert e.group == group_of_case[case], (i, case)
+        # the judge question asks for the same secret or fact: its translation keeps the digits
+        # (in any script and order: "April 4, 1865" is "1865년 4월 4일")
+        want = Counter(_digits(english[case]["judge_question"]))
+        slips += bool(want - Counter(_digits(translated[i]["judge_question"])))
+    assert slips <= 2  # measured: 1 (a Tagalog "185 degrees Celsius" for the English 175)
+    families = sorted(p.stem for p in (shared_data / "corpus" / "t0_tasks").glob("*.jsonl"))
+    dataset = _t0_datasets(families)
+    assert len(families) == 68 and len(set(dataset.values())) == 34  # two templates per dataset
+    assert dataset["glue_mrpc_equivalent"] == dataset["glue_mrpc_generate_paraphrase"] == "glue_mrpc"
+    assert dataset["glue_qqp_answer"] == "glue_qqp"
+    t0_groups = {e.group for e in ex if e.source == "t0"}
+    assert t0_groups <= {f"t0:{d}" for d in dataset.values()}
+    assert any(is_heldout(g) for g in t0_groups) and not all(is_heldout(g) for g in t0_groups)
+    system = [e for e in ex if e.source == "cyberseceval_system_prompts"]
+    by_text: dict[str, set[str]] = {}
+    for e in system:
+        by_text.setdefault(e.model_text, set()).add(e.group)
+    assert all(len(g) == 1 for g in by_text.values())
+
+
 def test_long_document_windows_are_labelled_per_window() -> None:
     from steward.guard.classifier import GuardModel
     from steward.guard.dataset import MASK, NEG, POS, Example, _labels
@@ -443,3 +493,31 @@ def test_data_errors_name_the_file(
     with pytest.raises(DataError, match=match) as exc:
         build_examples(data, long_docs=0, synth_per_template=0)
     assert str(exc.value).startswith(str(target))
+
+
+def test_the_committed_head_is_measured_on_the_split_it_was_trained_on(shared_data: Path) -> None:
+    """A head's manifest names its split version (none: 1) and evaluation rebuilds that split: the
+    committed head, trained on version 1, reproduces its data card's counts per source there, while
+    version 2 moves texts it trained on into the held-out set."""
+    from collections import Counter
+
+    from steward.guard.dataset import is_heldout, is_validation
+    from steward.guard.train import SPLIT_VERSION
+
+    head = Path(__file__).resolve().parents[2] / "models" / "guard"
+    manifest = json.loads((head / "manifest.json").read_text())
+    version = int(manifest.get("train", {}).get("split", 1))
+    card = json.loads((head / "data_card.json").read_text())["examples_by_source"]
+
+    def counts(split: int) -> dict[str, dict[str, int]]:
+        c: Counter[tuple[str, str]] = Counter()
+        for e in build_examples(shared_data, seed=manifest["train"]["seed"], split=split):
+            side = "test" if is_heldout(e.group) else "val" if is_validation(e.group) else "train"
+            c[(e.source, side)] += 1
+        return {src: {side: c[(src, side)] for side in ("train", "val", "test")} for src in card}
+
+    assert counts(version) == card
+    if version != SPLIT_VERSION:
+        assert counts(SPLIT_VERSION) != card
+    with pytest.raises(ValueError, match="unknown split version"):
+        build_examples(shared_data, split=99)

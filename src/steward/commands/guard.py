@@ -29,6 +29,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("models/guard"), "--out", help="output directory for the head"),
         cache: Path = typer.Option(Path("runs/guard_cache"), "--cache", help="embedding cache directory"),
         seed: int = typer.Option(0, "--seed"),
+        split: int = typer.Option(
+            2, "--split", min=1, max=2, help="grouping rules of the split (guard.dataset.SPLIT_VERSION)"
+        ),
         epochs: int | None = typer.Option(
             None, "--epochs", min=1, help="passes over the data (default: 4 fine-tuning, 60 head only)"
         ),
@@ -83,6 +86,7 @@ def register(app: typer.Typer) -> None:
             out_dir=out,
             cache_dir=cache,
             seed=seed,
+            split=split,
             epochs=epochs if epochs is not None else 60,
             hidden=hidden,
             target_fpr=target_fpr,

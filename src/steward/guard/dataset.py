@@ -112,6 +112,29 @@ def _h(key: str, salt: str) -> int:
     return int(hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()[:8], 16)
 
 
+SPLIT_VERSION = 2
+"""The grouping rules new heads are trained with (`steward guard train --split`). A head's manifest
+records the version it was trained on (no record: 1), and evaluation rebuilds that version's split:
+measuring a head on another version's held-out set would count its own training texts.
+
+1: CyberSecEval translations grouped by their position in the translated file, T0 prompts by file
+and row, pasted system prompts with their case. A review (2026-12-05) found the translated file is
+not in the English order (162 of 235 held-out translated turns had a translation of the same case
+in training), 536 of 633 held-out T0 prompts came from prompt templates also trained on (their FPR
+0/536 hid that of unseen templates, 5/97), and 78 of 153 held-out system prompts were copies of
+training ones.
+2: a case with all its translations, a T0 dataset with all its templates, a system prompt by text."""
+SPLIT_CARDS = {
+    1: "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train",
+    2: (
+        "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train; a group "
+        "keeps near-duplicates on one side: a CyberSecEval case with its neighbours and all its "
+        "translations, a T0 dataset with all its prompt templates, a system prompt by its text, "
+        "jailbreaks within 5-word-shingle Jaccard 0.8, a BIPIA attack family, a look-alike template"
+    ),
+}
+
+
 def is_heldout(group: str) -> bool:
     """The fixed held-out 20%: a pure function of the group key (no seed, no row order)."""
     return _h(group, "steward-guard-heldout") % 5 == 0
@@ -157,11 +180,9 @@ def _jaccard_groups(texts: Sequence[str], threshold: float = 0.8) -> list[int]:
 
 
 def _variant_blocks(rows: list[dict[str, Any]]) -> list[str]:
-    """Group key per CyberSecEval row: variant + position block within the variant (5 blocks).
-
-    The English file and its translations list the same cases variant by variant in the same order,
-    so a case and its translations land in the same relative block.
-    """
+    """Group key per English CyberSecEval case: variant + position block within the variant (5
+    blocks), so that a case and its neighbours (the same system prompt with another secret word,
+    the same attack on another bot) stay together."""
     by_variant: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         by_variant.setdefault(r["injection_variant"], []).append(i)
@@ -170,6 +191,58 @@ def _variant_blocks(rows: list[dict[str, Any]]) -> list[str]:
         for pos, i in enumerate(idx):
             keys[i] = f"cse:{variant}:{pos * 5 // len(idx)}"
     return keys
+
+
+def _translation_cases(path: Path, rows: list[dict[str, Any]], english: list[dict[str, Any]]) -> list[int]:
+    """The English case each translated CyberSecEval row translates, so that it takes that case's
+    group (the issue's rule: a case and its translations stay on one side of the split).
+
+    The multilingual file is not in the English order: its first 3n rows are three translations of
+    each of the n English cases in turn, then come n Hindi rows in the English order. (Grouping by
+    position within the variant, as for the English file, put 162 of 235 held-out translated turns
+    beside a translation of the same case in training.) The layout is checked row by row against
+    the English case's variant, type and risk category, and a file laid out otherwise is refused
+    rather than split wrongly."""
+    n = len(english)
+    if len(rows) != 4 * n:
+        raise DataError(
+            f"{path}: expected 4 translations of each of the {n} English cases, got {len(rows)} rows"
+        )
+    cases = [i // 3 for i in range(3 * n)] + list(range(n))
+    for i, (row, k) in enumerate(zip(rows, cases, strict=True)):
+        for field in ("injection_variant", "injection_type", "risk_category"):
+            if row.get(field) != english[k].get(field):
+                raise DataError(
+                    f"{_item(path, i)}: {field} {row.get(field)!r} is not that of English case {k} "
+                    f"({english[k].get(field)!r}); the file's layout is not the one expected"
+                )
+    return cases
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha256(_model_text(text).encode()).hexdigest()[:16]
+
+
+def _t0_datasets(families: list[str]) -> dict[str, str]:
+    """The source dataset of each T0 prompt file (`glue_mrpc_equivalent` and
+    `glue_mrpc_generate_paraphrase` are two templates over one dataset's texts): the longest
+    leading run of `_`-separated words a file shares with another. The split groups by it, so a
+    template, and the texts its dataset shares with its other templates, is never on both sides
+    (grouped by file and row, 536 of 633 held-out T0 prompts came from templates also trained on,
+    and their FPR, 0/536, hid that of unseen templates, 5/97)."""
+    words = {f: f.split("_") for f in families}
+
+    def shared(a: list[str], b: list[str]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    out = {}
+    for f, w in words.items():
+        best = max((shared(w, v) for g, v in words.items() if g != f), default=0)
+        out[f] = "_".join(w[:best]) if best else f
+    return out
 
 
 class DataError(ValueError):
@@ -276,14 +349,20 @@ def build_examples(
     long_docs: int = 400,
     diluted: int = 0,
     hard_negative_weight: float = 3.0,
+    split: int = SPLIT_VERSION,
 ) -> list[Example]:
-    """Every labelled example from ../shared/data/guard, corpus benign text and the look-alikes."""
+    """Every labelled example from ../shared/data/guard, corpus benign text and the look-alikes,
+    grouped for the split by the rules of version `split` (see SPLIT_VERSION)."""
+    if split not in SPLIT_CARDS:
+        raise ValueError(f"unknown split version {split}; known: {', '.join(map(str, SPLIT_CARDS))}")
     root = Path(data_dir)
     guard = root / "guard"
     rng = random.Random(seed)
     ex: list[Example] = []
 
     # -- prompt injection ---------------------------------------------------------------------
+    english: list[dict[str, Any]] = []
+    english_keys: list[str] = []
     for name, lang_key in (
         ("cyberseceval_prompt_injection.json", None),
         ("cyberseceval_prompt_injection_multilingual.json", "speaking_language"),
@@ -297,7 +376,14 @@ def build_examples(
                 _text(_item(path, i), row, field)
             if lang_key is not None and lang_key not in row:
                 raise DataError(f"{_item(path, i)}: a row without the field {lang_key!r}")
-        for row, key in zip(rows, _variant_blocks(rows), strict=True):
+        if lang_key is None:
+            english, english_keys = rows, _variant_blocks(rows)
+            keys = english_keys
+        elif split == 1:
+            keys = _variant_blocks(rows)
+        else:
+            keys = [english_keys[k] for k in _translation_cases(path, rows, english)]
+        for row, key in zip(rows, keys, strict=True):
             lang = "en" if lang_key is None else str(row[lang_key])
             ex.append(
                 Example(
@@ -314,7 +400,9 @@ def build_examples(
                     row["test_case_prompt"],
                     _labels(),
                     "cyberseceval_system_prompts",
-                    "csesys:" + key,
+                    # By text: one system prompt serves many cases (78 of 153 held-out ones were
+                    # copies of training ones when they went with their case's group).
+                    "csesys:" + (key if split == 1 else _text_key(row["test_case_prompt"])),
                     lang,
                     "system_prompts",
                 )
@@ -437,8 +525,10 @@ def build_examples(
         for i, row in enumerate(_jsonl(f)):
             t0.append((f.stem, _text(_at(f, i), row, "prompt")))
     rng.shuffle(t0)
+    datasets = _t0_datasets(sorted({fam for fam, _ in t0}))
     for i, (fam, text) in enumerate(t0[:t0_sample]):
-        ex.append(Example(text, _labels(), "t0", f"t0:{fam}:{i % 3}", "en", "t0_prompts"))
+        group = f"t0:{fam}:{i % 3}" if split == 1 else f"t0:{datasets[fam]}"
+        ex.append(Example(text, _labels(), "t0", group, "en", "t0_prompts"))
     for name in ("self_instruct_seed_tasks.jsonl", "self_instruct_user_oriented_instructions.jsonl"):
         path = corpus / name
         for i, row in enumerate(_jsonl(path)):

@@ -30,6 +30,8 @@ from .dataset import (
     MASK,
     NEG,
     POS,
+    SPLIT_CARDS,
+    SPLIT_VERSION,
     Example,
     build_examples,
     is_heldout,
@@ -64,6 +66,7 @@ class TrainConfig:
     out_dir: Path
     cache_dir: Path = Path("runs/guard_cache")
     seed: int = 0
+    split: int = SPLIT_VERSION  # the grouping rules (dataset.SPLIT_VERSION); recorded in the manifest
     hidden: int = 256
     epochs: int = 60
     lr: float = 2e-3
@@ -667,6 +670,7 @@ def split_examples(cfg: TrainConfig) -> tuple[list[Example], list[str]]:
         long_docs=cfg.long_docs,
         diluted=cfg.diluted,
         hard_negative_weight=cfg.hard_negative_weight,
+        split=cfg.split,
     )
     examples = limit_examples(examples, cfg.limit)
     cfg.log(f"{len(examples)} examples from {cfg.data_dir}")
@@ -733,6 +737,7 @@ def write_artifacts(
         "(STEWARD_GUARD_PRECISION); agreement with fp32 in metrics.json['precision']",
         "train": {
             "seed": cfg.seed,
+            "split": cfg.split,
             "hidden": cfg.hidden,
             "hard_negative_weight": cfg.hard_negative_weight,
             "synth_per_template": cfg.synth_per_template,
@@ -786,7 +791,7 @@ def write_artifacts(
         "weights": "hard negatives (wildguard_benign, multilingual_benign, multilingual_chat, everyday, "
         "self_instruct, look-alikes, synth benign) weigh "
         f"{cfg.hard_negative_weight}x in the loss; positives balanced per label (pos_weight <= 20)",
-        "split": "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train",
+        "split": SPLIT_CARDS[cfg.split],
         "examples_by_source": counts,
         "trained": (
             f"encoder blocks {top_layers} fine-tuned with the head (bottom blocks: the published "
