@@ -81,3 +81,13 @@ def test_the_gateway_hashes_with_its_own_secret_key(hgw: tuple[Running, Path]) -
     secret = (data / "keys" / HASH_KEY_FILE).read_bytes()
     assert EMAIL not in seen and f"<EMAIL_ADDRESS:{_token(secret, EMAIL)}>" in seen, seen
     assert _token(b"steward", EMAIL) not in seen
+
+
+def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    load_hash_key(tmp_path / "keys")
+    path = tmp_path / "keys" / HASH_KEY_FILE
+    assert stat.S_IMODE(os.stat(tmp_path / "keys").st_mode) == 0o700
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="readable by others"):
+        load_hash_key(tmp_path / "keys")
+    assert not [p for p in (tmp_path / "keys").iterdir() if p.name.startswith(".")]  # no temporary left

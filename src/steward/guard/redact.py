@@ -12,12 +12,12 @@ yet the same value hashes the same across requests and restarts. Without a key (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import re
 import secrets
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
@@ -30,22 +30,33 @@ _PROCESS_HASH_KEY = secrets.token_bytes(32)
 
 def load_hash_key(keys_dir: Path) -> bytes:
     """The deployment's hash-redaction key in `keys_dir`, created (32 random bytes, mode 0600) if
-    missing. Created exclusively: two workers starting at once read the one that won."""
-    path = Path(keys_dir) / HASH_KEY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-    for _ in range(100):  # the winner may be between its open and its write
-        key = path.read_bytes()
-        if len(key) >= 32:
-            return key
-        time.sleep(0.01)
-    raise ValueError(f"{path}: the hash-redaction key must be at least 32 bytes")
+    missing. Written whole to a private temporary file, synced, then linked into place, so that the
+    file exists only complete (a crash never leaves an empty key behind) and two workers starting at
+    once both read the one that won. A key file others can read is refused, as the audit keys are."""
+    keys_dir = Path(keys_dir)
+    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = keys_dir / HASH_KEY_FILE
+    if not path.exists():
+        tmp = keys_dir / f".{HASH_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):  # another worker's key won
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(
+            f"{path}: the hash-redaction key is readable by others (mode {mode:o}); chmod 600 it"
+        )
+    key = path.read_bytes()
+    if len(key) < 32:
+        raise ValueError(f"{path}: the hash-redaction key must be at least 32 bytes")
+    return key
 
 
 __all__ = ["RESTORABLE", "RedactionMode", "Vault", "placeholder_hold", "redact", "redact_many"]
