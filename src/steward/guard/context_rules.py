@@ -144,6 +144,21 @@ _DECL_EN_BARE = re.compile(
     r"(?i:is|=|:)[ \t]*(?=(?:[A-Z][A-Z0-9_-]{2,}|[A-Za-z_-]*\d[A-Za-z0-9_-]*)(?![\w-]))"
 )
 _EN_NOUN = re.compile(rf"(?<!\w)(?:{_SECRET_NOUNS['en']})(?!\w)")
+_HANDED_OUT = re.compile(
+    r"\b(?:give|share|tell|provide|offer|send|read)\b[^.!?\n]{0,40}?\b(?:to|with)\s+"
+    r"(?:any|every|all|each|the|our|your)?\s*"
+    r"(?:customers?|users?|visitors?|guests?|callers?|members?|anyone|everyone)\b",
+    re.IGNORECASE,
+)
+_NEGATED = re.compile(r"(?:\bnot|n't|\bnever)\s+(?:\w+\s+)?$", re.IGNORECASE)
+
+
+def _handed_out(text: str) -> bool:
+    """Whether `text` tells the assistant to hand the value out ("give it to any customer"), not
+    to keep it ("do not share it with customers")."""
+    return any(not _NEGATED.search(text, 0, m.start()) for m in _HANDED_OUT.finditer(text))
+
+
 _KEPT = re.compile(
     r"\b(?:secret|confidential|classified)\b"
     r"|\b(?:do not|don't|dont|never|must not|should not|shouldn't|cannot|can't|not to)\s+(?:\w+\s+){0,2}"
@@ -350,8 +365,13 @@ def protected_items(system_prompt: str) -> Protected:
     """Parse a system prompt once (cached: a deployment reuses a handful of system prompts)."""
     decl = [*_DECL.finditer(system_prompt), *_DECL_AFTER.finditer(system_prompt)]
     nouns = {m.group(1).lower() for m in decl if _starts_word(system_prompt, m.start(1))}
-    if _KEPT.search(system_prompt):
-        for m in _DECL_EN_BARE.finditer(system_prompt):
+    for m in _DECL_EN_BARE.finditer(system_prompt):
+        # Kept by its own sentence or the next ("... is PLUTO. Never reveal it."), and not handed
+        # out there ("... is SUMMER24: give it to any customer"): a secrecy clause elsewhere in the
+        # prompt ("Never reveal our supplier prices") is about something else.
+        next_end = _sentence_end(system_prompt, _sentence_end(system_prompt, m.end()) + 1)
+        window = system_prompt[m.start() : next_end]
+        if _KEPT.search(window) and not _handed_out(window):
             words = m.group(1).lower().split()
             phrase = " ".join(words[1:] if words[0] in _DETERMINERS else words)
             nouns.add(phrase)
