@@ -4,8 +4,10 @@ Message fields besides the text parts (`name`, parts of other types, extra keys 
 earlier assistant turn's `refusal`/`reasoning_content`, object-valued and `custom` tool calls) and
 request fields (tool definitions, `response_format` schemas, `prediction`, fields the gateway has no
 name for, such as vLLM's RAG `documents`) are scanned in the same batch as the turns, redacted in
-what goes upstream, and named in the trace. A request in which nothing could be scanned is refused
-under a fail-closed policy. Each test checks what the upstream actually received.
+what goes upstream, and named in the trace. Media parts are never scanned as text (only a caption or
+transcript on them is); a media-only request is allowed, and the trace counts the media parts. A text
+that could not be scanned is refused under a fail-closed policy. Each test checks what the upstream
+actually received.
 """
 
 from __future__ import annotations
@@ -261,15 +263,34 @@ def test_fields_the_model_does_not_read_go_as_they_are(gw: Any, up: ScriptedUpst
     assert "stop" not in input_verdict(gw)["fields"]
 
 
-def test_a_request_with_nothing_to_scan_is_refused_under_fail_closed(gw: Any, up: ScriptedUpstream) -> None:
+def test_a_media_only_request_is_allowed_and_the_trace_counts_its_media(
+    gw: Any, up: ScriptedUpstream
+) -> None:
+    """An image-only turn is judged like one with text (media is never scanned, whatever else the
+    request holds): allowed under a fail-closed policy, reported as not scanned, and the trace
+    counts the media parts it did not read."""
     image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
     before = len(up.seen)
-    r = send(gw, {"messages": [{"role": "user", "content": [image]}]})
+    r = send(gw, {"messages": [{"role": "user", "content": [image, image]}]})
+    assert r.status_code == 200, r.text
+    assert forwarded(up, before) is not None
+    v = input_verdict(gw)
+    assert v["scanned"] is False and v["media_unscanned"] == 2 and v["fields"] == []
+    r = send(
+        gw, {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]}
+    )
+    assert r.status_code == 200 and input_verdict(gw)["media_unscanned"] == 1
+    assert input_verdict(gw)["scanned"] is True
+    r = send(gw, {"messages": [USER]})
+    assert input_verdict(gw)["media_unscanned"] == 0
+
+
+def test_a_text_over_the_scan_limit_is_still_refused_under_fail_closed(gw: Any, up: ScriptedUpstream) -> None:
+    """The fail-closed refusal stays for texts that could not be scanned."""
+    before = len(up.seen)
+    r = send(gw, {"messages": [{"role": "user", "content": "word " * 50_000}]})
     assert r.status_code == 400 and forwarded(up, before) is None
     assert "not scanned" in r.json()["error"]["message"]
-    assert input_verdict(gw)["scanned"] is False
-    r = send(gw, {"messages": [{"role": "user", "content": [image]}]}, tenant="watch")  # fail_closed: false
-    assert r.status_code == 200 and forwarded(up, before) is not None
 
 
 @pytest.mark.parametrize("value", [SECRET, ATTACK])
@@ -381,3 +402,117 @@ def test_extra_fields_are_scanned_in_the_same_encoder_pass(gw: Any, up: Scripted
         assert send(gw, body).status_code == 200
         passes.append(model.encoder_calls - before)
     assert passes[2] == passes[3], passes
+
+
+B64 = "QUJD" * 1000  # 4 kB of base64 that reads as noise
+MEDIA_PARTS = [
+    {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + "UklGR" * 32_000}},  # 160 kB
+    {"type": "image_embeds", "image_embeds": B64},
+    {"type": "video_url", "video_url": {"url": "https://example.com/clip.mp4"}},
+    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": B64}},
+    {"type": "input_audio", "input_audio": {"data": B64, "format": "wav"}},
+    {"type": "file", "file": {"file_data": "data:application/pdf;base64," + B64, "filename": "a.pdf"}},
+]
+
+
+@pytest.mark.parametrize("part", MEDIA_PARTS, ids=[p["type"] for p in MEDIA_PARTS])
+def test_a_media_part_is_not_scanned_as_text(gw: Any, up: ScriptedUpstream, part: dict[str, Any]) -> None:
+    """A content part whose type is not a text type is media: its payload (data URL, base64, URL) is
+    neither scanned (noise scored as an attack) nor size-limited, and goes upstream as written."""
+    before = len(up.seen)
+    r = send(
+        gw, {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]}
+    )
+    assert r.status_code == 200, r.text
+    got = forwarded(up, before)
+    assert got is not None and got["messages"][0]["content"][1] == part
+
+
+def test_a_caption_on_a_media_part_is_still_scanned(gw: Any, up: ScriptedUpstream) -> None:
+    part = {"type": "image", "source": {"type": "base64", "data": B64}, "caption": SECRET}
+    before = len(up.seen)
+    r = send(gw, {"messages": [{"role": "user", "content": [part]}]})
+    assert r.status_code == 200, r.text
+    got = forwarded(up, before)
+    assert got is not None
+    sent = got["messages"][0]["content"][0]
+    assert sent["source"]["data"] == B64 and EMAIL not in sent["caption"] and AWS not in sent["caption"]
+    r = send(gw, {"messages": [{"role": "user", "content": [{**part, "caption": ATTACK}]}]})
+    assert r.status_code == 400
+
+
+INBOXES = ["billing@acme.com", "support@acme.com"]
+
+
+def test_a_tool_schema_value_is_restored_in_the_tool_call(gw: Any, up: ScriptedUpstream) -> None:
+    """PII in the caller's own tool schema is pseudonymised upstream, and the model's call that
+    copies an enum member gets the caller's value back (the call goes to the caller's own code);
+    the answer's content does not (as with a system prompt's values)."""
+    schema = {"type": "object", "properties": {"inbox": {"type": "string", "enum": INBOXES}}}
+    tool = {"type": "function", "function": {"name": "route", "parameters": schema, "strict": True}}
+
+    def script(body: dict[str, Any]) -> dict[str, Any]:
+        enum = body["tools"][0]["function"]["parameters"]["properties"]["inbox"]["enum"]
+        call = {
+            "id": "t1",
+            "type": "function",
+            "function": {"name": "route", "arguments": json.dumps({"inbox": enum[0]})},
+        }
+        out = answer(f"routing to {enum[1]}")
+        out["choices"][0]["message"]["tool_calls"] = [call]
+        return out
+
+    saved, up.script = up.script, script
+    try:
+        before = len(up.seen)
+        r = send(
+            gw,
+            {"messages": [{"role": "user", "content": "Please route my invoice ticket."}], "tools": [tool]},
+        )
+    finally:
+        up.script = saved
+    assert r.status_code == 200, r.text
+    got = forwarded(up, before)
+    assert got is not None and not set(INBOXES) & set(
+        got["tools"][0]["function"]["parameters"]["properties"]["inbox"]["enum"]
+    )
+    msg = r.json()["choices"][0]["message"]
+    assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"inbox": INBOXES[0]}
+    assert INBOXES[1] not in msg["content"]
+
+
+def test_names_and_control_fields_never_reach_the_classifier(
+    gw: Any, up: ScriptedUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message `name` is an identifier, read for PII and secrets only, and `reasoning` is a
+    sampling switch, not read at all: neither is a classifier document (one word would send the
+    request through the multilingual reader as well, tripling its latency)."""
+    from steward.guard.classifier import get_guard_model
+
+    model = get_guard_model()
+    texts: list[str] = []
+    real = model.score_documents
+
+    def spy(docs: list[Any]) -> None:
+        texts.extend(d.text for d in docs)
+        real(docs)
+
+    monkeypatch.setattr(model, "score_documents", spy)
+    body = {
+        "messages": [{"role": "user", "name": "alice", "content": "Hello there."}],
+        "reasoning": {"effort": "high"},
+        "reasoning_effort": "high",
+        "service_tier": "flex",
+    }
+    before = len(up.seen)
+    r = send(gw, body)
+    assert r.status_code == 200, r.text
+    assert "alice" not in texts and "high" not in texts and not any("effort" in t for t in texts), texts
+    got = forwarded(up, before)
+    assert got is not None and got["reasoning"] == {"effort": "high"}
+    assert (
+        "messages[0].name" in input_verdict(gw)["fields"] and "reasoning" not in input_verdict(gw)["fields"]
+    )
+    r = send(gw, {"messages": [{"role": "user", "name": AWS, "content": "Hello there."}]})
+    got = forwarded(up, before + 1)
+    assert r.status_code == 200 and got is not None and AWS not in json.dumps(got)

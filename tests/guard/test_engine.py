@@ -557,13 +557,30 @@ def test_a_duplicate_key_in_arguments_is_scanned_and_kept() -> None:
     assert sent == '{"q": "key [AWS_ACCESS_KEY]", "q": "weather"}'
 
 
-def test_a_request_with_no_text_to_scan_fails_closed() -> None:
+def test_a_media_only_request_is_allowed_unscanned() -> None:
+    """Media is never scanned, whatever else the request holds: a media-only turn is allowed under
+    a fail-closed policy (reported as not scanned), and its parts are named by `media_parts`."""
+    from steward.guard.pipeline import media_parts
+
     image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
-    v = Pipeline(PATTERN_POLICY).scan_messages([{"role": "user", "content": [image]}])
-    assert v.blocked and not v.scanned and "request.input" in v.errors
-    lenient = {
-        "version": 1,
-        "policies": {"default": {**PATTERN_POLICY["policies"]["default"], "fail_closed": False}},
-    }
-    v = Pipeline(lenient).scan_messages([{"role": "user", "content": [image]}])
-    assert v.action is Action.ALLOW and not v.scanned
+    audio = {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + "QUJD" * 60_000}}
+    messages = [{"role": "user", "content": [image, audio]}]
+    v = Pipeline(PATTERN_POLICY).scan_messages(messages)
+    assert v.action is Action.ALLOW and not v.scanned and not v.errors
+    assert media_parts(messages) == ["messages[0].content[0]", "messages[0].content[1]"]
+
+
+def test_a_text_over_the_scan_limit_still_fails_closed() -> None:
+    v = Pipeline(PATTERN_POLICY).scan_messages([{"role": "user", "content": "a " * 150_000}])
+    assert v.blocked and not v.scanned
+
+
+def test_a_message_name_is_read_for_pii_only_and_keeps_the_turns_origin() -> None:
+    """A `name` is scanned as system text (PII and secrets, no classifier), but a value
+    pseudonymised from a user turn's name is the user's, restored in the answer."""
+    p = Pipeline()
+    msg = {"role": "user", "name": "jane.doe@example.org", "content": "Hi."}
+    v = p.scan_messages([msg])
+    assert v.action is Action.REDACT and v.messages is not None and v.vault is not None
+    token = v.messages[0]["name"]
+    assert "example.org" not in token and v.vault.restore(token) == "jane.doe@example.org"

@@ -271,3 +271,16 @@ def test_masked_keys_of_history_arguments_never_collapse_into_one() -> None:
     got = json.loads(written)
     assert sorted(got["keys"].values()) == ["dev", "prod"] and "AKIA" not in json.dumps(got)
     assert got["s"] == "\ud83d" and written.encode("utf-8")  # the lone surrogate stays an escape
+
+
+def test_schema_values_are_restored_only_where_asked() -> None:
+    """A value of the caller's tool schema (origin "schema") comes back in tool-call arguments
+    (`CALL_RESTORABLE`), not in an answer's content (the default)."""
+    from steward.guard.redact import CALL_RESTORABLE
+
+    v = Vault()
+    token = v.pseudonym("EMAIL_ADDRESS", "billing@acme.com", "schema")
+    secret = v.pseudonym("EMAIL_ADDRESS", "ops@acme.com", "system")
+    assert v.restore(token) == token
+    assert v.restore(token, CALL_RESTORABLE) == "billing@acme.com"
+    assert v.restore(secret, CALL_RESTORABLE) == secret

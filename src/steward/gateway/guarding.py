@@ -791,7 +791,7 @@ class Guard:
         scanned; redacts the body in place when the policy redacts. The trace's input entry lists
         every text scanned under `fields`."""
         from steward.guard import Action, ScanContext
-        from steward.guard.pipeline import content_text
+        from steward.guard.pipeline import content_text, media_parts
 
         self.bind(p)
         unscannable = route == "chat" and _asks_for_unscannable_output(body)
@@ -841,7 +841,10 @@ class Guard:
         if route != "chat":  # the prompts went in as one-turn messages: named as the caller sent them
             scanned = _prompt_labels(scanned, key, body)
         # What was scanned, by field: the verdict's `scanned` covers exactly these texts.
-        trace.guard.append({"stage": "input", **v.to_trace(), "fields": scanned})
+        # Media parts are never scanned (no text scanner reads an image): counted, so a trace with
+        # `scanned: true` still says the request held media the guard did not read.
+        media = len(media_parts(scan_msgs)) if route == "chat" else 0
+        trace.guard.append({"stage": "input", **v.to_trace(), "fields": scanned, "media_unscanned": media})
         trace.policy_version = f"{v.policy_name}@{v.policy_version[:12]}"
         if v.blocked:
             raise APIError(400, _blocked_message(v), code="content_policy_violation")
@@ -947,14 +950,17 @@ class Guard:
         were valid JSON, the field blocks: the client's tool cannot parse them, and unmasking is not
         an option."""
         from steward.guard import Action
+        from steward.guard.redact import CALL_RESTORABLE, RESTORABLE
 
         if json_text:
             literals = _json_literals(text)
             if literals:
                 return await self._scan_json(text, literals, inp, leak_state)
         escape = json_escape if json_text else None
+        # Tool-call arguments go to the developer's code: values of its own schemas come back too.
+        origins = CALL_RESTORABLE if json_text else RESTORABLE
         v = await self.pipeline.scan_output(
-            text, inp.ctx, inp.vault, leak_state=leak_state, escape=escape, literal=json_text
+            text, inp.ctx, inp.vault, leak_state=leak_state, escape=escape, literal=json_text, origins=origins
         )
         report = v.to_trace()
         if v.blocked:
@@ -979,11 +985,14 @@ class Guard:
         scan gave, or the field blocks (a span that crossed leaves cannot be placed, and unmasking
         is not an option)."""
         from steward.guard import Action
+        from steward.guard.redact import CALL_RESTORABLE
 
         strings = [lit.value for lit in literals]
         joined = "\n".join(strings)
         ctx, vault = inp.ctx, inp.vault
-        v = await self.pipeline.scan_output(joined, ctx, vault, leak_state=leak_state, literal=True)
+        v = await self.pipeline.scan_output(
+            joined, ctx, vault, leak_state=leak_state, literal=True, origins=CALL_RESTORABLE
+        )
         report = v.to_trace()
         if v.blocked:
             return FieldScan(report, None, True)
@@ -1001,7 +1010,7 @@ class Guard:
             if same and lines[at:end] == shown_lines[at:end]:
                 new.append(one)
             else:
-                w = await self.pipeline.scan_output(one, ctx, vault, literal=True)
+                w = await self.pipeline.scan_output(one, ctx, vault, literal=True, origins=CALL_RESTORABLE)
                 if w.blocked:
                     new = []
                     break
@@ -1145,6 +1154,9 @@ NOT_READ = frozenset(
         "encoding_format",
         "dimensions",
         "reasoning_effort",
+        "reasoning",  # OpenRouter's {"effort": "high", "max_tokens": ..., "exclude": ...}
+        "include_reasoning",
+        "thinking",  # {"type": "enabled", "budget_tokens": ...}
         "verbosity",
         "modalities",
         "audio",  # a voice and a format; audio output itself is refused above
@@ -1164,6 +1176,14 @@ NOT_READ = frozenset(
         "prompt_cache_key",
         "store",
         "service_tier",
+        "request_id",  # vLLM's
+        # Server and routing switches (vLLM's decoding backend, OpenRouter's model fallbacks and
+        # provider preferences): which machinery answers, never text for the model.
+        "guided_decoding_backend",
+        "models",
+        "route",
+        "provider",
+        "transforms",
     }
 )
 """Top-level request fields whose strings no model reads as text. Every other field with a string
@@ -1193,6 +1213,10 @@ READ_AS: dict[str, Role] = {
 }
 """The role each known field the model reads is scanned as; a field not named here or in
 `NOT_READ` is read as a document."""
+SCHEMA_FIELDS: dict[str, str] = {"tools": "schema", "functions": "schema", "response_format": "schema"}
+"""Fields holding the caller's tool and response schemas: a value pseudonymised in them is restored
+in tool-call arguments (the model copies an `enum` member into a call for the developer's own code;
+see `redact.CALL_RESTORABLE`), never in an answer's content."""
 SPLIT = ("tools", "functions")
 """Lists whose items are scanned (and named in the trace) one by one: `tools[0]`, `tools[1]`."""
 
@@ -1212,9 +1236,10 @@ def _request_fields(body: dict[str, Any]) -> list[tuple[Any, Any, Any]]:
         label = key_label(name)  # an unknown field's name is the caller's text
         if name in SPLIT and isinstance(value, list):
             items = [(j, v) for j, v in enumerate(value) if _has_string(v)]
-            out += [(InputField(f"{label}[{j}]", v, role), value, j) for j, v in items]
+            origin = SCHEMA_FIELDS.get(name)
+            out += [(InputField(f"{label}[{j}]", v, role, origin=origin), value, j) for j, v in items]
         else:
-            out.append((InputField(label, value, role), body, name))
+            out.append((InputField(label, value, role, origin=SCHEMA_FIELDS.get(name)), body, name))
     return out
 
 

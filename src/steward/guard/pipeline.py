@@ -17,7 +17,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,7 @@ from .leak import STREAM_STATE_KEY
 from .normalize import MAX_DECODE_DEPTH, Document, normalise
 from .pii import QUASI
 from .policy import Policy, PolicySet, ScannerSpec, load_policy_set
-from .redact import _PROCESS_HASH_KEY, RedactionMode, Vault, placeholder_hold, redact_many
+from .redact import _PROCESS_HASH_KEY, RESTORABLE, RedactionMode, Vault, placeholder_hold, redact_many
 from .types import Action, Finding, Role, ScanContext, ScannerError, Span, Verdict, strongest
 
 __all__ = ["MAX_SCAN_CHARS", "InputField", "Pipeline", "StreamChunk", "StreamGuard", "content_text"]
@@ -56,6 +56,7 @@ class _Item:
     errors: dict[str, str] = field(default_factory=dict)
     modes: dict[int, RedactionMode] = field(default_factory=dict)
     cache: dict[str, Any] | None = None  # seeded into the document's cache (a stream's state)
+    origin: str | None = None  # the vault origin of its redacted values when not `ctx.role`
 
 
 @dataclass(slots=True)
@@ -70,6 +71,7 @@ class InputField:
     value: Any
     role: Role
     redacted: Any = None
+    origin: str | None = None  # the vault origin of its values when not `role` ("schema")
 
 
 PartKind = Literal["content", "text", "arguments", "field"]
@@ -87,6 +89,7 @@ class _Part:
     message: int | None
     kind: PartKind
     path: tuple[Any, ...] = ()
+    origin: str | None = None  # the vault origin of its values when not `ctx.role`
 
 
 class Pipeline:
@@ -278,7 +281,9 @@ class Pipeline:
         if action is Action.REDACT:
             vault = vault if vault is not None else Vault()
             todo = [(f, it.modes[id(f)]) for f in it.findings if f.action is Action.REDACT]
-            verdict.text = redact_many(it.text, todo, vault, self.hash_key, _origin(direction, it.ctx))
+            verdict.text = redact_many(
+                it.text, todo, vault, self.hash_key, it.origin or _origin(direction, it.ctx)
+            )
             verdict.vault = vault
         return verdict
 
@@ -302,8 +307,10 @@ class Pipeline:
         `InputField`), scanned in the same encoder batch; a field of role "document" under
         `documents: false` is still read for PII and secrets (as "system"): it goes upstream all
         the same. `scanned`, when given, gets the label of every text scanned (for the trace).
-        A request in which nothing could be scanned is blocked when the policy fails closed and has
-        input scanners: an image-only turn, or text only in a place no scanner reads.
+        Media parts (`is_media_part`) are not scanned, whatever else the request holds: a request of
+        media only is judged like one with text (allowed unless a text blocks), with `scanned` false;
+        `media_parts` names them for the trace. A fail-closed policy blocks only on a text that
+        could not be scanned (a scanner error, a text over the size limit).
 
         Returns one verdict for the request; finding offsets are into the text named by
         `Finding.message` (text parts of one message are joined by newlines first) and the part's
@@ -336,7 +343,15 @@ class Pipeline:
             for path, kind in _message_texts(msg):
                 value = _get_path(msg, path)
                 found = _arguments_text(value) if kind == "arguments" else str(value)
-                parts.append(_Part(f"messages[{i}]{_path_label(path)}", found, mctx, i, kind, path))
+                label = f"messages[{i}]{_path_label(path)}"
+                if path == ("name",):
+                    # An identifier (OpenAI: ^[a-zA-Z0-9_-]{1,64}$), not prose: read for PII and
+                    # secrets like system text, so one word never costs a classifier pass (the
+                    # language router takes any single word for another language); its values
+                    # keep the turn's origin.
+                    parts.append(_Part(label, found, replace(mctx, role="system"), i, kind, path, mctx.role))
+                else:
+                    parts.append(_Part(label, found, mctx, i, kind, path))
         for n, fld in enumerate(fields):
             strings = _json_strings(fld.value)
             if not strings:
@@ -348,7 +363,7 @@ class Pipeline:
         # One vault for the request; each value remembers the role it came from, and only values
         # of user turns are restored in the answer (see `Vault`).
         vault = Vault()
-        items = [_Item(p.text, p.ctx) for p in parts]
+        items = [_Item(p.text, p.ctx, origin=p.origin) for p in parts]
         per_part = self._run(items, "input", [vault] * len(items))
         findings: list[Finding] = []
         latency: dict[str, float] = {}
@@ -369,9 +384,10 @@ class Pipeline:
             if v.text is None:
                 continue
             todo = [(f, it.modes[id(f)]) for f in v.findings if f.action is Action.REDACT]
-            origin = p.ctx.role
+            origin = p.origin or p.ctx.role
             if p.kind == "field":
                 fld = fields[p.path[0]]
+                origin = fld.origin or origin
                 fld.redacted = _redact_value(fld.value, todo, vault, self.hash_key, origin)
             elif p.kind == "arguments":
                 args = _get_path(messages[p.message or 0], p.path)
@@ -387,11 +403,6 @@ class Pipeline:
                 else:
                     out_messages[i]["content"] = v.text
         action = strongest([v.action for v in per_part])
-        if not parts and pol.input and pol.fail_closed:
-            # Nothing the scanners can read: never reported as scanned, and not let through on a
-            # policy that fails closed (the model still gets whatever the request holds).
-            errors["request.input"] = "the request holds no text the input policy can scan"
-            action = Action.BLOCK
         return Verdict(
             direction="input",
             action=action,
@@ -416,13 +427,15 @@ class Pipeline:
         leak_state: dict[Any, Any] | None = None,
         escape: Callable[[str], str] | None = None,
         literal: bool = False,
+        origins: Iterable[str] = RESTORABLE,
     ) -> Verdict:
         """Scan an answer; redact per policy, then restore the request's pseudonyms for the caller
         (only values of the caller's own user turns: see `Vault`), each value passed through
         `escape` when given (JSON-escaping for tool-call arguments). Parts of one answer scanned
         separately (content, tool-call arguments) may pass one `leak_state` dict, so their
         system-prompt overlap adds up. `literal`: the text is not markdown (JSON arguments, or
-        their decoded strings), so `Vault.restore` keeps a backslash before a token."""
+        their decoded strings), so `Vault.restore` keeps a backslash before a token. `origins`: whose
+        values are restored (tool-call arguments also get the caller's schemas': `CALL_RESTORABLE`)."""
         ctx = ctx or ScanContext()
         _, pol = self.policy_for(ctx)
         # Pseudonyms of the answer's own PII go into the request's vault (so their tokens never
@@ -432,7 +445,7 @@ class Pipeline:
         if verdict.action is not Action.BLOCK:
             shown = verdict.text if verdict.text is not None else text
             if vault is not None and pol.restore_pseudonyms:
-                shown = vault.restore(shown, escape=escape, literal=literal)
+                shown = vault.restore(shown, escape=escape, literal=literal, origins=origins)
             verdict.text = shown
         return verdict
 
@@ -456,11 +469,19 @@ class Pipeline:
         leak_state: dict[Any, Any] | None = None,
         escape: Callable[[str], str] | None = None,
         literal: bool = False,
+        origins: Iterable[str] = RESTORABLE,
     ) -> Verdict:
         """`finish_output` off the event loop; `verdict.text` is what the caller may see."""
         return await asyncio.to_thread(
             functools.partial(
-                self.finish_output, text, ctx, vault, leak_state=leak_state, escape=escape, literal=literal
+                self.finish_output,
+                text,
+                ctx,
+                vault,
+                leak_state=leak_state,
+                escape=escape,
+                literal=literal,
+                origins=origins,
             )
         )
 
@@ -486,6 +507,17 @@ def content_text(content: Any) -> str | None:
     return None
 
 
+def media_parts(messages: Sequence[Any]) -> list[str]:
+    """The labels (`messages[0].content[1]`) of the media parts of a message list: what the input
+    scan leaves unread (see `is_media_part`)."""
+    out = []
+    for i, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            out += [f"messages[{i}].content[{k}]" for k, part in enumerate(content) if is_media_part(part)]
+    return out
+
+
 def _origin(direction: Direction, ctx: ScanContext) -> str:
     """The vault origin of a value redacted from a text: the turn's role, or "output"."""
     return "output" if direction == "output" else ctx.role
@@ -498,12 +530,44 @@ _MESSAGE_META = frozenset(
     {"role", "content", "tool_calls", "function_call", "tool_call_id", "id", "type", "index"}
 )
 _CALL_META = frozenset({"id", "type", "index"})
-# Content parts no text scanner can read (an image, audio, a file): the model reads the media, not
-# the URL or the base64, so these are not scanned (a request of nothing else is then unscanned, and
-# a fail-closed policy refuses it; see `Pipeline.scan_messages`).
+# Media keys on a part without a `type` (a typed part of a non-text type is media whatever its keys:
+# `is_media_part`): the model reads the media, not the URL or the base64, so these are not scanned.
 _MEDIA_KEYS = frozenset(
     {"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "video_url"}
 )
+
+
+TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "refusal"})
+"""Content part types whose strings are text the model reads. A part of any other `type`
+(`image_url`, vLLM's `audio_url`/`image_embeds`/`video_url`, an Anthropic-style `image` with a
+base64 `source`, `input_audio`, `file`, whatever a server accepts next) is media."""
+_CAPTION_KEYS = frozenset({"text", "transcript", "caption", "alt", "title"})
+"""Keys under a media part whose strings are text, not payload: a caption, alt text or title, an
+audio transcript. Everything else under a media part (data URLs, base64, URLs, file ids, formats,
+`detail`) is never scanned, so a media payload's size never blocks a request."""
+
+
+def is_media_part(part: Any) -> bool:
+    """A content part with a `type` that is not a text type (see `TEXT_PART_TYPES`)."""
+    if not isinstance(part, dict):
+        return False
+    kind = part.get("type")
+    return isinstance(kind, str) and kind not in TEXT_PART_TYPES
+
+
+def _caption_paths(value: Any, path: tuple[Any, ...], out: list[tuple[tuple[Any, ...], PartKind]]) -> None:
+    """The path of every non-empty string under a media part held by a caption key
+    (`_CAPTION_KEYS`), at any depth."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in _CAPTION_KEYS and isinstance(v, str):
+                if v:
+                    out.append(((*path, k), "text"))
+            else:
+                _caption_paths(v, (*path, k), out)
+    elif isinstance(value, list):
+        for j, v in enumerate(value):
+            _caption_paths(v, (*path, j), out)
 
 
 def _message_texts(msg: dict[str, Any]) -> list[tuple[tuple[Any, ...], PartKind]]:
@@ -519,6 +583,11 @@ def _message_texts(msg: dict[str, Any]) -> list[tuple[tuple[Any, ...], PartKind]
         for k, part in enumerate(content):
             if not isinstance(part, dict):
                 _string_paths(part, ("content", k), out)
+                continue
+            if is_media_part(part):
+                # The model reads the media, not its URL, base64 or id: only a caption or
+                # transcript riding on the part is text.
+                _caption_paths(part, ("content", k), out)
                 continue
             for pk, pv in part.items():
                 if pk == "type" or pk in _MEDIA_KEYS or (pk == "text" and part.get("type") == "text"):

@@ -59,7 +59,15 @@ def load_hash_key(keys_dir: Path) -> bytes:
     return key
 
 
-__all__ = ["RESTORABLE", "RedactionMode", "Vault", "placeholder_hold", "redact", "redact_many"]
+__all__ = [
+    "CALL_RESTORABLE",
+    "RESTORABLE",
+    "RedactionMode",
+    "Vault",
+    "placeholder_hold",
+    "redact",
+    "redact_many",
+]
 
 RedactionMode = Literal["pseudonym", "mask", "hash"]
 
@@ -82,6 +90,12 @@ _LITERAL_PLACEHOLDER = re.compile(
 )
 # The roles whose values `Vault.restore` gives back by default: the caller's own turns.
 RESTORABLE: frozenset[str] = frozenset({"user"})
+# ...and in tool-call arguments: the caller's turns and the caller's own tool and response schemas
+# (origin "schema"). A schema's values (an `enum` of team inboxes) are what the model must write
+# back into a call, and the call goes to the developer's own code, which wrote the schema: a
+# pseudonym left there is a value outside the tool's own enum. They are never restored in an
+# answer's content, which may reach an end user (as system-prompt values never are).
+CALL_RESTORABLE: frozenset[str] = frozenset({"user", "schema"})
 
 
 def _key(name: str, num: str) -> tuple[str, int]:
@@ -106,6 +120,8 @@ class Vault:
     pseudonym of system-prompt or document PII (another customer's record in a RAG document, an
     escalation contact in the system prompt) stays a placeholder in the answer, whether the model
     chose to write it or the user forged it. A value typed by the user as well is the user's.
+    Values of the caller's tool and response schemas (origin "schema") are restored only in
+    tool-call arguments (`CALL_RESTORABLE`).
 
     Tokens are predictable (`<PERSON_1>`) on purpose. The model must copy them back exactly for
     restore to work, and models mangle random suffixes (`<PERSON_1_k3f9>` comes back re-cased,
