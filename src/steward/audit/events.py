@@ -18,12 +18,13 @@ the auditors of both see it and can prove it. The principal always names who act
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from steward.surrogates import escape_surrogates
 
 LEAF_VERSION = 1
 PAYLOAD_ALG = "A256GCM"
@@ -35,20 +36,14 @@ class EventError(ValueError):
     """An event cannot be encoded, or stored leaf bytes do not parse as an event."""
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def canonical_json(value: JSON) -> bytes:
     try:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise EventError(f"event is not canonical JSON: {exc}") from None
-    if _SURROGATE.search(text):
-        # A lone surrogate (broken Unicode an upstream sent, kept in a payload) can only sit inside
-        # a string; written as its \u escape the text is UTF-8, parses back to the same value and
-        # encodes to the same bytes again, so a request never loses its record over it.
-        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-    return text.encode("utf-8")
+    # A lone surrogate (broken Unicode an upstream sent, kept in a payload) is written as its
+    # escape, so a request never loses its record over it.
+    return escape_surrogates(text).encode("utf-8")
 
 
 def new_event_id() -> str:

@@ -54,7 +54,6 @@ import json
 import logging
 import math
 import random
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -66,6 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from steward.backends.base import JSON, BackendError, Call, ErrorType, ModelInfo
 from steward.backends.resilience import CircuitBreaker, FallbackChain
+from steward.surrogates import scrub_surrogates
 
 log = logging.getLogger("steward.backends.openai")
 
@@ -694,27 +694,10 @@ def _loads_object(raw: bytes | bytearray) -> JSON | None:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         try:  # what orjson refuses but JSON parsers commonly accept: NaN, integers beyond 64 bits
-            value = _scrub_surrogates(json.loads(raw))
+            value = scrub_surrogates(json.loads(raw))
         except (ValueError, RecursionError):
             return None
     return value if isinstance(value, dict) else None
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _scrub_surrogates(value: Any) -> Any:
-    """`value` with every lone surrogate in its strings replaced by U+FFFD. The standard library
-    decodes an escape like `"\\ud83d"` with no pair to a lone surrogate, which no UTF-8 encoder
-    takes: carried on, it would end the client's stream with a 500 and cost the request its audit
-    record. A text that lost a character is what any UTF-8 decoder makes of broken Unicode."""
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
-    if isinstance(value, list):
-        return [_scrub_surrogates(v) for v in value]
-    if isinstance(value, dict):
-        return {_scrub_surrogates(k): _scrub_surrogates(v) for k, v in value.items()}
-    return value
 
 
 def _content_bytes(content: Any) -> int:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from steward.gateway.errors import APIError
 from steward.gateway.keys import Principal
 from steward.gateway.trace import Trace
+from steward.surrogates import escape_surrogates
 
 if TYPE_CHECKING:
     from steward.guard.types import Role
@@ -166,31 +167,9 @@ def unscannable_report(i: Any, where: str) -> dict[str, Any]:
     }
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _escape_surrogates(text: str) -> str:
-    """JSON text with every lone surrogate (which only a string can hold) written as its `\\u`
-    escape: what a model wrote as `"\\ud83d"` stays that, never a raw surrogate, which no UTF-8
-    encoder (the event serialiser, the audit log) takes."""
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) if _SURROGATE.search(text) else text
-
-
 def json_dumps(value: Any) -> str:
     """`value` as JSON text: non-ASCII as it is, lone surrogates escaped."""
-    return _escape_surrogates(json.dumps(value, ensure_ascii=False))
-
-
-def scrub_surrogates(value: Any) -> Any:
-    """`value` with every lone surrogate in its strings (keys too) replaced by U+FFFD: broken
-    Unicode an upstream sent, made sendable."""
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, list):
-        return [scrub_surrogates(v) for v in value]
-    if isinstance(value, dict):
-        return {scrub_surrogates(k): scrub_surrogates(v) for k, v in value.items()}
-    return value
+    return escape_surrogates(json.dumps(value, ensure_ascii=False))
 
 
 def _slot_text(value: Any) -> str:

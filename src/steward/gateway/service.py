@@ -30,7 +30,6 @@ from steward.gateway.guarding import (
     generated_texts,
     merge_extra,
     merge_pieces,
-    scrub_surrogates,
 )
 from steward.gateway.keys import KeyStore, Principal, hash_key
 from steward.gateway.limits.base import (
@@ -46,6 +45,7 @@ from steward.gateway.settings import ModelRoute, Settings
 from steward.gateway.sse import EventStreamResponse
 from steward.gateway.trace import Trace
 from steward.store import StoreError
+from steward.surrogates import scrub_surrogates
 
 log = logging.getLogger("steward.gateway")
 

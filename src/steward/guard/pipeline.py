@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from steward.surrogates import escape_surrogates
+
 from .base import Registry, Scanner, default_registry
 from .classifier import ClassifierScanner
 from .leak import STREAM_STATE_KEY
@@ -39,7 +41,6 @@ MAX_SCAN_CHARS = 200_000  # longer texts are refused (fail-closed) rather than p
 # prompt_injection or jailbreak (the classifier, the rules, the context probe) would block the
 # operator's own bot; harmful and toxicity would fire on the content rules a system prompt states.
 _SYSTEM_ROLE_CATEGORIES = frozenset({"pii", "secrets"})
-_SURROGATE = re.compile("[\ud800-\udfff]")
 # The most a stream holds back to keep a run of non-space characters or an entity to redact whole,
 # and how far before the usual window start a window may begin (see StreamGuard).
 _HOLD_RUN = 4096
@@ -785,7 +786,7 @@ def _redact_arguments(
         text = _json_text(_redact_value(obj, todo, vault, hash_key, origin))
         # A lone surrogate the arguments wrote as an escape (`"\\ud83d"`) is decoded raw by the
         # parse: written back as its escape, never raw (no UTF-8 encoder takes it).
-        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+        return escape_surrogates(text)
     fixed = []
     for f, mode in todo:
         spans = []
