@@ -178,7 +178,10 @@ TEXT_ESCAPE_KINDS = frozenset({"percent", "entity", "escape"})
 def _decode_percent(run: str) -> str | None:
     from urllib.parse import unquote
 
-    decoded = unquote(run, errors="strict") if "%" in run else run
+    try:
+        decoded = unquote(run, errors="strict")
+    except UnicodeDecodeError:  # bytes that are not UTF-8: nothing readable was hidden
+        return None
     return decoded if decoded != run and _printable_ratio(decoded) >= 0.95 else None
 
 
@@ -192,17 +195,10 @@ def _decode_escapes(run: str) -> str | None:
     return decoded if decoded != run and _printable_ratio(decoded) >= 0.95 else None
 
 
-def _decode_percent_safe(run: str) -> str | None:
-    try:
-        return _decode_percent(run)
-    except UnicodeDecodeError:  # bytes that are not UTF-8: nothing readable was hidden
-        return None
-
-
 _DECODERS = (
     (_BASE64_RUN, _decode_base64, "base64", None),
     (_HEX_RUN, _decode_hex, "hex", None),
-    (_PERCENT_RUN, _decode_percent_safe, "percent", "%"),
+    (_PERCENT_RUN, _decode_percent, "percent", "%"),
     (_ENTITY_RUN, _decode_entities, "entity", "&"),
     (_ESCAPE_RUN, _decode_escapes, "escape", "\\"),
 )
