@@ -284,8 +284,13 @@ def head_split() -> int:
 
 
 def _pct(xs: list[float], q: float) -> float:
+    """The q-quantile, linearly interpolated between order statistics (numpy's default): with 50
+    runs, the 99th percentile lies between the two slowest, not at the slowest."""
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+    at = q * (len(xs) - 1)
+    lo = int(at)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (at - lo)
 
 
 def quality(peer_presidio: Path | None) -> None:
@@ -376,17 +381,12 @@ def pipeline_heldout() -> None:
     _pipeline_table(
         "without a system prompt (head + injection rules)", examples, [ScanContext()] * len(examples)
     )
-    inj = data / "guard" / "injection"
-    system_of: dict[str, str] = {}
-    for name in ("cyberseceval_prompt_injection.json", "cyberseceval_prompt_injection_multilingual.json"):
-        for row in json.loads((inj / name).read_text(encoding="utf-8")):
-            system_of.setdefault(row["user_input"], row["test_case_prompt"])
     protecting = sorted(
         {e.text for e in examples if e.source == "cyberseceval_system_prompts" and protected_items(e.text)}
     )
     rng = random.Random(0)
     contexts = [
-        ScanContext(system_prompt=system_of[e.text] if e.source == "cyberseceval" else rng.choice(protecting))
+        ScanContext(system_prompt=e.system_prompt if e.source == "cyberseceval" else rng.choice(protecting))
         for e in examples
     ]
     _pipeline_table(
@@ -513,6 +513,14 @@ def _pipeline_table(title: str, examples: list[Any], contexts: list[Any]) -> Non
         f"{k} {v['recall']:.2f} (n={v['n']})" for k, v in m["prompt_injection"]["recall_by_source"].items()
     )
     print(f"\nprompt_injection recall by source: {srcs}")
+    by_src = m["harmful"]["recall_by_source"]
+    srcs = ", ".join(f"{k} {v['recall']:.2f} (n={v['n']})" for k, v in by_src.items())
+    requests = {k: v for k, v in by_src.items() if not k.endswith("_answers")}
+    n = sum(v["n"] for v in requests.values())
+    caught = sum(round(v["recall"] * v["n"]) for v in requests.values())
+    print(f"harmful recall by source: {srcs}")
+    if n:  # the issue's target is on requests; answers (split version 3) are reported apart
+        print(f"harmful-request recall (answers left out): {caught}/{n} = {caught / n:.3f}")
     # Every benign set, not only the worst: a second set over its bound hides behind the first.
     for cat in ("prompt_injection+jailbreak", "harmful"):
         sets = m[cat]["fpr_by_benign_set"]

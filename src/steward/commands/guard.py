@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         cache: Path = typer.Option(Path("runs/guard_cache"), "--cache", help="embedding cache directory"),
         seed: int = typer.Option(0, "--seed"),
         split: int = typer.Option(
-            2, "--split", min=1, max=2, help="grouping rules of the split (guard.dataset.SPLIT_VERSION)"
+            3, "--split", min=1, max=3, help="grouping rules of the split (guard.dataset.SPLIT_VERSION)"
         ),
         epochs: int | None = typer.Option(
             None, "--epochs", min=1, help="passes over the data (default: 4 fine-tuning, 60 head only)"

@@ -28,10 +28,13 @@ import io
 import json
 import random
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .benign_everyday import EVERYDAY_REQUESTS
 from .benign_multilingual import BENIGN_MULTILINGUAL
@@ -39,7 +42,7 @@ from .benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
 from .classifier import HEAD_LABELS
 from .lookalikes import lookalikes
 from .normalize import normalise
-from .synth import benign_examples, hate_examples, injection_examples
+from .synth import benign_answer_examples, benign_examples, hate_examples, injection_examples
 
 __all__ = [
     "DILUTED_SOURCES",
@@ -102,6 +105,9 @@ class Example:
     # stays positive for evaluation; training may mask it (`TrainConfig.mask_context_only`), since a
     # reader of the user turn alone can only learn the topic ("recipes are attacks") from it.
     context_only: bool = False
+    # The system prompt a CyberSecEval attack was written against (evaluation reads the turn under
+    # it; one user turn can appear under several system prompts).
+    system_prompt: str = ""
 
     def __post_init__(self) -> None:
         if not self.model_text:
@@ -112,7 +118,7 @@ def _h(key: str, salt: str) -> int:
     return int(hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()[:8], 16)
 
 
-SPLIT_VERSION = 2
+SPLIT_VERSION = 3
 """The grouping rules new heads are trained with (`steward guard train --split`). A head's manifest
 records the version it was trained on (no record: 1), and evaluation rebuilds that version's split:
 measuring a head on another version's held-out set would count its own training texts.
@@ -123,7 +129,19 @@ not in the English order (162 of 235 held-out translated turns had a translation
 in training), 536 of 633 held-out T0 prompts came from prompt templates also trained on (their FPR
 0/536 hid that of unseen templates, 5/97), and 78 of 153 held-out system prompts were copies of
 training ones.
-2: a case with all its translations, a T0 dataset with all its templates, a system prompt by text."""
+2: a case with all its translations, a T0 dataset with all its templates, a system prompt by text.
+3: as 2, each pasted system prompt once (one served 48 cases and was counted 48 times), and
+near-duplicates by character 3-gram Jaccard >= 0.8 (`_near_duplicate_groups`) grouped
+among jailbreaks (renamed DAN clones straddled: 16 texts), among harmful requests across AdvBench,
+HarmBench and Do-Not-Answer (9 held-out texts had a one-word edit in training) and among Davidson
+tweets (retweet copies); the hand translations of the synthetic attacks one group (each language was
+its own); a BIPIA attack only in carriers from its own side of the split (49 of 75 held-out attacks
+sat in a training text). Version 3 also adds answer-shaped examples, so that the output check has
+answers to learn from (every harmful example was a request): AdvBench's targets ("Sure, here is a
+script that ...") as harmful answers in their request's group, and self-instruct's reference
+outputs as benign answers in theirs, and templated benign answers that open as the targets do
+(`synth.BENIGN_ANSWER_TEMPLATES`, one group per subject); answers are masked for the injection labels
+(they are not read for injection)."""
 SPLIT_CARDS = {
     1: "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train",
     2: (
@@ -132,7 +150,22 @@ SPLIT_CARDS = {
         "translations, a T0 dataset with all its prompt templates, a system prompt by its text, "
         "jailbreaks within 5-word-shingle Jaccard 0.8, a BIPIA attack family, a look-alike template"
     ),
+    3: (
+        "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train; a group "
+        "keeps near-duplicates on one side: a CyberSecEval case with its neighbours and all its "
+        "translations, a T0 dataset with all its prompt templates, a system prompt by its text "
+        "(each distinct text once), jailbreaks within 5-word-shingle or character-3-gram Jaccard "
+        "0.8, harmful requests (across sources) and Davidson tweets within character-3-gram "
+        "Jaccard 0.8, a BIPIA attack family (in carriers of its own side), the hand translations "
+        "of the synthetic attacks, a look-alike template; an AdvBench target with its request, a "
+        "self-instruct output with its instruction"
+    ),
 }
+
+
+def split_side(group: str) -> str:
+    """'test', 'val' or 'train': where a group falls."""
+    return "test" if is_heldout(group) else "val" if is_validation(group) else "train"
 
 
 def is_heldout(group: str) -> bool:
@@ -176,6 +209,51 @@ def _jaccard_groups(texts: Sequence[str], threshold: float = 0.8) -> list[int]:
             inter = len(a & b)
             if inter / (len(a) + len(b) - inter) >= threshold:
                 parent[find(i)] = find(j)
+    return [find(i) for i in range(len(texts))]
+
+
+def _char3(text: str) -> set[int]:
+    t = re.sub(r"\s+", " ", text.lower()).strip()
+    return {zlib.crc32(t[i : i + 3].encode()) for i in range(max(1, len(t) - 2))}
+
+
+def _near_duplicate_groups(texts: Sequence[str], threshold: float = 0.8) -> list[int]:
+    """Components of the 'character 3-gram Jaccard >= threshold' graph: renamed clones ("Lucys" vs
+    "Donalds" DAN), one-word edits of a short request ("Create / Generate a fake news article...")
+    and retweet copies, which 5-word shingles miss (a rename breaks every shingle it touches).
+
+    Candidates come from MinHash LSH (256 stable hashes in 32 bands of 8: a pair at 0.8 is a
+    candidate with probability 0.997) and each candidate's exact Jaccard decides; hashes are CRC-32
+    and a fixed-seed family, so the split does not depend on the process's hash seed."""
+    sets = [_char3(t[:3000]) for t in texts]
+    prime = np.uint64(4294967311)
+    gen = np.random.default_rng(20261205)
+    a = gen.integers(1, 2**31, size=256, dtype=np.uint64)
+    b = gen.integers(0, 2**31, size=256, dtype=np.uint64)
+    buckets: dict[tuple[int, bytes], list[int]] = {}
+    for i, s in enumerate(sets):
+        x = np.fromiter(s, dtype=np.uint64, count=len(s))
+        sig = ((x[:, None] * a[None, :] + b[None, :]) % prime).min(axis=0)
+        for band in range(32):
+            buckets.setdefault((band, sig[band * 8 : band * 8 + 8].tobytes()), []).append(i)
+    parent = list(range(len(texts)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    seen: set[tuple[int, int]] = set()
+    for members in buckets.values():
+        for k, i in enumerate(members):
+            for j in members[k + 1 :]:
+                if (i, j) in seen or find(i) == find(j):
+                    continue
+                seen.add((i, j))
+                inter = len(sets[i] & sets[j])
+                if inter / (len(sets[i]) + len(sets[j]) - inter) >= threshold:
+                    parent[find(i)] = find(j)
     return [find(i) for i in range(len(texts))]
 
 
@@ -363,6 +441,7 @@ def build_examples(
     # -- prompt injection ---------------------------------------------------------------------
     english: list[dict[str, Any]] = []
     english_keys: list[str] = []
+    system_seen: set[str] = set()
     for name, lang_key in (
         ("cyberseceval_prompt_injection.json", None),
         ("cyberseceval_prompt_injection_multilingual.json", "speaking_language"),
@@ -393,8 +472,15 @@ def build_examples(
                     key,
                     lang,
                     context_only=row.get("risk_category") == "logic-violating",
+                    system_prompt=row["test_case_prompt"],
                 )
             )
+            if split >= 3:
+                # Once per distinct text: one system prompt serves up to 48 cases, and its copies
+                # weighed 48 times in training and counted 48 times in a benign set's FPR.
+                if _text_key(row["test_case_prompt"]) in system_seen:
+                    continue
+                system_seen.add(_text_key(row["test_case_prompt"]))
             ex.append(
                 Example(
                     row["test_case_prompt"],
@@ -424,6 +510,11 @@ def build_examples(
     rng.shuffle(carriers)
     for cid, text in carriers[:1000]:
         ex.append(Example(text, _labels(), "bipia_clean", "bipiaclean:" + cid, "en", "bipia_contexts"))
+    # Version 3: an attack family's attacks sit in carriers from the family's own side of the split
+    # (in versions 1-2 a held-out attack could sit in a carrier trained on as benign text).
+    carriers_by_side: dict[str, list[tuple[str, str]]] = {}
+    for cid, text in carriers[:1000]:
+        carriers_by_side.setdefault(split_side("bipiaclean:" + cid), []).append((cid, text))
     attack_files = {
         fname: _attack_families(bipia / fname)
         for fname in ("text_attack_train.json", "code_attack_train.json")
@@ -431,9 +522,12 @@ def build_examples(
     ci = 0
     for families in attack_files.values():
         for family, attacks in families.items():
+            hosts = carriers
+            if split >= 3:
+                hosts = carriers_by_side.get(split_side(f"bipia:{family}")) or carriers
             for attack in attacks:
                 for _ in range(3):
-                    _, carrier = carriers[ci % len(carriers)]
+                    _, carrier = hosts[ci % len(hosts)]
                     ci += 1
                     cut = rng.randint(0, len(carrier))
                     cut = carrier.rfind("\n", 0, cut) + 1 if "\n" in carrier[:cut] else cut
@@ -456,7 +550,10 @@ def build_examples(
             str(t).replace("{generator.name}", "ChatGPT")
             for t in (data if isinstance(data, list) else [data])
         )
-    for text, comp in zip(jb, _jaccard_groups(jb), strict=True):
+    components = _jaccard_groups(jb)
+    if split >= 3:  # renamed clones: union with the character-3-gram components
+        components = _merge_components(components, _near_duplicate_groups(jb))
+    for text, comp in zip(jb, components, strict=True):
         ex.append(
             Example(
                 text,
@@ -469,13 +566,13 @@ def build_examples(
 
     # -- harmful (MLCommons AILuminate hazards; Do-Not-Answer advice/companionship files excluded) --
     harm = guard / "harmful"
-    for i, row in enumerate(_csv(harm / "advbench_harmful_behaviors.csv", ("goal",))):
-        ex.append(Example(row["goal"], _labels(harmful=POS, toxicity=MASK), "advbench", f"advbench:{i}"))
+    harmful: list[tuple[str, str, str]] = []  # (text, source, group by row)
+    advbench = _csv(harm / "advbench_harmful_behaviors.csv", ("goal", "target") if split >= 3 else ("goal",))
+    for i, row in enumerate(advbench):
+        harmful.append((row["goal"], "advbench", f"advbench:{i}"))
     for i, line in enumerate(_read(harm / "harmbench_prompts.txt").splitlines()):
         if line.strip():
-            ex.append(
-                Example(line.strip(), _labels(harmful=POS, toxicity=MASK), "harmbench", f"harmbench:{i}")
-            )
+            harmful.append((line.strip(), "harmbench", f"harmbench:{i}"))
     for name in (
         "malicious_uses",
         "information_hazard",
@@ -483,30 +580,45 @@ def build_examples(
     ):
         path = harm / "donotanswer" / f"{name}.jsonl"
         for i, row in enumerate(_jsonl(path)):
-            ex.append(
-                Example(
-                    _text(_at(path, i), row, "prompt"),
-                    _labels(harmful=POS, toxicity=MASK),
-                    "donotanswer",
-                    f"dna:{name}:{i}",
-                )
-            )
+            harmful.append((_text(_at(path, i), row, "prompt"), "donotanswer", f"dna:{name}:{i}"))
+    if split >= 3:  # one-word edits of a request across the three sources share a group
+        components = _near_duplicate_groups([t for t, _, _ in harmful])
+        harmful = [(t, src, f"harm:{c}") for (t, src, _), c in zip(harmful, components, strict=True)]
+    for text, src, group in harmful:
+        ex.append(Example(text, _labels(harmful=POS, toxicity=MASK), src, group))
+    if split >= 3:
+        # AdvBench's targets, the opening of a compliant answer, as harmful answers beside their
+        # request (a request and its answer on one side of the split).
+        for row, (_, _, group) in zip(advbench, harmful[: len(advbench)], strict=True):
+            if row["target"].strip():
+                answer = row["target"].strip()
+                ex.append(Example(answer, _labels(harmful=POS, toxicity=MASK), "advbench_answers", group))
 
     # -- toxicity ------------------------------------------------------------------------------
     dav_rows = _csv(guard / "toxicity" / "davidson_labeled_data.csv", ("", "class", "tweet"))
     offensive = [r for r in dav_rows if r["class"] == "1"]
     rng.shuffle(offensive)
     seen: set[str] = set()
+    tweets: list[tuple[str, dict[str, str]]] = []
     for r in [x for x in dav_rows if x["class"] != "1"] + offensive[:offensive_sample]:
         text = re.sub(r"\s+", " ", r["tweet"]).strip()
         if text in seen:
             continue
         seen.add(text)
+        tweets.append((text, r))
+    # Version 3: retweet copies and one-word edits share a group, compared on what the tweet says
+    # (handles, links and entities differ between copies: raw, copies scored 0.5 to 0.7).
+    dav_groups = (
+        [f"dav:c{c}" for c in _near_duplicate_groups([_tweet_core(t) for t, _ in tweets])]
+        if split >= 3
+        else [f"dav:{r['']}" for _, r in tweets]
+    )
+    for (text, r), group in zip(tweets, dav_groups, strict=True):
         if r["class"] == "2":
-            ex.append(Example(text, _labels(), "davidson_neither", f"dav:{r['']}", "en", "davidson_neither"))
+            ex.append(Example(text, _labels(), "davidson_neither", group, "en", "davidson_neither"))
         else:
             src = "davidson_hate" if r["class"] == "0" else "davidson_offensive"
-            ex.append(Example(text, _labels(toxicity=POS, harmful=MASK), src, f"dav:{r['']}"))
+            ex.append(Example(text, _labels(toxicity=POS, harmful=MASK), src, group))
     for tid, template in _IMPLICIT_HATE:
         for g in _GROUPS:
             ex.append(
@@ -546,6 +658,22 @@ def build_examples(
                     weight=hard_negative_weight,
                 )
             )
+            output = _self_instruct_output(_at(path, i), row) if split >= 3 else ""
+            if output:
+                # An answer is read by the output checks (harmful, toxicity, leakage), never by the
+                # injection readers: masked there. (Trained and bounded as benign for injection, its
+                # fill-in templates - "[Your name]", `input("Enter username:")` - scored 0.99 and set
+                # the injection threshold: held-out recall 0.008, seed 0.)
+                ex.append(
+                    Example(
+                        output,
+                        _labels(prompt_injection=MASK, jailbreak=MASK),
+                        "self_instruct_answers",
+                        f"si:{name}:{i}",
+                        "en",
+                        "answers",
+                    )
+                )
     path = guard / "benign" / "wildguard_benign.json"
     wildguard = _json(path)
     if not isinstance(wildguard, list):
@@ -583,6 +711,8 @@ def build_examples(
     # -- templated additions (steward.guard.synth): each template one group ---------------------
     if synth_per_template > 0:
         for group, lang, text in injection_examples(synth_per_template, seed):
+            if split >= 3 and group.startswith("synth:ml_"):
+                group = "synth:ml"  # translations of one another (versions 1-2: one group per language)
             ex.append(
                 Example(
                     text,
@@ -594,6 +724,10 @@ def build_examples(
             )
         for group, text in benign_examples(synth_per_template, seed):
             ex.append(Example(text, _labels(), "synth_benign", group, "en", "lookalikes", weight=w))
+        if split >= 3:  # answers that open as AdvBench's harmful targets do (masked as answers are)
+            for group, text in benign_answer_examples():
+                labels = _labels(prompt_injection=MASK, jailbreak=MASK)
+                ex.append(Example(text, labels, "synth_answers", group, "en", "answers"))
         for group, text in hate_examples(synth_per_template, seed):
             ex.append(Example(text, _labels(toxicity=POS, harmful=MASK), "implicit_hate", group))
 
@@ -713,6 +847,41 @@ def _self_instruct_text(where: str, row: Any) -> str:
     if not isinstance(extra, str):
         raise DataError(f"{where}: the first instance's 'input' must be a string, got {type(extra).__name__}")
     return instruction + ("\n" + extra if extra else "")
+
+
+def _self_instruct_output(where: str, row: Any) -> str:
+    """The reference answer of a self-instruct task's first instance ('' when it has none)."""
+    inst = row.get("instances") or [{}]
+    out = inst[0].get("output", "") if isinstance(inst, list) and isinstance(inst[0], dict) else ""
+    if not isinstance(out, str):
+        raise DataError(f"{where}: the first instance's 'output' must be a string, got {type(out).__name__}")
+    return out.strip()
+
+
+def _tweet_core(text: str) -> str:
+    """A tweet without its retweet marker, handles, links and HTML entities."""
+    core = re.sub(r"\bRT\b|@\w+:?|https?://\S+|&#?\w+;", " ", text)
+    return " ".join(core.split()) or text
+
+
+def _merge_components(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    """The components of the union of two partitions (each given as a component id per item)."""
+    parent = list(range(len(a)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for labels in (a, b):
+        first: dict[int, int] = {}
+        for i, c in enumerate(labels):
+            if c in first:
+                parent[find(i)] = find(first[c])
+            else:
+                first[c] = i
+    return [find(i) for i in range(len(a))]
 
 
 def _model_text(text: str) -> str:

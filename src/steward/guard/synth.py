@@ -312,3 +312,69 @@ def hate_examples(per_template: int, seed: int) -> list[tuple[str, str]]:
         (f"synth:{tid}", t)
         for tid, t in fill_templates(HATE_TEMPLATES, per_template, seed, {"group": _GROUPS})
     ]
+
+
+# Benign answers that open as AdvBench's targets do ("Sure, here is a script that ..."), which
+# split version 3 trains as harmful answers: the same openings and artefacts ("a tutorial on",
+# "a program that", "a step-by-step guide") over ordinary subjects, so that the subject, not the
+# compliant opening, is what the head learns. Plain weight: a first version weighted as hard
+# negatives, with a template that went on into steps, taught the head that steps are benign.
+BENIGN_ANSWER_TEMPLATES: list[tuple[str, str]] = [
+    ("ans_sure", "Sure, here is {subject}"),
+    ("ans_sure_dot", "Sure, here is {subject}."),
+    ("ans_sure_colon", "Sure, here is {subject}:"),
+    ("ans_certainly", "Certainly! Here is {subject}."),
+    ("ans_of_course", "Of course - here's {subject}."),
+]
+ANSWER_SUBJECTS: list[str] = [
+    "a tutorial on how to bake sourdough bread at home",
+    "a tutorial on setting up a home Wi-Fi network securely",
+    "a tutorial on how to recognise phishing emails",
+    "a tutorial on how to stop a frozen process in Linux",
+    "a program that renames every photo in a folder by the date it was taken",
+    "a program that backs up a database every night",
+    "a program that tracks your monthly spending",
+    "a guide on disposing of old medication safely",
+    "a guide on teaching a teenager to drive",
+    "a guide on reporting online harassment to the platform",
+    "a script that scans your own server for open ports so you can close them",
+    "a script that converts a CSV file to JSON",
+    "a script that sends a reminder email before each meeting",
+    "a website that lets neighbours swap books",
+    "a website that lists local volunteering opportunities",
+    "a step-by-step guide to changing a flat tyre",
+    "a step-by-step guide to filing your taxes online",
+    "a plan to pay off credit card debt within two years",
+    "a plan to train for a first half marathon",
+    "a social media post that announces our bakery's new opening hours",
+    "a social media post that celebrates our volunteers",
+    "a news article about a city opening new bike lanes",
+    "a mobile app that reminds people to drink water",
+    "a tool that checks whether your passwords have appeared in a breach",
+    "a strategy for a small shop to compete with online retailers",
+    "an algorithm that sorts a list of names alphabetically",
+    "a video game concept about restoring a forest",
+    "a blog post about the history of dynamite in mining",
+    "an explanation of how vaccines train the immune system",
+    "a lesson plan on the causes of the First World War",
+    "a checklist for evacuating a building during a fire",
+    "a fact sheet on the warning signs of a stroke",
+    "a short story about a detective who solves a bank robbery",
+    "a speech for a school assembly about kindness",
+    "a cover letter for a junior accountant position",
+    "a recipe for a spicy chicken curry",
+    "a summary of the article you shared",
+    "a poem about the sea at night",
+    "a workout plan for a beginner",
+    "a list of questions to ask at a job interview",
+]
+
+
+def benign_answer_examples() -> list[tuple[str, str]]:
+    """(group id, text) benign answers opening as AdvBench's harmful targets do: every opening over
+    every subject, one group per subject (its openings are near-duplicates of one another)."""
+    return [
+        (f"synth:ans:{k}", template.format(subject=subject))
+        for k, subject in enumerate(ANSWER_SUBJECTS)
+        for _, template in BENIGN_ANSWER_TEMPLATES
+    ]
