@@ -20,7 +20,7 @@ from steward.guard.benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
 from steward.guard.benign_shapes import BENIGN_SHAPES
 from steward.guard.lookalikes import lookalikes
 from steward.guard.multilingual_attacks import ML_ATTACKS, ML_LOOKALIKES
-from steward.guard.synth import benign_answer_examples, benign_examples, hate_examples, injection_examples
+from steward.guard.synth import benign_examples, hate_examples, injection_examples
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_guards.py"
 CLASSIFIER_TESTS = Path(__file__).resolve().parent / "test_classifier.py"
@@ -78,7 +78,6 @@ def _training_texts() -> list[str]:
     texts += [t for _, _, t in injection_examples(12, 0)]
     texts += [t for _, t in benign_examples(12, 0)]
     texts += [t for _, t in hate_examples(12, 0)]
-    texts += [t for _, t in benign_answer_examples()]
     return texts
 
 

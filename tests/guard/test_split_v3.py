@@ -1,6 +1,5 @@
 """Split version 3: near-duplicates that 5-word shingles missed stay on one side, BIPIA attacks sit
-in carriers of their own side, each pasted system prompt counts once, and the answer-shaped
-examples go with the request they answer.
+in carriers of their own side, and each pasted system prompt counts once.
 
 Each rule is checked against an independent brute-force computation on the shared data, not
 against the function that builds the groups.
@@ -19,8 +18,6 @@ from pathlib import Path
 import pytest
 
 from steward.guard.dataset import (
-    MASK,
-    POS,
     SPLIT_VERSION,
     Example,
     _near_duplicate_groups,
@@ -161,35 +158,6 @@ def test_bipia_attacks_sit_in_carriers_of_their_own_side(v3: list[Example], shar
     assert checked >= 300
 
 
-def test_answers_go_with_the_request_they_answer(v3: list[Example], shared_data: Path) -> None:
-    import csv
-
-    rows = list(csv.DictReader((shared_data / "guard/harmful/advbench_harmful_behaviors.csv").open()))
-    goal_group = {e.text: e.group for e in v3 if e.source == "advbench"}
-    answers = [e for e in v3 if e.source == "advbench_answers"]
-    assert len(answers) == len(rows)
-    for row, e in zip(rows, answers, strict=True):
-        assert e.text == row["target"].strip() and e.labels["harmful"] == POS
-        assert e.group == goal_group[row["goal"]]
-    si_group = {e.group for e in v3 if e.source == "self_instruct"}
-    si_answers = [e for e in v3 if e.source == "self_instruct_answers"]
-    assert len(si_answers) > 300
-    assert all(
-        e.group in si_group and e.labels["harmful"] == 0 and e.benign_set == "answers" for e in si_answers
-    )
-    # answers are read by the output checks only: masked for the injection readers
-    synth = [e for e in v3 if e.source == "synth_answers"]
-    for e in si_answers + synth:
-        assert e.labels["prompt_injection"] == e.labels["jailbreak"] == MASK
-        assert e.labels["harmful"] == e.labels["toxicity"] == 0 and e.benign_set == "answers"
-    # benign answers that open as the targets do, every opening of a subject in one group
-    from steward.guard.synth import ANSWER_SUBJECTS
-
-    for k, subject in enumerate(ANSWER_SUBJECTS):
-        assert {e.group for e in synth if subject in e.text} == {f"synth:ans:{k}"}
-    assert {split_side(e.group) for e in synth} == {"train", "val", "test"}
-
-
 def test_the_synthetic_translations_are_one_group(v3: list[Example], shared_data: Path) -> None:
     from steward.guard.synth import INJECTION_MULTILINGUAL
 
@@ -201,9 +169,8 @@ def test_the_synthetic_translations_are_one_group(v3: list[Example], shared_data
 
 
 def test_earlier_versions_are_rebuilt_unchanged(shared_data: Path) -> None:
-    """Version 3's additions never reach a version-2 build (a head's split is rebuilt from it)."""
+    """Version 3's rules never reach a version-2 build (a head's split is rebuilt from it)."""
     v2 = build_examples(shared_data, split=2, long_docs=0)
-    assert not {e.source for e in v2} & {"advbench_answers", "self_instruct_answers", "synth_answers"}
     assert all(re.fullmatch(r"dav:\d+", e.group) for e in v2 if e.source.startswith("davidson_"))
 
 

@@ -42,7 +42,7 @@ from .benign_multilingual_chat import BENIGN_MULTILINGUAL_CHAT
 from .classifier import HEAD_LABELS
 from .lookalikes import lookalikes
 from .normalize import normalise
-from .synth import benign_answer_examples, benign_examples, hate_examples, injection_examples
+from .synth import benign_examples, hate_examples, injection_examples
 
 __all__ = [
     "DILUTED_SOURCES",
@@ -136,12 +136,7 @@ among jailbreaks (renamed DAN clones straddled: 16 texts), among harmful request
 HarmBench and Do-Not-Answer (9 held-out texts had a one-word edit in training) and among Davidson
 tweets (retweet copies); the hand translations of the synthetic attacks one group (each language was
 its own); a BIPIA attack only in carriers from its own side of the split (49 of 75 held-out attacks
-sat in a training text). Version 3 also adds answer-shaped examples, so that the output check has
-answers to learn from (every harmful example was a request): AdvBench's targets ("Sure, here is a
-script that ...") as harmful answers in their request's group, and self-instruct's reference
-outputs as benign answers in theirs, and templated benign answers that open as the targets do
-(`synth.BENIGN_ANSWER_TEMPLATES`, one group per subject); answers are masked for the injection labels
-(they are not read for injection)."""
+sat in a training text)."""
 SPLIT_CARDS = {
     1: "group hash: 20% held out (is_heldout), ~16% validation (is_validation), rest train",
     2: (
@@ -157,8 +152,7 @@ SPLIT_CARDS = {
         "(each distinct text once), jailbreaks within 5-word-shingle or character-3-gram Jaccard "
         "0.8, harmful requests (across sources) and Davidson tweets within character-3-gram "
         "Jaccard 0.8, a BIPIA attack family (in carriers of its own side), the hand translations "
-        "of the synthetic attacks, a look-alike template; an AdvBench target with its request, a "
-        "self-instruct output with its instruction"
+        "of the synthetic attacks, a look-alike template"
     ),
 }
 
@@ -567,8 +561,7 @@ def build_examples(
     # -- harmful (MLCommons AILuminate hazards; Do-Not-Answer advice/companionship files excluded) --
     harm = guard / "harmful"
     harmful: list[tuple[str, str, str]] = []  # (text, source, group by row)
-    advbench = _csv(harm / "advbench_harmful_behaviors.csv", ("goal", "target") if split >= 3 else ("goal",))
-    for i, row in enumerate(advbench):
+    for i, row in enumerate(_csv(harm / "advbench_harmful_behaviors.csv", ("goal",))):
         harmful.append((row["goal"], "advbench", f"advbench:{i}"))
     for i, line in enumerate(_read(harm / "harmbench_prompts.txt").splitlines()):
         if line.strip():
@@ -586,13 +579,6 @@ def build_examples(
         harmful = [(t, src, f"harm:{c}") for (t, src, _), c in zip(harmful, components, strict=True)]
     for text, src, group in harmful:
         ex.append(Example(text, _labels(harmful=POS, toxicity=MASK), src, group))
-    if split >= 3:
-        # AdvBench's targets, the opening of a compliant answer, as harmful answers beside their
-        # request (a request and its answer on one side of the split).
-        for row, (_, _, group) in zip(advbench, harmful[: len(advbench)], strict=True):
-            if row["target"].strip():
-                answer = row["target"].strip()
-                ex.append(Example(answer, _labels(harmful=POS, toxicity=MASK), "advbench_answers", group))
 
     # -- toxicity ------------------------------------------------------------------------------
     dav_rows = _csv(guard / "toxicity" / "davidson_labeled_data.csv", ("", "class", "tweet"))
@@ -658,22 +644,6 @@ def build_examples(
                     weight=hard_negative_weight,
                 )
             )
-            output = _self_instruct_output(_at(path, i), row) if split >= 3 else ""
-            if output:
-                # An answer is read by the output checks (harmful, toxicity, leakage), never by the
-                # injection readers: masked there. (Trained and bounded as benign for injection, its
-                # fill-in templates - "[Your name]", `input("Enter username:")` - scored 0.99 and set
-                # the injection threshold: held-out recall 0.008, seed 0.)
-                ex.append(
-                    Example(
-                        output,
-                        _labels(prompt_injection=MASK, jailbreak=MASK),
-                        "self_instruct_answers",
-                        f"si:{name}:{i}",
-                        "en",
-                        "answers",
-                    )
-                )
     path = guard / "benign" / "wildguard_benign.json"
     wildguard = _json(path)
     if not isinstance(wildguard, list):
@@ -724,10 +694,6 @@ def build_examples(
             )
         for group, text in benign_examples(synth_per_template, seed):
             ex.append(Example(text, _labels(), "synth_benign", group, "en", "lookalikes", weight=w))
-        if split >= 3:  # answers that open as AdvBench's harmful targets do (masked as answers are)
-            for group, text in benign_answer_examples():
-                labels = _labels(prompt_injection=MASK, jailbreak=MASK)
-                ex.append(Example(text, labels, "synth_answers", group, "en", "answers"))
         for group, text in hate_examples(synth_per_template, seed):
             ex.append(Example(text, _labels(toxicity=POS, harmful=MASK), "implicit_hate", group))
 
@@ -847,15 +813,6 @@ def _self_instruct_text(where: str, row: Any) -> str:
     if not isinstance(extra, str):
         raise DataError(f"{where}: the first instance's 'input' must be a string, got {type(extra).__name__}")
     return instruction + ("\n" + extra if extra else "")
-
-
-def _self_instruct_output(where: str, row: Any) -> str:
-    """The reference answer of a self-instruct task's first instance ('' when it has none)."""
-    inst = row.get("instances") or [{}]
-    out = inst[0].get("output", "") if isinstance(inst, list) and isinstance(inst[0], dict) else ""
-    if not isinstance(out, str):
-        raise DataError(f"{where}: the first instance's 'output' must be a string, got {type(out).__name__}")
-    return out.strip()
 
 
 def _tweet_core(text: str) -> str:
