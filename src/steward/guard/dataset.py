@@ -183,17 +183,30 @@ def _shingles(text: str, n: int = 5) -> set[int]:
     return {hash(tuple(words[i : i + n])) for i in range(max(1, len(words) - n + 1))}
 
 
-def _jaccard_groups(texts: Sequence[str], threshold: float = 0.8) -> list[int]:
-    """Connected components of the 'Jaccard >= threshold' graph (union-find)."""
-    sh = [_shingles(t) for t in texts]
-    parent = list(range(len(texts)))
+class _Components:
+    """Union-find over items 0..n-1; an item's label is its component's root."""
 
-    def find(i: int) -> int:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        parent = self.parent
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
+    def join(self, i: int, j: int) -> None:
+        self.parent[self.find(i)] = self.find(j)
+
+    def labels(self) -> list[int]:
+        return [self.find(i) for i in range(len(self.parent))]
+
+
+def _jaccard_groups(texts: Sequence[str], threshold: float = 0.8) -> list[int]:
+    """Connected components of the 'Jaccard >= threshold' graph (union-find)."""
+    sh = [_shingles(t) for t in texts]
+    comp = _Components(len(texts))
     for i in range(len(sh)):
         for j in range(i + 1, len(sh)):
             a, b = sh[i], sh[j]
@@ -202,8 +215,8 @@ def _jaccard_groups(texts: Sequence[str], threshold: float = 0.8) -> list[int]:
                 continue  # Jaccard <= small/large: cannot reach the threshold
             inter = len(a & b)
             if inter / (len(a) + len(b) - inter) >= threshold:
-                parent[find(i)] = find(j)
-    return [find(i) for i in range(len(texts))]
+                comp.join(i, j)
+    return comp.labels()
 
 
 def _char3(text: str) -> set[int]:
@@ -230,25 +243,18 @@ def _near_duplicate_groups(texts: Sequence[str], threshold: float = 0.8) -> list
         sig = ((x[:, None] * a[None, :] + b[None, :]) % prime).min(axis=0)
         for band in range(32):
             buckets.setdefault((band, sig[band * 8 : band * 8 + 8].tobytes()), []).append(i)
-    parent = list(range(len(texts)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    comp = _Components(len(texts))
     seen: set[tuple[int, int]] = set()
     for members in buckets.values():
         for k, i in enumerate(members):
             for j in members[k + 1 :]:
-                if (i, j) in seen or find(i) == find(j):
+                if (i, j) in seen or comp.find(i) == comp.find(j):
                     continue
                 seen.add((i, j))
                 inter = len(sets[i] & sets[j])
                 if inter / (len(sets[i]) + len(sets[j]) - inter) >= threshold:
-                    parent[find(i)] = find(j)
-    return [find(i) for i in range(len(texts))]
+                    comp.join(i, j)
+    return comp.labels()
 
 
 def _variant_blocks(rows: list[dict[str, Any]]) -> list[str]:
@@ -823,22 +829,15 @@ def _tweet_core(text: str) -> str:
 
 def _merge_components(a: Sequence[int], b: Sequence[int]) -> list[int]:
     """The components of the union of two partitions (each given as a component id per item)."""
-    parent = list(range(len(a)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    comp = _Components(len(a))
     for labels in (a, b):
         first: dict[int, int] = {}
         for i, c in enumerate(labels):
             if c in first:
-                parent[find(i)] = find(first[c])
+                comp.join(i, first[c])
             else:
                 first[c] = i
-    return [find(i) for i in range(len(a))]
+    return comp.labels()
 
 
 def _model_text(text: str) -> str:
