@@ -513,14 +513,10 @@ def _pipeline_table(title: str, examples: list[Any], contexts: list[Any]) -> Non
         f"{k} {v['recall']:.2f} (n={v['n']})" for k, v in m["prompt_injection"]["recall_by_source"].items()
     )
     print(f"\nprompt_injection recall by source: {srcs}")
-    by_src = m["harmful"]["recall_by_source"]
-    srcs = ", ".join(f"{k} {v['recall']:.2f} (n={v['n']})" for k, v in by_src.items())
-    requests = {k: v for k, v in by_src.items() if not k.endswith("_answers")}
-    n = sum(v["n"] for v in requests.values())
-    caught = sum(round(v["recall"] * v["n"]) for v in requests.values())
+    srcs = ", ".join(
+        f"{k} {v['recall']:.2f} (n={v['n']})" for k, v in m["harmful"]["recall_by_source"].items()
+    )
     print(f"harmful recall by source: {srcs}")
-    if n:  # the target is on requests; answers (split version 3) are reported apart
-        print(f"harmful-request recall (answers left out): {caught}/{n} = {caught / n:.3f}")
     # Every benign set, not only the worst: a second set over its bound hides behind the first.
     for cat in ("prompt_injection+jailbreak", "harmful"):
         sets = m[cat]["fpr_by_benign_set"]

@@ -501,7 +501,7 @@ def test_the_committed_head_is_measured_on_the_split_it_was_trained_on(shared_da
     moves texts it trained on into the held-out set."""
     from collections import Counter
 
-    from steward.guard.dataset import is_heldout, is_validation
+    from steward.guard.dataset import split_side
     from steward.guard.train import SPLIT_VERSION
 
     head = Path(__file__).resolve().parents[2] / "models" / "guard"
@@ -512,8 +512,7 @@ def test_the_committed_head_is_measured_on_the_split_it_was_trained_on(shared_da
     def counts(split: int) -> dict[str, dict[str, int]]:
         c: Counter[tuple[str, str]] = Counter()
         for e in build_examples(shared_data, seed=manifest["train"]["seed"], split=split):
-            side = "test" if is_heldout(e.group) else "val" if is_validation(e.group) else "train"
-            c[(e.source, side)] += 1
+            c[(e.source, split_side(e.group))] += 1
         return {src: {side: c[(src, side)] for side in ("train", "val", "test")} for src in card}
 
     assert counts(version) == card

@@ -475,12 +475,13 @@ def build_examples(
                     system_prompt=row["test_case_prompt"],
                 )
             )
+            text_key = _text_key(row["test_case_prompt"])
             if split >= 3:
                 # Once per distinct text: one system prompt serves up to 48 cases, and its copies
                 # weighed 48 times in training and counted 48 times in a benign set's FPR.
-                if _text_key(row["test_case_prompt"]) in system_seen:
+                if text_key in system_seen:
                     continue
-                system_seen.add(_text_key(row["test_case_prompt"]))
+                system_seen.add(text_key)
             ex.append(
                 Example(
                     row["test_case_prompt"],
@@ -488,7 +489,7 @@ def build_examples(
                     "cyberseceval_system_prompts",
                     # By text: one system prompt serves many cases (78 of 153 held-out ones were
                     # copies of training ones when they went with their case's group).
-                    "csesys:" + (key if split == 1 else _text_key(row["test_case_prompt"])),
+                    "csesys:" + (key if split == 1 else text_key),
                     lang,
                     "system_prompts",
                 )

@@ -37,6 +37,7 @@ from .dataset import (
     is_heldout,
     is_validation,
     limit_examples,
+    split_side,
 )
 
 __all__ = [
@@ -674,10 +675,7 @@ def split_examples(cfg: TrainConfig) -> tuple[list[Example], list[str]]:
     )
     examples = limit_examples(examples, cfg.limit)
     cfg.log(f"{len(examples)} examples from {cfg.data_dir}")
-    split = [
-        "test" if is_heldout(e.group) else "val" if is_validation(e.group) else "train" for e in examples
-    ]
-    return examples, split
+    return examples, [split_side(e.group) for e in examples]
 
 
 def write_artifacts(
